@@ -1,0 +1,73 @@
+"""Shared fixtures: every layer test runs on each backend available here.
+
+Backends, as ``(name, devices)``:
+
+* ``numpy``: one host device;
+* ``sim1``, ``sim3``, ``sim8``: simulated devices. With ``n_workers`` 1..8,
+  ``sim3`` places more workers than devices (round-robin) for ``n_workers > 3``
+  and more devices than workers for ``n_workers < 3``; ``sim8`` gives each
+  worker its own device; ``sim1`` puts every worker on one device;
+* ``cupy``: every visible GPU; marked ``gpu`` and skipped, with the reason,
+  where CuPy cannot run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tp_gpu import TensorParallelConfig
+from tp_gpu.backends import cupy_available
+
+BACKEND_SPECS = [
+    pytest.param(("numpy", None), id="numpy"),
+    pytest.param(("simulated", 1), id="sim1"),
+    pytest.param(("simulated", 3), id="sim3"),
+    pytest.param(("simulated", 8), id="sim8"),
+    pytest.param(("cupy", None), id="cupy", marks=pytest.mark.gpu),
+]
+
+WORKER_COUNTS = list(range(1, 9))
+
+
+def skip_unless_cupy() -> None:
+    """Skip the calling test, saying why, when CuPy cannot run here."""
+    if not cupy_available():
+        from tp_gpu.backends.cupy_backend import cupy_unavailable_reason
+
+        pytest.skip(f"CuPy backend unavailable: {cupy_unavailable_reason()}")
+
+
+@pytest.fixture(params=BACKEND_SPECS)
+def backend_spec(request):
+    """``(backend name, devices)`` for each backend; CuPy skips without a GPU."""
+    if request.param[0] == "cupy":
+        skip_unless_cupy()
+    return request.param
+
+
+@pytest.fixture
+def make_config(backend_spec):
+    """Build a TensorParallelConfig on the current backend spec."""
+    name, devices = backend_spec
+
+    def make(n_workers: int, **kwargs) -> TensorParallelConfig:
+        return TensorParallelConfig(n_workers=n_workers, backend=name, devices=devices, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator seeded from the test's name, so failures reproduce."""
+    seed = sum(map(ord, request.node.nodeid)) % (2**32)
+    return np.random.default_rng(seed)
+
+
+def to_host(layer, array) -> np.ndarray:
+    """An output of ``layer`` as a host float64 NumPy array."""
+    return np.asarray(layer.backend.to_host(array), dtype=np.float64)
+
+
+#: Absolute/relative tolerance of each dtype against a float64 reference.
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2}

@@ -1,0 +1,37 @@
+"""tp_gpu: Megatron-style tensor-parallel layers on CUDA GPUs (CuPy) or NumPy.
+
+Importing tp_gpu never imports CuPy; the backend is chosen when a layer is built.
+"""
+
+from .backends import get_backend
+from .config import TensorParallelConfig
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    DeviceMismatchError,
+    IndexOutOfRangeError,
+    ShapeError,
+    TensorParallelError,
+)
+from .layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from .placement import worker_devices
+from .sharded import ShardedTensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TensorParallelConfig",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "ParallelEmbedding",
+    "ShardedTensor",
+    "TensorParallelError",
+    "ConfigError",
+    "ShapeError",
+    "IndexOutOfRangeError",
+    "BackendUnavailableError",
+    "DeviceMismatchError",
+    "get_backend",
+    "worker_devices",
+    "__version__",
+]

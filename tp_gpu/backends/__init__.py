@@ -1,0 +1,68 @@
+"""Backends own arrays: NumPy on the host, CuPy on CUDA GPUs, simulated devices.
+
+:func:`get_backend` picks one: an explicit name first, then the environment
+variable ``TP_GPU_BACKEND``, then auto (CuPy when it imports and a GPU is
+visible, else NumPy). CuPy is looked for without being imported until needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from ..config import BACKEND_NAMES
+from ..errors import ConfigError
+from .base import Backend, host_array, is_cupy_array
+from .numpy_backend import CPU, NumpyBackend
+from .simulated import SimArray, SimulatedBackend
+
+__all__ = [
+    "Backend",
+    "NumpyBackend",
+    "SimulatedBackend",
+    "SimArray",
+    "CPU",
+    "ENV_VAR",
+    "get_backend",
+    "resolve_backend_name",
+    "cupy_available",
+    "host_array",
+    "is_cupy_array",
+]
+
+#: Environment variable naming the backend when the config does not.
+ENV_VAR = "TP_GPU_BACKEND"
+
+
+def cupy_available() -> bool:
+    """True when CuPy is installed and a GPU is visible."""
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    from .cupy_backend import cupy_unavailable_reason
+
+    return cupy_unavailable_reason() is None
+
+
+def resolve_backend_name(name=None) -> str:
+    """The backend name to use: ``name``, else ``$TP_GPU_BACKEND``, else auto."""
+    if name is None:
+        name = os.environ.get(ENV_VAR) or None
+        if name is not None and name not in BACKEND_NAMES:
+            raise ConfigError(f"{ENV_VAR}={name!r} is not a backend; expected one of {BACKEND_NAMES}")
+    if name is None:
+        return "cupy" if cupy_available() else "numpy"
+    if name not in BACKEND_NAMES:
+        raise ConfigError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+def get_backend(name=None, devices=None) -> Backend:
+    """Build the backend ``resolve_backend_name(name)`` over ``devices``."""
+    name = resolve_backend_name(name)
+    if name == "numpy":
+        return NumpyBackend(devices)
+    if name == "simulated":
+        return SimulatedBackend(devices)
+    from .cupy_backend import CupyBackend
+
+    return CupyBackend(devices)

@@ -1,0 +1,206 @@
+"""A simulated multi-device backend on NumPy, for testing placement on any machine.
+
+Every array is a :class:`SimArray`, a NumPy array that carries the id of the
+device it lives on. Like CUDA, the simulation has a *current device* (per
+thread, 0 by default, changed with ``backend.device(d)``), and it is stricter
+than CuPy: any NumPy operation (ufunc, matmul, reduction, concatenate, take,
+...) raises :class:`~tp_gpu.errors.DeviceMismatchError` when
+
+* its array operands live on different devices, or mix a device array with a
+  host array, or
+* its operands live on a device other than the current one.
+
+The second rule catches what CuPy's ``matmul`` lets through silently
+(cupy/cupy#1389). Moves between devices happen only through
+:meth:`SimulatedBackend.to_device`, which counts them in ``transfers``, so tests
+can check how often data crosses devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Dict, Tuple
+
+import numpy as np
+
+from ..errors import ConfigError, DeviceMismatchError
+from .base import Backend, host_array
+
+__all__ = ["SimArray", "SimulatedBackend", "DEFAULT_SIMULATED_DEVICES", "current_device"]
+
+#: Number of simulated devices when the config names none.
+DEFAULT_SIMULATED_DEVICES = 4
+
+_state = threading.local()
+
+
+def current_device() -> int:
+    """The simulated current device of this thread (0 unless inside ``device(d)``)."""
+    return getattr(_state, "device", 0)
+
+
+def _collect_devices(obj, found: set, host: list) -> None:
+    """Gather the devices of every array in ``obj`` (nested lists/tuples too)."""
+    if isinstance(obj, SimArray):
+        found.add(obj.device)
+    elif isinstance(obj, np.ndarray):
+        if obj.ndim > 0:
+            host.append(obj.shape)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _collect_devices(item, found, host)
+
+
+def _check_operands(what: str, operands) -> int:
+    found: set = set()
+    host: list = []
+    _collect_devices(operands, found, host)
+    if not found:
+        return current_device()
+    if len(found) > 1:
+        raise DeviceMismatchError(f"{what}: operands live on different devices {sorted(found)}; expected one device")
+    (dev,) = found
+    if host:
+        raise DeviceMismatchError(
+            f"{what}: mixes an array on device {dev} with host array(s) of shape {host}; move them first"
+        )
+    cur = current_device()
+    if dev != cur:
+        raise DeviceMismatchError(
+            f"{what}: operands live on device {dev} but the current device is {cur}; "
+            f"run it under backend.device({dev})"
+        )
+    return dev
+
+
+def _plain(obj):
+    """Strip SimArray to ndarray views, recursing into lists and tuples."""
+    if isinstance(obj, SimArray):
+        return obj.view(np.ndarray)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(o) for o in obj)
+    return obj
+
+
+def _wrap(result, device: int):
+    if isinstance(result, np.ndarray):
+        out = result.view(SimArray)
+        out._sim_device = device
+        return out
+    if isinstance(result, tuple):
+        return tuple(_wrap(r, device) for r in result)
+    if isinstance(result, list):
+        return [_wrap(r, device) for r in result]
+    return result
+
+
+class SimArray(np.ndarray):
+    """A NumPy array that lives on simulated device ``.device``."""
+
+    _sim_device: int = 0
+
+    @property
+    def device(self) -> int:
+        """The simulated device id this array lives on."""
+        return self._sim_device
+
+    def __array_finalize__(self, obj) -> None:
+        # Views and slices stay on their base's device; new arrays on the current one.
+        self._sim_device = obj._sim_device if isinstance(obj, SimArray) else current_device()
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        out = kwargs.get("out", ())
+        dev = _check_operands(f"{ufunc.__name__}.{method}", list(inputs) + list(out))
+        kwargs = {k: _plain(v) for k, v in kwargs.items()}
+        result = getattr(ufunc, method)(*_plain(inputs), **kwargs)
+        if out:
+            return out[0] if len(out) == 1 else out
+        return _wrap(result, dev)
+
+    def __array_function__(self, func, types, args, kwargs):
+        dev = _check_operands(func.__name__, list(args) + list(kwargs.values()))
+        result = func(*_plain(args), **{k: _plain(v) for k, v in kwargs.items()})
+        return _wrap(result, dev)
+
+    def __setitem__(self, key, value) -> None:
+        _check_operands("__setitem__", [self, value])
+        super().__setitem__(_plain(key), _plain(value))
+
+    def __repr__(self) -> str:
+        return f"SimArray(device={self.device}, {np.ndarray.__repr__(self.view(np.ndarray))})"
+
+    __str__ = __repr__
+
+
+class SimulatedBackend(Backend):
+    """NumPy arrays pinned to simulated devices, with checked device use.
+
+    Parameters
+    ----------
+    devices : None, int or sequence of int
+        ``None``: ``DEFAULT_SIMULATED_DEVICES`` devices ``0..n-1``; an int ``n``:
+        devices ``0..n-1``; a sequence: exactly those ids.
+    """
+
+    name = "simulated"
+    xp = np
+
+    def __init__(self, devices=None) -> None:
+        if devices is None:
+            devices = DEFAULT_SIMULATED_DEVICES
+        if isinstance(devices, int):
+            if devices < 1:
+                raise ConfigError(f"simulated backend needs at least one device, got devices={devices!r}")
+            devices = tuple(range(devices))
+        self.devices: Tuple[int, ...] = tuple(devices)
+        #: Count and bytes of cross-device copies, keyed ``(src, dst)``.
+        self.transfers: Dict[Tuple[object, int], Tuple[int, int]] = {}
+
+    @contextlib.contextmanager
+    def device(self, device: int):
+        if device not in self.devices:
+            raise DeviceMismatchError(f"device {device!r} is not one of this backend's devices {list(self.devices)}")
+        previous = current_device()
+        _state.device = device
+        try:
+            yield
+        finally:
+            _state.device = previous
+
+    def device_of(self, arr) -> object:
+        return arr.device if isinstance(arr, SimArray) else "host"
+
+    def _record(self, src, dst: int, nbytes: int) -> None:
+        count, total = self.transfers.get((src, dst), (0, 0))
+        self.transfers[(src, dst)] = (count + 1, total + nbytes)
+
+    def _place(self, host: np.ndarray, dtype, device: int) -> SimArray:
+        out = np.array(host, dtype=dtype, copy=True, order="C").view(SimArray)
+        out._sim_device = device
+        return out
+
+    def asarray(self, x, dtype, device: int):
+        if device not in self.devices:
+            raise DeviceMismatchError(f"device {device!r} is not one of this backend's devices {list(self.devices)}")
+        if isinstance(x, SimArray) and x.device == device and x.dtype == np.dtype(dtype):
+            return x
+        src = self.device_of(x)
+        host = host_array(x)
+        if src != device:
+            self._record(src, device, host.nbytes)
+        return self._place(host, dtype, device)
+
+    def to_device(self, arr, device: int):
+        if isinstance(arr, SimArray) and arr.device == device:
+            return arr
+        return self.asarray(arr, arr.dtype, device)
+
+    def empty(self, shape, dtype, device: int) -> SimArray:
+        out = np.empty(shape, dtype=dtype).view(SimArray)
+        out._sim_device = device
+        return out
+
+    def reset_transfers(self) -> None:
+        """Forget the recorded transfers."""
+        self.transfers.clear()

@@ -1,0 +1,92 @@
+"""Collectives over per-worker shards: the only place arrays of different devices meet.
+
+Every function takes the backend that owns the arrays. Moves go through
+``backend.to_device`` / ``backend.asarray`` (peer copies on CuPy); arithmetic is
+limited to sums, each run under the device its operands live on.
+
+Shapes use ``p`` for the number of workers and ``d`` for the number of distinct
+devices they are placed on (``d <= p``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, List, Sequence, Tuple
+
+from .placement import workers_by_device
+
+__all__ = ["broadcast", "scatter", "to_placement", "all_gather", "reduce_sum", "all_reduce_sum"]
+
+
+def broadcast(backend, x: Any, devices: Sequence[Hashable], dtype) -> Dict[Hashable, Any]:
+    """Copy ``x`` (host or any device) as ``dtype`` onto each distinct device, once per device.
+
+    Returns ``{device: array}``; workers sharing a device share its copy.
+    """
+    return {device: backend.asarray(x, dtype, device) for device in dict.fromkeys(devices)}
+
+
+def scatter(backend, x: Any, axis: int, ranges: Sequence[Tuple[int, int]], placement: Sequence[Hashable], dtype) -> List[Any]:
+    """Split ``x`` along ``axis`` into ``x[..., first:last, ...]`` for each range and put
+    worker i's piece on ``placement[i]`` as ``dtype``. Only each piece crosses devices."""
+    axis = axis % x.ndim
+    pieces = []
+    for (first, last), device in zip(ranges, placement):
+        index = (slice(None),) * axis + (slice(first, last),)
+        pieces.append(backend.asarray(x[index], dtype, device))
+    return pieces
+
+
+def to_placement(backend, arrays: Sequence[Any], placement: Sequence[Hashable], dtype) -> List[Any]:
+    """Put ``arrays[i]`` on ``placement[i]`` as ``dtype`` (no copy where it already is)."""
+    return [backend.asarray(a, dtype, device) for a, device in zip(arrays, placement)]
+
+
+def all_gather(backend, shards: Sequence[Any], axis: int, dst: Hashable) -> Any:
+    """Concatenate ``shards`` along ``axis`` into one array on ``dst``.
+
+    The output is allocated once on ``dst`` and each shard is written into its
+    slice: a shard already on ``dst`` is copied straight in, a remote one is
+    peer-copied first.
+    """
+    ndim = shards[0].ndim
+    axis = axis % ndim
+    sizes = [s.shape[axis] for s in shards]
+    shape = list(shards[0].shape)
+    shape[axis] = sum(sizes)
+    out = backend.empty(tuple(shape), shards[0].dtype, dst)
+    first = 0
+    for shard, size in zip(shards, sizes):
+        local = backend.to_device(shard, dst)
+        index = (slice(None),) * axis + (slice(first, first + size),)
+        with backend.device(dst):
+            out[index] = local
+        first += size
+    return out
+
+
+def reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable) -> Any:
+    """Sum ``partials`` (worker i's on ``placement[i]``) into one array on ``dst``.
+
+    Partials that share a device are summed there first, so one array per
+    device crosses to ``dst``. The sum is a new array; the partials are not
+    modified.
+    """
+    per_device = []
+    for device, workers in workers_by_device(placement).items():
+        with backend.device(device):
+            local = partials[workers[0]].copy()
+            for w in workers[1:]:
+                local += partials[w]
+        per_device.append(local)
+    total = backend.to_device(per_device[0], dst)
+    with backend.device(dst):
+        for local in per_device[1:]:
+            total += backend.to_device(local, dst)
+    return total
+
+
+def all_reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable]) -> List[Any]:
+    """Sum ``partials`` and return the sum on every worker's device (one copy per device)."""
+    total = reduce_sum(backend, partials, placement, placement[0])
+    copies = broadcast(backend, total, placement, total.dtype)
+    return [copies[device] for device in placement]

@@ -1,0 +1,42 @@
+"""The exceptions tp_gpu raises.
+
+Every error is a :class:`TensorParallelError`. Errors about a bad value the
+caller passed (a configuration, a shape, an index) also subclass
+:class:`ValueError`, so ``except ValueError`` keeps working for code that does
+not know about tp_gpu. Messages name the value received and the value expected.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TensorParallelError",
+    "ConfigError",
+    "ShapeError",
+    "IndexOutOfRangeError",
+    "BackendUnavailableError",
+    "DeviceMismatchError",
+]
+
+
+class TensorParallelError(Exception):
+    """Base class of every error raised by tp_gpu."""
+
+
+class ConfigError(TensorParallelError, ValueError):
+    """A configuration value is invalid (worker count, dtype, devices, ...)."""
+
+
+class ShapeError(TensorParallelError, ValueError):
+    """An array has the wrong shape, rank or dtype kind for the operation."""
+
+
+class IndexOutOfRangeError(TensorParallelError, ValueError):
+    """A token id lies outside ``[0, vocab_size)``."""
+
+
+class BackendUnavailableError(TensorParallelError):
+    """The requested backend cannot run here; the message says why."""
+
+
+class DeviceMismatchError(TensorParallelError):
+    """An operation mixed arrays of different devices, or ran off its device."""

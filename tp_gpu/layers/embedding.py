@@ -1,0 +1,122 @@
+"""Vocabulary-parallel embedding (Megatron-LM ``VocabParallelEmbedding``)."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import numpy as np
+
+from .. import collectives
+from ..config import TensorParallelConfig, check_positive_int
+from ..errors import ConfigError, IndexOutOfRangeError, ShapeError
+from ..init import embedding_uniform
+from ..partition import shard_ranges
+from .base import ParallelModule, as_array_like, check_seed
+
+__all__ = ["ParallelEmbedding"]
+
+#: Token ids are carried as int64 on every device.
+ID_DTYPE = np.int64
+
+
+class ParallelEmbedding(ParallelModule):
+    """An embedding table ``E`` of shape ``(vocab_size, embed_dim)`` split by vocabulary rows.
+
+    Worker ``i`` owns rows ``[first_i, last_i)`` as ``E_i``. For ids ``t`` it computes
+    ``out_i = mask_i * E_i[clip(t - first_i)]`` with ``mask_i = first_i <= t < last_i``
+    (mask, offset, take, zero the rest), and ``out = sum_i out_i`` on the
+    output device. Exactly one worker owns each id, so the sum equals ``E[t]``
+    bit for bit.
+
+    Parameters
+    ----------
+    vocab_size, embed_dim : int
+        Table shape; the worker count must divide ``vocab_size``.
+    n_workers : int, optional
+        Worker count when no ``config`` is given (default 2). With a ``config``
+        it may be left out; if given it must equal ``config.n_workers``.
+    seed : int
+        Seeds the logical table, U(-0.02, 0.02) over the full shape.
+    config : TensorParallelConfig, keyword-only, optional
+        Backend, devices, dtype and output device.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        n_workers: Optional[int] = None,
+        seed: int = 0,
+        *,
+        config: Optional[TensorParallelConfig] = None,
+    ) -> None:
+        if config is None:
+            config = TensorParallelConfig(n_workers=2 if n_workers is None else n_workers)
+        elif n_workers is not None and n_workers != getattr(config, "n_workers", n_workers):
+            raise ConfigError(
+                f"n_workers={n_workers!r} disagrees with config.n_workers={config.n_workers!r}; "
+                "pass one or make them equal"
+            )
+        super().__init__(config)
+        self._vocab_size = self._split_dim(vocab_size, "vocab_size")
+        self._embed_dim = check_positive_int(embed_dim, "embed_dim")
+        seed = check_seed(seed)
+        self._init_placement()
+        self._ranges = shard_ranges(self._vocab_size, self.n_workers)
+        self.table_shards: List[Any] = self._place(embedding_uniform(self._vocab_size, self._embed_dim, seed), axis=0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self._embed_dim
+
+    def _check_ids(self, indices: Any) -> Any:
+        """Validate dtype and range of ``indices``; return them as int64 on worker 0's device."""
+        ids = as_array_like(indices, "ParallelEmbedding indices")
+        kind = np.dtype(ids.dtype).kind
+        if kind not in "iu":
+            raise ShapeError(f"ParallelEmbedding indices must be integers, got dtype {ids.dtype}")
+        first_device = self._placement[0]
+        ids = self.backend.asarray(ids, ID_DTYPE, first_device)
+        if ids.size:
+            with self.backend.device(first_device):
+                low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self._vocab_size:
+                bad = low if low < 0 else high
+                raise IndexOutOfRangeError(
+                    f"token id {bad} out of range; expected 0 <= id < vocab_size={self._vocab_size}"
+                )
+        return ids
+
+    def forward(self, indices: Any) -> Any:
+        """Rows of the table for ``indices`` of any integer array shape.
+
+        Returns ``indices.shape + (embed_dim,)`` on the output device. Ids are
+        checked (integer dtype, ``0 <= id < vocab_size``) before any lookup.
+        """
+        ids = self._check_ids(indices)
+        copies = collectives.broadcast(self.backend, ids, self._placement, ID_DTYPE)
+        xp = self.backend.xp
+        partials = []
+        for table, (first, last), device in zip(self.table_shards, self._ranges, self._placement):
+            with self.backend.device(device):
+                local_ids = copies[device]
+                owned = (local_ids >= first) & (local_ids < last)
+                offset = xp.where(owned, local_ids - first, 0)
+                rows = xp.take(table, offset, axis=0)  # (vocab_i, dim)[ids.shape] -> (*ids.shape, dim)
+                partials.append(xp.where(owned[..., None], rows, rows.dtype.type(0)))
+        return collectives.reduce_sum(self.backend, partials, self._placement, self.output_device)
+
+    def full_weight(self) -> np.ndarray:
+        """The logical table ``E = [E_1; ...; E_p]``, ``(vocab_size, embed_dim)``, as a host array."""
+        return self._host_concat(self.table_shards, axis=0)
+
+    def __repr__(self) -> str:
+        return (
+            f"ParallelEmbedding(vocab_size={self._vocab_size}, embed_dim={self._embed_dim}, "
+            f"n_workers={self.n_workers}, backend={self.backend.name!r}, devices={self.devices}, "
+            f"dtype={self.dtype.name!r})"
+        )

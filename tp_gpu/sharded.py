@@ -1,0 +1,96 @@
+"""ShardedTensor: a logical array kept as per-worker shards split along one axis."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, List, Optional, Sequence, Tuple
+
+from . import collectives
+from .errors import ShapeError
+
+__all__ = ["ShardedTensor"]
+
+
+class ShardedTensor:
+    """A logical array ``concatenate(shards, axis)`` that is never materialised.
+
+    Worker ``i``'s shard lives on ``devices[i]``. This is what
+    :class:`~tp_gpu.ColumnParallelLinear` returns with ``gather_output=False``,
+    and what :class:`~tp_gpu.RowParallelLinear` accepts without re-splitting.
+
+    Parameters
+    ----------
+    shards : sequence of arrays
+        One per worker, all of the same rank and dtype, equal on every axis but ``axis``.
+    axis : int
+        The split axis (negative values count from the end; stored non-negative).
+    devices : sequence
+        The device of each shard.
+    backend : Backend
+        The backend that owns the shards.
+    """
+
+    def __init__(self, shards: Sequence[Any], axis: int, devices: Sequence[Hashable], backend) -> None:
+        shards = list(shards)
+        if not shards:
+            raise ShapeError("a ShardedTensor needs at least one shard, got none")
+        if len(devices) != len(shards):
+            raise ShapeError(f"got {len(shards)} shards but {len(devices)} devices; expected one device per shard")
+        ndim = shards[0].ndim
+        if not -ndim <= axis < ndim:
+            raise ShapeError(f"axis {axis} is out of range for shards of rank {ndim}")
+        axis %= ndim
+        for i, (shard, device) in enumerate(zip(shards, devices)):
+            other = list(shard.shape)
+            first = list(shards[0].shape)
+            other[axis] = first[axis] = -1
+            if shard.ndim != ndim or other != first:
+                raise ShapeError(
+                    f"shard {i} has shape {tuple(shard.shape)}; expected {tuple(shards[0].shape)} "
+                    f"on every axis but the split axis {axis}"
+                )
+            if shard.dtype != shards[0].dtype:
+                raise ShapeError(f"shard {i} has dtype {shard.dtype}; expected {shards[0].dtype}")
+            if backend.device_of(shard) != device:
+                raise ShapeError(f"shard {i} lives on device {backend.device_of(shard)!r}; expected {device!r}")
+        self.shards: List[Any] = shards
+        self.axis: int = axis
+        self.devices: List[Hashable] = list(devices)
+        self.backend = backend
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """Shape of the logical (gathered) array."""
+        shape = list(self.shards[0].shape)
+        shape[self.axis] = sum(s.shape[self.axis] for s in self.shards)
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.shards[0].ndim
+
+    @property
+    def dtype(self):
+        return self.shards[0].dtype
+
+    @property
+    def split_sizes(self) -> List[int]:
+        """Length of each shard along the split axis."""
+        return [s.shape[self.axis] for s in self.shards]
+
+    def gather(self, device: Optional[Hashable] = None) -> Any:
+        """The full array on ``device`` (default: worker 0's device)."""
+        return collectives.all_gather(self.backend, self.shards, self.axis, self.devices[0] if device is None else device)
+
+    def map(self, fn) -> "ShardedTensor":
+        """Apply an elementwise ``fn`` to every shard, each under its own device."""
+        out = []
+        for shard, device in zip(self.shards, self.devices):
+            with self.backend.device(device):
+                out.append(fn(shard))
+        return ShardedTensor(out, self.axis, self.devices, self.backend)
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedTensor(shape={self.shape}, axis={self.axis}, dtype={self.dtype}, "
+            f"split_sizes={self.split_sizes}, devices={self.devices})"
+        )
