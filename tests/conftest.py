@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from tp_gpu import TensorParallelConfig
-from tp_gpu.backends import cupy_available
+from helpers import skip_unless_cupy
 
 BACKEND_SPECS = [
     pytest.param(("numpy", None), id="numpy"),
@@ -28,14 +28,6 @@ BACKEND_SPECS = [
 ]
 
 WORKER_COUNTS = list(range(1, 9))
-
-
-def skip_unless_cupy() -> None:
-    """Skip the calling test, saying why, when CuPy cannot run here."""
-    if not cupy_available():
-        from tp_gpu.backends.cupy_backend import cupy_unavailable_reason
-
-        pytest.skip(f"CuPy backend unavailable: {cupy_unavailable_reason()}")
 
 
 @pytest.fixture(params=BACKEND_SPECS)
@@ -62,12 +54,3 @@ def rng(request):
     """A NumPy generator seeded from the test's name, so failures reproduce."""
     seed = sum(map(ord, request.node.nodeid)) % (2**32)
     return np.random.default_rng(seed)
-
-
-def to_host(layer, array) -> np.ndarray:
-    """An output of ``layer`` as a host float64 NumPy array."""
-    return np.asarray(layer.backend.to_host(array), dtype=np.float64)
-
-
-#: Absolute/relative tolerance of each dtype against a float64 reference.
-TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2}
