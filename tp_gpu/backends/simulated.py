@@ -84,6 +84,9 @@ def _plain(obj):
 
 
 def _wrap(result, device: int):
+    """Results live on the operands' device; NumPy scalars become 0-d arrays, as in CuPy."""
+    if isinstance(result, np.generic):
+        result = np.asarray(result)
     if isinstance(result, np.ndarray):
         out = result.view(SimArray)
         out._sim_device = device
