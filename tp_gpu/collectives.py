@@ -14,7 +14,16 @@ from typing import Any, Dict, Hashable, List, Sequence, Tuple
 
 from .placement import workers_by_device
 
-__all__ = ["broadcast", "scatter", "to_placement", "all_gather", "reduce_sum", "all_reduce_sum"]
+__all__ = [
+    "broadcast",
+    "scatter",
+    "to_placement",
+    "all_gather",
+    "reduce_sum",
+    "reduce_max",
+    "all_reduce_sum",
+    "all_reduce_max",
+]
 
 
 def broadcast(backend, x: Any, devices: Sequence[Hashable], dtype) -> Dict[Hashable, Any]:
@@ -64,29 +73,47 @@ def all_gather(backend, shards: Sequence[Any], axis: int, dst: Hashable) -> Any:
     return out
 
 
-def reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable) -> Any:
-    """Sum ``partials`` (worker i's on ``placement[i]``) into one array on ``dst``.
+def _reduce(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable, ufunc: str) -> Any:
+    """Combine ``partials`` elementwise with ``xp.<ufunc>`` into one new array on ``dst``.
 
-    Partials that share a device are summed there first, so one array per
-    device crosses to ``dst``. The sum is a new array; the partials are not
-    modified.
+    Partials that share a device are combined there first, so one array per
+    device crosses to ``dst``. The partials are not modified.
     """
+    combine = getattr(backend.xp, ufunc)
     per_device = []
     for device, workers in workers_by_device(placement).items():
         with backend.device(device):
             local = partials[workers[0]].copy()
             for w in workers[1:]:
-                local += partials[w]
+                combine(local, partials[w], out=local)
         per_device.append(local)
     total = backend.to_device(per_device[0], dst)
     with backend.device(dst):
         for local in per_device[1:]:
-            total += backend.to_device(local, dst)
+            combine(total, backend.to_device(local, dst), out=total)
     return total
 
 
-def all_reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable]) -> List[Any]:
-    """Sum ``partials`` and return the sum on every worker's device (one copy per device)."""
-    total = reduce_sum(backend, partials, placement, placement[0])
+def reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable) -> Any:
+    """``sum_i partials[i]`` (worker i's on ``placement[i]``) as a new array on ``dst``."""
+    return _reduce(backend, partials, placement, dst, "add")
+
+
+def reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable) -> Any:
+    """Elementwise ``max_i partials[i]`` as a new array on ``dst``."""
+    return _reduce(backend, partials, placement, dst, "maximum")
+
+
+def _replicate(backend, total: Any, placement: Sequence[Hashable]) -> List[Any]:
     copies = broadcast(backend, total, placement, total.dtype)
     return [copies[device] for device in placement]
+
+
+def all_reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable]) -> List[Any]:
+    """The sum of ``partials`` on every worker's device (workers sharing a device share it)."""
+    return _replicate(backend, reduce_sum(backend, partials, placement, placement[0]), placement)
+
+
+def all_reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable]) -> List[Any]:
+    """The elementwise max of ``partials`` on every worker's device."""
+    return _replicate(backend, reduce_max(backend, partials, placement, placement[0]), placement)

@@ -132,6 +132,11 @@ class CupyBackend(Backend):
             cupy.cuda.get_current_stream().wait_event(copied)
         return out
 
+    def scatter_add(self, target, indices, values) -> None:
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+
     def synchronize(self) -> None:
         for d in self.devices:
             self.xp.cuda.Device(d).synchronize()

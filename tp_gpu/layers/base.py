@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Hashable, List, Optional
+from typing import Any, Dict, Hashable, List, Optional
 
 import numpy as np
 
 from ..backends import get_backend, host_array, is_cupy_array
 from ..collectives import scatter
 from ..config import TensorParallelConfig, check_positive_int
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, ShapeError, TensorParallelError
+from ..parameter import ShardedParameter
 from ..partition import check_divisible, shard_ranges
 from ..placement import worker_devices
 
@@ -38,8 +39,12 @@ class ParallelModule:
     """Base of the layers: resolves the config, backend and worker placement.
 
     Subclasses call :meth:`_split_dim` to validate the split dimension before
-    anything is allocated, then :meth:`_place` to shard a logical weight.
+    anything is allocated, then :meth:`_add_parameter` to shard each logical
+    parameter. ``training`` (default True) makes ``forward`` keep what
+    ``backward`` needs; :meth:`eval` turns that off for inference.
     """
+
+    training: bool = True
 
     def __init__(self, config: Optional[TensorParallelConfig]) -> None:
         if config is None:
@@ -48,6 +53,8 @@ class ParallelModule:
             raise ConfigError(f"config must be a TensorParallelConfig or None, got {type(config).__name__}")
         self.config = config
         self.dtype = np.dtype(config.dtype)
+        self._params: Dict[str, ShardedParameter] = {}
+        self._saved: Optional[Dict[str, Any]] = None
 
     def _split_dim(self, size, what: str) -> int:
         size = check_positive_int(size, what)
@@ -68,10 +75,61 @@ class ParallelModule:
             )
         self.output_device: Hashable = out
 
-    def _place(self, full: np.ndarray, axis: int) -> List[Any]:
-        """Split the host array ``full`` along ``axis`` into ``n_workers`` shards on their devices."""
-        ranges = shard_ranges(full.shape[axis], self.n_workers)
-        return scatter(self.backend, full, axis, ranges, self._placement, self.dtype)
+    def _add_parameter(self, name: str, full: np.ndarray, axis: Optional[int]) -> ShardedParameter:
+        """Register the host array ``full`` as parameter ``name``.
+
+        With ``axis`` it is split into ``n_workers`` shards on their devices;
+        with ``axis=None`` it is kept whole on the output device.
+        """
+        if axis is None:
+            shards = [self.backend.asarray(full, self.dtype, self.output_device)]
+            devices = [self.output_device]
+        else:
+            ranges = shard_ranges(full.shape[axis], self.n_workers)
+            shards = scatter(self.backend, full, axis, ranges, self._placement, self.dtype)
+            devices = self._placement
+        param = ShardedParameter(name, shards, axis, devices, self.backend)
+        self._params[name] = param
+        return param
+
+    def parameters(self) -> List[ShardedParameter]:
+        """The layer's parameters, in registration order."""
+        return list(self._params.values())
+
+    def grads(self) -> Dict[str, np.ndarray]:
+        """The accumulated gradients as dense host arrays, keyed by parameter name."""
+        return {name: p.full_grad() for name, p in self._params.items()}
+
+    def zero_grad(self) -> None:
+        """Reset the accumulated gradients of every parameter."""
+        for p in self._params.values():
+            p.zero_grad()
+
+    def train(self, mode: bool = True) -> "ParallelModule":
+        """Keep (``True``) or drop (``False``) the activations ``backward`` needs."""
+        self.training = bool(mode)
+        if not self.training:
+            self._saved = None
+        return self
+
+    def eval(self) -> "ParallelModule":
+        """Inference mode: ``forward`` keeps nothing for ``backward``."""
+        return self.train(False)
+
+    def _take_saved(self, what: str) -> Dict[str, Any]:
+        """What the last training-mode ``forward`` kept, or a clear error if there is none."""
+        if self._saved is None:
+            raise TensorParallelError(
+                f"{what}.backward called without a preceding forward in training mode; "
+                "call forward (with layer.training True) first"
+            )
+        return self._saved
+
+    def _check_grad_shape(self, grad: Any, expected, what: str) -> Any:
+        grad = as_array_like(grad, f"{what} grad_output")
+        if tuple(grad.shape) != tuple(expected):
+            raise ShapeError(f"{what} grad_output must have shape {tuple(expected)}, got {tuple(grad.shape)}")
+        return grad
 
     def _check_features(self, x: Any, n_features: int, what: str) -> Any:
         """Check that ``x`` is a real array of rank >= 1 with ``n_features`` on its last axis."""
@@ -96,6 +154,3 @@ class ParallelModule:
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
 
-    def _host_concat(self, shards: List[Any], axis: int) -> np.ndarray:
-        """Concatenate ``shards`` on the host (a new array, never a view of a shard)."""
-        return np.concatenate([self.backend.to_host(s) for s in shards], axis=axis)

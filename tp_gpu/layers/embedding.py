@@ -28,6 +28,9 @@ class ParallelEmbedding(ParallelModule):
     output device. Exactly one worker owns each id, so the sum equals ``E[t]``
     bit for bit.
 
+    Backward: ``dE_i[t - first_i] += dOut[t]`` for every owned id ``t``
+    (repeated ids accumulate), on worker ``i``'s device.
+
     Parameters
     ----------
     vocab_size, embed_dim : int
@@ -63,7 +66,7 @@ class ParallelEmbedding(ParallelModule):
         seed = check_seed(seed)
         self._init_placement()
         self._ranges = shard_ranges(self._vocab_size, self.n_workers)
-        self.table_shards: List[Any] = self._place(embedding_uniform(self._vocab_size, self._embed_dim, seed), axis=0)
+        self._table = self._add_parameter("weight", embedding_uniform(self._vocab_size, self._embed_dim, seed), axis=0)
 
     @property
     def vocab_size(self) -> int:
@@ -72,6 +75,11 @@ class ParallelEmbedding(ParallelModule):
     @property
     def embed_dim(self) -> int:
         return self._embed_dim
+
+    @property
+    def table_shards(self) -> List[Any]:
+        """Worker i's rows ``E_i``, ``(vocab_size / p, embed_dim)``, on its device."""
+        return self._table.shards
 
     def _check_ids(self, indices: Any) -> Any:
         """Validate dtype and range of ``indices``; return them as int64 on worker 0's device."""
@@ -100,7 +108,7 @@ class ParallelEmbedding(ParallelModule):
         ids = self._check_ids(indices)
         copies = collectives.broadcast(self.backend, ids, self._placement, ID_DTYPE)
         xp = self.backend.xp
-        partials = []
+        partials, owned_offsets = [], []
         for table, (first, last), device in zip(self.table_shards, self._ranges, self._placement):
             with self.backend.device(device):
                 local_ids = copies[device]
@@ -108,11 +116,31 @@ class ParallelEmbedding(ParallelModule):
                 offset = xp.where(owned, local_ids - first, 0)
                 rows = xp.take(table, offset, axis=0)  # (vocab_i, dim)[ids.shape] -> (*ids.shape, dim)
                 partials.append(xp.where(owned[..., None], rows, rows.dtype.type(0)))
+            owned_offsets.append((owned, offset))
+        self._saved = {"owned_offsets": owned_offsets, "out_shape": tuple(ids.shape) + (self._embed_dim,)} if self.training else None
         return collectives.reduce_sum(self.backend, partials, self._placement, self.output_device)
+
+    def backward(self, grad_output: Any) -> None:
+        """Accumulate ``dE`` from ``grad_output`` of shape ``indices.shape + (embed_dim,)``.
+
+        Returns ``None``: ids have no gradient.
+        """
+        saved = self._take_saved("ParallelEmbedding")
+        grad = self._check_grad_shape(grad_output, saved["out_shape"], "ParallelEmbedding")
+        copies = collectives.broadcast(self.backend, grad, self._placement, self.dtype)
+        xp = self.backend.xp
+        for i, ((owned, offset), table, device) in enumerate(zip(saved["owned_offsets"], self.table_shards, self._placement)):
+            with self.backend.device(device):
+                # Ids this worker does not own have offset 0 and a zeroed gradient: they add exact zeros.
+                local = xp.where(owned[..., None], copies[device], self.dtype.type(0))
+                table_grad = self.backend.zeros(table.shape, self.dtype, device)
+                self.backend.scatter_add(table_grad, offset.reshape(-1), local.reshape(-1, self._embed_dim))
+                self._table.accumulate(i, table_grad)
+        return None
 
     def full_weight(self) -> np.ndarray:
         """The logical table ``E = [E_1; ...; E_p]``, ``(vocab_size, embed_dim)``, as a host array."""
-        return self._host_concat(self.table_shards, axis=0)
+        return self._table.full()
 
     def __repr__(self) -> str:
         return (
