@@ -13,7 +13,15 @@ from .errors import (
     ShapeError,
     TensorParallelError,
 )
-from .layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from .layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    ParallelMLP,
+    RowParallelLinear,
+    VocabParallelCrossEntropy,
+)
+from .optim import SGD, Adam
+from .parameter import ShardedParameter
 from .placement import worker_devices
 from .sharded import ShardedTensor
 
@@ -24,7 +32,12 @@ __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "ParallelEmbedding",
+    "ParallelMLP",
+    "VocabParallelCrossEntropy",
     "ShardedTensor",
+    "ShardedParameter",
+    "SGD",
+    "Adam",
     "TensorParallelError",
     "ConfigError",
     "ShapeError",

@@ -77,13 +77,6 @@ class Backend:
         with self.device(device):
             return self.xp.empty(shape, dtype=dtype)
 
-    def zeros(self, shape: Sequence[int], dtype: Any, device: Device) -> Any:
-        """A zero-filled array on ``device``."""
-        out = self.empty(shape, dtype, device)
-        with self.device(device):
-            out[...] = 0
-        return out
-
     def scatter_add(self, target: Any, indices: Any, values: Any) -> None:
         """``target[indices[k]] += values[k]`` for every k, repeated indices accumulating.
 

@@ -136,6 +136,26 @@ class SimArray(np.ndarray):
     __str__ = __repr__
 
 
+class _SimulatedNumpy:
+    """NumPy, except that array constructors place their result on the current device.
+
+    This mirrors CuPy, where ``cupy.zeros(...)`` allocates on the current GPU.
+    Every other attribute is NumPy's own.
+    """
+
+    _CONSTRUCTORS = frozenset({"empty", "zeros", "ones", "full", "arange", "eye", "linspace"})
+
+    def __getattr__(self, name: str):
+        attr = getattr(np, name)
+        if name not in self._CONSTRUCTORS:
+            return attr
+
+        def on_current_device(*args, **kwargs):
+            return _wrap(attr(*args, **kwargs), current_device())
+
+        return on_current_device
+
+
 class SimulatedBackend(Backend):
     """NumPy arrays pinned to simulated devices, with checked device use.
 
@@ -147,7 +167,7 @@ class SimulatedBackend(Backend):
     """
 
     name = "simulated"
-    xp = np
+    xp = _SimulatedNumpy()
 
     def __init__(self, devices=None) -> None:
         if devices is None:
@@ -198,11 +218,6 @@ class SimulatedBackend(Backend):
         if isinstance(arr, SimArray) and arr.device == device:
             return arr
         return self.asarray(arr, arr.dtype, device)
-
-    def empty(self, shape, dtype, device: int) -> SimArray:
-        out = np.empty(shape, dtype=dtype).view(SimArray)
-        out._sim_device = device
-        return out
 
     def reset_transfers(self) -> None:
         """Forget the recorded transfers."""

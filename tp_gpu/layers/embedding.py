@@ -133,7 +133,7 @@ class ParallelEmbedding(ParallelModule):
             with self.backend.device(device):
                 # Ids this worker does not own have offset 0 and a zeroed gradient: they add exact zeros.
                 local = xp.where(owned[..., None], copies[device], self.dtype.type(0))
-                table_grad = self.backend.zeros(table.shape, self.dtype, device)
+                table_grad = xp.zeros(table.shape, dtype=self.dtype)
                 self.backend.scatter_add(table_grad, offset.reshape(-1), local.reshape(-1, self._embed_dim))
                 self._table.accumulate(i, table_grad)
         return None

@@ -1,0 +1,123 @@
+"""ParallelMLP: a column-parallel and a row-parallel linear, chained without communication."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..config import TensorParallelConfig
+from ..parameter import ShardedParameter
+from ..sharded import ShardedTensor
+from .activations import get_activation
+from .base import check_seed
+from .linear import ColumnParallelLinear, RowParallelLinear
+
+__all__ = ["ParallelMLP"]
+
+
+class ParallelMLP:
+    """``Y = act(X A + a) B + b``, Megatron's transformer MLP.
+
+    ``fc1`` is a :class:`ColumnParallelLinear` (``A = [A_1, ..., A_p]``) with
+    ``gather_output=False``; the activation is applied to each shard
+    ``H_i = X A_i + a_i`` on its own device; ``fc2`` is a
+    :class:`RowParallelLinear` (``B = [B_1; ...; B_p]``) that takes those shards
+    as its split input. Forward needs one reduction (in ``fc2``), backward one
+    (of ``dX`` in ``fc1``); nothing moves between the two layers.
+
+    Parameters
+    ----------
+    n_in, hidden, n_out : int
+        Feature sizes; ``config.n_workers`` must divide ``hidden``.
+    config : TensorParallelConfig, optional
+        Shared by both layers (``gather_output`` is forced off for ``fc1``).
+    seed : int
+        ``fc1`` is seeded with ``seed`` and ``fc2`` with ``seed + 1``.
+    activation : {"gelu", "relu", None}
+        ``"gelu"`` is the tanh approximation used by GPT-2 and Megatron.
+    """
+
+    def __init__(
+        self,
+        n_in: int,
+        hidden: int,
+        n_out: int,
+        config: Optional[TensorParallelConfig] = None,
+        seed: int = 0,
+        activation: Optional[str] = "gelu",
+    ) -> None:
+        self.activation = get_activation(activation)
+        seed = check_seed(seed)
+        config = TensorParallelConfig() if config is None else config
+        column_config = dataclasses.replace(config, gather_output=False) if isinstance(config, TensorParallelConfig) else config
+        self.fc1 = ColumnParallelLinear(n_in, hidden, column_config, seed=seed)
+        self.fc2 = RowParallelLinear(hidden, n_out, config, seed=seed + 1, input_is_parallel=True)
+        self.config = self.fc2.config
+        self._hidden: Optional[ShardedTensor] = None
+
+    @property
+    def training(self) -> bool:
+        return self.fc1.training
+
+    @property
+    def n_workers(self) -> int:
+        return self.config.n_workers
+
+    @property
+    def backend(self):
+        return self.fc2.backend
+
+    def children(self) -> Dict[str, Any]:
+        """The sub-layers by name."""
+        return {"fc1": self.fc1, "fc2": self.fc2}
+
+    def forward(self, x: Any) -> Any:
+        """``Y`` of shape ``(..., n_out)`` on the output device, for ``x`` of shape ``(..., n_in)``."""
+        hidden = self.fc1(x)  # p shards of (..., hidden / p)
+        self._hidden = hidden if self.training else None
+        xp = self.backend.xp
+        activated = hidden.map(lambda h: self.activation.forward(xp, h))
+        return self.fc2(activated)
+
+    __call__ = forward
+
+    def backward(self, grad_output: Any) -> Any:
+        """Accumulate every gradient and return ``dX`` ``(..., n_in)`` on the output device."""
+        grad_activated = self.fc2.backward(grad_output)  # ShardedTensor like the hidden layer
+        hidden = self._hidden  # set by forward: fc2.backward has already refused a missing forward
+        xp = self.backend.xp
+        grads = []
+        for h, g, device in zip(hidden.shards, grad_activated.shards, hidden.devices):
+            with self.backend.device(device):
+                grads.append(self.activation.grad(xp, h, g))  # dH_i = dA_i * act'(H_i)
+        return self.fc1.backward(ShardedTensor(grads, hidden.axis, hidden.devices, self.backend))
+
+    def named_parameters(self) -> List[Tuple[str, ShardedParameter]]:
+        """``("fc1.weight", param)``, ... in order."""
+        return [(f"{prefix}.{p.name}", p) for prefix, layer in self.children().items() for p in layer.parameters()]
+
+    def parameters(self) -> List[ShardedParameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def grads(self) -> Dict[str, np.ndarray]:
+        """Dense host gradients keyed ``"fc1.weight"``, ``"fc1.bias"``, ``"fc2.weight"``, ``"fc2.bias"``."""
+        return {name: p.full_grad() for name, p in self.named_parameters()}
+
+    def zero_grad(self) -> None:
+        for layer in self.children().values():
+            layer.zero_grad()
+
+    def train(self, mode: bool = True) -> "ParallelMLP":
+        for layer in self.children().values():
+            layer.train(mode)
+        if not mode:
+            self._hidden = None
+        return self
+
+    def eval(self) -> "ParallelMLP":
+        return self.train(False)
+
+    def __repr__(self) -> str:
+        return f"ParallelMLP(fc1={self.fc1!r}, activation={self.activation.name!r}, fc2={self.fc2!r})"
