@@ -8,7 +8,7 @@ from typing import Any, Dict, Hashable, List, Optional
 import numpy as np
 
 from ..backends import get_backend, host_array, is_cupy_array
-from ..collectives import scatter
+from ..collectives import to_placement
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError, TensorParallelError
 from ..parameter import ShardedParameter
@@ -82,12 +82,14 @@ class ParallelModule:
         with ``axis=None`` it is kept whole on the output device.
         """
         if axis is None:
-            shards = [self.backend.asarray(full, self.dtype, self.output_device)]
-            devices = [self.output_device]
+            pieces, devices = [full], [self.output_device]
         else:
             ranges = shard_ranges(full.shape[axis], self.n_workers)
-            shards = scatter(self.backend, full, axis, ranges, self._placement, self.dtype)
+            pieces = [full[(slice(None),) * axis + (slice(first, last),)] for first, last in ranges]
             devices = self._placement
+        # Each shard owns a contiguous buffer: never a view of ``full`` or of another shard.
+        pieces = [np.array(piece, dtype=self.dtype, order="C") for piece in pieces]
+        shards = to_placement(self.backend, pieces, devices, self.dtype)
         param = ShardedParameter(name, shards, axis, devices, self.backend)
         self._params[name] = param
         return param

@@ -1,0 +1,248 @@
+"""Backward of every layer and of ParallelMLP: dense-reference gradients, finite differences,
+accumulation, placement of gradient shards and the communication pattern."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import WORKER_COUNTS
+from helpers import to_host
+from tp_gpu import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    ParallelMLP,
+    RowParallelLinear,
+    ShapeError,
+    ShardedTensor,
+    TensorParallelConfig,
+    TensorParallelError,
+)
+from tp_gpu.layers.activations import ACTIVATIONS
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def host(layer, value):
+    return to_host(layer, value.gather() if isinstance(value, ShardedTensor) else value)
+
+
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+@pytest.mark.parametrize("gather_output", [True, False])
+def test_column_gradients_match_dense(make_config, rng, n_workers, gather_output):
+    layer = ColumnParallelLinear(7, 3 * n_workers, make_config(n_workers, gather_output=gather_output), seed=1)
+    x = rng.standard_normal((2, 5, 7))
+    y = layer(x)
+    g = rng.standard_normal((2, 5, 3 * n_workers))
+    grad_output = g
+    if not gather_output:  # hand back a gradient split like the output
+        pieces = np.split(g, n_workers, axis=-1)
+        grad_output = ShardedTensor(
+            [layer.backend.asarray(p, layer.dtype, d) for p, d in zip(pieces, y.devices)], -1, y.devices, layer.backend
+        )
+    dx = layer.backward(grad_output)
+    w = layer.full_weight()
+    np.testing.assert_allclose(host(layer, dx), g @ w.T, **TOL)
+    grads = layer.grads()
+    np.testing.assert_allclose(grads["weight"], x.reshape(-1, 7).T @ g.reshape(-1, 3 * n_workers), **TOL)
+    np.testing.assert_allclose(grads["bias"], g.sum(axis=(0, 1)), **TOL)
+    for param in layer.parameters():
+        assert [layer.backend.device_of(gr) for gr in param.grads] == layer.devices
+
+
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+def test_row_gradients_match_dense(make_config, rng, n_workers):
+    layer = RowParallelLinear(5 * n_workers, 4, make_config(n_workers), seed=2)
+    x = rng.standard_normal((6, 5 * n_workers))
+    layer(x)
+    g = rng.standard_normal((6, 4))
+    dx = layer.backward(g)
+    assert not isinstance(dx, ShardedTensor)  # a dense input gets a gathered gradient
+    np.testing.assert_allclose(host(layer, dx), g @ layer.full_weight().T, **TOL)
+    np.testing.assert_allclose(layer.grads()["weight"], x.T @ g, **TOL)
+    np.testing.assert_allclose(layer.grads()["bias"], g.sum(axis=0), **TOL)
+    assert [layer.backend.device_of(gr) for gr in layer._weight.grads] == layer.devices
+    assert layer.backend.device_of(layer._bias.grads[0]) == layer.output_device
+
+
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+def test_embedding_gradient_accumulates_repeated_ids(make_config, rng, n_workers):
+    vocab = 3 * n_workers
+    emb = ParallelEmbedding(vocab, 5, config=make_config(n_workers), seed=3)
+    ids = rng.integers(0, vocab, size=(4, 9))
+    ids[0, :3] = 0  # repeated ids must add up
+    emb(ids)
+    g = rng.standard_normal((4, 9, 5))
+    assert emb.backward(g) is None
+    expected = np.zeros((vocab, 5))
+    np.add.at(expected, ids.reshape(-1), g.reshape(-1, 5))
+    np.testing.assert_allclose(emb.grads()["weight"], expected, **TOL)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", None])
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+def test_mlp_gradients_match_dense(make_config, rng, n_workers, activation):
+    mlp = ParallelMLP(6, 2 * n_workers, 5, make_config(n_workers), seed=4, activation=activation)
+    x = rng.standard_normal((3, 6))
+    act = ACTIVATIONS[activation]
+    w1, b1, w2, b2 = mlp.fc1.full_weight(), mlp.fc1.full_bias(), mlp.fc2.full_weight(), mlp.fc2.full_bias()
+    pre = x @ w1 + b1
+    a = act.forward(np, pre)
+    y = to_host(mlp.fc2, mlp(x))
+    np.testing.assert_allclose(y, a @ w2 + b2, **TOL)
+    g = rng.standard_normal((3, 5))
+    dx = to_host(mlp.fc2, mlp.backward(g))
+    g_pre = act.grad(np, pre, g @ w2.T)
+    np.testing.assert_allclose(dx, g_pre @ w1.T, **TOL)
+    grads = mlp.grads()
+    assert list(grads) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    np.testing.assert_allclose(grads["fc2.weight"], a.T @ g, **TOL)
+    np.testing.assert_allclose(grads["fc2.bias"], g.sum(0), **TOL)
+    np.testing.assert_allclose(grads["fc1.weight"], x.T @ g_pre, **TOL)
+    np.testing.assert_allclose(grads["fc1.bias"], g_pre.sum(0), **TOL)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_activation_derivatives_by_finite_differences(rng, activation):
+    act = ACTIVATIONS[activation]
+    x = rng.standard_normal(200) * 3
+    x = x[np.abs(x) > 1e-3]  # ReLU has no derivative at 0
+    h = 1e-6
+    numeric = (act.forward(np, x + h) - act.forward(np, x - h)) / (2 * h)
+    np.testing.assert_allclose(act.grad(np, x, np.ones_like(x)), numeric, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("n_workers", [1, 3, 8])
+def test_mlp_weight_gradient_by_finite_differences(backend_spec, rng, n_workers):
+    """Perturb single entries of the logical weights and compare with the analytic gradient."""
+    name, devices = backend_spec
+    cfg = TensorParallelConfig(n_workers=n_workers, backend=name, devices=devices)
+    mlp = ParallelMLP(4, 2 * n_workers, 3, cfg, seed=5)
+    x = rng.standard_normal((5, 4))
+    g = rng.standard_normal((5, 3))
+    mlp(x)
+    mlp.backward(g)
+    analytic = mlp.grads()
+
+    def objective() -> float:
+        return float((to_host(mlp.fc2, mlp(x)) * g).sum())
+
+    h = 1e-6
+    for pname, param in mlp.named_parameters():
+        full = param.full()
+        for flat_index in rng.choice(full.size, size=min(3, full.size), replace=False):
+            index = np.unravel_index(flat_index, full.shape)
+            values = []
+            for sign in (1, -1):
+                bumped = full.copy()
+                bumped[index] += sign * h
+                _load(param, bumped)
+                values.append(objective())
+            _load(param, full)
+            numeric = (values[0] - values[1]) / (2 * h)
+            assert abs(numeric - analytic[pname][index]) < 1e-6 * max(1.0, abs(numeric)), (pname, index)
+
+
+def _load(param, full: np.ndarray) -> None:
+    """Write a logical value back into a parameter's shards, in place."""
+    pieces = [full] if param.axis is None else np.split(full, len(param.shards), axis=param.axis)
+    for i, (piece, device) in enumerate(zip(pieces, param.devices)):
+        with param.backend.device(device):
+            param.shards[i][...] = param.backend.asarray(piece, param.dtype, device)
+
+
+def test_gradients_accumulate_until_zero_grad(make_config, rng):
+    layer = ColumnParallelLinear(3, 4, make_config(2), seed=0)
+    x, g = rng.standard_normal((2, 3)), rng.standard_normal((2, 4))
+    layer(x)
+    layer.backward(g)
+    once = layer.grads()
+    layer(x)
+    layer.backward(g)
+    twice = layer.grads()
+    for key in once:
+        np.testing.assert_allclose(twice[key], 2 * once[key], **TOL)
+    layer.zero_grad()
+    assert all(not v.any() for v in layer.grads().values())
+
+
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+def test_mlp_needs_one_reduction_each_way(rng, n_workers):
+    """Forward: only the row layer's partial sums cross devices; backward: only fc1's dX partials
+    (besides the input copies and the dY broadcast). Nothing moves between fc1 and fc2."""
+    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=n_workers)
+    mlp = ParallelMLP(6, 3 * n_workers, 5, cfg, seed=0)
+    x = rng.standard_normal((4, 6))
+    for layer in (mlp.fc1, mlp.fc2):
+        layer.backend.reset_transfers()
+    mlp(x)
+    others = n_workers - 1
+    fc2_moves = sum(c for (src, _), (c, _) in mlp.fc2.backend.transfers.items() if src != "host")
+    fc1_moves = sum(c for (src, _), (c, _) in mlp.fc1.backend.transfers.items() if src != "host")
+    assert (fc1_moves, fc2_moves) == (0, others)  # the reduction
+    # dY arrives on the output device, as it would from the next layer.
+    grad = mlp.backend.asarray(rng.standard_normal((4, 5)), np.float64, mlp.fc2.output_device)
+    for layer in (mlp.fc1, mlp.fc2):
+        layer.backend.reset_transfers()
+    mlp.backward(grad)
+    fc2_moves = sum(c for (src, _), (c, _) in mlp.fc2.backend.transfers.items())
+    fc1_moves = sum(c for (src, _), (c, _) in mlp.fc1.backend.transfers.items())
+    assert fc2_moves == others  # identity backward: dY to every other device
+    assert fc1_moves == others  # the reduction of dX
+
+
+# --- errors -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [
+    lambda cfg: ColumnParallelLinear(4, 4, cfg),
+    lambda cfg: RowParallelLinear(4, 4, cfg),
+    lambda cfg: ParallelEmbedding(4, 4, config=cfg),
+    lambda cfg: ParallelMLP(4, 4, 4, cfg),
+], ids=["column", "row", "embedding", "mlp"])
+def test_backward_before_forward(make_config, factory):
+    layer = factory(make_config(2))
+    with pytest.raises(TensorParallelError, match="backward called without a preceding forward"):
+        layer.backward(np.ones((1, 4)))
+
+
+def test_backward_after_eval_forward_raises(make_config):
+    layer = ColumnParallelLinear(4, 4, make_config(2)).eval()
+    layer(np.ones((2, 4)))
+    with pytest.raises(TensorParallelError, match="training mode"):
+        layer.backward(np.ones((2, 4)))
+
+
+@pytest.mark.parametrize("factory, inp, bad_grad, expected", [
+    (lambda cfg: ColumnParallelLinear(4, 6, cfg), np.ones((2, 4)), np.ones((2, 5)), r"\(2, 6\), got \(2, 5\)"),
+    (lambda cfg: RowParallelLinear(4, 6, cfg), np.ones((2, 4)), np.ones((3, 6)), r"\(2, 6\), got \(3, 6\)"),
+    (lambda cfg: ParallelEmbedding(4, 6, config=cfg), np.array([1, 2]), np.ones((2, 5)), r"\(2, 6\), got \(2, 5\)"),
+], ids=["column", "row", "embedding"])
+def test_backward_rejects_wrong_grad_shape(make_config, factory, inp, bad_grad, expected):
+    layer = factory(make_config(2))
+    layer(inp)
+    with pytest.raises(ShapeError, match=expected):
+        layer.backward(bad_grad)
+    assert all(not v.any() for v in layer.grads().values())  # nothing accumulated
+
+
+def test_column_rejects_sharded_grad_of_wrong_split(make_config, rng):
+    layer = ColumnParallelLinear(4, 6, make_config(2, gather_output=False))
+    y = layer(rng.standard_normal((2, 4)))
+    other = ColumnParallelLinear(4, 6, make_config(3, gather_output=False))(rng.standard_normal((2, 4)))
+    with pytest.raises(ShapeError, match=r"sizes \[2, 2, 2\].*expected.*\[3, 3\]"):
+        layer.backward(other)
+    assert isinstance(y, ShardedTensor)
+
+
+def test_row_input_is_parallel_requires_sharded_input(make_config):
+    layer = RowParallelLinear(4, 4, make_config(2), input_is_parallel=True)
+    with pytest.raises(ShapeError, match="expects a ShardedTensor"):
+        layer(np.ones((2, 4)))
+
+
+def test_mlp_rejects_bad_activation():
+    from tp_gpu import ConfigError
+
+    with pytest.raises(ConfigError, match="'tanh'"):
+        ParallelMLP(4, 4, 4, TensorParallelConfig(backend="numpy"), activation="tanh")
