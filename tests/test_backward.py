@@ -46,8 +46,9 @@ def test_column_gradients_match_dense(make_config, rng, n_workers, gather_output
     grads = layer.grads()
     np.testing.assert_allclose(grads["weight"], x.reshape(-1, 7).T @ g.reshape(-1, 3 * n_workers), **TOL)
     np.testing.assert_allclose(grads["bias"], g.sum(axis=(0, 1)), **TOL)
-    for param in layer.parameters():
-        assert [layer.backend.device_of(gr) for gr in param.grads] == layer.devices
+    for param in layer.parameters():  # each gradient block stays on its parameter block's device
+        assert {d: layer.backend.device_of(gr) for d, gr in param.grad_blocks.items()} == {d: d for d in param.blocks}
+        assert set(param.blocks) == set(layer.devices)
 
 
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
@@ -61,8 +62,9 @@ def test_row_gradients_match_dense(make_config, rng, n_workers):
     np.testing.assert_allclose(host(layer, dx), g @ layer.full_weight().T, **TOL)
     np.testing.assert_allclose(layer.grads()["weight"], x.T @ g, **TOL)
     np.testing.assert_allclose(layer.grads()["bias"], g.sum(axis=0), **TOL)
-    assert [layer.backend.device_of(gr) for gr in layer._weight.grads] == layer.devices
-    assert layer.backend.device_of(layer._bias.grads[0]) == layer.output_device
+    weight, bias = layer.parameters()
+    assert {d: layer.backend.device_of(gr) for d, gr in weight.grad_blocks.items()} == {d: d for d in set(layer.devices)}
+    assert {d: layer.backend.device_of(gr) for d, gr in bias.grad_blocks.items()} == {layer.output_device: layer.output_device}
 
 
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
@@ -136,19 +138,11 @@ def test_mlp_weight_gradient_by_finite_differences(backend_spec, rng, n_workers)
             for sign in (1, -1):
                 bumped = full.copy()
                 bumped[index] += sign * h
-                _load(param, bumped)
+                param.load(bumped)
                 values.append(objective())
-            _load(param, full)
+            param.load(full)
             numeric = (values[0] - values[1]) / (2 * h)
             assert abs(numeric - analytic[pname][index]) < 1e-6 * max(1.0, abs(numeric)), (pname, index)
-
-
-def _load(param, full: np.ndarray) -> None:
-    """Write a logical value back into a parameter's shards, in place."""
-    pieces = [full] if param.axis is None else np.split(full, len(param.shards), axis=param.axis)
-    for i, (piece, device) in enumerate(zip(pieces, param.devices)):
-        with param.backend.device(device):
-            param.shards[i][...] = param.backend.asarray(piece, param.dtype, device)
 
 
 def test_gradients_accumulate_until_zero_grad(make_config, rng):

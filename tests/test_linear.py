@@ -84,9 +84,10 @@ def test_nonzero_bias_is_added_once(make_config, rng, n_workers):
     """Biases start at zero; set them to random values and check they are added exactly once."""
     col = ColumnParallelLinear(5, 2 * n_workers, make_config(n_workers), seed=0)
     row = RowParallelLinear(2 * n_workers, 3, make_config(n_workers), seed=0)
-    for i, device in enumerate(col.devices):
-        col.bias_shards[i] = col.backend.asarray(rng.standard_normal(2), col.dtype, device)
-    row.bias = row.backend.asarray(rng.standard_normal(3), row.dtype, row.output_device)
+    for shard, device in zip(col.bias_shards, col.devices):  # shards are views: write in place
+        with col.backend.device(device):
+            shard[...] = col.backend.asarray(rng.standard_normal(2), col.dtype, device)
+    row.bias = rng.standard_normal(3)
     x = rng.standard_normal((4, 5))
     np.testing.assert_allclose(to_host(col, col(x)), dense_reference(col, x), rtol=1e-12, atol=1e-12)
     h = rng.standard_normal((4, 2 * n_workers))
@@ -165,8 +166,8 @@ def test_column_copies_input_once_per_device(rng, n_workers):
     host_copies = {dst: count for (src, dst), (count, _) in layer.backend.transfers.items() if src == "host"}
     assert host_copies == {d: 1 for d in used}
     gathered = {src: count for (src, dst), (count, _) in layer.backend.transfers.items() if src != "host"}
-    # Shards on other devices reach the output device once each; none move otherwise.
-    assert sum(gathered.values()) == sum(1 for d in layer.devices if d != layer.output_device)
+    # Each other device's block (all of its workers' shards) reaches the output device once.
+    assert sum(gathered.values()) == len(set(layer.devices) - {layer.output_device})
 
 
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)

@@ -12,11 +12,18 @@ from __future__ import annotations
 
 from typing import Any, Dict, Hashable, List, Sequence, Tuple
 
+from .partition import BlockLayout
 from .placement import workers_by_device
+
+
+def _along(axis: int, index: slice) -> Tuple[slice, ...]:
+    return (slice(None),) * axis + (index,)
 
 __all__ = [
     "broadcast",
     "scatter",
+    "scatter_blocks",
+    "gather_blocks",
     "to_placement",
     "all_gather",
     "reduce_sum",
@@ -43,6 +50,47 @@ def scatter(backend, x: Any, axis: int, ranges: Sequence[Tuple[int, int]], place
         index = (slice(None),) * axis + (slice(first, last),)
         pieces.append(backend.asarray(x[index], dtype, device))
     return pieces
+
+
+def scatter_blocks(backend, x: Any, axis: int, layout: BlockLayout, dtype) -> Dict[Hashable, Any]:
+    """Split ``x`` along ``axis`` into each device's block: its workers' slices, side by side.
+
+    Only each block's slices cross to its device. A device whose workers own one
+    consecutive range receives a single slice (with one device: ``x`` itself).
+    """
+    axis %= x.ndim
+    blocks = {}
+    for device in layout.groups:
+        parts = [backend.asarray(x[_along(axis, s)], dtype, device) for s in layout.global_slices(device)]
+        if len(parts) == 1:
+            blocks[device] = parts[0]
+        else:
+            with backend.device(device):
+                blocks[device] = backend.xp.concatenate(parts, axis=axis)
+    return blocks
+
+
+def gather_blocks(backend, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, dst: Hashable) -> Any:
+    """The full array on ``dst`` from per-device ``blocks`` split along ``axis`` as ``layout`` says.
+
+    Each block crosses to ``dst`` once. A single block that already is the whole
+    array in global order is returned as it is (moved to ``dst`` if needed),
+    without a copy; otherwise the output is allocated once on ``dst`` and every
+    worker's slice is written into place.
+    """
+    first_device, first_block = next(iter(blocks.items()))
+    axis %= first_block.ndim
+    if len(blocks) == 1 and layout.is_whole(first_device):
+        return backend.to_device(first_block, dst)
+    shape = list(first_block.shape)
+    shape[axis] = layout.size
+    out = backend.empty(tuple(shape), first_block.dtype, dst)
+    for device, block in blocks.items():
+        local = backend.to_device(block, dst)
+        with backend.device(dst):
+            for w in layout.groups[device]:
+                out[_along(axis, slice(*layout.ranges[w]))] = local[_along(axis, slice(*layout.local[w]))]
+    return out
 
 
 def to_placement(backend, arrays: Sequence[Any], placement: Sequence[Hashable], dtype) -> List[Any]:
@@ -74,16 +122,18 @@ def all_gather(backend, shards: Sequence[Any], axis: int, dst: Hashable) -> Any:
 
 
 def _reduce(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable, ufunc: str) -> Any:
-    """Combine ``partials`` elementwise with ``xp.<ufunc>`` into one new array on ``dst``.
+    """Combine ``partials`` elementwise with ``xp.<ufunc>`` into one array on ``dst``.
 
     Partials that share a device are combined there first, so one array per
-    device crosses to ``dst``. The partials are not modified.
+    device crosses to ``dst``. The partials are consumed: the first partial of
+    each device is the accumulator of that device (callers pass temporaries),
+    and the result may be one of them.
     """
     combine = getattr(backend.xp, ufunc)
     per_device = []
     for device, workers in workers_by_device(placement).items():
+        local = partials[workers[0]]
         with backend.device(device):
-            local = partials[workers[0]].copy()
             for w in workers[1:]:
                 combine(local, partials[w], out=local)
         per_device.append(local)
@@ -95,12 +145,12 @@ def _reduce(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst
 
 
 def reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable) -> Any:
-    """``sum_i partials[i]`` (worker i's on ``placement[i]``) as a new array on ``dst``."""
+    """``sum_i partials[i]`` (the i-th on ``placement[i]``) on ``dst``; consumes the partials."""
     return _reduce(backend, partials, placement, dst, "add")
 
 
 def reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable) -> Any:
-    """Elementwise ``max_i partials[i]`` as a new array on ``dst``."""
+    """Elementwise ``max_i partials[i]`` on ``dst``; consumes the partials."""
     return _reduce(backend, partials, placement, dst, "maximum")
 
 

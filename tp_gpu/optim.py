@@ -1,7 +1,7 @@
-"""Optimizers that update every shard in place, on its own device.
+"""Optimizers that update every parameter in place, each device block on its own device.
 
 Each takes the parameters of one or more modules (``layer.parameters()``) and
-keeps its state (momentum, Adam moments) shard by shard, beside the shard.
+keeps its state (momentum, Adam moments) block by block, beside the block.
 Updates follow PyTorch's definitions, so a tensor-parallel model and its dense
 twin take the same steps.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple
 
 from .errors import ConfigError
 from .parameter import ShardedParameter
@@ -43,8 +43,8 @@ def _check_number(value, name: str, low: float, high: float, low_open: bool = Fa
 class _Optimizer:
     def __init__(self, params: Iterable[ShardedParameter]) -> None:
         self.params = _check_params(params)
-        # One state slot per shard of every parameter, next to the shard.
-        self._state: List[List[Optional[Any]]] = [[None] * len(p.shards) for p in self.params]
+        # One state slot per device block of every parameter, next to the block.
+        self._state: List[Dict[Hashable, Optional[Any]]] = [dict.fromkeys(p.blocks) for p in self.params]
 
     def zero_grad(self) -> None:
         """Forget the gradients of every parameter."""
@@ -52,14 +52,15 @@ class _Optimizer:
             p.zero_grad()
 
     def step(self) -> None:
-        """Update every shard that has a gradient, in place, under its device."""
+        """Update every block that has a gradient, in place, under its device."""
         self._begin_step()
         for p, states in zip(self.params, self._state):
-            for i, (shard, grad, device) in enumerate(zip(p.shards, p.grads, p.devices)):
+            for device, block in p.blocks.items():
+                grad = p.grad_blocks[device]
                 if grad is None:
                     continue
                 with p.backend.device(device):
-                    states[i] = self._update(shard, grad, states[i], p.backend.xp)
+                    states[device] = self._update(block, grad, states[device], p.backend.xp)
 
     def _begin_step(self) -> None:
         pass

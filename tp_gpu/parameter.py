@@ -1,83 +1,126 @@
-"""ShardedParameter: one logical parameter held as per-worker shards, with gradients.
+"""ShardedParameter: one logical parameter held in per-device blocks, with gradients.
 
-A parameter is either *split*, worker ``i`` holding a slice along ``axis`` on
-its own device, or *whole* (``axis=None``), one array kept on one device (the
-row-parallel bias, added once after the reduction). Gradients have the same
-layout as the shards and stay on the shards' devices; only :meth:`full` and
-:meth:`full_grad` assemble a logical array, on the host.
+A parameter is either *split* along ``axis`` over the workers, or *whole*
+(``axis=None``): one array on one device (the row-parallel bias, added once
+after the reduction). A split parameter keeps, on each device, one contiguous
+block with the slices of every worker placed there (see
+:class:`~tp_gpu.partition.BlockLayout`); ``shards[i]`` is worker ``i``'s view
+into its device's block. Gradients have the same per-device layout and stay on
+their devices; only :meth:`full` and :meth:`full_grad` assemble a logical
+array, on the host.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable, List, Optional, Sequence
+from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import numpy as np
+
+from .errors import ShapeError
+from .partition import BlockLayout
 
 __all__ = ["ShardedParameter"]
 
 
+def _along(axis: int, index: slice) -> Tuple[slice, ...]:
+    return (slice(None),) * axis + (index,)
+
+
 class ShardedParameter:
-    """A logical parameter ``concatenate(shards, axis)`` (or ``shards[0]`` when whole).
+    """A logical parameter of shape ``shape``, split along ``axis`` (or whole) over devices.
 
     Parameters
     ----------
     name : str
         Key in ``grads()`` and state dicts, e.g. ``"weight"``.
-    shards : list of arrays
-        One per worker when split; a single array when whole.
+    full : numpy.ndarray
+        The initial logical value, on the host.
     axis : int or None
-        Split axis of the logical array; ``None`` for a whole parameter.
-    devices : list
-        The device of each shard.
+        Split axis; ``None`` keeps the parameter whole on ``devices[0]``.
+    layout : BlockLayout or None
+        How ``axis`` is split over the workers' devices (None when whole).
+    device : hashable
+        The device of a whole parameter.
     backend : Backend
-        The backend that owns the shards.
+    dtype : numpy dtype
     """
 
-    def __init__(self, name: str, shards: Sequence[Any], axis: Optional[int], devices: Sequence[Hashable], backend) -> None:
+    def __init__(self, name: str, full: np.ndarray, axis: Optional[int], layout: Optional[BlockLayout], device, backend, dtype) -> None:
         self.name = name
-        self.shards: List[Any] = list(shards)
         self.axis = axis
-        self.devices: List[Hashable] = list(devices)
+        self.layout = layout
         self.backend = backend
-        self.grads: List[Optional[Any]] = [None] * len(self.shards)
+        self.dtype = np.dtype(dtype)
+        self.shape: Tuple[int, ...] = tuple(full.shape)
+        self.block_devices: List[Hashable] = [device] if axis is None else list(layout.groups)
+        self.blocks: Dict[Hashable, Any] = {
+            d: backend.asarray(piece, self.dtype, d) for d, piece in self._host_blocks(full).items()
+        }
+        self.grad_blocks: Dict[Hashable, Optional[Any]] = dict.fromkeys(self.blocks)
 
-    @property
-    def shape(self):
-        """Shape of the logical parameter."""
+    def _host_blocks(self, full: np.ndarray) -> Dict[Hashable, np.ndarray]:
+        """Each device's block of the host array ``full``, as new contiguous arrays."""
         if self.axis is None:
-            return tuple(self.shards[0].shape)
-        shape = list(self.shards[0].shape)
-        shape[self.axis] = sum(s.shape[self.axis] for s in self.shards)
-        return tuple(shape)
+            return {self.block_devices[0]: np.array(full, dtype=self.dtype, order="C")}
+        return {
+            d: np.ascontiguousarray(np.concatenate([full[_along(self.axis, s)] for s in self.layout.global_slices(d)], self.axis), dtype=self.dtype)
+            for d in self.block_devices
+        }
+
+    def _views(self, blocks: Dict[Hashable, Any]) -> List[Any]:
+        """Per-worker views into per-device ``blocks`` (a single-element list when whole)."""
+        if self.axis is None:
+            return [blocks[self.block_devices[0]]]
+        return [blocks[d][_along(self.axis, slice(*self.layout.local[w]))] for w, d in enumerate(self.layout.devices)]
 
     @property
-    def dtype(self):
-        return self.shards[0].dtype
+    def shards(self) -> List[Any]:
+        """Worker i's slice, a view into its device's block (the whole array when not split)."""
+        return self._views(self.blocks)
 
-    def _assemble(self, arrays: Sequence[Any]) -> np.ndarray:
-        host = [np.array(self.backend.to_host(a)) for a in arrays]
+    @property
+    def devices(self) -> List[Hashable]:
+        """The device of each entry of ``shards``."""
+        return list(self.block_devices) if self.axis is None else list(self.layout.devices)
+
+    def _assemble(self, blocks: Dict[Hashable, Any]) -> np.ndarray:
+        host = [np.array(self.backend.to_host(v)) for v in self._views(blocks)]
         return host[0] if self.axis is None else np.concatenate(host, axis=self.axis)
 
     def full(self) -> np.ndarray:
         """The logical parameter as a new host array."""
-        return self._assemble(self.shards)
+        return self._assemble(self.blocks)
 
     def full_grad(self) -> np.ndarray:
         """The logical gradient as a new host array (zeros before any backward)."""
-        grads = [np.zeros(s.shape, s.dtype) if g is None else g for s, g in zip(self.shards, self.grads)]
+        grads = {d: np.zeros(b.shape, self.dtype) if self.grad_blocks[d] is None else self.grad_blocks[d] for d, b in self.blocks.items()}
         return self._assemble(grads)
 
-    def accumulate(self, index: int, grad: Any) -> None:
-        """Add ``grad`` to shard ``index``'s gradient, on that shard's device."""
-        if self.grads[index] is None:
-            self.grads[index] = grad
+    def accumulate(self, device: Hashable, grad: Any) -> None:
+        """Add ``grad`` (shaped like ``device``'s block, on that device) to its gradient."""
+        if self.grad_blocks[device] is None:
+            self.grad_blocks[device] = grad
         else:
-            with self.backend.device(self.devices[index]):
-                self.grads[index] += grad
+            with self.backend.device(device):
+                self.grad_blocks[device] += grad
 
     def zero_grad(self) -> None:
         """Forget the accumulated gradients."""
-        self.grads = [None] * len(self.shards)
+        self.grad_blocks = dict.fromkeys(self.blocks)
+
+    def check_full(self, full: Any, what: str) -> np.ndarray:
+        """``full`` as a host array if it has this parameter's logical shape, else ShapeError."""
+        host = np.asarray(self.backend.to_host(full) if hasattr(full, "shape") else full)
+        if host.shape != self.shape:
+            raise ShapeError(f"{what} must have shape {self.shape}, got {host.shape}")
+        return host
+
+    def load(self, full: np.ndarray) -> None:
+        """Overwrite the value in place from a host array of the logical shape (checked first)."""
+        full = self.check_full(full, f"parameter {self.name!r}")
+        for d, piece in self._host_blocks(full).items():
+            with self.backend.device(d):
+                self.blocks[d][...] = self.backend.asarray(piece, self.dtype, d)
 
     def __repr__(self) -> str:
         return f"ShardedParameter({self.name!r}, shape={self.shape}, axis={self.axis}, devices={self.devices})"

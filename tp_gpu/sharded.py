@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from . import collectives
 from .errors import ShapeError
+from .partition import BlockLayout
 
 __all__ = ["ShardedTensor"]
 
@@ -56,6 +57,40 @@ class ShardedTensor:
         self.axis: int = axis
         self.devices: List[Hashable] = list(devices)
         self.backend = backend
+        self._blocks: Optional[Dict[Hashable, Any]] = None
+
+    @classmethod
+    def from_blocks(cls, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, backend) -> "ShardedTensor":
+        """A ShardedTensor whose shards are views into per-device ``blocks`` laid out as ``layout``."""
+        first = next(iter(blocks.values()))
+        axis %= first.ndim
+        index = (slice(None),) * axis
+        shards = [blocks[d][index + (slice(*layout.local[w]),)] for w, d in enumerate(layout.devices)]
+        tensor = cls(shards, axis, layout.devices, backend)
+        tensor._blocks = dict(blocks)
+        return tensor
+
+    @property
+    def layout(self) -> BlockLayout:
+        """How the split axis lies over the shards' devices."""
+        return BlockLayout(self.split_sizes, self.devices)
+
+    def device_blocks(self) -> Dict[Hashable, Any]:
+        """One contiguous block per device: its shards side by side, in worker order.
+
+        Free for a tensor built from blocks; otherwise the shards that share a
+        device are concatenated there.
+        """
+        if self._blocks is not None:
+            return self._blocks
+        blocks = {}
+        for device, workers in self.layout.groups.items():
+            if len(workers) == 1:
+                blocks[device] = self.shards[workers[0]]
+            else:
+                with self.backend.device(device):
+                    blocks[device] = self.backend.xp.concatenate([self.shards[w] for w in workers], axis=self.axis)
+        return blocks
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -78,11 +113,17 @@ class ShardedTensor:
         return [s.shape[self.axis] for s in self.shards]
 
     def gather(self, device: Optional[Hashable] = None) -> Any:
-        """The full array on ``device`` (default: worker 0's device)."""
+        """The full array, a new array on ``device`` (default: worker 0's device)."""
         return collectives.all_gather(self.backend, self.shards, self.axis, self.devices[0] if device is None else device)
 
     def map(self, fn) -> "ShardedTensor":
-        """Apply an elementwise ``fn`` to every shard, each under its own device."""
+        """Apply an elementwise ``fn`` to every shard (or block), each under its own device."""
+        if self._blocks is not None:
+            blocks = {}
+            for device, block in self._blocks.items():
+                with self.backend.device(device):
+                    blocks[device] = fn(block)
+            return ShardedTensor.from_blocks(blocks, self.axis, self.layout, self.backend)
         out = []
         for shard, device in zip(self.shards, self.devices):
             with self.backend.device(device):

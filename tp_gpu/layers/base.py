@@ -8,11 +8,10 @@ from typing import Any, Dict, Hashable, List, Optional
 import numpy as np
 
 from ..backends import get_backend, host_array, is_cupy_array
-from ..collectives import to_placement
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError, TensorParallelError
 from ..parameter import ShardedParameter
-from ..partition import check_divisible, shard_ranges
+from ..partition import BlockLayout, check_divisible
 from ..placement import worker_devices
 
 __all__ = ["ParallelModule", "as_array_like", "check_seed"]
@@ -75,22 +74,17 @@ class ParallelModule:
             )
         self.output_device: Hashable = out
 
-    def _add_parameter(self, name: str, full: np.ndarray, axis: Optional[int]) -> ShardedParameter:
+    def _even_layout(self, size: int) -> BlockLayout:
+        """How a dimension of ``size``, split evenly over the workers, lies on their devices."""
+        return BlockLayout.even(size, self._placement)
+
+    def _add_parameter(self, name: str, full: np.ndarray, layout: Optional[BlockLayout] = None, axis: Optional[int] = None) -> ShardedParameter:
         """Register the host array ``full`` as parameter ``name``.
 
-        With ``axis`` it is split into ``n_workers`` shards on their devices;
-        with ``axis=None`` it is kept whole on the output device.
+        Split along ``axis`` as ``layout`` says, or kept whole on the output
+        device when ``axis`` is None.
         """
-        if axis is None:
-            pieces, devices = [full], [self.output_device]
-        else:
-            ranges = shard_ranges(full.shape[axis], self.n_workers)
-            pieces = [full[(slice(None),) * axis + (slice(first, last),)] for first, last in ranges]
-            devices = self._placement
-        # Each shard owns a contiguous buffer: never a view of ``full`` or of another shard.
-        pieces = [np.array(piece, dtype=self.dtype, order="C") for piece in pieces]
-        shards = to_placement(self.backend, pieces, devices, self.dtype)
-        param = ShardedParameter(name, shards, axis, devices, self.backend)
+        param = ShardedParameter(name, full, axis, layout, self.output_device, self.backend, self.dtype)
         self._params[name] = param
         return param
 

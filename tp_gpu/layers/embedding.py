@@ -10,7 +10,6 @@ from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, IndexOutOfRangeError, ShapeError
 from ..init import embedding_uniform
-from ..partition import shard_ranges
 from .base import ParallelModule, as_array_like, check_seed
 
 __all__ = ["ParallelEmbedding"]
@@ -65,8 +64,9 @@ class ParallelEmbedding(ParallelModule):
         self._embed_dim = check_positive_int(embed_dim, "embed_dim")
         seed = check_seed(seed)
         self._init_placement()
-        self._ranges = shard_ranges(self._vocab_size, self.n_workers)
-        self._table = self._add_parameter("weight", embedding_uniform(self._vocab_size, self._embed_dim, seed), axis=0)
+        self._vocab_layout = self._even_layout(self._vocab_size)
+        table = embedding_uniform(self._vocab_size, self._embed_dim, seed)
+        self._table = self._add_parameter("weight", table, self._vocab_layout, axis=0)
 
     @property
     def vocab_size(self) -> int:
@@ -106,19 +106,20 @@ class ParallelEmbedding(ParallelModule):
         checked (integer dtype, ``0 <= id < vocab_size``) before any lookup.
         """
         ids = self._check_ids(indices)
+        layout = self._vocab_layout
         copies = collectives.broadcast(self.backend, ids, self._placement, ID_DTYPE)
         xp = self.backend.xp
-        partials, owned_offsets = [], []
-        for table, (first, last), device in zip(self.table_shards, self._ranges, self._placement):
+        partials, lookups = [], {}
+        for device in layout.groups:  # one lookup per device, for all of its workers
             with self.backend.device(device):
-                local_ids = copies[device]
-                owned = (local_ids >= first) & (local_ids < last)
-                offset = xp.where(owned, local_ids - first, 0)
-                rows = xp.take(table, offset, axis=0)  # (vocab_i, dim)[ids.shape] -> (*ids.shape, dim)
-                partials.append(xp.where(owned[..., None], rows, rows.dtype.type(0)))
-            owned_offsets.append((owned, offset))
-        self._saved = {"owned_offsets": owned_offsets, "out_shape": tuple(ids.shape) + (self._embed_dim,)} if self.training else None
-        return collectives.reduce_sum(self.backend, partials, self._placement, self.output_device)
+                owned, local = layout.owned_local(xp, copies[device], device)
+                rows = xp.take(self._table.blocks[device], local, axis=0)  # (vocab_d, dim)[ids.shape] -> (*ids.shape, dim)
+                if owned is not None:  # zero the rows of ids that other devices own
+                    rows = xp.where(owned[..., None], rows, rows.dtype.type(0))
+            partials.append(rows)
+            lookups[device] = (owned, local)
+        self._saved = {"lookups": lookups, "out_shape": tuple(ids.shape) + (self._embed_dim,)} if self.training else None
+        return collectives.reduce_sum(self.backend, partials, list(lookups), self.output_device)
 
     def backward(self, grad_output: Any) -> None:
         """Accumulate ``dE`` from ``grad_output`` of shape ``indices.shape + (embed_dim,)``.
@@ -129,13 +130,14 @@ class ParallelEmbedding(ParallelModule):
         grad = self._check_grad_shape(grad_output, saved["out_shape"], "ParallelEmbedding")
         copies = collectives.broadcast(self.backend, grad, self._placement, self.dtype)
         xp = self.backend.xp
-        for i, ((owned, offset), table, device) in enumerate(zip(saved["owned_offsets"], self.table_shards, self._placement)):
+        for device, (owned, local) in saved["lookups"].items():
             with self.backend.device(device):
-                # Ids this worker does not own have offset 0 and a zeroed gradient: they add exact zeros.
-                local = xp.where(owned[..., None], copies[device], self.dtype.type(0))
-                table_grad = xp.zeros(table.shape, dtype=self.dtype)
-                self.backend.scatter_add(table_grad, offset.reshape(-1), local.reshape(-1, self._embed_dim))
-                self._table.accumulate(i, table_grad)
+                rows = copies[device]
+                if owned is not None:  # ids owned elsewhere sit at local row 0 with a zeroed gradient
+                    rows = xp.where(owned[..., None], rows, self.dtype.type(0))
+                table_grad = xp.zeros(self._table.blocks[device].shape, dtype=self.dtype)
+                self.backend.scatter_add(table_grad, local.reshape(-1), rows.reshape(-1, self._embed_dim))
+                self._table.accumulate(device, table_grad)
         return None
 
     def full_weight(self) -> np.ndarray:

@@ -12,7 +12,7 @@ Communication follows Megatron's conjugate pairs:
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, Hashable, List, Optional, Union
 
 import numpy as np
 
@@ -20,7 +20,6 @@ from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ShapeError
 from ..init import xavier_uniform
-from ..partition import shard_ranges
 from ..sharded import ShardedTensor
 from .base import ParallelModule, check_seed
 
@@ -37,6 +36,23 @@ def _weight_grad(inp: Any, grad: Any) -> Any:
 def _bias_grad(grad: Any) -> Any:
     """``grad`` summed over every leading axis: (..., b) -> (b,)."""
     return grad.reshape(-1, grad.shape[-1]).sum(axis=0)
+
+
+def _blocks_of(layer: ParallelModule, x: ShardedTensor, shape, layout, what: str) -> Dict[Hashable, Any]:
+    """The per-device blocks of ``x`` in ``layer``'s dtype and placement, after checking its split.
+
+    ``x`` must be split on its last axis with ``layout``'s sizes (and have
+    ``shape`` when given). Shards on other devices than ``layout``'s are moved.
+    """
+    if (shape is not None and x.shape != shape) or x.axis != x.ndim - 1 or x.split_sizes != layout.sizes:
+        expected = f"shape {shape} split" if shape is not None else "split"
+        raise ShapeError(
+            f"{what} ShardedTensor of shape {x.shape} is split on axis {x.axis} with sizes {x.split_sizes}; "
+            f"expected {expected} on the last axis with sizes {layout.sizes}"
+        )
+    if x.devices != layout.devices:
+        x = ShardedTensor(collectives.to_placement(layer.backend, x.shards, layout.devices, layer.dtype), x.axis, layout.devices, layer.backend)
+    return {device: layer.backend.asarray(block, layer.dtype, device) for device, block in x.device_blocks().items()}
 
 
 class ColumnParallelLinear(ParallelModule):
@@ -69,9 +85,9 @@ class ColumnParallelLinear(ParallelModule):
         self._n_out = self._split_dim(n_out, "n_out")
         seed = check_seed(seed)
         self._init_placement()
-        self._ranges = shard_ranges(self._n_out, self.n_workers)
-        self._weight = self._add_parameter("weight", xavier_uniform(self._n_in, self._n_out, seed), axis=1)
-        self._bias = self._add_parameter("bias", np.zeros(self._n_out), axis=0)
+        self._out_layout = self._even_layout(self._n_out)
+        self._weight = self._add_parameter("weight", xavier_uniform(self._n_in, self._n_out, seed), self._out_layout, axis=1)
+        self._bias = self._add_parameter("bias", np.zeros(self._n_out), self._out_layout, axis=0)
 
     @property
     def n_in(self) -> int:
@@ -100,32 +116,26 @@ class ColumnParallelLinear(ParallelModule):
         device, not once per worker.
         """
         x = self._check_features(x, self._n_in, "ColumnParallelLinear input")
+        layout = self._out_layout
         copies = collectives.broadcast(self.backend, x, self._placement, self.dtype)
-        outputs = []
-        for weight, bias, device in zip(self.weight_shards, self.bias_shards, self._placement):
+        blocks = {}
+        for device in layout.groups:  # one GEMM per device, for all of its workers
             with self.backend.device(device):
-                y = copies[device] @ weight  # (..., n_in) @ (n_in, n_out_i) -> (..., n_out_i)
-                y += bias  # (..., n_out_i) + (n_out_i,)
-            outputs.append(y)
+                y = copies[device] @ self._weight.blocks[device]  # (..., n_in) @ (n_in, n_out_d) -> (..., n_out_d)
+                y += self._bias.blocks[device]  # (..., n_out_d) + (n_out_d,)
+            blocks[device] = y
         out_shape = tuple(x.shape[:-1]) + (self._n_out,)
         self._saved = {"inputs": copies, "out_shape": out_shape} if self.training else None
         if self.config.gather_output:
-            return collectives.all_gather(self.backend, outputs, -1, self.output_device)
-        return ShardedTensor(outputs, -1, self._placement, self.backend)
+            return collectives.gather_blocks(self.backend, blocks, -1, layout, self.output_device)
+        return ShardedTensor.from_blocks(blocks, -1, layout, self.backend)
 
-    def _grad_pieces(self, grad_output: Any, out_shape) -> List[Any]:
-        """Worker i's ``dY_i``: split from a dense gradient, or the shards of a ShardedTensor."""
-        expected = [last - first for first, last in self._ranges]
+    def _grad_blocks(self, grad_output: Any, out_shape) -> Dict[Hashable, Any]:
+        """Each device's block of ``dY``: split from a dense gradient, or a ShardedTensor's blocks."""
         if isinstance(grad_output, ShardedTensor):
-            if grad_output.shape != out_shape or grad_output.axis != len(out_shape) - 1 or grad_output.split_sizes != expected:
-                raise ShapeError(
-                    f"ColumnParallelLinear grad_output ShardedTensor has shape {grad_output.shape}, axis "
-                    f"{grad_output.axis}, sizes {grad_output.split_sizes}; expected shape {out_shape} split on the "
-                    f"last axis with sizes {expected}"
-                )
-            return collectives.to_placement(self.backend, grad_output.shards, self._placement, self.dtype)
+            return _blocks_of(self, grad_output, out_shape, self._out_layout, "ColumnParallelLinear grad_output")
         grad = self._check_grad_shape(grad_output, out_shape, "ColumnParallelLinear")
-        return collectives.scatter(self.backend, grad, -1, self._ranges, self._placement, self.dtype)
+        return collectives.scatter_blocks(self.backend, grad, -1, self._out_layout, self.dtype)
 
     def backward(self, grad_output: Any) -> Any:
         """Accumulate ``dA_i``, ``db_i`` and return ``dX`` ``(..., n_in)`` on the output device.
@@ -134,15 +144,15 @@ class ColumnParallelLinear(ParallelModule):
         ShardedTensor split like the forward output when ``gather_output=False``.
         """
         saved = self._take_saved("ColumnParallelLinear")
-        pieces = self._grad_pieces(grad_output, saved["out_shape"])
+        grads = self._grad_blocks(grad_output, saved["out_shape"])
         partials = []
-        for i, (grad, weight, device) in enumerate(zip(pieces, self.weight_shards, self._placement)):
-            inp = saved["inputs"][device]
+        for device, grad in grads.items():
             with self.backend.device(device):
-                self._weight.accumulate(i, _weight_grad(inp, grad))
-                self._bias.accumulate(i, _bias_grad(grad))
-                partials.append(grad @ weight.T)  # (..., n_out_i) @ (n_out_i, n_in) -> (..., n_in)
-        return collectives.reduce_sum(self.backend, partials, self._placement, self.output_device)
+                self._weight.accumulate(device, _weight_grad(saved["inputs"][device], grad))
+                self._bias.accumulate(device, _bias_grad(grad))
+                weight = self._weight.blocks[device]
+                partials.append(grad @ weight.T)  # (..., n_out_d) @ (n_out_d, n_in) -> (..., n_in)
+        return collectives.reduce_sum(self.backend, partials, list(grads), self.output_device)
 
     def full_weight(self) -> np.ndarray:
         """The logical weight ``A = [A_1, ..., A_p]``, ``(n_in, n_out)``, as a host array."""
@@ -201,9 +211,9 @@ class RowParallelLinear(ParallelModule):
         seed = check_seed(seed)
         self.input_is_parallel = bool(input_is_parallel)
         self._init_placement()
-        self._ranges = shard_ranges(self._n_in, self.n_workers)
-        self._weight = self._add_parameter("weight", xavier_uniform(self._n_in, self._n_out, seed), axis=0)
-        self._bias = self._add_parameter("bias", np.zeros(self._n_out), axis=None)
+        self._in_layout = self._even_layout(self._n_in)
+        self._weight = self._add_parameter("weight", xavier_uniform(self._n_in, self._n_out, seed), self._in_layout, axis=0)
+        self._bias = self._add_parameter("bias", np.zeros(self._n_out))
 
     @property
     def n_in(self) -> int:
@@ -225,44 +235,38 @@ class RowParallelLinear(ParallelModule):
 
     @bias.setter
     def bias(self, value: Any) -> None:
-        value = self._check_grad_shape(value, (self._n_out,), "RowParallelLinear bias")
-        self._bias.shards[0] = self.backend.asarray(value, self.dtype, self.output_device)
+        self._bias.load(value)
 
-    def _input_pieces(self, x: Any) -> List[Any]:
-        """Worker i's ``X_i`` on its device: a dense ``x`` is split, a ShardedTensor is used as is."""
-        if not isinstance(x, ShardedTensor):
-            if self.input_is_parallel:
-                raise ShapeError(
-                    f"RowParallelLinear(input_is_parallel=True) expects a ShardedTensor input, got {type(x).__name__}"
-                )
-            x = self._check_features(x, self._n_in, "RowParallelLinear input")
-            return collectives.scatter(self.backend, x, -1, self._ranges, self._placement, self.dtype)
-        expected = [last - first for first, last in self._ranges]
-        if x.axis != x.ndim - 1 or x.split_sizes != expected:
+    def _input_blocks(self, x: Any) -> Dict[Hashable, Any]:
+        """Each device's block of ``X``: a dense ``x`` is split, a ShardedTensor is used as it lies."""
+        if isinstance(x, ShardedTensor):
+            return _blocks_of(self, x, None, self._in_layout, "RowParallelLinear input")
+        if self.input_is_parallel:
             raise ShapeError(
-                f"RowParallelLinear input ShardedTensor of shape {x.shape} is split on axis {x.axis} "
-                f"with sizes {x.split_sizes}; expected axis {x.ndim - 1} (the last) with sizes {expected}"
+                f"RowParallelLinear(input_is_parallel=True) expects a ShardedTensor input, got {type(x).__name__}"
             )
-        return collectives.to_placement(self.backend, x.shards, self._placement, self.dtype)
+        x = self._check_features(x, self._n_in, "RowParallelLinear input")
+        return collectives.scatter_blocks(self.backend, x, -1, self._in_layout, self.dtype)
 
     def forward(self, x: Union[Any, ShardedTensor]) -> Any:
         """``Y = sum_i X_i A_i + b`` for ``x`` of shape ``(..., n_in)``.
 
-        ``x`` may be an array, split here so that each worker receives only its
-        ``X_i``, or a ShardedTensor split on its last axis like this layer's
-        input (the output of a ``ColumnParallelLinear(gather_output=False)``),
-        used without re-splitting. Returns ``(..., n_out)`` on the output device.
+        ``x`` may be an array, split here so that each device receives only its
+        workers' columns, or a ShardedTensor split on its last axis like this
+        layer's input (the output of a ``ColumnParallelLinear(gather_output=False)``),
+        used without re-splitting. Workers sharing a device run one GEMM
+        together. Returns ``(..., n_out)`` on the output device.
         """
-        pieces = self._input_pieces(x)
+        blocks = self._input_blocks(x)
         partials = []
-        for piece, weight, device in zip(pieces, self.weight_shards, self._placement):
+        for device, block in blocks.items():
             with self.backend.device(device):
-                partials.append(piece @ weight)  # (..., n_in_i) @ (n_in_i, n_out) -> (..., n_out)
-        y = collectives.reduce_sum(self.backend, partials, self._placement, self.output_device)
+                partials.append(block @ self._weight.blocks[device])  # (..., n_in_d) @ (n_in_d, n_out) -> (..., n_out)
+        y = collectives.reduce_sum(self.backend, partials, list(blocks), self.output_device)
         with self.backend.device(self.output_device):
             y += self.bias  # (..., n_out) + (n_out,), once, after the reduction
         if self.training:
-            self._saved = {"pieces": pieces, "sharded_input": isinstance(x, ShardedTensor), "out_shape": tuple(y.shape)}
+            self._saved = {"inputs": blocks, "sharded_input": isinstance(x, ShardedTensor), "out_shape": tuple(y.shape)}
         else:
             self._saved = None
         return y
@@ -278,16 +282,17 @@ class RowParallelLinear(ParallelModule):
         grad = self._check_grad_shape(grad_output, saved["out_shape"], "RowParallelLinear")
         # Identity backward of the all-reduce: dY on every worker's device and the output device.
         copies = collectives.broadcast(self.backend, grad, [*self._placement, self.output_device], self.dtype)
-        grad_inputs = []
-        for i, (piece, weight, device) in enumerate(zip(saved["pieces"], self.weight_shards, self._placement)):
+        grad_inputs = {}
+        for device, block in saved["inputs"].items():
             with self.backend.device(device):
-                self._weight.accumulate(i, _weight_grad(piece, copies[device]))
-                grad_inputs.append(copies[device] @ weight.T)  # (..., n_out) @ (n_out, n_in_i) -> (..., n_in_i)
+                self._weight.accumulate(device, _weight_grad(block, copies[device]))
+                weight = self._weight.blocks[device]
+                grad_inputs[device] = copies[device] @ weight.T  # (..., n_out) @ (n_out, n_in_d) -> (..., n_in_d)
         with self.backend.device(self.output_device):
-            self._bias.accumulate(0, _bias_grad(copies[self.output_device]))
+            self._bias.accumulate(self.output_device, _bias_grad(copies[self.output_device]))
         if saved["sharded_input"]:
-            return ShardedTensor(grad_inputs, -1, self._placement, self.backend)
-        return collectives.all_gather(self.backend, grad_inputs, -1, self.output_device)
+            return ShardedTensor.from_blocks(grad_inputs, -1, self._in_layout, self.backend)
+        return collectives.gather_blocks(self.backend, grad_inputs, -1, self._in_layout, self.output_device)
 
     def full_weight(self) -> np.ndarray:
         """The logical weight ``A = [A_1; ...; A_p]``, ``(n_in, n_out)``, as a host array."""
