@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["TensorParallelConfig", "SUPPORTED_DTYPES", "BACKEND_NAMES", "check_positive_int"]
+__all__ = ["TensorParallelConfig", "SUPPORTED_DTYPES", "BACKEND_NAMES", "check_positive_int", "normalize_devices"]
 
 #: Floating dtypes the layers compute in.
 SUPPORTED_DTYPES: Tuple[str, ...] = ("float64", "float32", "float16")
@@ -29,6 +29,8 @@ def check_positive_int(value, name: str) -> int:
 
 
 def _normalize_dtype(dtype) -> str:
+    if dtype is None:  # np.dtype(None) would silently mean float64
+        raise ConfigError(f"dtype must be one of {SUPPORTED_DTYPES}, got None")
     try:
         name = np.dtype(dtype).name
     except TypeError:
@@ -38,7 +40,8 @@ def _normalize_dtype(dtype) -> str:
     return name
 
 
-def _normalize_devices(devices) -> Union[None, int, Tuple[int, ...]]:
+def normalize_devices(devices) -> Union[None, int, Tuple[int, ...]]:
+    """``None``, a device count, or a tuple of distinct non-negative ids; else ConfigError."""
     if devices is None:
         return None
     if isinstance(devices, numbers.Integral) and not isinstance(devices, bool):
@@ -81,7 +84,7 @@ class TensorParallelConfig:
         object.__setattr__(self, "gather_output", bool(self.gather_output))
         if self.backend is not None and self.backend not in BACKEND_NAMES:
             raise ConfigError(f"backend must be None or one of {BACKEND_NAMES}, got {self.backend!r}")
-        object.__setattr__(self, "devices", _normalize_devices(self.devices))
+        object.__setattr__(self, "devices", normalize_devices(self.devices))
         object.__setattr__(self, "dtype", _normalize_dtype(self.dtype))
         od = self.output_device
         if od is not None and not (isinstance(od, str) or (isinstance(od, numbers.Integral) and not isinstance(od, bool))):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 from .config import check_positive_int
@@ -32,7 +33,7 @@ def shard_size(size: int, n_workers: int, what: str = "size") -> int:
 def shard_range(size: int, n_workers: int, worker: int, what: str = "size") -> Tuple[int, int]:
     """The half-open range ``[first, last)`` of ``worker``'s shard."""
     chunk = shard_size(size, n_workers, what)
-    if not 0 <= worker < n_workers:
+    if isinstance(worker, bool) or not isinstance(worker, numbers.Integral) or not 0 <= worker < n_workers:
         raise ConfigError(f"worker {worker!r} out of range; expected 0 <= worker < {n_workers}")
     return worker * chunk, (worker + 1) * chunk
 

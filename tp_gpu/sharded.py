@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from . import collectives
@@ -37,14 +38,16 @@ class ShardedTensor:
         if len(devices) != len(shards):
             raise ShapeError(f"got {len(shards)} shards but {len(devices)} devices; expected one device per shard")
         ndim = shards[0].ndim
-        if not -ndim <= axis < ndim:
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
             raise ShapeError(f"axis {axis} is out of range for shards of rank {ndim}")
         axis %= ndim
         for i, (shard, device) in enumerate(zip(shards, devices)):
+            if shard.ndim != ndim:
+                raise ShapeError(f"shard {i} has rank {shard.ndim} (shape {tuple(shard.shape)}); expected rank {ndim}")
             other = list(shard.shape)
             first = list(shards[0].shape)
             other[axis] = first[axis] = -1
-            if shard.ndim != ndim or other != first:
+            if other != first:
                 raise ShapeError(
                     f"shard {i} has shape {tuple(shard.shape)}; expected {tuple(shards[0].shape)} "
                     f"on every axis but the split axis {axis}"

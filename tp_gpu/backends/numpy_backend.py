@@ -19,7 +19,7 @@ class NumpyBackend(Backend):
     xp = np
 
     def __init__(self, devices=None) -> None:
-        if devices not in (None, 1, (0,)):
+        if isinstance(devices, bool) or devices not in (None, 1, (0,), [0]):
             raise ConfigError(
                 f"the numpy backend has one device, 'cpu'; got devices={devices!r} "
                 "(expected None; use backend='simulated' to emulate several devices)"

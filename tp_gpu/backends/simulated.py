@@ -24,7 +24,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ..errors import ConfigError, DeviceMismatchError
+from ..config import normalize_devices
+from ..errors import DeviceMismatchError
 from .base import Backend, host_array
 
 __all__ = ["SimArray", "SimulatedBackend", "DEFAULT_SIMULATED_DEVICES", "current_device"]
@@ -170,13 +171,8 @@ class SimulatedBackend(Backend):
     xp = _SimulatedNumpy()
 
     def __init__(self, devices=None) -> None:
-        if devices is None:
-            devices = DEFAULT_SIMULATED_DEVICES
-        if isinstance(devices, int):
-            if devices < 1:
-                raise ConfigError(f"simulated backend needs at least one device, got devices={devices!r}")
-            devices = tuple(range(devices))
-        self.devices: Tuple[int, ...] = tuple(devices)
+        devices = normalize_devices(DEFAULT_SIMULATED_DEVICES if devices is None else devices)
+        self.devices: Tuple[int, ...] = tuple(range(devices)) if isinstance(devices, int) else devices
         #: Count and bytes of cross-device copies, keyed ``(src, dst)``.
         self.transfers: Dict[Tuple[object, int], Tuple[int, int]] = {}
 

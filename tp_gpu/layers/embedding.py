@@ -84,6 +84,8 @@ class ParallelEmbedding(ParallelModule):
     def _check_ids(self, indices: Any) -> Any:
         """Validate dtype and range of ``indices``; return them as int64 on worker 0's device."""
         ids = as_array_like(indices, "ParallelEmbedding indices")
+        if ids.size == 0 and isinstance(indices, (list, tuple)):
+            ids = ids.astype(ID_DTYPE)  # [] reads as float64; an empty id list is still a valid id list
         kind = np.dtype(ids.dtype).kind
         if kind not in "iu":
             raise ShapeError(f"ParallelEmbedding indices must be integers, got dtype {ids.dtype}")
