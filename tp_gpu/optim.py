@@ -53,7 +53,6 @@ class _Optimizer:
 
     def step(self) -> None:
         """Update every block that has a gradient, in place, under its device."""
-        self._begin_step()
         for p, states in zip(self.params, self._state):
             for device, block in p.blocks.items():
                 grad = p.grad_blocks[device]
@@ -61,9 +60,6 @@ class _Optimizer:
                     continue
                 with p.backend.device(device):
                     states[device] = self._update(block, grad, states[device], p.backend.xp)
-
-    def _begin_step(self) -> None:
-        pass
 
     def _update(self, shard: Any, grad: Any, state: Optional[Any], xp) -> Any:
         raise NotImplementedError
@@ -96,7 +92,8 @@ class Adam(_Optimizer):
     """Adam (Kingma and Ba, 2015), as ``torch.optim.Adam`` without weight decay.
 
     ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
-    ``w <- w - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``.
+    ``w <- w - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``, where ``t``
+    counts the steps in which that parameter had a gradient (as in PyTorch).
     """
 
     def __init__(
@@ -111,22 +108,17 @@ class Adam(_Optimizer):
             raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         self.betas = (_check_number(betas[0], "betas[0]", 0.0, 1.0), _check_number(betas[1], "betas[1]", 0.0, 1.0))
         self.eps = _check_number(eps, "eps", 0.0, math.inf, low_open=True)
-        self.t = 0
         super().__init__(params)
 
-    def _begin_step(self) -> None:
-        self.t += 1
-
-    def _update(self, shard, grad, moments, xp):
+    def _update(self, shard, grad, state, xp):
         b1, b2 = self.betas
-        if moments is None:
-            moments = (xp.zeros_like(grad), xp.zeros_like(grad))
-        m, v = moments
+        m, v, t = (xp.zeros_like(grad), xp.zeros_like(grad), 0) if state is None else state
+        t += 1
         m *= b1
         m += (1.0 - b1) * grad
         v *= b2
         v += (1.0 - b2) * grad * grad
-        m_hat = m / (1.0 - b1**self.t)
-        v_hat = v / (1.0 - b2**self.t)
+        m_hat = m / (1.0 - b1**t)
+        v_hat = v / (1.0 - b2**t)
         shard -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
-        return moments
+        return m, v, t

@@ -173,6 +173,8 @@ class VocabParallelCrossEntropy:
         with backend.device(out):
             if self.reduction == "none":
                 grad = as_array_like(grad_loss, "grad_loss")
+                if np.dtype(grad.dtype).kind not in "iuf":
+                    raise ShapeError(f"grad_loss must be real numbers, got {grad_loss!r} of dtype {grad.dtype}")
                 if tuple(grad.shape) not in ((), rows):
                     raise ShapeError(f"grad_loss must be a number or have shape {rows}, got {tuple(grad.shape)}")
                 grad = backend.asarray(grad, acc, out)
