@@ -15,6 +15,7 @@ __all__ = [
     "IndexOutOfRangeError",
     "BackendUnavailableError",
     "DeviceMismatchError",
+    "CommError",
 ]
 
 
@@ -40,3 +41,7 @@ class BackendUnavailableError(TensorParallelError):
 
 class DeviceMismatchError(TensorParallelError):
     """An operation mixed arrays of different devices, or ran off its device."""
+
+
+class CommError(TensorParallelError):
+    """A collective between processes failed or timed out (a peer rank may have died)."""

@@ -1,0 +1,63 @@
+"""The communicator interface under the collectives, and the in-process one.
+
+A communicator joins the *processes* of a run. Inside a process, the workers'
+shards meet through :mod:`tp_gpu.collectives` (peer copies between devices);
+the communicator then combines one array per process. So every collective is
+hierarchical: the local shards are combined first, then the processes talk.
+
+Every method is collective: every rank must call it, in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+__all__ = ["Communicator", "LocalComm"]
+
+
+class Communicator:
+    """Interface of a communicator. ``rank`` is this process's index in ``[0, size)``."""
+
+    name: str = ""
+    rank: int = 0
+    size: int = 1
+
+    def allreduce(self, backend, array: Any, op: str = "sum") -> Any:
+        """``op`` ("sum" or "max") of ``array`` over every rank, on ``array``'s device, on every rank."""
+        raise NotImplementedError
+
+    def allgather(self, backend, array: Any, axis: int) -> Any:
+        """Every rank's ``array`` (all of one shape) concatenated along ``axis`` in rank order, on every rank."""
+        raise NotImplementedError
+
+    def allgather_object(self, obj: Any) -> List[Any]:
+        """Every rank's picklable ``obj``, in rank order."""
+        raise NotImplementedError
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """``root``'s ``obj`` on every rank."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        """Wait until every rank has reached this call."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size})"
+
+
+class LocalComm(Communicator):
+    """One process: every collective is the identity."""
+
+    name = "local"
+
+    def allreduce(self, backend, array, op="sum"):
+        return array
+
+    def allgather(self, backend, array, axis):
+        return array
+
+    def allgather_object(self, obj):
+        return [obj]
+
+    def broadcast_object(self, obj, root=0):
+        return obj

@@ -1,0 +1,132 @@
+"""MPI between processes, through mpi4py (one or more workers per process).
+
+Host arrays (NumPy and simulated devices) are passed to MPI as buffers. CuPy
+arrays are passed as device buffers when the MPI library is CUDA-aware (set
+``TP_GPU_MPI_CUDA_AWARE=1``; Open MPI built with UCX/CUDA is), otherwise they
+are staged through the host.
+
+A collective that has not completed after ``TP_GPU_COMM_TIMEOUT`` seconds
+(default 120) raises :class:`~tp_gpu.errors.CommError` instead of hanging, so
+a rank that died does not leave the others waiting forever. Collectives are
+started non-blocking and polled.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from typing import Any, List
+
+import numpy as np
+
+from ..backends.base import is_cupy_array
+from ..errors import BackendUnavailableError, CommError
+from .base import Communicator
+
+__all__ = ["MpiComm", "import_mpi"]
+
+#: Seconds a collective may take before it is declared failed.
+DEFAULT_TIMEOUT = 120.0
+
+
+def import_mpi():
+    """``mpi4py.MPI``, or BackendUnavailableError saying why it cannot be used."""
+    try:
+        from mpi4py import MPI
+    except Exception as exc:  # not installed, or no MPI library for it to load
+        raise BackendUnavailableError(
+            f"comm='mpi' needs mpi4py and an MPI library ({type(exc).__name__}: {exc}); "
+            "install Open MPI (apt-get install openmpi-bin libopenmpi-dev) and pip install 'tp_gpu[mpi]'"
+        ) from exc
+    return MPI
+
+
+class MpiComm(Communicator):
+    """The processes of ``MPI.COMM_WORLD`` (or ``comm``)."""
+
+    name = "mpi"
+
+    def __init__(self, comm=None, timeout: float = None) -> None:
+        MPI = import_mpi()
+        self._MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.timeout = float(os.environ.get("TP_GPU_COMM_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else timeout
+        self.cuda_aware = os.environ.get("TP_GPU_MPI_CUDA_AWARE", "0") == "1"
+
+    def _wait(self, request, what: str) -> None:
+        """Poll ``request`` until it completes, or raise CommError after the timeout."""
+        deadline = time.monotonic() + self.timeout
+        delay = 1e-5
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise CommError(
+                    f"rank {self.rank}/{self.size}: MPI {what} did not complete within {self.timeout:g} s; "
+                    "a peer rank may have failed or be running a different program path"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 1e-3)
+
+    def _run(self, backend, array: Any, make_recv, start, post, what: str) -> Any:
+        """One MPI collective on ``array``; the result lives where ``array`` did.
+
+        Host and simulated-device arrays go to MPI as host buffers. A CuPy array
+        goes as a device buffer when MPI is CUDA-aware, else through the host.
+        ``make_recv(xp, send)`` allocates the receive buffer, ``start(send, recv)``
+        starts the non-blocking collective, ``post(xp, recv)`` shapes the result.
+        """
+        if is_cupy_array(array) and self.cuda_aware:
+            with backend.device(array.device.id):
+                send = backend.xp.ascontiguousarray(array)
+                backend.xp.cuda.get_current_stream().synchronize()  # MPI reads outside CuPy's stream order
+                recv = make_recv(backend.xp, send)
+                self._wait(start(send, recv), what)
+                return post(backend.xp, recv)
+        device = backend.device_of(array)
+        send = np.ascontiguousarray(backend.to_host(array))
+        recv = make_recv(np, send)
+        self._wait(start(send, recv), what)
+        result = post(np, recv)
+        return backend.asarray(result, result.dtype, device) if device in backend.devices else result
+
+    def allreduce(self, backend, array, op="sum"):
+        mpi_op = {"sum": self._MPI.SUM, "max": self._MPI.MAX}[op]
+        return self._run(
+            backend,
+            array,
+            lambda xp, send: xp.empty_like(send),
+            lambda send, recv: self.comm.Iallreduce(send, recv, op=mpi_op),
+            lambda xp, recv: recv,
+            f"allreduce({op})",
+        )
+
+    def allgather(self, backend, array, axis):
+        axis %= array.ndim
+        return self._run(
+            backend,
+            array,
+            lambda xp, send: xp.empty((self.size,) + tuple(send.shape), dtype=send.dtype),
+            lambda send, recv: self.comm.Iallgather(send, recv),
+            lambda xp, recv: xp.concatenate([recv[r] for r in range(self.size)], axis=axis),
+            "allgather",
+        )
+
+    def allgather_object(self, obj) -> List[Any]:
+        # Objects are small (configuration fingerprints): pickle them into byte buffers and
+        # gather those with the non-blocking collectives, so the timeout applies here too.
+        payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        sizes = np.empty(self.size, dtype=np.int64)
+        self._wait(self.comm.Iallgather(np.array([payload.size], dtype=np.int64), sizes), "allgather (sizes)")
+        padded = np.zeros(int(sizes.max()), dtype=np.uint8)
+        padded[: payload.size] = payload
+        recv = np.empty((self.size, padded.size), dtype=np.uint8)
+        self._wait(self.comm.Iallgather(padded, recv), "allgather (objects)")
+        return [pickle.loads(recv[r, : sizes[r]].tobytes()) for r in range(self.size)]
+
+    def broadcast_object(self, obj, root=0):
+        return self.allgather_object(obj if self.rank == root else None)[root]
+
+    def barrier(self) -> None:
+        self._wait(self.comm.Ibarrier(), "barrier")
