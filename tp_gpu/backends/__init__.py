@@ -12,7 +12,7 @@ import os
 
 from ..config import BACKEND_NAMES
 from ..errors import ConfigError
-from .base import Backend, host_array, is_cupy_array
+from .base import Backend, as_array, from_dlpack, host_array, is_cupy_array, is_dlpack_array
 from .numpy_backend import CPU, NumpyBackend
 from .simulated import SimArray, SimulatedBackend
 
@@ -28,6 +28,9 @@ __all__ = [
     "cupy_available",
     "host_array",
     "is_cupy_array",
+    "is_dlpack_array",
+    "from_dlpack",
+    "as_array",
 ]
 
 #: Environment variable naming the backend when the config does not.

@@ -13,9 +13,18 @@ from typing import Any, ContextManager, Hashable, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Backend", "is_cupy_array", "host_array"]
+from ..errors import ShapeError, TensorParallelError
+
+__all__ = ["Backend", "is_cupy_array", "is_dlpack_array", "from_dlpack", "as_array", "host_array"]
 
 Device = Hashable
+
+#: DLPack device types (``DLDeviceType``) whose memory the host can read: CPU,
+#: CUDA pinned host, ROCm pinned host, CUDA managed. NumPy imports these.
+DLPACK_HOST_TYPES = {1: "CPU", 3: "CUDA host", 11: "ROCm host", 13: "CUDA managed"}
+
+#: DLPack device types of GPU memory, which CuPy imports without a copy.
+DLPACK_GPU_TYPES = {2: "CUDA", 10: "ROCm"}
 
 
 def is_cupy_array(x: Any) -> bool:
@@ -23,16 +32,101 @@ def is_cupy_array(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "device") and hasattr(x, "get")
 
 
+def is_dlpack_array(x: Any) -> bool:
+    """True for a foreign array that speaks DLPack (a PyTorch tensor, a JAX array, ...).
+
+    NumPy and CuPy arrays are not foreign: they are used as they are.
+    """
+    return (
+        hasattr(x, "__dlpack__")
+        and hasattr(x, "__dlpack_device__")
+        and not isinstance(x, np.ndarray)
+        and not is_cupy_array(x)
+    )
+
+
+def from_dlpack(x: Any) -> Any:
+    """Import the DLPack array ``x`` without copying its data.
+
+    Memory the host can read (CPU, pinned, managed) becomes a NumPy array that
+    shares it; GPU memory (CUDA, ROCm) becomes a CuPy array on the same GPU,
+    with no round trip through the host. CuPy is imported only in that case.
+
+    A tensor that requires a gradient (PyTorch refuses to export those) is
+    read through ``x.detach()``: tp_gpu takes its values, and PyTorch's
+    autograd does not see what tp_gpu computes from them.
+
+    Raises
+    ------
+    TensorParallelError
+        ``x`` lives on a GPU and CuPy cannot be imported to read it, or on a
+        device type neither NumPy nor CuPy reads.
+    ShapeError
+        The exporter or the importer refused ``x`` (for example a dtype NumPy
+        has no equivalent of, such as bfloat16).
+    """
+    if getattr(x, "requires_grad", False) and callable(getattr(x, "detach", None)):
+        x = x.detach()
+    kind = type(x).__name__
+    try:
+        device_type, device_id = (int(v) for v in x.__dlpack_device__())
+    except Exception as exc:  # a broken or unusual __dlpack_device__
+        raise ShapeError(f"could not read the DLPack device of a {kind} ({type(exc).__name__}: {exc})") from exc
+    if device_type in DLPACK_HOST_TYPES:
+        importer, importer_name = np.from_dlpack, "NumPy"
+    elif device_type in DLPACK_GPU_TYPES:
+        where = f"{DLPACK_GPU_TYPES[device_type]} device {device_id}"
+        try:
+            import cupy
+        except Exception as exc:  # ImportError, or a broken CUDA install raising on import
+            raise TensorParallelError(
+                f"the {kind} lives on {where} (DLPack device type {device_type}), and reading GPU memory "
+                f"needs CuPy, which failed to import ({type(exc).__name__}: {exc}); install tp_gpu[gpu] "
+                "or move the array to the host first (for PyTorch: tensor.cpu())"
+            ) from exc
+        importer, importer_name = cupy.from_dlpack, "CuPy"
+    else:
+        raise TensorParallelError(
+            f"the {kind} lives on DLPack device type {device_type} (device {device_id}), which tp_gpu "
+            f"cannot read; supported: {sorted({**DLPACK_HOST_TYPES, **DLPACK_GPU_TYPES}.values())}. "
+            "Move it to the host first"
+        )
+    try:
+        return importer(x)
+    except Exception as exc:  # BufferError, RuntimeError, TypeError: unsupported dtype, layout, ...
+        raise ShapeError(
+            f"{importer_name} could not import the {kind} through DLPack ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def as_array(x: Any) -> Any:
+    """``x`` as a NumPy or CuPy array, copying only what must be copied.
+
+    NumPy and CuPy arrays pass through; DLPack arrays are imported without a
+    copy (:func:`from_dlpack`); anything else goes through ``numpy.asarray``
+    (which raises ValueError or TypeError for what is not an array).
+    """
+    if isinstance(x, np.ndarray) or is_cupy_array(x):
+        return x
+    if is_dlpack_array(x):
+        return from_dlpack(x)
+    return np.asarray(x)
+
+
 def host_array(x: Any) -> np.ndarray:
     """Return ``x`` as a host NumPy array (no copy when it already is one).
 
     Accepts NumPy arrays (and subclasses, viewed as plain ndarrays), CuPy arrays
-    on any device, nested lists, scalars, and anything with ``__array__``.
+    on any device, DLPack arrays (PyTorch, JAX; see :func:`from_dlpack`),
+    nested lists, scalars, and anything with ``__array__``.
     """
     if is_cupy_array(x):
         return x.get()
     if isinstance(x, np.ndarray):
         return x.view(np.ndarray) if type(x) is not np.ndarray else x
+    if is_dlpack_array(x):
+        x = from_dlpack(x)
+        return x.get() if is_cupy_array(x) else x
     return np.asarray(x)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Tuple
 
 from ..errors import BackendUnavailableError, ConfigError
-from .base import Backend, host_array, is_cupy_array
+from .base import Backend, from_dlpack, host_array, is_cupy_array, is_dlpack_array
 
 __all__ = ["CupyBackend", "import_cupy", "cupy_unavailable_reason"]
 
@@ -103,6 +103,8 @@ class CupyBackend(Backend):
 
     def asarray(self, x, dtype, device: int):
         cupy = self.xp
+        if is_dlpack_array(x):  # a GPU tensor becomes a CuPy array on its GPU, a host one a NumPy array
+            x = from_dlpack(x)
         if is_cupy_array(x):
             x = self.to_device(x, device)
             if x.dtype != dtype:

@@ -7,7 +7,7 @@ from typing import Any, Dict, Hashable, List, Optional
 
 import numpy as np
 
-from ..backends import get_backend, host_array, is_cupy_array
+from ..backends import as_array, from_dlpack, get_backend, is_dlpack_array
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError, TensorParallelError
 from ..parameter import ShardedParameter
@@ -25,11 +25,20 @@ def check_seed(seed) -> int:
 
 
 def as_array_like(x: Any, what: str) -> Any:
-    """``x`` as something with ``.shape``/``.dtype``: arrays pass through, lists become NumPy."""
-    if isinstance(x, np.ndarray) or is_cupy_array(x):
-        return x
+    """``x`` as something with ``.shape``/``.dtype``: arrays pass through, lists become NumPy.
+
+    DLPack arrays (PyTorch tensors, JAX arrays) are imported without a copy:
+    host memory as a NumPy array, GPU memory as a CuPy array on its GPU (see
+    :func:`tp_gpu.backends.from_dlpack`), so a GPU tensor reaches the CuPy
+    backend without a round trip through the host.
+    """
+    if is_dlpack_array(x):
+        try:
+            return from_dlpack(x)
+        except ShapeError as exc:
+            raise ShapeError(f"{what}: {exc}") from exc
     try:
-        return host_array(x)
+        return as_array(x)
     except (ValueError, TypeError) as exc:
         raise ShapeError(f"{what} could not be read as a rectangular array ({exc}); got {type(x).__name__}") from exc
 
