@@ -101,6 +101,15 @@ def test_backward_accepts_dlpack_gradients(make_config, rng):
     np.testing.assert_allclose(layer.grads()["weight"], x.T @ g, rtol=1e-12, atol=1e-12)
 
 
+def test_load_dense_accepts_dlpack(make_config, rng):
+    weight, bias = rng.standard_normal((6, 4)), rng.standard_normal(6)
+    layer = ColumnParallelLinear.from_dense(Producer(weight), Producer(bias), make_config(2), layout="out_in")
+    np.testing.assert_array_equal(layer.full_weight(), weight.T)
+    np.testing.assert_array_equal(layer.full_bias(), bias)
+    layer.load_state_dict({"weight": Producer(weight.T), "bias": NeedsDetach(bias)})
+    np.testing.assert_array_equal(layer.full_weight(), weight.T)
+
+
 def test_gpu_array_without_cupy_is_a_clear_error(make_config, rng, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes ``import cupy`` raise ImportError
     gpu = Producer(rng.standard_normal((2, 4)), device=(2, 1))  # kDLCUDA, GPU 1
@@ -109,6 +118,8 @@ def test_gpu_array_without_cupy_is_a_clear_error(make_config, rng, monkeypatch):
         layer(gpu)
     message = str(info.value)
     assert "CUDA device 1" in message and "CuPy" in message and "tensor.cpu()" in message
+    with pytest.raises(TensorParallelError, match="CUDA device 1"):
+        layer.load_dense(Producer(rng.standard_normal((4, 6)), device=(2, 1)))
 
 
 def test_unreadable_device_type(rng):

@@ -16,6 +16,8 @@ from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import numpy as np
 
+from . import collectives
+from .backends.base import as_array
 from .errors import ShapeError
 from .partition import BlockLayout
 
@@ -115,12 +117,41 @@ class ShardedParameter:
             raise ShapeError(f"{what} must have shape {self.shape}, got {host.shape}")
         return host
 
-    def load(self, full: np.ndarray) -> None:
-        """Overwrite the value in place from a host array of the logical shape (checked first)."""
-        full = self.check_full(full, f"parameter {self.name!r}")
-        for d, piece in self._host_blocks(full).items():
+    def stage(self, full: Any, what: Optional[str] = None) -> Dict[Hashable, Any]:
+        """Each device's block of the logical value ``full``, on its device, without touching the parameter.
+
+        ``full`` may be a host array, an array of this backend's devices or any
+        DLPack array (PyTorch, JAX). It is checked first: its shape must be the
+        logical shape and its dtype real (float or integer; it is cast to this
+        parameter's dtype), else :class:`~tp_gpu.errors.ShapeError`. A device
+        array is split where it lies and each block moves straight to its
+        device, without a round trip through the host. Pass the result to
+        :meth:`commit`; staging every parameter before committing any is how a
+        load either changes everything or nothing.
+        """
+        what = what or f"parameter {self.name!r}"
+        try:
+            full = as_array(full)
+        except (ValueError, TypeError) as exc:
+            raise ShapeError(f"{what} could not be read as an array ({exc}); got {type(full).__name__}") from exc
+        if tuple(full.shape) != self.shape:
+            raise ShapeError(f"{what} must have shape {self.shape}, got {tuple(full.shape)}")
+        if np.dtype(full.dtype).kind not in "fiu":
+            raise ShapeError(f"{what} must hold real numbers (float or integer), got dtype {full.dtype}")
+        if self.axis is None:
+            device = self.block_devices[0]
+            return {device: self.backend.asarray(full, self.dtype, device)}
+        return collectives.scatter_blocks(self.backend, full, self.axis, self.layout, self.dtype)
+
+    def commit(self, staged: Dict[Hashable, Any]) -> None:
+        """Copy blocks made by :meth:`stage` into place, in place (views and optimizer state stay valid)."""
+        for d, block in staged.items():
             with self.backend.device(d):
-                self.blocks[d][...] = self.backend.asarray(piece, self.dtype, d)
+                self.blocks[d][...] = block
+
+    def load(self, full: Any) -> None:
+        """Overwrite the value in place from an array of the logical shape (checked first; see :meth:`stage`)."""
+        self.commit(self.stage(full))
 
     def __repr__(self) -> str:
         return f"ShardedParameter({self.name!r}, shape={self.shape}, axis={self.axis}, devices={self.devices})"

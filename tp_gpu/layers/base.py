@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Hashable, List, Optional
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from ..parameter import ShardedParameter
 from ..partition import BlockLayout, check_divisible
 from ..placement import worker_devices
 
-__all__ = ["ParallelModule", "as_array_like", "check_seed"]
+__all__ = ["ParallelModule", "HasParameters", "as_array_like", "check_seed", "check_layout", "stage_state", "commit_state", "LAYOUTS"]
 
 
 def check_seed(seed) -> int:
@@ -43,7 +43,83 @@ def as_array_like(x: Any, what: str) -> Any:
         raise ShapeError(f"{what} could not be read as a rectangular array ({exc}); got {type(x).__name__}") from exc
 
 
-class ParallelModule:
+#: Weight layouts accepted by ``from_dense`` / ``load_dense``: ours, ``(n_in, n_out)``,
+#: and PyTorch's ``nn.Linear``, ``(n_out, n_in)``.
+LAYOUTS = ("in_out", "out_in")
+
+
+def check_layout(layout: Any) -> str:
+    """Return ``layout`` if it is one of :data:`LAYOUTS`, else raise ConfigError."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ConfigError(
+            f"layout must be 'in_out' (weight of shape (n_in, n_out)) or 'out_in' "
+            f"(PyTorch nn.Linear's (n_out, n_in)), got {layout!r}"
+        )
+    return layout
+
+
+Staged = List[Tuple[ShardedParameter, Dict[Hashable, Any]]]
+
+
+def stage_state(named: Sequence[Tuple[str, ShardedParameter]], state: Mapping[str, Any], what: str) -> Staged:
+    """Check ``state`` against the parameters ``named`` and stage every value on its devices.
+
+    Every key must be present and no other, and every value must pass
+    :meth:`ShardedParameter.stage` (logical shape, real dtype), before
+    anything is returned: a ShapeError here leaves every parameter as it was.
+    Pass the result to :func:`commit_state`.
+    """
+    if not isinstance(state, Mapping):
+        raise ShapeError(f"{what} expects a mapping of parameter name to array, got {type(state).__name__}")
+    params = dict(named)
+    missing = [name for name in params if name not in state]
+    unexpected = [key for key in state if key not in params]
+    if missing or unexpected:
+        raise ShapeError(
+            f"{what}: missing keys {missing}, unexpected keys {unexpected}; expected exactly {list(params)}"
+        )
+    return [(param, param.stage(state[name], f"{what}: {name!r}")) for name, param in params.items()]
+
+
+def commit_state(staged: Staged) -> None:
+    """Write values staged by :func:`stage_state` into their parameters, in place."""
+    for param, blocks in staged:
+        param.commit(blocks)
+
+
+class HasParameters:
+    """State-dict methods of anything that lists its parameters (the layers, ParallelMLP).
+
+    Subclasses implement :meth:`named_parameters`.
+    """
+
+    def named_parameters(self) -> List[Tuple[str, ShardedParameter]]:
+        """``(name, parameter)`` pairs in registration order; the names are the state-dict keys."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Every parameter's logical (dense, unsharded) value as a new host NumPy array, by name.
+
+        The values do not depend on the worker count, placement or backend, so
+        a state dict saved from one configuration loads into any other.
+        """
+        return {name: param.full() for name, param in self.named_parameters()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Set every parameter from its logical value in ``state_dict``, re-sharding it for this module.
+
+        ``state_dict`` maps each name of :meth:`named_parameters` (no more, no
+        fewer) to an array of that parameter's logical shape: a host array, a
+        device array or any DLPack array. Values are cast to the module's dtype,
+        as ``torch.nn.Module.load_state_dict`` does; they must hold real numbers.
+        Everything is checked, and staged on the devices, before anything is
+        written: on a ShapeError the module is left exactly as it was.
+        Gradients and optimizer state are left alone.
+        """
+        commit_state(stage_state(self.named_parameters(), state_dict, f"{type(self).__name__}.load_state_dict"))
+
+
+class ParallelModule(HasParameters):
     """Base of the layers: resolves the config, backend and worker placement.
 
     Subclasses call :meth:`_split_dim` to validate the split dimension before
@@ -96,6 +172,10 @@ class ParallelModule:
         param = ShardedParameter(name, full, axis, layout, self.output_device, self.backend, self.dtype)
         self._params[name] = param
         return param
+
+    def named_parameters(self) -> List[Tuple[str, ShardedParameter]]:
+        """``(name, parameter)`` pairs in registration order, e.g. ``("weight", ...), ("bias", ...)``."""
+        return list(self._params.items())
 
     def parameters(self) -> List[ShardedParameter]:
         """The layer's parameters, in registration order."""

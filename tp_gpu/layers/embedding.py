@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -10,7 +10,7 @@ from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, IndexOutOfRangeError, ShapeError
 from ..init import embedding_uniform
-from .base import ParallelModule, as_array_like, check_seed
+from .base import ParallelModule, as_array_like, check_layout, check_seed, commit_state, stage_state
 
 __all__ = ["ParallelEmbedding"]
 
@@ -75,6 +75,52 @@ class ParallelEmbedding(ParallelModule):
     @property
     def embed_dim(self) -> int:
         return self._embed_dim
+
+    @classmethod
+    def from_dense(
+        cls, weight: Any, bias: Any = None, config: Optional[TensorParallelConfig] = None, layout: str = "in_out"
+    ) -> "ParallelEmbedding":
+        """A layer holding the dense table ``weight``, ``(vocab_size, embed_dim)``, split by rows.
+
+        The table has that shape in both layouts (PyTorch ``nn.Embedding``'s
+        weight too), so ``layout`` is only checked. ``bias`` must be None (an
+        embedding has none). ``config`` defaults to ``TensorParallelConfig()``
+        (2 workers); the table is cast to its dtype. See :meth:`load_dense`.
+        """
+        weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
+        check_layout(layout)
+        if weight.ndim != 2:
+            raise ShapeError(
+                f"{cls.__name__}.from_dense weight must be 2-D (vocab_size, embed_dim), got shape {tuple(weight.shape)}"
+            )
+        vocab_size, embed_dim = weight.shape
+        layer = cls(vocab_size, embed_dim, config=config)
+        layer.load_dense(weight, bias, layout)
+        return layer
+
+    def _dense_state(self, weight: Any, bias: Any, layout: str) -> Dict[str, Any]:
+        check_layout(layout)
+        if bias is not None:
+            raise ConfigError(f"ParallelEmbedding has no bias; got a bias of type {type(bias).__name__}, expected None")
+        table = as_array_like(weight, "ParallelEmbedding weight")
+        expected = (self._vocab_size, self._embed_dim)
+        if tuple(table.shape) != expected:
+            raise ShapeError(
+                f"ParallelEmbedding weight must have shape {expected} (vocab_size, embed_dim), got {tuple(table.shape)}"
+            )
+        return {"weight": table}
+
+    def load_dense(self, weight: Any, bias: Any = None, layout: str = "in_out") -> None:
+        """Overwrite the table, in place, from the dense ``(vocab_size, embed_dim)`` ``weight``.
+
+        ``weight`` may be a host array, a device array or any DLPack array
+        (a ``torch.Tensor``, e.g. ``nn.Embedding.weight``); it is cast to the
+        layer's dtype. ``layout`` is accepted for symmetry with the linear
+        layers: an embedding table is ``(vocab_size, embed_dim)`` in both.
+        ``bias`` must be None. Everything is checked before anything changes.
+        """
+        state = self._dense_state(weight, bias, layout)
+        commit_state(stage_state(self.named_parameters(), state, "ParallelEmbedding.load_dense"))
 
     @property
     def table_shards(self) -> List[Any]:

@@ -21,7 +21,7 @@ from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ShapeError
 from ..init import xavier_uniform
 from ..sharded import ShardedTensor
-from .base import ParallelModule, check_seed
+from .base import ParallelModule, as_array_like, check_layout, check_seed, commit_state, stage_state
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
 
@@ -55,7 +55,70 @@ def _blocks_of(layer: ParallelModule, x: ShardedTensor, shape, layout, what: str
     return {device: layer.backend.asarray(block, layer.dtype, device) for device, block in x.device_blocks().items()}
 
 
-class ColumnParallelLinear(ParallelModule):
+def _dense_weight(weight: Any, layout: str, what: str) -> Any:
+    """``weight`` as an array in our ``(n_in, n_out)`` layout (a view, never a copy), checked to be 2-D."""
+    layout = check_layout(layout)
+    w = as_array_like(weight, what)
+    if w.ndim != 2:
+        dims = "(n_in, n_out)" if layout == "in_out" else "(n_out, n_in)"
+        raise ShapeError(f"{what} must be 2-D {dims} for layout={layout!r}, got shape {tuple(w.shape)}")
+    return w if layout == "in_out" else w.T
+
+
+def _linear_dense_state(layer: ParallelModule, weight: Any, bias: Any, layout: str, what: Optional[str] = None) -> Dict[str, Any]:
+    """The state dict ``{"weight": (n_in, n_out), "bias": (n_out,)}`` of dense ``weight`` and ``bias``.
+
+    Checks shapes against ``layer`` with messages in the caller's layout
+    (naming ``what``, by default the layer's class); a ``None`` bias is zero.
+    Nothing is written.
+    """
+    name = what or type(layer).__name__
+    n_in, n_out = layer.n_in, layer.n_out
+    layout = check_layout(layout)
+    w = _dense_weight(weight, layout, f"{name} weight")
+    if tuple(w.shape) != (n_in, n_out):
+        found = tuple(w.shape) if layout == "in_out" else tuple(w.shape)[::-1]
+        expected = (n_in, n_out) if layout == "in_out" else (n_out, n_in)
+        dims = "(n_in, n_out)" if layout == "in_out" else "(n_out, n_in)"
+        raise ShapeError(f"{name} weight must have shape {expected} {dims} for layout={layout!r}, got {found}")
+    if bias is None:
+        b = np.zeros(n_out, dtype=layer.dtype)
+    else:
+        b = as_array_like(bias, f"{name} bias")
+        if tuple(b.shape) != (n_out,):
+            raise ShapeError(f"{name} bias must have shape ({n_out},) (n_out,), got {tuple(b.shape)}")
+    return {"weight": w, "bias": b}
+
+
+class _DenseLinearMixin:
+    """``load_dense`` of the two linear layers (both keep a logical ``(n_in, n_out)`` weight)."""
+
+    def load_dense(self, weight: Any, bias: Any = None, layout: str = "in_out") -> None:
+        """Overwrite the weight and bias, in place, from dense (unsharded) arrays.
+
+        Parameters
+        ----------
+        weight : array
+            The full weight: ``(n_in, n_out)`` for ``layout="in_out"``, or
+            PyTorch ``nn.Linear``'s ``(n_out, n_in)`` for ``layout="out_in"``.
+            A host array, a device array (split where it lies, no host round
+            trip) or any DLPack array such as a ``torch.Tensor``.
+        bias : array or None
+            The full ``(n_out,)`` bias. ``None`` means *no bias*, as in
+            ``nn.Linear(..., bias=False)``: the bias is set to zero, so the
+            layer computes exactly ``X A``.
+        layout : {"in_out", "out_in"}
+
+        Values are cast to the layer's dtype. Shapes are checked first
+        (:class:`ShapeError`, :class:`ConfigError` for a bad ``layout``), and
+        nothing changes unless everything is valid. ``full_weight()`` and
+        ``full_bias()`` give back exactly what was loaded (in ``in_out``).
+        """
+        state = _linear_dense_state(self, weight, bias, layout)
+        commit_state(stage_state(self.named_parameters(), state, f"{type(self).__name__}.load_dense"))
+
+
+class ColumnParallelLinear(_DenseLinearMixin, ParallelModule):
     """``Y = X A + b`` with ``A`` split along its output (second) dimension.
 
     ``A = [A_1, ..., A_p]`` and ``b = [b_1, ..., b_p]``; worker ``i`` holds
@@ -96,6 +159,25 @@ class ColumnParallelLinear(ParallelModule):
     @property
     def n_out(self) -> int:
         return self._n_out
+
+    @classmethod
+    def from_dense(
+        cls, weight: Any, bias: Any = None, config: Optional[TensorParallelConfig] = None, layout: str = "in_out"
+    ) -> "ColumnParallelLinear":
+        """A layer holding the dense ``weight`` (and ``bias``), split over ``config``'s workers.
+
+        ``n_in`` and ``n_out`` come from the weight's shape: ``(n_in, n_out)``
+        for ``layout="in_out"``, ``(n_out, n_in)`` for ``layout="out_in"``
+        (PyTorch ``nn.Linear``, so ``from_dense(lin.weight, lin.bias,
+        layout="out_in")`` loads a torch layer). ``config`` defaults to
+        ``TensorParallelConfig()``; the weights are cast to its dtype. A
+        ``None`` bias is zero. See :meth:`load_dense`.
+        """
+        weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
+        n_in, n_out = _dense_weight(weight, layout, f"{cls.__name__}.from_dense weight").shape
+        layer = cls(n_in, n_out, config)
+        layer.load_dense(weight, bias, layout)
+        return layer
 
     @property
     def weight_shards(self) -> List[Any]:
@@ -169,7 +251,7 @@ class ColumnParallelLinear(ParallelModule):
         )
 
 
-class RowParallelLinear(ParallelModule):
+class RowParallelLinear(_DenseLinearMixin, ParallelModule):
     """``Y = X A + b`` with ``A`` split along its input (first) dimension.
 
     ``A = [A_1; ...; A_p]`` (stacked rows) and ``X = [X_1, ..., X_p]`` (split
@@ -222,6 +304,29 @@ class RowParallelLinear(ParallelModule):
     @property
     def n_out(self) -> int:
         return self._n_out
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: Any,
+        bias: Any = None,
+        config: Optional[TensorParallelConfig] = None,
+        layout: str = "in_out",
+        input_is_parallel: bool = False,
+    ) -> "RowParallelLinear":
+        """A layer holding the dense ``weight`` (and ``bias``), split over ``config``'s workers.
+
+        ``n_in`` and ``n_out`` come from the weight's shape: ``(n_in, n_out)``
+        for ``layout="in_out"``, ``(n_out, n_in)`` for ``layout="out_in"``
+        (PyTorch ``nn.Linear``). ``config`` defaults to
+        ``TensorParallelConfig()``; the weights are cast to its dtype. A
+        ``None`` bias is zero. See :meth:`load_dense`.
+        """
+        weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
+        n_in, n_out = _dense_weight(weight, layout, f"{cls.__name__}.from_dense weight").shape
+        layer = cls(n_in, n_out, config, input_is_parallel=input_is_parallel)
+        layer.load_dense(weight, bias, layout)
+        return layer
 
     @property
     def weight_shards(self) -> List[Any]:

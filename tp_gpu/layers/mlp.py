@@ -8,16 +8,17 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..config import TensorParallelConfig
+from ..errors import ShapeError
 from ..parameter import ShardedParameter
 from ..sharded import ShardedTensor
 from .activations import get_activation
-from .base import check_seed
-from .linear import ColumnParallelLinear, RowParallelLinear
+from .base import HasParameters, as_array_like, check_seed, commit_state, stage_state
+from .linear import ColumnParallelLinear, RowParallelLinear, _dense_weight, _linear_dense_state
 
 __all__ = ["ParallelMLP"]
 
 
-class ParallelMLP:
+class ParallelMLP(HasParameters):
     """``Y = act(X A + a) B + b``, Megatron's transformer MLP.
 
     ``fc1`` is a :class:`ColumnParallelLinear` (``A = [A_1, ..., A_p]``) with
@@ -56,6 +57,48 @@ class ParallelMLP:
         self.fc2 = RowParallelLinear(hidden, n_out, config, seed=seed + 1, input_is_parallel=True)
         self.config = self.fc2.config
         self._hidden: Optional[ShardedTensor] = None
+
+    @classmethod
+    def from_dense(
+        cls,
+        fc1_weight: Any,
+        fc1_bias: Any,
+        fc2_weight: Any,
+        fc2_bias: Any,
+        config: Optional[TensorParallelConfig] = None,
+        layout: str = "in_out",
+        activation: Optional[str] = "gelu",
+    ) -> "ParallelMLP":
+        """An MLP holding the dense weights of its two linears, split over ``config``'s workers.
+
+        ``fc1_weight`` is ``(n_in, hidden)`` and ``fc2_weight`` ``(hidden, n_out)``
+        for ``layout="in_out"``; with ``layout="out_in"`` both are in PyTorch
+        ``nn.Linear``'s layout, so ``nn.Sequential(Linear, GELU("tanh"), Linear)``
+        loads from its state dict. A ``None`` bias is zero. See :meth:`load_dense`.
+        """
+        fc1_weight = as_array_like(fc1_weight, "ParallelMLP.from_dense fc1_weight")
+        fc2_weight = as_array_like(fc2_weight, "ParallelMLP.from_dense fc2_weight")
+        n_in, hidden = _dense_weight(fc1_weight, layout, "ParallelMLP.from_dense fc1_weight").shape
+        hidden2, n_out = _dense_weight(fc2_weight, layout, "ParallelMLP.from_dense fc2_weight").shape
+        if hidden2 != hidden:
+            raise ShapeError(
+                f"ParallelMLP.from_dense: fc1_weight has {hidden} outputs but fc2_weight has {hidden2} inputs; "
+                f"expected equal (layout={layout!r})"
+            )
+        mlp = cls(n_in, hidden, n_out, config, activation=activation)
+        mlp.load_dense(fc1_weight, fc1_bias, fc2_weight, fc2_bias, layout)
+        return mlp
+
+    def load_dense(self, fc1_weight: Any, fc1_bias: Any, fc2_weight: Any, fc2_bias: Any, layout: str = "in_out") -> None:
+        """Overwrite both linears, in place, from dense arrays (see ``ColumnParallelLinear.load_dense``).
+
+        Every array is checked before either layer changes.
+        """
+        state = {}
+        for prefix, layer, weight, bias in (("fc1", self.fc1, fc1_weight, fc1_bias), ("fc2", self.fc2, fc2_weight, fc2_bias)):
+            for name, value in _linear_dense_state(layer, weight, bias, layout, f"ParallelMLP {prefix}").items():
+                state[f"{prefix}.{name}"] = value
+        commit_state(stage_state(self.named_parameters(), state, "ParallelMLP.load_dense"))
 
     @property
     def training(self) -> bool:
