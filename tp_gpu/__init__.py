@@ -5,8 +5,10 @@ Importing tp_gpu never imports CuPy; the backend is chosen when a layer is built
 
 from .backends import get_backend
 from .config import TensorParallelConfig
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import (
     BackendUnavailableError,
+    CheckpointError,
     ConfigError,
     DeviceMismatchError,
     IndexOutOfRangeError,
@@ -44,6 +46,10 @@ __all__ = [
     "IndexOutOfRangeError",
     "BackendUnavailableError",
     "DeviceMismatchError",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
     "get_backend",
     "worker_devices",
     "__version__",

@@ -89,7 +89,7 @@ def gather_blocks(backend, blocks: Dict[Hashable, Any], axis: int, layout: Block
         local = backend.to_device(block, dst)
         with backend.device(dst):
             for w in layout.groups[device]:
-                out[_along(axis, slice(*layout.ranges[w]))] = local[_along(axis, slice(*layout.local[w]))]
+                out[_along(axis, layout.span_slice(w))] = local[_along(axis, slice(*layout.local[w]))]
     return out
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "BackendUnavailableError",
     "DeviceMismatchError",
     "CommError",
+    "CheckpointError",
 ]
 
 
@@ -45,3 +46,11 @@ class DeviceMismatchError(TensorParallelError):
 
 class CommError(TensorParallelError):
     """A collective between processes failed or timed out (a peer rank may have died)."""
+
+
+class CheckpointError(TensorParallelError, ValueError):
+    """A checkpoint file is truncated, corrupted, not a tp_gpu checkpoint, or does not fit the module.
+
+    The message names the file and, for a mismatch, the tensor with the
+    expected and the found shape or dtype. The module is left unchanged.
+    """

@@ -55,15 +55,21 @@ class BlockLayout:
 
     With one device the block is the whole dimension in global order; with one
     worker per device each block is that worker's slice.
+
+    When several processes share the dimension, this process's workers own the
+    *span* ``[start, start + size)`` of a dimension of ``total``; ``ranges`` are
+    global indices.
     """
 
-    def __init__(self, sizes: Sequence[int], devices: Sequence[Hashable]) -> None:
+    def __init__(self, sizes: Sequence[int], devices: Sequence[Hashable], start: int = 0, total: Optional[int] = None) -> None:
         if len(sizes) != len(devices):
             raise ConfigError(f"got {len(sizes)} split sizes for {len(devices)} workers; expected one per worker")
-        starts = [0]
+        starts = [start]
         for s in sizes:
             starts.append(starts[-1] + s)
-        self.size: int = starts[-1]
+        self.start: int = start
+        self.size: int = starts[-1] - start
+        self.total: int = starts[-1] if total is None else total
         self.ranges: List[Tuple[int, int]] = list(zip(starts[:-1], starts[1:]))
         self.devices: List[Hashable] = list(devices)
         self.groups: Dict[Hashable, List[int]] = workers_by_device(self.devices)
@@ -78,16 +84,21 @@ class BlockLayout:
             self.block_sizes[device] = offset
 
     @classmethod
-    def even(cls, size: int, devices: Sequence[Hashable], what: str = "size") -> "BlockLayout":
-        """``size`` split evenly over ``len(devices)`` workers (which must divide it)."""
-        chunk = shard_size(size, len(devices), what)
-        return cls([chunk] * len(devices), devices)
+    def even(cls, size: int, devices: Sequence[Hashable], what: str = "size", rank: int = 0, world_size: int = 1) -> "BlockLayout":
+        """``size`` split evenly over ``len(devices) * world_size`` workers, of which this
+        process (``rank``) holds the consecutive ``len(devices)`` placed on ``devices``."""
+        chunk = shard_size(size, len(devices) * world_size, what)
+        return cls([chunk] * len(devices), devices, start=rank * len(devices) * chunk, total=size)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, BlockLayout) and (self.ranges, self.devices) == (other.ranges, other.devices)
+        return isinstance(other, BlockLayout) and (self.ranges, self.devices, self.total) == (
+            other.ranges,
+            other.devices,
+            other.total,
+        )
 
     def __hash__(self) -> int:
-        return hash((tuple(self.ranges), tuple(self.devices)))
+        return hash((tuple(self.ranges), tuple(self.devices), self.total))
 
     @property
     def sizes(self) -> List[int]:
@@ -101,8 +112,13 @@ class BlockLayout:
         return None
 
     def is_whole(self, device: Hashable) -> bool:
-        """True when ``device``'s block is the whole dimension in global order (a single device)."""
-        return self.run(device) == (0, self.size)
+        """True when ``device``'s block is this process's whole span in order (a single device)."""
+        return self.run(device) == (self.start, self.start + self.size)
+
+    def span_slice(self, worker: int) -> slice:
+        """Where ``worker``'s range lies within this process's span."""
+        first, last = self.ranges[worker]
+        return slice(first - self.start, last - self.start)
 
     def global_slices(self, device: Hashable) -> List[slice]:
         """The global slices that, concatenated, form ``device``'s block."""
@@ -121,7 +137,7 @@ class BlockLayout:
         run = self.run(device)
         if run is not None:
             first, last = run
-            if (first, last) == (0, self.size):
+            if (first, last) == (0, self.total):
                 return None, ids
             owned = (ids >= first) & (ids < last)
             return owned, xp.where(owned, ids - first, 0)
@@ -135,4 +151,4 @@ class BlockLayout:
         return owned, local
 
     def __repr__(self) -> str:
-        return f"BlockLayout(ranges={self.ranges}, devices={self.devices})"
+        return f"BlockLayout(ranges={self.ranges}, devices={self.devices}, total={self.total})"

@@ -1,0 +1,378 @@
+"""Checkpoints: a module's logical (dense) weights in one safetensors file.
+
+A checkpoint stores every parameter as its full, unsharded value, so it does
+not depend on how the module that wrote it was split: it loads into a module
+with any worker count, placement, backend (NumPy, simulated devices, CuPy),
+and each tensor is re-sharded on the way in. The file is plain safetensors;
+its header metadata (strings, as safetensors requires) records:
+
+``format``            ``"tp_gpu"``
+``format_version``    ``"1"``
+``tp_gpu_version``    the library version that wrote it
+``n_workers``         the writer's worker count (``"2,4"`` when a dict of modules mixed them)
+``backend``           the writer's backend name(s), the same way
+``dtype``             the parameters' dtype(s), the same way
+``partition``         JSON ``{name: {"axis", "sizes", "devices"}}``: how each tensor was split
+``tensors``           JSON ``{name: {"shape", "dtype", "sha256"}}``: what each tensor must be
+``metadata_sha256``   SHA-256 of the other entries (canonical JSON)
+
+The SHA-256 of every tensor's bytes, and of the metadata, catch corruption
+that the safetensors format itself cannot (a flipped bit in the data, a
+changed digit in the metadata).
+
+Saving is atomic: the file is written under a temporary name in the same
+directory, flushed and fsync'ed, then renamed over ``path`` (and the directory
+fsync'ed). A save that fails or is interrupted leaves the previous checkpoint
+at ``path`` as it was. Loading reads and checks everything (integrity, names,
+shapes, dtypes) before it writes any parameter: a bad file raises
+:class:`~tp_gpu.errors.CheckpointError` and leaves the module unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import secrets
+import stat
+from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
+
+import numpy as np
+
+from .errors import CheckpointError, ConfigError, TensorParallelError
+from .layers.base import HasParameters, commit_state
+from .parameter import ShardedParameter
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "Checkpoint", "FORMAT", "FORMAT_VERSION"]
+
+#: ``format`` metadata value of every tp_gpu checkpoint.
+FORMAT = "tp_gpu"
+
+#: Version of the checkpoint layout written here; files of a newer one are refused.
+FORMAT_VERSION = 1
+
+PathLike = Union[str, "os.PathLike[str]"]
+Module = Union[HasParameters, Mapping[str, Any]]
+
+
+class Checkpoint(NamedTuple):
+    """What :func:`read_checkpoint` returns."""
+
+    tensors: Dict[str, np.ndarray]  # logical tensors by name, new host arrays
+    metadata: Dict[str, str]  # the header metadata, as stored
+
+
+def _safetensors():
+    """``(safetensors.safe_open, safetensors.numpy)``, imported on first use."""
+    try:
+        import safetensors
+        import safetensors.numpy
+    except ImportError as exc:
+        raise TensorParallelError(
+            f"checkpoints need the safetensors package, which failed to import ({exc}); pip install safetensors"
+        ) from exc
+    return safetensors.safe_open, safetensors.numpy
+
+
+def _leaves(module: Module, prefix: str = "") -> List[Tuple[str, HasParameters]]:
+    """``(prefix, module)`` for every layer or ParallelMLP in ``module`` (a dict's keys become ``"key."``)."""
+    if isinstance(module, HasParameters):
+        return [(prefix, module)]
+    if isinstance(module, Mapping):
+        if not module:
+            raise ConfigError(f"got an empty dict of modules{' at ' + repr(prefix[:-1]) if prefix else ''}; nothing to checkpoint")
+        leaves = []
+        for key, sub in module.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"module dict keys must be non-empty strings, got {key!r}")
+            leaves.extend(_leaves(sub, f"{prefix}{key}."))
+        return leaves
+    raise ConfigError(
+        f"expected a tp_gpu layer, a ParallelMLP or a dict of them, got {type(module).__name__}"
+        f"{' at ' + repr(prefix[:-1]) if prefix else ''}"
+    )
+
+
+def named_parameters(module: Module) -> List[Tuple[str, ShardedParameter]]:
+    """``(name, parameter)`` of every parameter of ``module``; names are the checkpoint's tensor names."""
+    named: Dict[str, ShardedParameter] = {}
+    for prefix, leaf in _leaves(module):
+        for name, param in leaf.named_parameters():
+            key = prefix + name
+            if key in named:
+                raise ConfigError(f"two parameters would be saved as {key!r}; rename the dict keys")
+            named[key] = param
+    return list(named.items())
+
+
+def _little_endian(a: np.ndarray) -> np.ndarray:
+    """``a`` contiguous and little-endian, as safetensors stores it (no copy on little-endian hosts)."""
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+
+
+def _sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(_little_endian(a).reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _summary(values) -> str:
+    """One value as its string, several distinct values comma-joined in sorted order."""
+    distinct = sorted({str(v) for v in values})
+    return ",".join(distinct)
+
+
+def _metadata(module: Module, tensors: Dict[str, np.ndarray], named: List[Tuple[str, ShardedParameter]]) -> Dict[str, str]:
+    from . import __version__
+
+    leaves = [leaf for _, leaf in _leaves(module)]
+    partition = {
+        name: {
+            "axis": p.axis,
+            "sizes": None if p.axis is None else list(p.layout.sizes),
+            "devices": [d if isinstance(d, str) else int(d) for d in p.devices],
+        }
+        for name, p in named
+    }
+    described = {
+        name: {"shape": list(a.shape), "dtype": a.dtype.name, "sha256": _sha256(a)} for name, a in tensors.items()
+    }
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "tp_gpu_version": __version__,
+        "n_workers": _summary(leaf.config.n_workers for leaf in leaves),
+        "backend": _summary(leaf.backend.name for leaf in leaves),
+        "dtype": _summary(a.dtype.name for a in tensors.values()),
+        "partition": json.dumps(partition),
+        "tensors": json.dumps(described),
+    }
+    metadata[_METADATA_CHECKSUM] = _metadata_sha256(metadata)
+    return metadata
+
+
+#: Metadata key of the SHA-256 over every other metadata entry.
+_METADATA_CHECKSUM = "metadata_sha256"
+
+
+def _metadata_sha256(metadata: Mapping[str, str]) -> str:
+    rest = {k: v for k, v in metadata.items() if k != _METADATA_CHECKSUM}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _create_exclusive(path: str) -> Tuple[int, str]:
+    """Create a new empty file beside ``path`` under a unique hidden name; return ``(fd, name)``."""
+    directory, base = os.path.split(path)
+    for _ in range(100):
+        candidate = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            # 0o666 less the umask, like any new file (mkstemp would make it 0o600).
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique temporary file beside {path!r}")
+
+
+#: Bytes per write call when saving.
+_CHUNK = 64 << 20
+
+
+def _write_all(fh, data: bytes) -> None:
+    """Write ``data`` to the open file ``fh`` in chunks."""
+    view = memoryview(data)
+    for start in range(0, len(view), _CHUNK):
+        fh.write(view[start : start + _CHUNK])
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make a rename in ``directory`` durable (POSIX; Windows cannot open a directory).
+
+    File systems that cannot fsync a directory (EINVAL, ENOTSUP) are let be:
+    the checkpoint itself is already complete and on disk by then.
+    """
+    if os.name == "nt":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: PathLike, module: Module) -> None:
+    """Write ``module``'s logical weights to the safetensors file ``path``, atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The checkpoint file. An existing file is replaced (keeping its
+        permissions) only once the new one is complete and on disk.
+    module : layer, ParallelMLP, or dict of them
+        A dict's keys prefix its modules' tensor names: ``{"embed": emb, "mlp": mlp}``
+        saves ``"embed.weight"``, ``"mlp.fc1.weight"``, ... Dicts may nest.
+
+    Tensors are stored dense, in the module's dtype, whatever its worker count,
+    placement or backend; the metadata records those (see the module docstring).
+    If anything fails before the rename, the temporary file is removed, the
+    exception propagates, and ``path`` is untouched. (A process killed outright
+    can leave a hidden ``.NAME.*.tmp`` file beside ``path``; ``path`` itself is
+    still intact.)
+
+    The file is assembled in host memory before it is written: the peak host
+    memory of a save is about twice the size of the module's weights.
+    """
+    _, st_numpy = _safetensors()
+    named = named_parameters(module)
+    tensors = {name: _little_endian(param.full()) for name, param in named}
+    metadata = _metadata(module, tensors, named)
+    data = st_numpy.save(tensors, metadata=metadata)
+    del tensors
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = _create_exclusive(os.path.join(directory, os.path.basename(path)))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _write_all(fh, data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))  # keep the old checkpoint's permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _corrupt(path: str, why: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path!r} is truncated, corrupted or not a tp_gpu checkpoint: {why}")
+
+
+def _header(f, path: str) -> Tuple[Dict[str, str], Dict[str, Dict[str, Any]]]:
+    """The metadata and the per-tensor descriptions of an open file, checked for consistency."""
+    metadata = f.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path!r} is a safetensors file but not a tp_gpu checkpoint (metadata format={metadata.get('format')!r}, "
+            f"expected {FORMAT!r}). To load other weights, read them into arrays and use "
+            "load_dense(weight, bias, layout='out_in' for PyTorch) or load_state_dict"
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        raise _corrupt(path, f"format_version {metadata.get('format_version')!r} is not an integer") from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path!r} has checkpoint format version {version}, written by tp_gpu {metadata.get('tp_gpu_version')}; "
+            f"this tp_gpu reads versions up to {FORMAT_VERSION}: upgrade tp_gpu"
+        )
+    if metadata.get(_METADATA_CHECKSUM) != _metadata_sha256(metadata):
+        raise _corrupt(path, "the metadata fails its SHA-256 check: it was changed after saving")
+    try:
+        described = json.loads(metadata["tensors"])
+        described = {
+            str(name): {"shape": tuple(int(n) for n in d["shape"]), "dtype": np.dtype(d["dtype"]), "sha256": str(d["sha256"])}
+            for name, d in described.items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _corrupt(path, f"the 'tensors' metadata is unreadable ({type(exc).__name__}: {exc})") from None
+    stored = sorted(f.keys())
+    if stored != sorted(described):
+        raise _corrupt(path, f"the file holds tensors {stored} but its metadata describes {sorted(described)}")
+    return metadata, described
+
+
+def _check_fits(path: str, described: Dict[str, Dict[str, Any]], named: List[Tuple[str, ShardedParameter]]) -> None:
+    """Raise CheckpointError listing every tensor whose name, shape or dtype does not fit the module."""
+    problems = []
+    expected = dict(named)
+    for name in expected:
+        if name not in described:
+            problems.append(f"tensor {name!r} is missing from the checkpoint")
+    for name in described:
+        if name not in expected:
+            problems.append(f"tensor {name!r} is in the checkpoint but not in the module")
+    for name, param in expected.items():
+        found = described.get(name)
+        if found is None:
+            continue
+        if found["shape"] != param.shape:
+            problems.append(f"tensor {name!r}: expected shape {param.shape}, found {found['shape']}")
+        if found["dtype"] != param.dtype:
+            problems.append(f"tensor {name!r}: expected dtype {param.dtype.name}, found {found['dtype'].name}")
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path!r} does not fit the module ({len(problems)} problem{'s' * (len(problems) > 1)}): "
+            + "; ".join(problems)
+            + f". The module expects {[n for n, _ in named]}"
+        )
+
+
+def _read(path: PathLike, named=None) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """Read and verify every tensor of ``path`` (checked against ``named`` first when given)."""
+    safe_open, _ = _safetensors()
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata, described = _header(f, path)
+            if named is not None:
+                _check_fits(path, described, named)
+            tensors = {name: f.get_tensor(name) for name in described}
+    except (CheckpointError, OSError):
+        raise  # a bad file, or a missing / unreadable one (FileNotFoundError, PermissionError, ...)
+    except Exception as exc:  # safetensors' SafetensorError on a truncated or malformed file, ...
+        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from exc
+    for name, array in tensors.items():
+        want = described[name]
+        if tuple(array.shape) != want["shape"] or array.dtype != want["dtype"]:
+            raise _corrupt(
+                path,
+                f"tensor {name!r} is stored as {tuple(array.shape)} {array.dtype.name} "
+                f"but its metadata says {want['shape']} {want['dtype'].name}",
+            )
+        if _sha256(array) != want["sha256"]:
+            raise _corrupt(path, f"tensor {name!r} fails its SHA-256 check: its data was changed after saving")
+    return tensors, metadata
+
+
+def load_checkpoint(path: PathLike, module: Module) -> Dict[str, str]:
+    """Load the checkpoint ``path`` into ``module``, re-sharding every tensor for it.
+
+    ``module`` is what was saved, or the same architecture built with any
+    worker count, placement or backend. Every tensor must be present (and no
+    other), with the module's shape and exactly its dtype: a float64 checkpoint
+    does not load into a float32 module (to convert, use
+    ``module.load_state_dict(read_checkpoint(path).tensors)``, which casts).
+
+    Returns
+    -------
+    dict
+        The checkpoint's metadata (strings; see the module docstring).
+
+    Raises
+    ------
+    CheckpointError
+        The file is truncated, corrupted, not a tp_gpu checkpoint, or does not
+        fit ``module``; the message names the tensors with the expected and the
+        found shape or dtype. ``module`` is left exactly as it was.
+    FileNotFoundError, OSError
+        The file cannot be opened.
+    """
+    named = named_parameters(module)
+    tensors, metadata = _read(path, named)
+    staged = [(param, param.stage(tensors[name], f"checkpoint tensor {name!r}")) for name, param in named]
+    commit_state(staged)
+    return metadata
+
+
+def read_checkpoint(path: PathLike) -> Checkpoint:
+    """The tensors (new host arrays, by name) and metadata of the checkpoint ``path``, verified.
+
+    Raises CheckpointError for a truncated, corrupted or foreign file.
+    """
+    tensors, metadata = _read(path)
+    return Checkpoint({name: np.array(a) for name, a in tensors.items()}, dict(metadata))
