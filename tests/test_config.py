@@ -168,3 +168,17 @@ def test_check_positive_int_rejects(value):
 def test_check_positive_int_accepts(value):
     out = check_positive_int(value, "widgets")
     assert out == int(value) and type(out) is int
+
+
+# --- comm ---------------------------------------------------------------------
+
+
+def test_single_process_comm_reports_rank_and_world_size():
+    for comm in (None, "local"):
+        cfg = TensorParallelConfig(n_workers=3, comm=comm)
+        assert (cfg.rank, cfg.world_size) == (0, 1)
+
+
+def test_unknown_comm_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"comm must be one of \('local', 'mpi', 'nccl'\), got 'gloo'"):
+        TensorParallelConfig(comm="gloo")

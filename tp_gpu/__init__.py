@@ -4,11 +4,13 @@ Importing tp_gpu never imports CuPy; the backend is chosen when a layer is built
 """
 
 from .backends import get_backend
-from .config import TensorParallelConfig
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .comm import get_communicator
+from .config import TensorParallelConfig
 from .errors import (
     BackendUnavailableError,
     CheckpointError,
+    CommError,
     ConfigError,
     DeviceMismatchError,
     IndexOutOfRangeError,
@@ -47,10 +49,12 @@ __all__ = [
     "BackendUnavailableError",
     "DeviceMismatchError",
     "CheckpointError",
+    "CommError",
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
     "get_backend",
+    "get_communicator",
     "worker_devices",
     "__version__",
 ]

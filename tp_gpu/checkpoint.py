@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
 
 import numpy as np
 
+from .comm import LocalComm
 from .errors import CheckpointError, ConfigError, TensorParallelError
 from .layers.base import HasParameters, commit_state
 from .parameter import ShardedParameter
@@ -223,14 +224,35 @@ def save_checkpoint(path: PathLike, module: Module) -> None:
 
     The file is assembled in host memory before it is written: the peak host
     memory of a save is about twice the size of the module's weights.
+
+    With several processes (``comm="mpi"``/``"nccl"``) this is collective:
+    every rank must call it; the weights are gathered and rank 0 writes the
+    file (on a file system the others can read); a failure there is raised on
+    every rank.
     """
     _, st_numpy = _safetensors()
     named = named_parameters(module)
-    tensors = {name: _little_endian(param.full()) for name, param in named}
-    metadata = _metadata(module, tensors, named)
-    data = st_numpy.save(tensors, metadata=metadata)
-    del tensors
-    path = os.fspath(path)
+    comm = named[0][1].comm if named else LocalComm()
+    tensors = {name: _little_endian(param.full()) for name, param in named}  # collective with several ranks
+    failure = None
+    if comm.rank == 0:
+        metadata = _metadata(module, tensors, named)
+        data = st_numpy.save(tensors, metadata=metadata)
+        del tensors
+        try:
+            _write_atomically(os.fspath(path), data)
+        except BaseException as exc:
+            failure = exc
+    if comm.size > 1:
+        outcome = comm.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if outcome is not None and failure is None:
+            raise CheckpointError(f"rank 0 failed to write checkpoint {os.fspath(path)!r}: {outcome}")
+    if failure is not None:
+        raise failure
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_exclusive(os.path.join(directory, os.path.basename(path)))
     try:

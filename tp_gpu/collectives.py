@@ -70,14 +70,20 @@ def scatter_blocks(backend, x: Any, axis: int, layout: BlockLayout, dtype) -> Di
     return blocks
 
 
-def gather_blocks(backend, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, dst: Hashable) -> Any:
+def gather_blocks(backend, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, dst: Hashable, comm=None) -> Any:
     """The full array on ``dst`` from per-device ``blocks`` split along ``axis`` as ``layout`` says.
 
     Each block crosses to ``dst`` once. A single block that already is the whole
-    array in global order is returned as it is (moved to ``dst`` if needed),
-    without a copy; otherwise the output is allocated once on ``dst`` and every
-    worker's slice is written into place.
+    span in order is used as it is (moved to ``dst`` if needed), without a
+    copy; otherwise the output is allocated once on ``dst`` and every worker's
+    slice is written into place. With a ``comm`` of several processes, the
+    processes' spans are then all-gathered.
     """
+    span = _gather_span(backend, blocks, axis, layout, dst)
+    return span if comm is None or comm.size == 1 else comm.allgather(backend, span, axis)
+
+
+def _gather_span(backend, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, dst: Hashable) -> Any:
     first_device, first_block = next(iter(blocks.items()))
     axis %= first_block.ndim
     if len(blocks) == 1 and layout.is_whole(first_device):
@@ -144,14 +150,20 @@ def _reduce(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst
     return total
 
 
-def reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable) -> Any:
-    """``sum_i partials[i]`` (the i-th on ``placement[i]``) on ``dst``; consumes the partials."""
-    return _reduce(backend, partials, placement, dst, "add")
+def reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable, comm=None) -> Any:
+    """``sum_i partials[i]`` (the i-th on ``placement[i]``) on ``dst``; consumes the partials.
+
+    With a ``comm`` of several processes, each process's local sum is then
+    all-reduced, so every process gets the global sum on its ``dst``.
+    """
+    total = _reduce(backend, partials, placement, dst, "add")
+    return total if comm is None or comm.size == 1 else comm.allreduce(backend, total, "sum")
 
 
-def reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable) -> Any:
-    """Elementwise ``max_i partials[i]`` on ``dst``; consumes the partials."""
-    return _reduce(backend, partials, placement, dst, "maximum")
+def reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable, comm=None) -> Any:
+    """Elementwise ``max_i partials[i]`` on ``dst``; consumes the partials (and all-reduces over ``comm``)."""
+    total = _reduce(backend, partials, placement, dst, "maximum")
+    return total if comm is None or comm.size == 1 else comm.allreduce(backend, total, "max")
 
 
 def _replicate(backend, total: Any, placement: Sequence[Hashable]) -> List[Any]:
@@ -159,11 +171,11 @@ def _replicate(backend, total: Any, placement: Sequence[Hashable]) -> List[Any]:
     return [copies[device] for device in placement]
 
 
-def all_reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable]) -> List[Any]:
-    """The sum of ``partials`` on every worker's device (workers sharing a device share it)."""
-    return _replicate(backend, reduce_sum(backend, partials, placement, placement[0]), placement)
+def all_reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], comm=None) -> List[Any]:
+    """The sum of ``partials`` (over every process of ``comm``) on every worker's device."""
+    return _replicate(backend, reduce_sum(backend, partials, placement, placement[0], comm), placement)
 
 
-def all_reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable]) -> List[Any]:
-    """The elementwise max of ``partials`` on every worker's device."""
-    return _replicate(backend, reduce_max(backend, partials, placement, placement[0]), placement)
+def all_reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable], comm=None) -> List[Any]:
+    """The elementwise max of ``partials`` (over every process of ``comm``) on every worker's device."""
+    return _replicate(backend, reduce_max(backend, partials, placement, placement[0], comm), placement)

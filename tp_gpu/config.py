@@ -76,6 +76,7 @@ class TensorParallelConfig:
     devices: Union[None, int, Sequence[int]] = None  # device count or ids; None: every visible device
     dtype: str = "float64"  # compute and storage dtype: float64, float32 or float16
     output_device: Union[None, int, str] = None  # where gathered/reduced outputs land; None: worker 0's
+    comm: Optional[str] = None  # between processes: None/"local" (one process), "mpi" or "nccl"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n_workers", check_positive_int(self.n_workers, "n_workers"))
@@ -89,3 +90,25 @@ class TensorParallelConfig:
         od = self.output_device
         if od is not None and not (isinstance(od, str) or (isinstance(od, numbers.Integral) and not isinstance(od, bool))):
             raise ConfigError(f"output_device must be None, a device id or 'cpu', got {od!r}")
+        if self.comm is not None:
+            from .comm import get_communicator
+
+            world = get_communicator(self.comm).size
+            if self.n_workers % world:
+                raise ConfigError(
+                    f"n_workers ({self.n_workers}) must be a multiple of the world size ({world}) with comm={self.comm!r}"
+                )
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among the processes of ``comm`` (0 with one process)."""
+        from .comm import get_communicator
+
+        return get_communicator(self.comm).rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes of ``comm`` (1 with one process)."""
+        from .comm import get_communicator
+
+        return get_communicator(self.comm).size

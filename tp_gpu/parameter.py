@@ -18,10 +18,14 @@ import numpy as np
 
 from . import collectives
 from .backends.base import as_array
+from .backends.numpy_backend import NumpyBackend
+from .comm import LocalComm
 from .errors import ShapeError
 from .partition import BlockLayout
 
 __all__ = ["ShardedParameter"]
+
+_HOST = NumpyBackend()  # host arrays travel between processes as NumPy
 
 
 def _along(axis: int, index: slice) -> Tuple[slice, ...]:
@@ -45,10 +49,16 @@ class ShardedParameter:
         The device of a whole parameter.
     backend : Backend
     dtype : numpy dtype
+    comm : Communicator, optional
+        With several processes, ``layout`` covers this process's span only and
+        :meth:`full` / :meth:`full_grad` all-gather the spans (collectives).
     """
 
-    def __init__(self, name: str, full: np.ndarray, axis: Optional[int], layout: Optional[BlockLayout], device, backend, dtype) -> None:
+    def __init__(
+        self, name: str, full: np.ndarray, axis: Optional[int], layout: Optional[BlockLayout], device, backend, dtype, comm=None
+    ) -> None:
         self.name = name
+        self.comm = LocalComm() if comm is None else comm
         self.axis = axis
         self.layout = layout
         self.backend = backend
@@ -86,8 +96,12 @@ class ShardedParameter:
         return list(self.block_devices) if self.axis is None else list(self.layout.devices)
 
     def _assemble(self, blocks: Dict[Hashable, Any]) -> np.ndarray:
+        """The logical array on the host; with several processes a collective (all-gather of the spans)."""
         host = [np.array(self.backend.to_host(v)) for v in self._views(blocks)]
-        return host[0] if self.axis is None else np.concatenate(host, axis=self.axis)
+        if self.axis is None:
+            return host[0]  # whole parameters are the same on every process
+        span = np.concatenate(host, axis=self.axis)
+        return span if self.comm.size == 1 else self.comm.allgather(_HOST, span, self.axis)
 
     def full(self) -> np.ndarray:
         """The logical parameter as a new host array."""

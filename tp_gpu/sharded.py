@@ -6,6 +6,7 @@ import numbers
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from . import collectives
+from .comm import LocalComm
 from .errors import ShapeError
 from .partition import BlockLayout
 
@@ -29,9 +30,14 @@ class ShardedTensor:
         The device of each shard.
     backend : Backend
         The backend that owns the shards.
+    comm : Communicator, optional
+        With several processes (``comm.size > 1``) this process holds only its
+        own workers' shards, a consecutive span of the split axis at
+        ``comm.rank * span``; every process holds a span of the same length.
+        ``shape`` and :meth:`gather` are then those of the whole logical array.
     """
 
-    def __init__(self, shards: Sequence[Any], axis: int, devices: Sequence[Hashable], backend) -> None:
+    def __init__(self, shards: Sequence[Any], axis: int, devices: Sequence[Hashable], backend, comm=None) -> None:
         shards = list(shards)
         if not shards:
             raise ShapeError("a ShardedTensor needs at least one shard, got none")
@@ -60,23 +66,25 @@ class ShardedTensor:
         self.axis: int = axis
         self.devices: List[Hashable] = list(devices)
         self.backend = backend
+        self.comm = LocalComm() if comm is None else comm
         self._blocks: Optional[Dict[Hashable, Any]] = None
 
     @classmethod
-    def from_blocks(cls, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, backend) -> "ShardedTensor":
+    def from_blocks(cls, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, backend, comm=None) -> "ShardedTensor":
         """A ShardedTensor whose shards are views into per-device ``blocks`` laid out as ``layout``."""
         first = next(iter(blocks.values()))
         axis %= first.ndim
         index = (slice(None),) * axis
         shards = [blocks[d][index + (slice(*layout.local[w]),)] for w, d in enumerate(layout.devices)]
-        tensor = cls(shards, axis, layout.devices, backend)
+        tensor = cls(shards, axis, layout.devices, backend, comm)
         tensor._blocks = dict(blocks)
         return tensor
 
     @property
     def layout(self) -> BlockLayout:
-        """How the split axis lies over the shards' devices."""
-        return BlockLayout(self.split_sizes, self.devices)
+        """How the split axis lies over the shards' devices (and this process's span of it)."""
+        span = sum(self.split_sizes)
+        return BlockLayout(self.split_sizes, self.devices, start=self.comm.rank * span, total=span * self.comm.size)
 
     def device_blocks(self) -> Dict[Hashable, Any]:
         """One contiguous block per device: its shards side by side, in worker order.
@@ -97,9 +105,9 @@ class ShardedTensor:
 
     @property
     def shape(self) -> Tuple[int, ...]:
-        """Shape of the logical (gathered) array."""
+        """Shape of the logical (gathered) array, over every process."""
         shape = list(self.shards[0].shape)
-        shape[self.axis] = sum(s.shape[self.axis] for s in self.shards)
+        shape[self.axis] = sum(s.shape[self.axis] for s in self.shards) * self.comm.size
         return tuple(shape)
 
     @property
@@ -112,12 +120,16 @@ class ShardedTensor:
 
     @property
     def split_sizes(self) -> List[int]:
-        """Length of each shard along the split axis."""
+        """Length of each of this process's shards along the split axis."""
         return [s.shape[self.axis] for s in self.shards]
 
     def gather(self, device: Optional[Hashable] = None) -> Any:
-        """The full array, a new array on ``device`` (default: worker 0's device)."""
-        return collectives.all_gather(self.backend, self.shards, self.axis, self.devices[0] if device is None else device)
+        """The full array, a new array on ``device`` (default: the first shard's device).
+
+        With several processes this is collective: every process must call it.
+        """
+        span = collectives.all_gather(self.backend, self.shards, self.axis, self.devices[0] if device is None else device)
+        return span if self.comm.size == 1 else self.comm.allgather(self.backend, span, self.axis)
 
     def map(self, fn) -> "ShardedTensor":
         """Apply an elementwise ``fn`` to every shard (or block), each under its own device."""
@@ -126,12 +138,12 @@ class ShardedTensor:
             for device, block in self._blocks.items():
                 with self.backend.device(device):
                     blocks[device] = fn(block)
-            return ShardedTensor.from_blocks(blocks, self.axis, self.layout, self.backend)
+            return ShardedTensor.from_blocks(blocks, self.axis, self.layout, self.backend, self.comm)
         out = []
         for shard, device in zip(self.shards, self.devices):
             with self.backend.device(device):
                 out.append(fn(shard))
-        return ShardedTensor(out, self.axis, self.devices, self.backend)
+        return ShardedTensor(out, self.axis, self.devices, self.backend, self.comm)
 
     def __repr__(self) -> str:
         return (

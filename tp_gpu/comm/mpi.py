@@ -7,12 +7,17 @@ are staged through the host.
 
 A collective that has not completed after ``TP_GPU_COMM_TIMEOUT`` seconds
 (default 120) raises :class:`~tp_gpu.errors.CommError` instead of hanging, so
-a rank that died does not leave the others waiting forever. Collectives are
-started non-blocking and polled.
+a rank that died or stalled does not leave the others waiting forever.
+Collectives are started non-blocking and polled. After such an error the
+communicator is broken: when the process exits it calls ``MPI_Abort``, which
+stops every rank of the job, instead of ``MPI_Finalize``, which would wait for
+the missing peer. (A rank that is killed outright is noticed by ``mpirun``,
+which stops the job by itself.)
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import time
@@ -55,6 +60,13 @@ class MpiComm(Communicator):
         self.size = self.comm.Get_size()
         self.timeout = float(os.environ.get("TP_GPU_COMM_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else timeout
         self.cuda_aware = os.environ.get("TP_GPU_MPI_CUDA_AWARE", "0") == "1"
+        self.broken = False
+        atexit.register(self._abort_if_broken)
+
+    def _abort_if_broken(self) -> None:
+        """At exit after a failed collective: abort the job rather than wait in MPI_Finalize."""
+        if self.broken:
+            self.comm.Abort(1)
 
     def _wait(self, request, what: str) -> None:
         """Poll ``request`` until it completes, or raise CommError after the timeout."""
@@ -62,6 +74,7 @@ class MpiComm(Communicator):
         delay = 1e-5
         while not request.Test():
             if time.monotonic() > deadline:
+                self.broken = True
                 raise CommError(
                     f"rank {self.rank}/{self.size}: MPI {what} did not complete within {self.timeout:g} s; "
                     "a peer rank may have failed or be running a different program path"

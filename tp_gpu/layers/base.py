@@ -8,6 +8,7 @@ from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from ..backends import as_array, from_dlpack, get_backend, is_dlpack_array
+from ..comm import get_communicator
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError, TensorParallelError
 from ..parameter import ShardedParameter
@@ -145,10 +146,21 @@ class ParallelModule(HasParameters):
         check_divisible(size, self.config.n_workers, what)
         return size
 
-    def _init_placement(self) -> None:
-        """Build the backend and place the workers (after every argument is validated)."""
-        self.backend = get_backend(self.config.backend, self.config.devices)
-        self._placement = worker_devices(self.config.n_workers, self.backend.devices)
+    def _init_placement(self, **fingerprint: Any) -> None:
+        """Build the backend and place this process's workers (after every argument is validated).
+
+        With several processes, this process (rank ``r`` of ``s``) holds the
+        consecutive workers ``[r * p / s, (r + 1) * p / s)``, placed round-robin
+        on its own devices. ``fingerprint`` (the constructor's arguments) must
+        be the same on every process; a difference raises ConfigError on all.
+        """
+        self.comm = get_communicator(self.config.comm)
+        self._check_same_on_every_rank(fingerprint)
+        devices = self.config.devices
+        if devices is None and self.comm.name == "nccl":
+            devices = [self.comm.device]  # one GPU per process
+        self.backend = get_backend(self.config.backend, devices)
+        self._placement = worker_devices(self.config.n_workers // self.comm.size, self.backend.devices)
         out = self.config.output_device
         if out is None:
             out = self._placement[0]
@@ -159,9 +171,22 @@ class ParallelModule(HasParameters):
             )
         self.output_device: Hashable = out
 
+    def _check_same_on_every_rank(self, fingerprint: Dict[str, Any]) -> None:
+        if self.comm.size == 1:
+            return
+        mine = {"layer": type(self).__name__, "n_workers": self.config.n_workers, "dtype": self.config.dtype, **fingerprint}
+        every = self.comm.allgather_object(mine)
+        differing = sorted({key for other in every for key in set(other) | set(mine) if other.get(key) != mine.get(key)})
+        if differing:
+            values = "; ".join(f"rank {r}: " + ", ".join(f"{k}={every[r].get(k)!r}" for k in differing) for r in range(len(every)))
+            raise ConfigError(
+                f"{type(self).__name__} was built differently across the {self.comm.size} {self.comm.name} ranks "
+                f"({values}); every rank must pass the same arguments"
+            )
+
     def _even_layout(self, size: int) -> BlockLayout:
-        """How a dimension of ``size``, split evenly over the workers, lies on their devices."""
-        return BlockLayout.even(size, self._placement)
+        """How a dimension of ``size``, split evenly over all workers, lies on this process's devices."""
+        return BlockLayout.even(size, self._placement, rank=self.comm.rank, world_size=self.comm.size)
 
     def _add_parameter(self, name: str, full: np.ndarray, layout: Optional[BlockLayout] = None, axis: Optional[int] = None) -> ShardedParameter:
         """Register the host array ``full`` as parameter ``name``.
@@ -169,7 +194,7 @@ class ParallelModule(HasParameters):
         Split along ``axis`` as ``layout`` says, or kept whole on the output
         device when ``axis`` is None.
         """
-        param = ShardedParameter(name, full, axis, layout, self.output_device, self.backend, self.dtype)
+        param = ShardedParameter(name, full, axis, layout, self.output_device, self.backend, self.dtype, self.comm)
         self._params[name] = param
         return param
 
@@ -233,8 +258,14 @@ class ParallelModule(HasParameters):
 
     @property
     def devices(self) -> List[Hashable]:
-        """The device of each worker: ``devices[i % len(devices)]`` of the backend."""
+        """The device of each worker this process holds: ``devices[i % len(devices)]`` of the backend."""
         return list(self._placement)
+
+    @property
+    def workers(self) -> List[int]:
+        """The global ids of the workers this process holds (every worker with one process)."""
+        local = len(self._placement)
+        return list(range(self.comm.rank * local, (self.comm.rank + 1) * local))
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)

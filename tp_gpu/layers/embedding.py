@@ -63,7 +63,7 @@ class ParallelEmbedding(ParallelModule):
         self._vocab_size = self._split_dim(vocab_size, "vocab_size")
         self._embed_dim = check_positive_int(embed_dim, "embed_dim")
         seed = check_seed(seed)
-        self._init_placement()
+        self._init_placement(vocab_size=self._vocab_size, embed_dim=self._embed_dim, seed=seed)
         self._vocab_layout = self._even_layout(self._vocab_size)
         table = embedding_uniform(self._vocab_size, self._embed_dim, seed)
         self._table = self._add_parameter("weight", table, self._vocab_layout, axis=0)
@@ -167,7 +167,7 @@ class ParallelEmbedding(ParallelModule):
             partials.append(rows)
             lookups[device] = (owned, local)
         self._saved = {"lookups": lookups, "out_shape": tuple(ids.shape) + (self._embed_dim,)} if self.training else None
-        return collectives.reduce_sum(self.backend, partials, list(lookups), self.output_device)
+        return collectives.reduce_sum(self.backend, partials, list(lookups), self.output_device, self.comm)
 
     def backward(self, grad_output: Any) -> None:
         """Accumulate ``dE`` from ``grad_output`` of shape ``indices.shape + (embed_dim,)``.

@@ -51,7 +51,8 @@ def _blocks_of(layer: ParallelModule, x: ShardedTensor, shape, layout, what: str
             f"expected {expected} on the last axis with sizes {layout.sizes}"
         )
     if x.devices != layout.devices:
-        x = ShardedTensor(collectives.to_placement(layer.backend, x.shards, layout.devices, layer.dtype), x.axis, layout.devices, layer.backend)
+        moved = collectives.to_placement(layer.backend, x.shards, layout.devices, layer.dtype)
+        x = ShardedTensor(moved, x.axis, layout.devices, layer.backend, layer.comm)
     return {device: layer.backend.asarray(block, layer.dtype, device) for device, block in x.device_blocks().items()}
 
 
@@ -147,7 +148,7 @@ class ColumnParallelLinear(_DenseLinearMixin, ParallelModule):
         self._n_in = check_positive_int(n_in, "n_in")
         self._n_out = self._split_dim(n_out, "n_out")
         seed = check_seed(seed)
-        self._init_placement()
+        self._init_placement(n_in=self._n_in, n_out=self._n_out, seed=seed)
         self._out_layout = self._even_layout(self._n_out)
         self._weight = self._add_parameter("weight", xavier_uniform(self._n_in, self._n_out, seed), self._out_layout, axis=1)
         self._bias = self._add_parameter("bias", np.zeros(self._n_out), self._out_layout, axis=0)
@@ -209,8 +210,8 @@ class ColumnParallelLinear(_DenseLinearMixin, ParallelModule):
         out_shape = tuple(x.shape[:-1]) + (self._n_out,)
         self._saved = {"inputs": copies, "out_shape": out_shape} if self.training else None
         if self.config.gather_output:
-            return collectives.gather_blocks(self.backend, blocks, -1, layout, self.output_device)
-        return ShardedTensor.from_blocks(blocks, -1, layout, self.backend)
+            return collectives.gather_blocks(self.backend, blocks, -1, layout, self.output_device, self.comm)
+        return ShardedTensor.from_blocks(blocks, -1, layout, self.backend, self.comm)
 
     def _grad_blocks(self, grad_output: Any, out_shape) -> Dict[Hashable, Any]:
         """Each device's block of ``dY``: split from a dense gradient, or a ShardedTensor's blocks."""
@@ -234,7 +235,7 @@ class ColumnParallelLinear(_DenseLinearMixin, ParallelModule):
                 self._bias.accumulate(device, _bias_grad(grad))
                 weight = self._weight.blocks[device]
                 partials.append(grad @ weight.T)  # (..., n_out_d) @ (n_out_d, n_in) -> (..., n_in)
-        return collectives.reduce_sum(self.backend, partials, list(grads), self.output_device)
+        return collectives.reduce_sum(self.backend, partials, list(grads), self.output_device, self.comm)
 
     def full_weight(self) -> np.ndarray:
         """The logical weight ``A = [A_1, ..., A_p]``, ``(n_in, n_out)``, as a host array."""
@@ -292,7 +293,7 @@ class RowParallelLinear(_DenseLinearMixin, ParallelModule):
         self._n_out = check_positive_int(n_out, "n_out")
         seed = check_seed(seed)
         self.input_is_parallel = bool(input_is_parallel)
-        self._init_placement()
+        self._init_placement(n_in=self._n_in, n_out=self._n_out, seed=seed)
         self._in_layout = self._even_layout(self._n_in)
         self._weight = self._add_parameter("weight", xavier_uniform(self._n_in, self._n_out, seed), self._in_layout, axis=0)
         self._bias = self._add_parameter("bias", np.zeros(self._n_out))
@@ -367,7 +368,7 @@ class RowParallelLinear(_DenseLinearMixin, ParallelModule):
         for device, block in blocks.items():
             with self.backend.device(device):
                 partials.append(block @ self._weight.blocks[device])  # (..., n_in_d) @ (n_in_d, n_out) -> (..., n_out)
-        y = collectives.reduce_sum(self.backend, partials, list(blocks), self.output_device)
+        y = collectives.reduce_sum(self.backend, partials, list(blocks), self.output_device, self.comm)
         with self.backend.device(self.output_device):
             y += self.bias  # (..., n_out) + (n_out,), once, after the reduction
         if self.training:
@@ -396,8 +397,8 @@ class RowParallelLinear(_DenseLinearMixin, ParallelModule):
         with self.backend.device(self.output_device):
             self._bias.accumulate(self.output_device, _bias_grad(copies[self.output_device]))
         if saved["sharded_input"]:
-            return ShardedTensor.from_blocks(grad_inputs, -1, self._in_layout, self.backend)
-        return collectives.gather_blocks(self.backend, grad_inputs, -1, self._in_layout, self.output_device)
+            return ShardedTensor.from_blocks(grad_inputs, -1, self._in_layout, self.backend, self.comm)
+        return collectives.gather_blocks(self.backend, grad_inputs, -1, self._in_layout, self.output_device, self.comm)
 
     def full_weight(self) -> np.ndarray:
         """The logical weight ``A = [A_1; ...; A_p]``, ``(n_in, n_out)``, as a host array."""

@@ -96,7 +96,7 @@ class VocabParallelCrossEntropy:
         xp = backend.xp
         vocab = logits.shape[-1]
         acc = np.promote_types(logits.dtype, np.float32)
-        starts = np.cumsum([0] + logits.split_sizes[:-1]).tolist()
+        starts = [first for first, _ in logits.layout.ranges]  # global vocab index of each shard
         target_copies = collectives.broadcast(backend, targets, placement, np.int64)
 
         shifted: List[Any] = []
@@ -107,7 +107,8 @@ class VocabParallelCrossEntropy:
         for z, device in zip(shifted, placement):
             with backend.device(device):
                 local_max.append(z.max(axis=-1))
-        row_max = collectives.all_reduce_max(backend, local_max, placement)
+        comm = logits.comm
+        row_max = collectives.all_reduce_max(backend, local_max, placement, comm)
 
         exps, local_sums, local_targets, local_zsums, owned_offsets = [], [], [], [], []
         for z, m, first, device in zip(shifted, row_max, starts, placement):
@@ -123,15 +124,15 @@ class VocabParallelCrossEntropy:
                 local_targets.append(xp.where(owned, picked, acc.type(0)))
                 local_zsums.append(z.sum(axis=-1))
                 owned_offsets.append((owned, offset))
-        sums = collectives.all_reduce_sum(backend, local_sums, placement)
+        sums = collectives.all_reduce_sum(backend, local_sums, placement, comm)
         out = placement[0]
-        target_logit = collectives.reduce_sum(backend, local_targets, placement, out)
+        target_logit = collectives.reduce_sum(backend, local_targets, placement, out, comm)
         with backend.device(out):
             log_sum = xp.log(sums[0])
             loss = log_sum - target_logit  # -log softmax(Z)_t
             eps = self.label_smoothing
             if eps:
-                mean_z = collectives.reduce_sum(backend, local_zsums, placement, out) / vocab
+                mean_z = collectives.reduce_sum(backend, local_zsums, placement, out, comm) / vocab
                 loss = (1.0 - eps) * loss + eps * (log_sum - mean_z)
             valid = targets != self.ignore_index
             loss = xp.where(valid, loss, acc.type(0))
@@ -195,4 +196,4 @@ class VocabParallelCrossEntropy:
                     g -= eps / vocab
                 g *= scales[device][..., None]
                 shards.append(g.astype(logits.dtype))
-        return ShardedTensor(shards, logits.axis, placement, backend)
+        return ShardedTensor(shards, logits.axis, placement, backend, logits.comm)

@@ -135,7 +135,7 @@ class ParallelMLP(HasParameters):
         for h, g, device in zip(hidden.shards, grad_activated.shards, hidden.devices):
             with self.backend.device(device):
                 grads.append(self.activation.grad(xp, h, g))  # dH_i = dA_i * act'(H_i)
-        return self.fc1.backward(ShardedTensor(grads, hidden.axis, hidden.devices, self.backend))
+        return self.fc1.backward(ShardedTensor(grads, hidden.axis, hidden.devices, self.backend, hidden.comm))
 
     def named_parameters(self) -> List[Tuple[str, ShardedParameter]]:
         """``("fc1.weight", param)``, ... in order."""
