@@ -13,7 +13,6 @@ import types
 import numpy as np
 import pytest
 
-import tp_gpu
 from tp_gpu import (
     BackendUnavailableError,
     ColumnParallelLinear,

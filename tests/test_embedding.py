@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import WORKER_COUNTS
-from helpers import to_host
 from tp_gpu import (
     ConfigError,
     IndexOutOfRangeError,

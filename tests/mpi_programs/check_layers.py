@@ -13,7 +13,6 @@ or raises.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import numpy as np
 

@@ -91,8 +91,53 @@ def _linear_dense_state(layer: ParallelModule, weight: Any, bias: Any, layout: s
     return {"weight": w, "bias": b}
 
 
-class _DenseLinearMixin:
-    """``load_dense`` of the two linear layers (both keep a logical ``(n_in, n_out)`` weight)."""
+class _ParallelLinear(ParallelModule):
+    """What the two linear layers share: a logical ``(n_in, n_out)`` weight ``A`` and bias ``b``."""
+
+    _n_in: int
+    _n_out: int
+
+    @property
+    def n_in(self) -> int:
+        return self._n_in
+
+    @property
+    def n_out(self) -> int:
+        return self._n_out
+
+    @classmethod
+    def from_dense(
+        cls, weight: Any, bias: Any = None, config: Optional[TensorParallelConfig] = None, layout: str = "in_out", **kwargs
+    ):
+        """A layer holding the dense ``weight`` (and ``bias``), split over ``config``'s workers.
+
+        ``n_in`` and ``n_out`` come from the weight's shape: ``(n_in, n_out)``
+        for ``layout="in_out"``, ``(n_out, n_in)`` for ``layout="out_in"``
+        (PyTorch ``nn.Linear``, so ``from_dense(lin.weight, lin.bias,
+        layout="out_in")`` loads a torch layer). ``config`` defaults to
+        ``TensorParallelConfig()``; the weights are cast to its dtype. A
+        ``None`` bias is zero. Other keyword arguments go to the constructor
+        (``input_is_parallel`` of the row layer). See :meth:`load_dense`.
+        """
+        weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
+        n_in, n_out = _dense_weight(weight, layout, f"{cls.__name__}.from_dense weight").shape
+        layer = cls(n_in, n_out, config, **kwargs)
+        layer.load_dense(weight, bias, layout)
+        return layer
+
+    def full_weight(self) -> np.ndarray:
+        """The logical weight ``A``, ``(n_in, n_out)``, as a host array."""
+        return self._weight.full()
+
+    def full_bias(self) -> np.ndarray:
+        """The logical bias ``b``, ``(n_out,)``, as a host array."""
+        return self._bias.full()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(n_in={self._n_in}, n_out={self._n_out}, n_workers={self.n_workers}, "
+            f"backend={self.backend.name!r}, devices={self.devices}, dtype={self.dtype.name!r})"
+        )
 
     def load_dense(self, weight: Any, bias: Any = None, layout: str = "in_out") -> None:
         """Overwrite the weight and bias, in place, from dense (unsharded) arrays.
@@ -119,7 +164,7 @@ class _DenseLinearMixin:
         commit_state(stage_state(self.named_parameters(), state, f"{type(self).__name__}.load_dense"))
 
 
-class ColumnParallelLinear(_DenseLinearMixin, ParallelModule):
+class ColumnParallelLinear(_ParallelLinear):
     """``Y = X A + b`` with ``A`` split along its output (second) dimension.
 
     ``A = [A_1, ..., A_p]`` and ``b = [b_1, ..., b_p]``; worker ``i`` holds
@@ -152,33 +197,6 @@ class ColumnParallelLinear(_DenseLinearMixin, ParallelModule):
         self._out_layout = self._even_layout(self._n_out)
         self._weight = self._add_parameter("weight", xavier_uniform(self._n_in, self._n_out, seed), self._out_layout, axis=1)
         self._bias = self._add_parameter("bias", np.zeros(self._n_out), self._out_layout, axis=0)
-
-    @property
-    def n_in(self) -> int:
-        return self._n_in
-
-    @property
-    def n_out(self) -> int:
-        return self._n_out
-
-    @classmethod
-    def from_dense(
-        cls, weight: Any, bias: Any = None, config: Optional[TensorParallelConfig] = None, layout: str = "in_out"
-    ) -> "ColumnParallelLinear":
-        """A layer holding the dense ``weight`` (and ``bias``), split over ``config``'s workers.
-
-        ``n_in`` and ``n_out`` come from the weight's shape: ``(n_in, n_out)``
-        for ``layout="in_out"``, ``(n_out, n_in)`` for ``layout="out_in"``
-        (PyTorch ``nn.Linear``, so ``from_dense(lin.weight, lin.bias,
-        layout="out_in")`` loads a torch layer). ``config`` defaults to
-        ``TensorParallelConfig()``; the weights are cast to its dtype. A
-        ``None`` bias is zero. See :meth:`load_dense`.
-        """
-        weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
-        n_in, n_out = _dense_weight(weight, layout, f"{cls.__name__}.from_dense weight").shape
-        layer = cls(n_in, n_out, config)
-        layer.load_dense(weight, bias, layout)
-        return layer
 
     @property
     def weight_shards(self) -> List[Any]:
@@ -237,22 +255,8 @@ class ColumnParallelLinear(_DenseLinearMixin, ParallelModule):
                 partials.append(grad @ weight.T)  # (..., n_out_d) @ (n_out_d, n_in) -> (..., n_in)
         return collectives.reduce_sum(self.backend, partials, list(grads), self.output_device, self.comm)
 
-    def full_weight(self) -> np.ndarray:
-        """The logical weight ``A = [A_1, ..., A_p]``, ``(n_in, n_out)``, as a host array."""
-        return self._weight.full()
 
-    def full_bias(self) -> np.ndarray:
-        """The logical bias ``b = [b_1, ..., b_p]``, ``(n_out,)``, as a host array."""
-        return self._bias.full()
-
-    def __repr__(self) -> str:
-        return (
-            f"ColumnParallelLinear(n_in={self._n_in}, n_out={self._n_out}, n_workers={self.n_workers}, "
-            f"backend={self.backend.name!r}, devices={self.devices}, dtype={self.dtype.name!r})"
-        )
-
-
-class RowParallelLinear(_DenseLinearMixin, ParallelModule):
+class RowParallelLinear(_ParallelLinear):
     """``Y = X A + b`` with ``A`` split along its input (first) dimension.
 
     ``A = [A_1; ...; A_p]`` (stacked rows) and ``X = [X_1, ..., X_p]`` (split
@@ -297,37 +301,6 @@ class RowParallelLinear(_DenseLinearMixin, ParallelModule):
         self._in_layout = self._even_layout(self._n_in)
         self._weight = self._add_parameter("weight", xavier_uniform(self._n_in, self._n_out, seed), self._in_layout, axis=0)
         self._bias = self._add_parameter("bias", np.zeros(self._n_out))
-
-    @property
-    def n_in(self) -> int:
-        return self._n_in
-
-    @property
-    def n_out(self) -> int:
-        return self._n_out
-
-    @classmethod
-    def from_dense(
-        cls,
-        weight: Any,
-        bias: Any = None,
-        config: Optional[TensorParallelConfig] = None,
-        layout: str = "in_out",
-        input_is_parallel: bool = False,
-    ) -> "RowParallelLinear":
-        """A layer holding the dense ``weight`` (and ``bias``), split over ``config``'s workers.
-
-        ``n_in`` and ``n_out`` come from the weight's shape: ``(n_in, n_out)``
-        for ``layout="in_out"``, ``(n_out, n_in)`` for ``layout="out_in"``
-        (PyTorch ``nn.Linear``). ``config`` defaults to
-        ``TensorParallelConfig()``; the weights are cast to its dtype. A
-        ``None`` bias is zero. See :meth:`load_dense`.
-        """
-        weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
-        n_in, n_out = _dense_weight(weight, layout, f"{cls.__name__}.from_dense weight").shape
-        layer = cls(n_in, n_out, config, input_is_parallel=input_is_parallel)
-        layer.load_dense(weight, bias, layout)
-        return layer
 
     @property
     def weight_shards(self) -> List[Any]:
@@ -399,17 +372,3 @@ class RowParallelLinear(_DenseLinearMixin, ParallelModule):
         if saved["sharded_input"]:
             return ShardedTensor.from_blocks(grad_inputs, -1, self._in_layout, self.backend, self.comm)
         return collectives.gather_blocks(self.backend, grad_inputs, -1, self._in_layout, self.output_device, self.comm)
-
-    def full_weight(self) -> np.ndarray:
-        """The logical weight ``A = [A_1; ...; A_p]``, ``(n_in, n_out)``, as a host array."""
-        return self._weight.full()
-
-    def full_bias(self) -> np.ndarray:
-        """The bias ``b``, ``(n_out,)``, as a host array."""
-        return self._bias.full()
-
-    def __repr__(self) -> str:
-        return (
-            f"RowParallelLinear(n_in={self._n_in}, n_out={self._n_out}, n_workers={self.n_workers}, "
-            f"backend={self.backend.name!r}, devices={self.devices}, dtype={self.dtype.name!r})"
-        )
