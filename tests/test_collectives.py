@@ -241,3 +241,36 @@ def test_simulated_results_are_simarrays(rng):
     partials = on_devices(backend, [rng.standard_normal(2) for _ in range(5)], placement)
     assert isinstance(collectives.reduce_sum(backend, partials, placement, 1), SimArray)
     assert isinstance(collectives.all_gather(backend, partials, 0, 2), SimArray)
+
+
+# --- the opt-in in-process NCCL hook ------------------------------------------
+
+
+class _RecordingNccl:
+    """Stands in for InProcessNccl: answers can_reduce as told, and records what it reduced."""
+
+    def __init__(self, backend, accept: bool) -> None:
+        self.backend, self.accept, self.calls = backend, accept, []
+
+    def can_reduce(self, arrays, dst, ufunc):
+        return self.accept
+
+    def reduce(self, arrays, dst, ufunc):
+        self.calls.append((sorted(arrays), dst, ufunc))
+        total = sum(self.backend.to_host(a) for a in arrays.values())
+        return self.backend.asarray(total, np.float64, dst)
+
+
+@pytest.mark.parametrize("accept", [True, False])
+def test_reduce_goes_through_nccl_only_when_it_accepts(accept):
+    backend = SimulatedBackend(3)
+    backend.nccl = _RecordingNccl(backend, accept)
+    placement = worker_devices(6, backend.devices)
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal((2, 3)) for _ in placement]
+    partials = [backend.asarray(v, np.float64, d) for v, d in zip(values, placement)]
+    out = collectives.reduce_sum(backend, partials, placement, 1)
+    np.testing.assert_allclose(backend.to_host(out), sum(values), rtol=1e-13)
+    assert backend.device_of(out) == 1
+    # Local sums first (two workers per device), then one array per device to NCCL.
+    assert backend.nccl.calls == ([([0, 1, 2], 1, "add")] if accept else [])

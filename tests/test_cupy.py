@@ -66,3 +66,16 @@ def test_embedding_with_cupy_ids(cupy):
     emb = ParallelEmbedding(32, 6, config=TensorParallelConfig(n_workers=4, backend="cupy"), seed=4)
     ids = cupy.asarray(np.random.default_rng(2).integers(0, 32, size=(5, 7)))
     np.testing.assert_array_equal(cupy.asnumpy(emb(ids)), emb.full_weight()[cupy.asnumpy(ids)])
+
+
+def test_in_process_nccl_reduction(cupy, monkeypatch):
+    """TP_GPU_NCCL=1: the row layer's reduction across GPUs goes through NCCL and stays exact."""
+    n_gpus = cupy.cuda.runtime.getDeviceCount()
+    if n_gpus < 2:
+        pytest.skip(f"in-process NCCL needs two GPUs; {n_gpus} visible")
+    monkeypatch.setenv("TP_GPU_NCCL", "1")
+    layer = RowParallelLinear(8 * n_gpus, 5, TensorParallelConfig(n_workers=n_gpus, backend="cupy"), seed=1)
+    assert layer.backend.nccl is not None
+    x = np.random.default_rng(3).standard_normal((4, 8 * n_gpus))
+    expected = x @ layer.full_weight() + layer.full_bias()
+    np.testing.assert_allclose(cupy.asnumpy(layer(x)), expected, rtol=1e-12, atol=1e-12)

@@ -136,13 +136,17 @@ def _reduce(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst
     and the result may be one of them.
     """
     combine = getattr(backend.xp, ufunc)
-    per_device = []
+    per_device = {}
     for device, workers in workers_by_device(placement).items():
         local = partials[workers[0]]
         with backend.device(device):
             for w in workers[1:]:
                 combine(local, partials[w], out=local)
-        per_device.append(local)
+        per_device[device] = local
+    nccl = getattr(backend, "nccl", None)  # opt-in in-process NCCL on several GPUs (TP_GPU_NCCL=1)
+    if nccl is not None and nccl.can_reduce(per_device, dst, ufunc):
+        return nccl.reduce(per_device, dst, ufunc)
+    per_device = list(per_device.values())
     total = backend.to_device(per_device[0], dst)
     with backend.device(dst):
         for local in per_device[1:]:

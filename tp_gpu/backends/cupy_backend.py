@@ -94,6 +94,10 @@ class CupyBackend(Backend):
                 raise ConfigError(f"GPU id {d} in devices={list(devices)!r} does not exist; visible ids are 0..{count - 1}")
         self.devices: Tuple[int, ...] = tuple(devices)
         enable_peer_access(cupy, self.devices)
+        from ..comm.nccl_local import maybe_in_process_nccl
+
+        #: In-process NCCL for reductions across these GPUs, when TP_GPU_NCCL=1 (else None: peer copies).
+        self.nccl = maybe_in_process_nccl(cupy, self.devices)
 
     def device(self, device: int):
         return self.xp.cuda.Device(device)

@@ -1,0 +1,75 @@
+"""NCCL among the GPUs of one process (``cupy.cuda.nccl.NcclCommunicator.initAll``).
+
+Opt-in with ``TP_GPU_NCCL=1`` on the CuPy backend with two or more GPUs; peer
+copies stay the default and the fallback. Used for the cross-device step of a
+reduction when every GPU of the backend holds one partial of the same shape.
+
+Written against CuPy's documented NCCL API; it has not run yet (no GPU has been
+available to this project), which is why it is opt-in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Hashable, Optional
+
+import numpy as np
+
+__all__ = ["InProcessNccl", "maybe_in_process_nccl"]
+
+
+class InProcessNccl:
+    """One NCCL communicator per GPU of ``devices``, all in this process."""
+
+    def __init__(self, cupy, devices) -> None:
+        from cupy.cuda import nccl
+
+        self._cupy, self._nccl = cupy, nccl
+        self.devices = list(devices)
+        self.comms = nccl.NcclCommunicator.initAll(self.devices)
+        self._types = {
+            np.dtype(np.float16): nccl.NCCL_FLOAT16,
+            np.dtype(np.float32): nccl.NCCL_FLOAT32,
+            np.dtype(np.float64): nccl.NCCL_FLOAT64,
+        }
+        self._ops = {"add": nccl.NCCL_SUM, "maximum": nccl.NCCL_MAX}
+
+    def can_reduce(self, arrays: Dict[Hashable, Any], dst: Hashable, ufunc: str) -> bool:
+        """True when NCCL can do this reduction: one same-shaped array on every GPU, a known op and dtype."""
+        if set(arrays) != set(self.devices) or dst not in arrays or ufunc not in self._ops:
+            return False
+        first = next(iter(arrays.values()))
+        return first.dtype in self._types and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays.values())
+
+    def reduce(self, arrays: Dict[Hashable, Any], dst: Hashable, ufunc: str) -> Any:
+        """Elementwise ``ufunc`` ("add" or "maximum") of ``arrays`` onto a new array on ``dst``."""
+        cupy, nccl = self._cupy, self._nccl
+        sends = {}
+        for device, array in arrays.items():
+            with cupy.cuda.Device(device):
+                sends[device] = cupy.ascontiguousarray(array)
+        with cupy.cuda.Device(dst):
+            out = cupy.empty_like(sends[dst])
+        first = sends[dst]
+        root = self.devices.index(dst)
+        nccl.groupStart()
+        for device, comm in zip(self.devices, self.comms):
+            send = sends[device]
+            with cupy.cuda.Device(device):
+                recv = out.data.ptr if device == dst else send.data.ptr  # only the root's receive buffer is used
+                comm.reduce(send.data.ptr, recv, first.size, self._types[first.dtype], self._ops[ufunc], root,
+                            cupy.cuda.get_current_stream().ptr)
+        nccl.groupEnd()
+        return out
+
+
+def maybe_in_process_nccl(cupy, devices) -> Optional[InProcessNccl]:
+    """An :class:`InProcessNccl` when ``TP_GPU_NCCL=1``, there are two or more GPUs and NCCL is available."""
+    import os
+
+    if os.environ.get("TP_GPU_NCCL") != "1" or len(devices) < 2:
+        return None
+    from cupy.cuda import nccl
+
+    if not nccl.available:
+        return None
+    return InProcessNccl(cupy, devices)
