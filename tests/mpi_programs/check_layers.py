@@ -4,7 +4,8 @@ Each rank builds, for several worker counts (multiples of the world size), the
 same layer twice: with ``comm="mpi"`` (this rank holds only its workers'
 shards) and with ``comm="local"`` (every shard, one process: the reference).
 Forward outputs, input and parameter gradients after backward, one Adam step,
-and the state dict must agree. Prints ``rank R: N checks passed`` and exits 0,
+the state dict, and checkpoints (saved by one, loaded by the other, both
+ways) must agree. Prints ``rank R: N checks passed`` and exits 0,
 or raises.
 
     mpirun -n 3 python tests/mpi_programs/check_layers.py --backend numpy
@@ -13,6 +14,9 @@ or raises.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -26,6 +30,8 @@ from tp_gpu import (
     TensorParallelConfig,
     VocabParallelCrossEntropy,
     get_communicator,
+    load_checkpoint,
+    save_checkpoint,
 )
 
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -53,7 +59,26 @@ def check_pair(name, make, inputs, grad_shape, rng, checks):
     for key, value in ref.state_dict().items():
         np.testing.assert_allclose(mpi.state_dict()[key], value, **TOL, err_msg=f"{name} state {key}")
     np.testing.assert_allclose(host(mpi, mpi(inputs)), host(ref, ref(inputs)), **TOL, err_msg=f"{name} after step")
+    check_checkpoints(name, make, mpi, ref)
     checks.append(name)
+
+
+def check_checkpoints(name, make, mpi, ref):
+    """A checkpoint saved over MPI loads into a single-process layer, and the other way round."""
+    comm = get_communicator("mpi")
+    directory = comm.broadcast_object(tempfile.mkdtemp() if comm.rank == 0 else None)
+    from_mpi, from_ref = os.path.join(directory, "mpi.safetensors"), os.path.join(directory, f"ref{comm.rank}.safetensors")
+    save_checkpoint(from_mpi, mpi)  # collective: rank 0 writes
+    save_checkpoint(from_ref, ref)  # each rank its own file, from its single-process layer
+    fresh_ref, fresh_mpi = make("local"), make("mpi")
+    load_checkpoint(from_mpi, fresh_ref)
+    load_checkpoint(from_ref, fresh_mpi)
+    for loaded, saved in ((fresh_ref, mpi), (fresh_mpi, ref)):  # bit for bit what was saved
+        for key, value in saved.state_dict().items():
+            np.testing.assert_array_equal(loaded.state_dict()[key], value, err_msg=f"{name} checkpoint {key}")
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(directory)
 
 
 def main() -> int:
