@@ -185,6 +185,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results", help="output dir")
     parser.add_argument(
+        "--update", type=Path, default=None, metavar="JSON",
+        help="re-time the selected cases and replace them in an earlier run's JSON (then redraw its table and "
+        "plots): for cases a disturbed machine spoiled; the JSON records what was re-run and when",
+    )
+    parser.add_argument(
         "--render", type=Path, default=None, metavar="JSON",
         help="time nothing: rewrite the Markdown table and the plots of an earlier run from its JSON, beside it",
     )
@@ -1015,8 +1020,11 @@ def markdown(machine: Dict[str, Any], args, records: List[Dict[str, Any]]) -> st
         "- extra mem: peak memory of one TP run minus that of one dense run, in output buffers "
         "(<= 1 is issue 5's target; < 0: TP needs less)",
         "- MLP: `ParallelMLP(n_in, hidden=n_out, n_out=n_in)`, GeLU (tanh)",
-        "",
     ]
+    for rerun in machine.get("reruns", []):
+        lines.append(f"- re-timed at {rerun['started']} (load average {num(rerun['load_avg'][0][0])}), replacing "
+                     f"{len(rerun['replaced'])} case(s) whose first timing was disturbed; marked *re-run* below")
+    lines += [""]
     targets = target_rows(records)
     if targets:
         lines += ["## Issue 5 targets (forward, TP/dense at each worker count)", ""]
@@ -1030,7 +1038,8 @@ def markdown(machine: Dict[str, Any], args, records: List[Dict[str, Any]]) -> st
     ]
     for r in records:
         lines.append(
-            f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['mode']} | {r['n_workers']} | {ms(r['tp_median_s'])} | "
+            f"| {r['layer']} | {r['shape']} | {r['dtype']} | {r['mode']}{' *re-run*' if r.get('rerun') else ''} | "
+            f"{r['n_workers']} | {ms(r['tp_median_s'])} | "
             f"{ms(r['dense_median_s'])} | {ms(r['torch_median_s'])} | {num(r['ratio_tp_dense'])} | "
             f"{num(r['ratio_tp_torch'])} | {num(r['tp_rate'], '.1f')} | {num(r['dense_rate'], '.1f')} | "
             f"{num(r['torch_rate'], '.1f')} | {r['unit']} | {num(r['extra_peak_over_output'])} | {num(r['spread'])} |"
@@ -1070,6 +1079,9 @@ def write_plots(records: List[Dict[str, Any]], stem: Path) -> List[Path]:
                 ax.plot([r["n_workers"] for r in line], [r["ratio_tp_dense"] for r in line], dtype_styles.get(key[1], "-"),
                         color=colors[key[0]], marker="o", markersize=3, label=f"{key[0]} {key[1].replace('float', 'f')}")
             ax.axhline(1.0, color="gray", linewidth=0.8)
+            if mode == "fwd":  # issue 5's limits: 1.05 throughput-bound, 1.5 latency-bound and embedding
+                for limit in (1.05, 1.5):
+                    ax.axhline(limit, color="gray", linewidth=0.6, linestyle=":")
             ticks = sorted({r["n_workers"] for r in rows})
             ax.set(title=f"{layer}, {mode}", xlabel="workers", ylabel="TP / dense time", xscale="log")
             ax.set_xticks(ticks, labels=[str(t) for t in ticks])
@@ -1078,6 +1090,7 @@ def write_plots(records: List[Dict[str, Any]], stem: Path) -> List[Path]:
     fig.tight_layout()
     fig.savefig(paths[0], dpi=72)
     plt.close(fig)
+    _shrink_png(paths[0])
 
     fig, axes = plt.subplots(len(modes), len(layers), figsize=(4.2 * len(layers), 3.4 * len(modes)), squeeze=False)
     for row, mode in enumerate(modes):
@@ -1104,12 +1117,28 @@ def write_plots(records: List[Dict[str, Any]], stem: Path) -> List[Path]:
             ax.set(title=f"{layer}, {mode}", xlabel=unit_work, xscale="log", yscale="log", ylabel=rows[0]["unit"])
             ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(NullFormatter())
+            rates = [v for r in rows for v in (r["tp_rate"], r["dense_rate"], r["torch_rate"]) if v]
+            narrow = max(rates) < 10 * min(rates)  # within a decade: label the minor ticks too, plainly
             ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g") if narrow else NullFormatter())
+            ax.tick_params(axis="y", which="minor", labelsize=6)
             ax.legend(fontsize=5.5)
     fig.tight_layout()
     fig.savefig(paths[1], dpi=72)
     plt.close(fig)
+    _shrink_png(paths[1])
     return paths
+
+
+def _shrink_png(path: Path) -> None:
+    """Re-save a plot with a 64-colour palette (a third of the size; plots have few colours)."""
+    try:
+        from PIL import Image  # Pillow comes with matplotlib
+    except ImportError:
+        return
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(colors=64)
+    small.save(path, optimize=True)
 
 
 def _rounded(value: Any) -> Any:
@@ -1176,6 +1205,33 @@ class Progress:
             self.bar.close()
 
 
+def case_key(r: Dict[str, Any]) -> tuple:
+    return (r["layer"], r["batch"], r["n_in"], r["n_out"], r["dtype"], r["mode"], r["n_workers"])
+
+
+def update(path: Path, machine: Dict[str, Any], args, records: List[Dict[str, Any]]) -> int:
+    """Replace ``records``' cases in the run stored at ``path``, note the re-run there, and redraw."""
+    data = json.loads(path.read_text())
+    new = {case_key(r): r for r in records}
+    replaced = []
+    for i, old in enumerate(data["results"]):
+        if case_key(old) in new:
+            data["results"][i] = dict(new.pop(case_key(old)), rerun=machine["started"])
+            replaced.append(" ".join(map(str, case_key(old))))
+    data["results"] += [dict(r, rerun=machine["started"]) for r in new.values()]
+    data["machine"].setdefault("reruns", []).append({
+        "started": machine["started"], "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "load_avg": [machine["load_avg_start"], list(os.getloadavg())], "tp_gpu_source": machine["tp_gpu_source"],
+        "argv": sys.argv[1:], "replaced": replaced, "added": [" ".join(map(str, case_key(r))) for r in new.values()],
+    })
+    data["targets"] = target_rows(data["results"])
+    head = json.dumps({k: data[k] for k in ("machine", "options", "targets")}, indent=1)[:-2]
+    lines = [json.dumps(_rounded(r), separators=(",", ":")) for r in data["results"]]
+    path.write_text(head + ',\n "results": [\n' + ",\n".join(lines) + "\n ]\n}\n")
+    print(f"replaced {len(replaced)} and added {len(new)} case(s) in {path}")
+    return render(path)
+
+
 def render(path: Path) -> int:
     """Rewrite ``<stem>.md`` and the plots from ``<stem>.json`` (e.g. after changing how they are drawn)."""
     data = json.loads(path.read_text())
@@ -1225,7 +1281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for kind, shape, dtype, mode in groups:
             records += run_group(kind, shape, dtype, mode, args, backend_name, torch, F, progress)
             release_gpu_memory(backend)
-            if records:  # what is done so far survives an interrupted run (plots at the end)
+            if records and args.update is None:  # what is done so far survives an interrupted run (plots at the end)
                 machine["complete"] = False
                 write_results(machine, args, records, plots=False)
     finally:
@@ -1233,6 +1289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not records:
         print("no case ran (every worker count was skipped); nothing written", file=sys.stderr)
         return 1
+    if args.update is not None:
+        return update(args.update, machine, args, records)
     machine["complete"] = True
     machine["load_avg_end"] = list(os.getloadavg())
     machine["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
