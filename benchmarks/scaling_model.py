@@ -11,9 +11,10 @@ with, for an output of ``bytes_out = B * n_out * s`` bytes (s bytes per element)
 * row-parallel: an all-reduce (ring),              moved = 2 (p - 1) / p * bytes_out;
 * MLP (column -> act -> row): one all-reduce of its output, moved = 2 (p - 1) / p * B * n_in * s.
 
-``--pattern tp_gpu`` models what tp_gpu's collectives do today instead of ring collectives: every
-transfer goes through the one output GPU (the input broadcast from it, the partials reduced onto
-it), so its link carries ``(p - 1)`` whole arrays each way.
+``--pattern tp_gpu`` models what tp_gpu does by default when one process drives several GPUs, instead
+of ring collectives: every transfer goes through the one output GPU (the input broadcast from it,
+the partials reduced onto it), so its link carries ``(p - 1)`` whole arrays each way. (Several
+processes with ``comm="nccl"`` use NCCL all-gathers and all-reduces: the ring model.)
 
 The one-GPU figures default to the published peak dense throughput of an NVIDIA H100 SXM5 (an
 assumption, not a measurement: no GPU run of this benchmark exists yet). ``--from-json`` replaces
@@ -156,7 +157,8 @@ def break_even(pattern: str, precisions: Sequence[str]) -> List[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pattern", choices=("ring", "tp_gpu"), default="ring",
-                        help="ring collectives (NCCL, Megatron) or tp_gpu's through-the-output-GPU transfers")
+                        help="ring collectives (NCCL, Megatron; tp_gpu with comm='nccl') or tp_gpu's single-process "
+                        "transfers through the output GPU")
     parser.add_argument("--precision", nargs="+", choices=tuple(H100_SXM), default=["tf32", "bf16"])
     parser.add_argument("--from-json", type=Path, default=None,
                         help="take t_compute(1) from a one-GPU bench_layers.py JSON (dense forward medians)")
