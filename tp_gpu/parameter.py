@@ -124,13 +124,6 @@ class ShardedParameter:
         """Forget the accumulated gradients."""
         self.grad_blocks = dict.fromkeys(self.blocks)
 
-    def check_full(self, full: Any, what: str) -> np.ndarray:
-        """``full`` as a host array if it has this parameter's logical shape, else ShapeError."""
-        host = np.asarray(self.backend.to_host(full) if hasattr(full, "shape") else full)
-        if host.shape != self.shape:
-            raise ShapeError(f"{what} must have shape {self.shape}, got {host.shape}")
-        return host
-
     def stage(self, full: Any, what: Optional[str] = None) -> Dict[Hashable, Any]:
         """Each device's block of the logical value ``full``, on its device, without touching the parameter.
 

@@ -98,6 +98,19 @@ class HasParameters:
         """``(name, parameter)`` pairs in registration order; the names are the state-dict keys."""
         raise NotImplementedError
 
+    def parameters(self) -> List[ShardedParameter]:
+        """The parameters, in registration order (what the optimizers take)."""
+        return [p for _, p in self.named_parameters()]
+
+    def grads(self) -> Dict[str, np.ndarray]:
+        """The accumulated gradients as dense host arrays, keyed like the state dict."""
+        return {name: p.full_grad() for name, p in self.named_parameters()}
+
+    def zero_grad(self) -> None:
+        """Reset the accumulated gradients of every parameter."""
+        for p in self.parameters():
+            p.zero_grad()
+
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Every parameter's logical (dense, unsharded) value as a new host NumPy array, by name.
 
@@ -201,19 +214,6 @@ class ParallelModule(HasParameters):
     def named_parameters(self) -> List[Tuple[str, ShardedParameter]]:
         """``(name, parameter)`` pairs in registration order, e.g. ``("weight", ...), ("bias", ...)``."""
         return list(self._params.items())
-
-    def parameters(self) -> List[ShardedParameter]:
-        """The layer's parameters, in registration order."""
-        return list(self._params.values())
-
-    def grads(self) -> Dict[str, np.ndarray]:
-        """The accumulated gradients as dense host arrays, keyed by parameter name."""
-        return {name: p.full_grad() for name, p in self._params.items()}
-
-    def zero_grad(self) -> None:
-        """Reset the accumulated gradients of every parameter."""
-        for p in self._params.values():
-            p.zero_grad()
 
     def train(self, mode: bool = True) -> "ParallelModule":
         """Keep (``True``) or drop (``False``) the activations ``backward`` needs."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 
 from ..config import TensorParallelConfig
 from ..errors import ShapeError
@@ -140,17 +139,6 @@ class ParallelMLP(HasParameters):
     def named_parameters(self) -> List[Tuple[str, ShardedParameter]]:
         """``("fc1.weight", param)``, ... in order."""
         return [(f"{prefix}.{p.name}", p) for prefix, layer in self.children().items() for p in layer.parameters()]
-
-    def parameters(self) -> List[ShardedParameter]:
-        return [p for _, p in self.named_parameters()]
-
-    def grads(self) -> Dict[str, np.ndarray]:
-        """Dense host gradients keyed ``"fc1.weight"``, ``"fc1.bias"``, ``"fc2.weight"``, ``"fc2.bias"``."""
-        return {name: p.full_grad() for name, p in self.named_parameters()}
-
-    def zero_grad(self) -> None:
-        for layer in self.children().values():
-            layer.zero_grad()
 
     def train(self, mode: bool = True) -> "ParallelMLP":
         for layer in self.children().values():
