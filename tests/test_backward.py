@@ -81,6 +81,27 @@ def test_embedding_gradient_accumulates_repeated_ids(make_config, rng, n_workers
     np.testing.assert_allclose(emb.grads()["weight"], expected, **TOL)
 
 
+@pytest.mark.parametrize("devices", [2, 3, 8])
+def test_embedding_backward_scatters_each_id_once(rng, devices):
+    """Each device scatters only the ids it owns: n_ids row additions in all, not n_ids per device."""
+    emb = ParallelEmbedding(24, 5, config=TensorParallelConfig(n_workers=8, backend="simulated", devices=devices))
+    ids = rng.integers(0, 24, size=(3, 7))
+    emb(ids)
+    scattered = {}
+    real_scatter_add = emb.backend.scatter_add
+
+    def recording_scatter_add(target, indices, values):
+        scattered[emb.backend.device_of(target)] = indices.size
+        real_scatter_add(target, indices, values)
+
+    emb.backend.scatter_add = recording_scatter_add
+    emb.backward(rng.standard_normal((3, 7, 5)))
+    owner = {d: [w for w in range(8) if emb.devices[w] == d] for d in set(emb.devices)}
+    expected = {d: int(sum(((ids >= 3 * w) & (ids < 3 * w + 3)).sum() for w in ws)) for d, ws in owner.items()}
+    assert scattered == expected
+    assert sum(scattered.values()) == ids.size
+
+
 @pytest.mark.parametrize("activation", ["gelu", "relu", None])
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
 def test_mlp_gradients_match_dense(make_config, rng, n_workers, activation):

@@ -28,7 +28,9 @@ class ParallelEmbedding(ParallelModule):
     bit for bit.
 
     Backward: ``dE_i[t - first_i] += dOut[t]`` for every owned id ``t``
-    (repeated ids accumulate), on worker ``i``'s device.
+    (repeated ids accumulate), on worker ``i``'s device. Each device scatters
+    only the rows of the ids it owns, so the backward does ``n_ids`` row
+    additions in all, not ``n_ids`` per device.
 
     Parameters
     ----------
@@ -162,8 +164,8 @@ class ParallelEmbedding(ParallelModule):
             with self.backend.device(device):
                 owned, local = layout.owned_local(xp, copies[device], device)
                 rows = xp.take(self._table.blocks[device], local, axis=0)  # (vocab_d, dim)[ids.shape] -> (*ids.shape, dim)
-                if owned is not None:  # zero the rows of ids that other devices own
-                    rows = xp.where(owned[..., None], rows, rows.dtype.type(0))
+                if owned is not None:  # zero, in place, the rows of ids that other devices own
+                    xp.copyto(rows, 0, where=~owned[..., None])
             partials.append(rows)
             lookups[device] = (owned, local)
         self._saved = {"lookups": lookups, "out_shape": tuple(ids.shape) + (self._embed_dim,)} if self.training else None
@@ -180,11 +182,13 @@ class ParallelEmbedding(ParallelModule):
         xp = self.backend.xp
         for device, (owned, local) in saved["lookups"].items():
             with self.backend.device(device):
-                rows = copies[device]
-                if owned is not None:  # ids owned elsewhere sit at local row 0 with a zeroed gradient
-                    rows = xp.where(owned[..., None], rows, self.dtype.type(0))
+                rows = copies[device].reshape(-1, self._embed_dim)  # (n_ids, dim)
+                local = local.reshape(-1)
+                if owned is not None:  # keep only the ids this device owns: n_ids / p rows, not n_ids
+                    keep = xp.flatnonzero(owned)
+                    rows, local = xp.take(rows, keep, axis=0), xp.take(local, keep)
                 table_grad = xp.zeros(self._table.blocks[device].shape, dtype=self.dtype)
-                self.backend.scatter_add(table_grad, local.reshape(-1), rows.reshape(-1, self._embed_dim))
+                self.backend.scatter_add(table_grad, local, rows)  # (vocab_d, dim)[local] += (n_owned, dim)
                 self._table.accumulate(device, table_grad)
         return None
 
