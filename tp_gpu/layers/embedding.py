@@ -164,8 +164,8 @@ class ParallelEmbedding(ParallelModule):
             with self.backend.device(device):
                 owned, local = layout.owned_local(xp, copies[device], device)
                 rows = xp.take(self._table.blocks[device], local, axis=0)  # (vocab_d, dim)[ids.shape] -> (*ids.shape, dim)
-                if owned is not None:  # zero, in place, the rows of ids that other devices own
-                    xp.copyto(rows, 0, where=~owned[..., None])
+                if owned is not None:  # zero, in place, the rows of ids that other devices own (as Megatron)
+                    rows[~owned] = 0
             partials.append(rows)
             lookups[device] = (owned, local)
         self._saved = {"lookups": lookups, "out_shape": tuple(ids.shape) + (self._embed_dim,)} if self.training else None
