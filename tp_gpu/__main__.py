@@ -388,5 +388,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0 if ok else 1
 
 
+def run() -> int:
+    """:func:`main`, ending quietly when the reader of stdout goes away (``python -m tp_gpu | head``)."""
+    try:
+        return main()
+    except BrokenPipeError:
+        # As the Python docs advise for SIGPIPE: point stdout at devnull so the
+        # interpreter's final flush does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
