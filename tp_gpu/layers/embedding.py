@@ -141,7 +141,8 @@ class ParallelEmbedding(ParallelModule):
         ids = self.backend.asarray(ids, ID_DTYPE, first_device)
         if ids.size:
             with self.backend.device(first_device):
-                low, high = int(ids.min()), int(ids.max())
+                bounds = self.backend.xp.stack((ids.min(), ids.max()))
+            low, high = (int(b) for b in self.backend.to_host(bounds))  # one device-to-host copy, not two
             if low < 0 or high >= self._vocab_size:
                 bad = low if low < 0 else high
                 raise IndexOutOfRangeError(
