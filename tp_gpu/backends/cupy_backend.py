@@ -123,6 +123,10 @@ class CupyBackend(Backend):
         src = arr.device.id
         if src == device:
             return arr
+        shape = arr.shape  # kept: cupy.ascontiguousarray turns a 0-d array into shape (1,)
+        if arr.size == 0:  # nothing to copy (and no buffer: data.ptr is 0)
+            with cupy.cuda.Device(device):
+                return cupy.empty(shape, dtype=arr.dtype)
         with cupy.cuda.Device(src):
             arr = cupy.ascontiguousarray(arr)
             produced = cupy.cuda.Event(disable_timing=True)
@@ -130,7 +134,7 @@ class CupyBackend(Backend):
         with cupy.cuda.Device(device):
             stream = cupy.cuda.get_current_stream()
             stream.wait_event(produced)
-            out = cupy.empty(arr.shape, dtype=arr.dtype)
+            out = cupy.empty(shape, dtype=arr.dtype)
             cupy.cuda.runtime.memcpyPeerAsync(out.data.ptr, device, arr.data.ptr, src, arr.nbytes, stream.ptr)
             copied = cupy.cuda.Event(disable_timing=True)
             copied.record(stream)
