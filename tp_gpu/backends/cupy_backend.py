@@ -90,7 +90,7 @@ class CupyBackend(Backend):
                 raise ConfigError(f"devices={devices} asks for more GPUs than the {count} visible")
             devices = range(devices)
         for d in devices:
-            if d >= count:
+            if not 0 <= d < count:
                 raise ConfigError(f"GPU id {d} in devices={list(devices)!r} does not exist; visible ids are 0..{count - 1}")
         self.devices: Tuple[int, ...] = tuple(devices)
         enable_peer_access(cupy, self.devices)
