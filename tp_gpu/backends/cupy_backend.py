@@ -53,13 +53,25 @@ def import_cupy():
 
 
 def enable_peer_access(cupy, devices) -> None:
-    """Enable peer access between every pair of ``devices`` the hardware allows."""
+    """Enable peer access between every pair of ``devices`` the hardware allows.
+
+    A pair already enabled (by an earlier backend, or by another library) is
+    not an error. CUDA then also leaves ``cudaErrorPeerAccessAlreadyEnabled``
+    as the thread's last error, which a library checking ``cudaGetLastError``
+    after its kernel launches (Thrust does) could later report as its own
+    failure. CuPy's ``runtime._deviceEnsurePeerAccess``, which CuPy uses for
+    its own peer access, clears it; it is used where it exists.
+    """
     runtime = cupy.cuda.runtime
+    ensure = getattr(runtime, "_deviceEnsurePeerAccess", None)
     for dev in devices:
         for peer in devices:
             if dev == peer or not runtime.deviceCanAccessPeer(dev, peer):
                 continue
             with cupy.cuda.Device(dev):
+                if ensure is not None:
+                    ensure(peer)
+                    continue
                 try:
                     runtime.deviceEnablePeerAccess(peer)
                 except runtime.CUDARuntimeError as exc:
