@@ -10,7 +10,7 @@ available to this project), which is why it is opt-in.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, Optional
+from typing import Any, Dict, Hashable, Optional, Tuple
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class InProcessNccl:
             with cupy.cuda.Device(device):
                 sends[device] = cupy.ascontiguousarray(array)
         with cupy.cuda.Device(dst):
-            out = cupy.empty_like(sends[dst])
+            out = cupy.empty(arrays[dst].shape, dtype=arrays[dst].dtype)  # ascontiguousarray makes a 0-d array 1-d
         first = sends[dst]
         root = self.devices.index(dst)
         nccl.groupStart()
@@ -62,8 +62,14 @@ class InProcessNccl:
         return out
 
 
+#: One InProcessNccl per tuple of GPUs: every layer builds its own backend, and each
+#: ``initAll`` would otherwise create (and hold GPU memory for) a new set of communicators.
+_instances: Dict[Tuple[int, ...], InProcessNccl] = {}
+
+
 def maybe_in_process_nccl(cupy, devices) -> Optional[InProcessNccl]:
-    """An :class:`InProcessNccl` when ``TP_GPU_NCCL=1``, there are two or more GPUs and NCCL is available."""
+    """The process's :class:`InProcessNccl` over ``devices`` when ``TP_GPU_NCCL=1``, there are
+    two or more GPUs and NCCL is available (built on first use, then shared)."""
     import os
 
     if os.environ.get("TP_GPU_NCCL") != "1" or len(devices) < 2:
@@ -72,4 +78,7 @@ def maybe_in_process_nccl(cupy, devices) -> Optional[InProcessNccl]:
 
     if not nccl.available:
         return None
-    return InProcessNccl(cupy, devices)
+    key = tuple(devices)
+    if key not in _instances:
+        _instances[key] = InProcessNccl(cupy, key)
+    return _instances[key]
