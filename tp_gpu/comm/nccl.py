@@ -6,9 +6,11 @@ with MPI), else through cupyx's TCP store: set ``TP_GPU_RANK`` and
 read), and ``CUPYX_DISTRIBUTED_HOST`` / ``CUPYX_DISTRIBUTED_PORT`` for rank 0's
 address. Each process uses GPU ``local_rank % visible GPUs``.
 
-Only CuPy arrays can go through NCCL. Unlike :class:`~tp_gpu.comm.mpi.MpiComm`,
-a dead peer is not detected by a timeout here: NCCL calls block on the GPU
-stream, and the launcher is relied on to stop the job.
+NCCL moves CuPy arrays on this process's GPU; arrays on another GPU of the
+process, and host NumPy arrays, are staged through it. Unlike
+:class:`~tp_gpu.comm.mpi.MpiComm`, a dead peer is not detected by a timeout
+here: NCCL calls block on the GPU stream, and the launcher is relied on to stop
+the job.
 
 Not exercised in CI (no GPU there); see the README for how it was run.
 """
@@ -72,26 +74,43 @@ class NcclComm(Communicator):
         cupy.cuda.Device(self.device).use()
         self._nccl = cupyx.distributed.init_process_group(self.size, self.rank, use_mpi=use_mpi)
 
-    def _check(self, array: Any) -> None:
-        if not is_cupy_array(array):
-            raise ConfigError(f"comm='nccl' moves CuPy arrays only; got {type(array).__name__} (use backend='cupy')")
+    def _run(self, backend, array: Any, collective, *args: Any) -> Any:
+        """``collective(array on this rank's GPU, *args)``; the result lives where ``array`` did.
 
-    def allreduce(self, backend, array, op="sum"):
-        self._check(array)
-        with backend.device(array.device.id):
-            send = self._cupy.ascontiguousarray(array)
-            out = self._cupy.empty_like(send)
-            self._nccl.all_reduce(send, out, op)
+        NCCL's communicator is bound to ``self.device``: a CuPy array on another
+        GPU of this process goes there and back through ``backend.to_device``,
+        and a host NumPy array (a full parameter being assembled for a
+        checkpoint) through ``cupy.asarray`` and ``.get()``.
+        """
+        cupy = self._cupy
+        if isinstance(array, np.ndarray):
+            with cupy.cuda.Device(self.device):
+                return collective(cupy.asarray(array), *args).get()
+        if not is_cupy_array(array):
+            raise ConfigError(f"comm='nccl' moves CuPy and NumPy arrays only; got {type(array).__name__} (use backend='cupy')")
+        home = array.device.id
+        if home != self.device:
+            return backend.to_device(self._run(backend, backend.to_device(array, self.device), collective, *args), home)
+        with cupy.cuda.Device(self.device):
+            return collective(array, *args)
+
+    def _allreduce(self, array, op):
+        send = self._cupy.ascontiguousarray(array)
+        out = self._cupy.empty(array.shape, dtype=array.dtype)  # not empty_like(send): a 0-d send is 1-d
+        self._nccl.all_reduce(send, out, op)
         return out
 
+    def _allgather(self, array, axis):
+        send = self._cupy.ascontiguousarray(array)
+        out = self._cupy.empty((self.size,) + tuple(send.shape), dtype=send.dtype)
+        self._nccl.all_gather(send, out, send.size)
+        return self._cupy.concatenate([out[r] for r in range(self.size)], axis=axis)
+
+    def allreduce(self, backend, array, op="sum"):
+        return self._run(backend, array, self._allreduce, op)
+
     def allgather(self, backend, array, axis):
-        self._check(array)
-        axis %= array.ndim
-        with backend.device(array.device.id):
-            send = self._cupy.ascontiguousarray(array)
-            out = self._cupy.empty((self.size,) + tuple(send.shape), dtype=send.dtype)
-            self._nccl.all_gather(send, out, send.size)
-            return self._cupy.concatenate([out[r] for r in range(self.size)], axis=axis)
+        return self._run(backend, array, self._allgather, axis % array.ndim)
 
     def allgather_object(self, obj) -> List[Any]:
         cupy = self._cupy
