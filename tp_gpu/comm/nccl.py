@@ -1,7 +1,8 @@
 """NCCL between processes, one GPU per process, through ``cupyx.distributed``.
 
 Rendezvous goes through MPI when mpi4py can run (ranks from ``mpirun``/``srun``
-with MPI), else through cupyx's TCP store: set ``TP_GPU_RANK`` and
+with MPI; an MPI world of one process counts only when the environment does not
+name a larger job), else through cupyx's TCP store: set ``TP_GPU_RANK`` and
 ``TP_GPU_WORLD_SIZE`` (or launch with ``mpirun``/SLURM, whose rank variables are
 read), and ``CUPYX_DISTRIBUTED_HOST`` / ``CUPYX_DISTRIBUTED_PORT`` for rank 0's
 address. Each process uses GPU ``local_rank % visible GPUs``.
@@ -65,11 +66,17 @@ class NcclComm(Communicator):
             from .mpi import MpiComm
 
             mpi = MpiComm()
-            self.rank, self.size, use_mpi = mpi.rank, mpi.size, True
-            local_rank = _first_env(_LOCAL_RANK_VARS, self.rank)
         except BackendUnavailableError:
-            self.rank, self.size, local_rank = launcher_rank()
-            use_mpi = False
+            mpi = None
+        launched = launcher_rank()
+        # Processes started without mpirun (TP_GPU_RANK/TP_GPU_WORLD_SIZE) each see an MPI
+        # singleton of size 1 when mpi4py is installed: their ranks come from the environment.
+        use_mpi = mpi is not None and (mpi.size > 1 or launched[1] == 1)
+        if use_mpi:
+            self.rank, self.size = mpi.rank, mpi.size
+            local_rank = _first_env(_LOCAL_RANK_VARS, self.rank)
+        else:
+            self.rank, self.size, local_rank = launched
         self.device = local_rank % cupy.cuda.runtime.getDeviceCount()
         cupy.cuda.Device(self.device).use()
         self._nccl = cupyx.distributed.init_process_group(self.size, self.rank, use_mpi=use_mpi)
