@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
-
 from ..config import TensorParallelConfig
 from ..errors import ShapeError
 from ..parameter import ShardedParameter
