@@ -45,6 +45,7 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import re
@@ -120,6 +121,10 @@ MAX_RUNS = 100
 #: first BLAS call after any idle moment or after another thread pool ran (torch's) can take 10x longer
 #: while the sleeping BLAS threads are woken; warm-up keeps that out of the timed runs.
 MIN_WARMUP_S = 0.05
+
+#: Rounding allowed between TP and dense, relative, per dtype: they may add the same products in a
+#: different order (row-parallel partial sums, per-device GEMMs). A timing of a wrong result is void.
+ROUNDING = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3}
 
 
 # --------------------------------------------------------------------------- options
@@ -605,6 +610,26 @@ def host_max_abs_diff(a: np.ndarray, b: np.ndarray, chunk_bytes: int = 64 * 2**2
     return worst
 
 
+class ResultMismatch(RuntimeError):
+    """TP and dense disagree by more than rounding: the layer is wrong, and its timing means nothing."""
+
+
+def tolerance(kind: str, shape: Shape, dtype: str, mode: str) -> float:
+    """Largest ``max |TP - dense|`` accepted: ``ROUNDING[dtype] * sqrt(terms summed per element)``.
+
+    Inputs and output gradients are N(0, 1) and weights Xavier-scaled, so the
+    outputs and input gradients are of order 1 and rounding errors grow like the
+    square root of the terms summed: ``max(n_in, n_out)`` in a linear layer or
+    the MLP, one in an embedding lookup, and at most ``n_ids`` (repeated ids)
+    in an embedding's table gradient.
+    """
+    if kind == "embedding":
+        terms = 1 if mode == "fwd" else shape.batch
+    else:
+        terms = max(shape.n_in, shape.n_out)
+    return ROUNDING[dtype] * math.sqrt(terms)
+
+
 def make_case(kind: str, mode: str, layer, x_host: np.ndarray, dy_host: Optional[np.ndarray]) -> Case:
     """TP and dense runs of ``layer`` on ``x_host`` (ids for the embedding), backward from ``dy_host``."""
     backend, device = layer.backend, output_device(layer)
@@ -869,6 +894,12 @@ def run_group(kind: str, shape: Shape, dtype: str, mode: str, args, backend_name
         dense_peak, _, dense_out = measure_peak(backend, case.dense, keep=case.keep_dense)
         diff = case.compare(tp_out, dense_out)
         del tp_out, dense_out
+        allowed = tolerance(kind, shape, dtype, mode)
+        if not diff <= allowed:  # also NaN
+            raise ResultMismatch(
+                f"{label}, {n} workers: TP and dense differ by up to {diff:.3g}, more than the {allowed:.3g} "
+                "rounding allows; the layer is wrong, so its timing is not reported"
+            )
         stats = {name: summarize(t, amount) for name, t in (("tp", tp_times), ("dense", dense_times), ("torch", torch_times))}
         record = {
             "layer": kind,
@@ -1152,6 +1183,14 @@ def _rounded(value: Any) -> Any:
     return value
 
 
+def write_json(path: Path, header: Dict[str, Any], records: List[Dict[str, Any]]) -> None:
+    """``{**header, "results": records}`` as JSON, readable yet small: the header indented, then one
+    line per case, times to 4 significant digits."""
+    head = json.dumps(header, indent=1)[:-2]
+    lines = [json.dumps(_rounded(r), separators=(",", ":")) for r in records]
+    path.write_text(head + ',\n "results": [\n' + ",\n".join(lines) + "\n ]\n}\n")
+
+
 def write_results(machine: Dict[str, Any], args, records: List[Dict[str, Any]], plots: bool = True) -> List[Path]:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / file_stem(machine, args.quick)
@@ -1160,11 +1199,8 @@ def write_results(machine: Dict[str, Any], args, records: List[Dict[str, Any]], 
     options["shapes"] = [vars(s) for s in args.shapes]
     options["embed_shapes"] = [vars(s) for s in args.embed_shapes]
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    payload = {"machine": machine, "options": options, "targets": target_rows(records)}
-    # Readable yet small: the header indented, then one line per case, times to 4 significant digits.
-    head = json.dumps(payload, indent=1)[:-2]
-    lines = [json.dumps(_rounded(r), separators=(",", ":")) for r in records]
-    json_path.write_text(head + ',\n "results": [\n' + ",\n".join(lines) + "\n ]\n}\n")
+    records = [_rounded(r) for r in records]  # as stored: the table then matches a --render of the JSON
+    write_json(json_path, {"machine": machine, "options": options, "targets": target_rows(records)}, records)
     md_path.write_text(markdown(machine, args, records))
     return [json_path, md_path] + (write_plots(records, stem) if plots else [])
 
@@ -1224,10 +1260,8 @@ def update(path: Path, machine: Dict[str, Any], args, records: List[Dict[str, An
         "load_avg": [machine["load_avg_start"], list(os.getloadavg())], "tp_gpu_source": machine["tp_gpu_source"],
         "argv": sys.argv[1:], "replaced": replaced, "added": [" ".join(map(str, case_key(r))) for r in new.values()],
     })
-    data["targets"] = target_rows(data["results"])
-    head = json.dumps({k: data[k] for k in ("machine", "options", "targets")}, indent=1)[:-2]
-    lines = [json.dumps(_rounded(r), separators=(",", ":")) for r in data["results"]]
-    path.write_text(head + ',\n "results": [\n' + ",\n".join(lines) + "\n ]\n}\n")
+    header = {"machine": data["machine"], "options": data["options"], "targets": target_rows(data["results"])}
+    write_json(path, header, data["results"])
     print(f"replaced {len(replaced)} and added {len(new)} case(s) in {path}")
     return render(path)
 
