@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     comm = get_communicator(args.comm)
     n_workers = 2 * comm.size if args.workers is None else args.workers
     config = TensorParallelConfig(n_workers=n_workers, backend=args.backend, comm=args.comm)
-    hidden = -(-4 * args.features // n_workers) * n_workers  # 4x the features, rounded up to split evenly
-    mlp = ParallelMLP(args.features, hidden, args.features, config, seed=0).eval()
+    hidden = 4 * args.features  # any size splits over any worker count
+    mlp = ParallelMLP(args.features, hidden, args.features, config, seed=0, activation="gelu_tanh").eval()
     x = np.random.default_rng(0).standard_normal((args.batch, args.features))  # the same on every rank
     y = mlp.backend.to_host(mlp(x))
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         gelu = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre**3)))
         dense = gelu @ state["fc2.weight"] + state["fc2.bias"]
         error = float(np.abs(y - dense).max())
-        print(f"{comm.size} {comm.name} ranks x {n_workers // comm.size} workers each ({config.backend or 'auto'} backend): "
+        print(f"{comm.size} {comm.name} ranks x {n_workers // comm.size} workers each ({mlp.backend.name} backend): "
               f"output {y.shape}, max abs error vs dense {error:.2e}")
         return 0 if error < 1e-6 * max(1.0, float(np.abs(dense).max())) else 1
     return 0

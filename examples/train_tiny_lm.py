@@ -50,7 +50,7 @@ class TinyLM:
 
     def __init__(self, vocab: int, dim: int, hidden: int, config: TensorParallelConfig, seed: int = 0) -> None:
         self.embed = ParallelEmbedding(vocab, dim, config=config, seed=seed)
-        self.mlp = ParallelMLP(dim, hidden, dim, config, seed=seed + 1, activation="gelu")  # seeds seed+1, seed+2
+        self.mlp = ParallelMLP(dim, hidden, dim, config, seed=seed + 1, activation="gelu_tanh")  # seeds seed+1, seed+2
         self.head = ColumnParallelLinear(dim, vocab, dataclasses.replace(config, gather_output=False), seed=seed + 3)
         self.loss_fn = VocabParallelCrossEntropy()
         self.backend = self.head.backend

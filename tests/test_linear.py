@@ -87,7 +87,7 @@ def test_nonzero_bias_is_added_once(make_config, rng, n_workers):
     for shard, device in zip(col.bias_shards, col.devices):  # shards are views: write in place
         with col.backend.device(device):
             shard[...] = col.backend.asarray(rng.standard_normal(2), col.dtype, device)
-    row.bias = rng.standard_normal(3)
+    row.bias.load(rng.standard_normal(3))
     x = rng.standard_normal((4, 5))
     np.testing.assert_allclose(to_host(col, col(x)), dense_reference(col, x), rtol=1e-12, atol=1e-12)
     h = rng.standard_normal((4, 2 * n_workers))
@@ -143,7 +143,7 @@ def test_output_device_from_config():
     x = np.ones((2, 4))
     assert col.backend.device_of(col(x)) == 2
     assert row.backend.device_of(row(x)) == 2
-    assert row.backend.device_of(row.bias) == 2
+    assert row.backend.device_of(row.bias_shards[0]) == 2
 
 
 def test_input_on_another_simulated_device(rng):
@@ -220,10 +220,13 @@ def test_row_rejects_sharded_tensor_of_other_split(make_config, rng):
 
 
 @pytest.mark.parametrize("layer_cls, split", [(ColumnParallelLinear, "n_out"), (RowParallelLinear, "n_in")])
-def test_indivisible_split_dimension(layer_cls, split):
+def test_uneven_split_dimension_is_balanced(layer_cls, split):
+    """10 features on 4 workers: 3, 3, 2, 2 (np.array_split), and the layer still equals dense."""
     cfg = TensorParallelConfig(n_workers=4, backend="numpy")
-    with pytest.raises(ConfigError, match=rf"{split} \(10\) must be divisible by n_workers \(4\)"):
-        layer_cls(10, 10, cfg)
+    layer = layer_cls(10, 10, cfg, seed=1)
+    assert layer.partition == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    x = np.random.default_rng(0).standard_normal((3, 10))
+    np.testing.assert_allclose(layer.backend.to_host(layer(x)), x @ layer.full_weight(), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("layer_cls", [ColumnParallelLinear, RowParallelLinear])

@@ -327,12 +327,17 @@ def test_callers_logits_and_targets_untouched(backend_spec, rng, n_workers, redu
 
 
 @pytest.mark.parametrize("n_workers", [1, 3, 8])
-def test_backward_twice_gives_the_same_gradient(backend_spec, rng, n_workers):
+def test_backward_twice_after_one_forward_raises(backend_spec, rng, n_workers):
+    """As PyTorch without retain_graph: a second backward would double gradients downstream."""
     backend = make_backend(backend_spec)
     z = rng.standard_normal((5, 7 * n_workers))
+    targets = random_targets(rng, (5,), 7 * n_workers)
     loss_fn = VocabParallelCrossEntropy(label_smoothing=0.1)
-    loss_fn(shard_logits(backend, n_workers, z), random_targets(rng, (5,), 7 * n_workers))
+    loss_fn(shard_logits(backend, n_workers, z), targets)
     first = host_grad(loss_fn.backward())
+    with pytest.raises(TensorParallelError, match="twice"):
+        loss_fn.backward()
+    loss_fn(shard_logits(backend, n_workers, z), targets)
     np.testing.assert_array_equal(host_grad(loss_fn.backward()), first)
 
 
@@ -347,6 +352,7 @@ def test_grad_loss_scales(backend_spec, rng, n_workers, reduction):
     loss_fn = VocabParallelCrossEntropy(reduction=reduction)
     loss_fn(shard_logits(backend, n_workers, z), targets)
     unit = host_grad(loss_fn.backward(1.0))
+    loss_fn(shard_logits(backend, n_workers, z), targets)
     scaled = host_grad(loss_fn.backward(2.5))
     np.testing.assert_allclose(scaled, 2.5 * unit, **TOL64)
     np.testing.assert_allclose(scaled, reduced_reference(z, targets, reduction, 2.5)[1], **TOL64)
@@ -363,11 +369,12 @@ def test_none_reduction_array_grad_loss(backend_spec, rng, n_workers):
     targets[1, 0] = -100
     logits = shard_logits(backend, n_workers, z)
     loss_fn = VocabParallelCrossEntropy(reduction="none")
-    loss_fn(logits, targets)
     g = rng.standard_normal((2, 3))
     expected = reduced_reference(z, targets, "none", g)[1]
     for grad_loss in (g, g.tolist(), backend.asarray(g, np.float64, logits.devices[-1])):
+        loss_fn(logits, targets)
         np.testing.assert_allclose(host_grad(loss_fn.backward(grad_loss)), expected, **TOL64)
+    loss_fn(logits, targets)
     np.testing.assert_allclose(host_grad(loss_fn.backward(0.5)), reduced_reference(z, targets, "none", 0.5)[1], **TOL64)
 
 

@@ -75,7 +75,7 @@ def test_a_stalled_rank_raises_comm_error_after_the_timeout():
     start = time.monotonic()
     result = mpirun(2, "stalled_rank.py", timeout=120, env={"TP_GPU_COMM_TIMEOUT": "3"})
     elapsed = time.monotonic() - start
-    assert "rank 0: CommError: rank 0/2: MPI allreduce(sum) did not complete within 3 s" in result.stdout, (
+    assert "rank 0: CommError: rank 0/2: MPI all_reduce(sum) did not complete within 3 s" in result.stdout, (
         result.stdout + result.stderr
     )
     assert result.returncode != 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tp_gpu import ConfigError, TensorParallelError, worker_devices
-from tp_gpu.partition import check_divisible, shard_range, shard_ranges, shard_size
+from tp_gpu.partition import BlockLayout, split_ranges, split_sizes
 from tp_gpu.placement import workers_by_device
 
 # ---------------------------------------------------------------------------- placement
@@ -89,66 +90,56 @@ def test_worker_devices_empty_device_list(devices):
 # ---------------------------------------------------------------------------- partition
 
 
-@pytest.mark.parametrize("n_workers", range(1, 9))
-@pytest.mark.parametrize("chunk", [1, 2, 7, 13])
-def test_shard_ranges_cover_contiguously(n_workers, chunk):
-    size = chunk * n_workers
-    ranges = shard_ranges(size, n_workers)
-    assert len(ranges) == n_workers
-    assert ranges[0][0] == 0
-    assert ranges[-1][1] == size
-    for (first, last), (next_first, _) in zip(ranges, ranges[1:]):
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 4, 5, 6, 7, 8, 16])
+@pytest.mark.parametrize("size", [1, 2, 7, 13, 30522, 50257])
+def test_split_matches_array_split(size, n_workers):
+    """Balanced, contiguous, covering: the pieces np.array_split makes, empty ones included."""
+    ranges = split_ranges(size, n_workers)
+    expected = [(int(a[0]), int(a[-1]) + 1) if a.size else None for a in np.array_split(np.arange(size), n_workers)]
+    sizes = split_sizes(size, n_workers)
+    assert sizes == [len(a) for a in np.array_split(np.arange(size), n_workers)]
+    assert len(ranges) == n_workers and ranges[0][0] == 0 and ranges[-1][1] == size
+    for (first, last), (next_first, _), want in zip(ranges, ranges[1:] + [(size, size)], expected):
         assert last == next_first  # half-open: no gap, no overlap
-    for first, last in ranges:
-        assert last - first == chunk == shard_size(size, n_workers)
-    covered = [i for first, last in ranges for i in range(first, last)]
-    assert covered == list(range(size))
-    for worker in range(n_workers):
-        assert shard_range(size, n_workers, worker) == ranges[worker]
+        assert want is None and first == last or (first, last) == want
 
 
 @pytest.mark.parametrize(
-    "size, n_workers", [(10, 3), (7, 2), (13, 4), (1, 2), (9, 8), (100, 7)]
+    "size, parts, unit, expected",
+    [
+        (12 * 64, 8, 64, [128] * 4 + [64] * 4),  # 12 heads over 8 workers: 2,2,2,2,1,1,1,1
+        (12 * 32, 5, 32, [96, 96, 64, 64, 64]),
+        (6, 4, 2, [2, 2, 2, 0]),  # more workers than units: an empty shard
+        (10, 1, 5, [10]),
+    ],
 )
-def test_check_divisible_message(size, n_workers):
-    with pytest.raises(ConfigError) as info:
-        check_divisible(size, n_workers, "n_out")
-    msg = str(info.value)
-    assert isinstance(info.value, ValueError) and isinstance(info.value, TensorParallelError)
-    assert "divisible" in msg
-    assert "n_out" in msg
-    assert f"({size})" in msg and f"({n_workers})" in msg
-    for fn in (shard_size, shard_ranges):
-        with pytest.raises(ConfigError, match="divisible"):
-            fn(size, n_workers, "n_out")
+def test_whole_unit_splits(size, parts, unit, expected):
+    assert split_sizes(size, parts, unit) == expected
+    assert all(s % unit == 0 for s in split_sizes(size, parts, unit))
 
 
-@pytest.mark.parametrize("size, n_workers", [(10, 5), (8, 8), (7, 1), (12, 3)])
-def test_check_divisible_passes(size, n_workers):
-    assert check_divisible(size, n_workers, "x") is None
+@pytest.mark.parametrize("size, unit", [(10, 3), (7, 2)])
+def test_unit_that_does_not_divide_is_a_config_error(size, unit):
+    with pytest.raises(ConfigError, match=rf"heads \({size}\) is not a whole number of units of {unit}"):
+        split_sizes(size, 2, unit, "heads")
 
 
 @pytest.mark.parametrize("size", [0, -4, 2.0, "8"])
 def test_partition_bad_size(size):
-    with pytest.raises(ConfigError, match="vocab_size"):
-        shard_ranges(size, 2, "vocab_size")
+    with pytest.raises(ConfigError, match="vocab_size") as info:
+        split_ranges(size, 2, what="vocab_size")
+    assert repr(size) in str(info.value)
 
 
 @pytest.mark.parametrize("n_workers", [0, -2, 2.0, True])
 def test_partition_bad_worker_count(n_workers):
     with pytest.raises(ConfigError, match="n_workers"):
-        shard_ranges(8, n_workers)
+        split_ranges(8, n_workers)
 
 
-@pytest.mark.parametrize("worker", [-1, 4, 5, 100])
-def test_shard_range_bad_worker(worker):
-    with pytest.raises(ConfigError) as info:
-        shard_range(8, 4, worker)
-    assert repr(worker) in str(info.value)
-    assert "4" in str(info.value)
-
-
-@pytest.mark.parametrize("worker", [0.5, True])
-def test_shard_range_non_integer_worker(worker):
-    with pytest.raises(ConfigError):
-        shard_range(10, 2, worker)
+def test_layout_of_several_processes_covers_the_dimension():
+    """13 columns over 2 processes of 3 workers each: spans (0, 7) and (7, 13), worker ranges as array_split."""
+    layouts = [BlockLayout.split(13, [0, 1, 0], rank=r, world_size=2) for r in range(2)]
+    assert [lay.spans for lay in layouts] == [[(0, 7), (7, 13)]] * 2
+    assert layouts[0].ranges + layouts[1].ranges == split_ranges(13, 6)
+    assert [(lay.start, lay.size, lay.total) for lay in layouts] == [(0, 7, 13), (7, 6, 13)]

@@ -87,7 +87,10 @@ def test_nn_embedding_loads_and_matches(make_config, generator, n_workers):
     np.testing.assert_array_equal(to_host(layer, layer(ids)), embedding(ids).detach().numpy())  # a lookup: exact
 
 
-@pytest.mark.parametrize("activation, torch_activation", [("gelu", torch.nn.GELU(approximate="tanh")), ("relu", torch.nn.ReLU())])
+@pytest.mark.parametrize(
+    "activation, torch_activation",
+    [("gelu", torch.nn.GELU()), ("gelu_tanh", torch.nn.GELU(approximate="tanh")), ("relu", torch.nn.ReLU())],
+)
 @pytest.mark.parametrize("n_workers", [1, 2, 3, 8])
 def test_torch_mlp_loads_and_matches(make_config, n_workers, activation, torch_activation):
     torch.manual_seed(n_workers)
@@ -163,6 +166,35 @@ def test_torch_weights_through_a_checkpoint(tmp_path):
 # --- CUDA tensors: run only where CuPy and a CUDA build of PyTorch see a GPU -----------------
 
 
+def _refuse_foreign_arrays(monkeypatch) -> None:
+    """Make the CuPy backend's ``host_array`` fail for anything but a NumPy array.
+
+    A layer's own initial weights are NumPy arrays on the host and reach the
+    GPU through ``host_array``; a torch tensor or a CuPy array must not.
+    """
+    import tp_gpu.backends.cupy_backend as cupy_backend
+
+    to_host = cupy_backend.host_array
+
+    def no_host_round_trip(x):
+        if not isinstance(x, np.ndarray):
+            raise AssertionError(f"a {type(x).__name__} went through the host")
+        return to_host(x)
+
+    monkeypatch.setattr(cupy_backend, "host_array", no_host_round_trip)
+
+
+def test_host_guard_lets_a_layers_own_weights_through(monkeypatch):
+    """The guard of the CUDA tests below, checked without a GPU: building a layer (initial weights
+    from the host) passes, a torch tensor is refused."""
+    import tp_gpu.backends.cupy_backend as cupy_backend
+
+    _refuse_foreign_arrays(monkeypatch)
+    np.testing.assert_array_equal(cupy_backend.host_array(np.ones(2)), np.ones(2))
+    with pytest.raises(AssertionError, match="Tensor went through the host"):
+        cupy_backend.host_array(torch.ones(2))
+
+
 @pytest.fixture
 def cuda(monkeypatch):
     from helpers import skip_unless_cupy
@@ -170,12 +202,7 @@ def cuda(monkeypatch):
     skip_unless_cupy()
     if not torch.cuda.is_available():
         pytest.skip("this PyTorch build sees no CUDA device")
-    import tp_gpu.backends.cupy_backend as cupy_backend
-
-    def no_host_round_trip(x):
-        raise AssertionError(f"a {type(x).__name__} went through the host")
-
-    monkeypatch.setattr(cupy_backend, "host_array", no_host_round_trip)
+    _refuse_foreign_arrays(monkeypatch)
     return torch.device("cuda", 0)
 
 

@@ -17,6 +17,7 @@ from .errors import (
     ShapeError,
     TensorParallelError,
 )
+from .group import TensorParallelGroup, get_group
 from .layers import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -24,6 +25,7 @@ from .layers import (
     RowParallelLinear,
     VocabParallelCrossEntropy,
 )
+from .module import IncompatibleKeys, Module, ModuleDict, Sequential
 from .optim import SGD, Adam
 from .parameter import ShardedParameter
 from .placement import worker_devices
@@ -33,6 +35,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TensorParallelConfig",
+    "TensorParallelGroup",
+    "get_group",
+    "Module",
+    "Sequential",
+    "ModuleDict",
+    "IncompatibleKeys",
     "ColumnParallelLinear",
     "RowParallelLinear",
     "ParallelEmbedding",

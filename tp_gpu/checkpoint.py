@@ -43,7 +43,8 @@ import numpy as np
 
 from .comm import LocalComm
 from .errors import CheckpointError, ConfigError, TensorParallelError
-from .layers.base import HasParameters, commit_state
+from .layers.base import ParallelModule
+from .module import Module, ModuleDict
 from .parameter import ShardedParameter
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "Checkpoint", "FORMAT", "FORMAT_VERSION"]
@@ -55,7 +56,7 @@ FORMAT = "tp_gpu"
 FORMAT_VERSION = 1
 
 PathLike = Union[str, "os.PathLike[str]"]
-Module = Union[HasParameters, Mapping[str, Any]]
+ModuleLike = Union[Module, Mapping[str, Any]]
 
 
 class Checkpoint(NamedTuple):
@@ -77,35 +78,30 @@ def _safetensors():
     return safetensors.safe_open, safetensors.numpy
 
 
-def _leaves(module: Module, prefix: str = "") -> List[Tuple[str, HasParameters]]:
-    """``(prefix, module)`` for every layer or ParallelMLP in ``module`` (a dict's keys become ``"key."``)."""
-    if isinstance(module, HasParameters):
-        return [(prefix, module)]
+def as_module(module: ModuleLikeLike, where: str = "") -> Module:
+    """``module`` itself, or a (nested) dict of modules as a :class:`ModuleDict` tree."""
+    if isinstance(module, Module):
+        return module
     if isinstance(module, Mapping):
         if not module:
-            raise ConfigError(f"got an empty dict of modules{' at ' + repr(prefix[:-1]) if prefix else ''}; nothing to checkpoint")
-        leaves = []
+            raise ConfigError(f"got an empty dict of modules{' at ' + repr(where) if where else ''}; nothing to checkpoint")
+        tree = ModuleDict()
         for key, sub in module.items():
-            if not isinstance(key, str) or not key:
-                raise ConfigError(f"module dict keys must be non-empty strings, got {key!r}")
-            leaves.extend(_leaves(sub, f"{prefix}{key}."))
-        return leaves
+            if not isinstance(key, str) or not key or "." in key:
+                raise ConfigError(f"module dict keys must be non-empty strings without dots, got {key!r}")
+            tree[key] = as_module(sub, f"{where}.{key}" if where else key)
+        return tree
     raise ConfigError(
-        f"expected a tp_gpu layer, a ParallelMLP or a dict of them, got {type(module).__name__}"
-        f"{' at ' + repr(prefix[:-1]) if prefix else ''}"
+        f"expected a tp_gpu Module or a dict of them, got {type(module).__name__}{' at ' + repr(where) if where else ''}"
     )
 
 
-def named_parameters(module: Module) -> List[Tuple[str, ShardedParameter]]:
+def named_parameters(module: ModuleLikeLike) -> List[Tuple[str, ShardedParameter]]:
     """``(name, parameter)`` of every parameter of ``module``; names are the checkpoint's tensor names."""
-    named: Dict[str, ShardedParameter] = {}
-    for prefix, leaf in _leaves(module):
-        for name, param in leaf.named_parameters():
-            key = prefix + name
-            if key in named:
-                raise ConfigError(f"two parameters would be saved as {key!r}; rename the dict keys")
-            named[key] = param
-    return list(named.items())
+    named = as_module(module).named_parameters()
+    if not named:
+        raise ConfigError(f"{type(module).__name__} has no parameters; nothing to checkpoint")
+    return named
 
 
 def _little_endian(a: np.ndarray) -> np.ndarray:
@@ -123,10 +119,10 @@ def _summary(values) -> str:
     return ",".join(distinct)
 
 
-def _metadata(module: Module, tensors: Dict[str, np.ndarray], named: List[Tuple[str, ShardedParameter]]) -> Dict[str, str]:
+def _metadata(module: ModuleLike, tensors: Dict[str, np.ndarray], named: List[Tuple[str, ShardedParameter]]) -> Dict[str, str]:
     from . import __version__
 
-    leaves = [leaf for _, leaf in _leaves(module)]
+    leaves = [m for _, m in as_module(module).named_modules() if isinstance(m, ParallelModule)]
     partition = {
         name: {
             "axis": p.axis,
@@ -203,7 +199,7 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: PathLike, module: Module) -> None:
+def save_checkpoint(path: PathLike, module: ModuleLike) -> None:
     """Write ``module``'s logical weights to the safetensors file ``path``, atomically.
 
     Parameters
@@ -361,7 +357,7 @@ def _read(path: PathLike, named=None) -> Tuple[Dict[str, np.ndarray], Dict[str, 
     return tensors, metadata
 
 
-def load_checkpoint(path: PathLike, module: Module) -> Dict[str, str]:
+def load_checkpoint(path: PathLike, module: ModuleLike) -> Dict[str, str]:
     """Load the checkpoint ``path`` into ``module``, re-sharding every tensor for it.
 
     ``module`` is what was saved, or the same architecture built with any
@@ -387,7 +383,8 @@ def load_checkpoint(path: PathLike, module: Module) -> Dict[str, str]:
     named = named_parameters(module)
     tensors, metadata = _read(path, named)
     staged = [(param, param.stage(tensors[name], f"checkpoint tensor {name!r}")) for name, param in named]
-    commit_state(staged)
+    for param, blocks in staged:
+        param.commit(blocks)
     return metadata
 
 

@@ -1,58 +1,137 @@
-"""Collectives over per-worker shards: the only place arrays of different devices meet.
+"""Collectives over per-device blocks: with the backends, the only code where arrays change device.
 
 Every function takes the backend that owns the arrays. Moves go through
-``backend.to_device`` / ``backend.asarray`` (peer copies on CuPy); arithmetic is
-limited to sums, each run under the device its operands live on.
+``backend.to_device`` / ``backend.asarray`` (peer copies on CuPy); arithmetic
+is limited to sums and maxima, each run under the device its operands live on.
+A collective works within the process first (one array per device), then
+across processes through the communicator ``comm`` when there are several.
 
-Shapes use ``p`` for the number of workers and ``d`` for the number of distinct
-devices they are placed on (``d <= p``).
+A *block* dict maps each device to one array: the slices of every worker
+placed on that device, side by side (see :class:`~tp_gpu.partition.BlockLayout`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, List, Sequence, Tuple
+import os
+from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Sequence, Tuple
 
+import numpy as np
+
+from .backends.numpy_backend import CPU, NumpyBackend
 from .partition import BlockLayout
-from .placement import workers_by_device
-
-
-def _along(axis: int, index: slice) -> Tuple[slice, ...]:
-    return (slice(None),) * axis + (index,)
 
 __all__ = [
+    "Blocks",
+    "on_devices",
+    "Reduction",
+    "PeerCopyReduction",
+    "InProcessNcclReduction",
+    "default_reduction",
     "broadcast",
-    "scatter",
     "scatter_blocks",
     "gather_blocks",
-    "to_placement",
-    "all_gather",
+    "gather_to_host",
+    "to_devices",
+    "to_host",
     "reduce_sum",
     "reduce_max",
     "all_reduce_sum",
     "all_reduce_max",
 ]
 
+Blocks = Dict[Hashable, Any]
 
-def broadcast(backend, x: Any, devices: Sequence[Hashable], dtype) -> Dict[Hashable, Any]:
-    """Copy ``x`` (host or any device) as ``dtype`` onto each distinct device, once per device.
+_HOST = NumpyBackend()  # host arrays, and the host side of checkpoints, travel as NumPy
 
-    Returns ``{device: array}``; workers sharing a device share its copy.
+
+def _along(axis: int, index: slice) -> Tuple[slice, ...]:
+    return (slice(None),) * axis + (index,)
+
+
+class Reduction(Protocol):
+    """How one array per device is combined elementwise into one array on ``dst``."""
+
+    def combine(self, backend: Any, per_device: Blocks, dst: Hashable, ufunc: str) -> Any: ...
+
+
+class PeerCopyReduction:
+    """Each device's array is copied to ``dst`` (a peer copy on CuPy) and combined there."""
+
+    def combine(self, backend: Any, per_device: Blocks, dst: Hashable, ufunc: str) -> Any:
+        combine = getattr(backend.xp, ufunc)
+        arrays = list(per_device.values())
+        total = backend.to_device(arrays[0], dst)
+        with backend.device(dst):
+            for local in arrays[1:]:
+                combine(total, backend.to_device(local, dst), out=total)
+        return total
+
+
+class InProcessNcclReduction:
+    """NCCL's reduce across the GPUs of one process, where it applies; peer copies otherwise.
+
+    Chosen by :func:`default_reduction` with ``TP_GPU_NCCL=1`` on the CuPy
+    backend with two or more GPUs. NCCL applies when every GPU holds one
+    array of the same shape and dtype.
     """
+
+    def __init__(self, nccl: Any) -> None:
+        self.nccl = nccl
+        self.fallback = PeerCopyReduction()
+
+    def combine(self, backend: Any, per_device: Blocks, dst: Hashable, ufunc: str) -> Any:
+        if self.nccl.can_reduce(per_device, dst, ufunc):
+            return self.nccl.reduce(per_device, dst, ufunc)
+        return self.fallback.combine(backend, per_device, dst, ufunc)
+
+
+_reductions: Dict[int, Reduction] = {}
+
+
+def default_reduction(backend: Any) -> Reduction:
+    """The reduction strategy of ``backend``: in-process NCCL when asked for and possible, else peer copies."""
+    key = id(backend)
+    if key not in _reductions:
+        strategy: Reduction = PeerCopyReduction()
+        if backend.name == "cupy" and os.environ.get("TP_GPU_NCCL") == "1" and len(backend.devices) > 1:
+            from .comm.nccl_local import maybe_in_process_nccl
+
+            nccl = maybe_in_process_nccl(backend.xp, backend.devices)
+            if nccl is not None:
+                strategy = InProcessNcclReduction(nccl)
+        _reductions[key] = strategy
+    return _reductions[key]
+
+
+def on_devices(backend: Any, fn: Callable[..., Any], *blocks: Blocks, keys: Optional[Iterable[Hashable]] = None) -> Blocks:
+    """``{d: fn(blocks[0][d], blocks[1][d], ...)}`` for each device ``d`` of ``keys`` (default: the
+    devices of ``blocks[0]``), each call under its device, where its operands already live.
+
+    This is the one loop over devices that compute code uses; it moves nothing.
+    """
+    out = {}
+    for device in blocks[0] if keys is None else keys:
+        with backend.device(device):
+            out[device] = fn(*(b[device] for b in blocks))
+    return out
+
+
+def broadcast(backend: Any, x: Any, devices: Sequence[Hashable], dtype: Any) -> Blocks:
+    """Copy ``x`` (host or any device) as ``dtype`` onto each distinct device, once per device."""
     return {device: backend.asarray(x, dtype, device) for device in dict.fromkeys(devices)}
 
 
-def scatter(backend, x: Any, axis: int, ranges: Sequence[Tuple[int, int]], placement: Sequence[Hashable], dtype) -> List[Any]:
-    """Split ``x`` along ``axis`` into ``x[..., first:last, ...]`` for each range and put
-    worker i's piece on ``placement[i]`` as ``dtype``. Only each piece crosses devices."""
-    axis = axis % x.ndim
-    pieces = []
-    for (first, last), device in zip(ranges, placement):
-        index = (slice(None),) * axis + (slice(first, last),)
-        pieces.append(backend.asarray(x[index], dtype, device))
-    return pieces
+def to_devices(backend: Any, arrays: Sequence[Any], devices: Sequence[Hashable], dtype: Any) -> List[Any]:
+    """``arrays[i]`` on ``devices[i]`` as ``dtype`` (no copy where it already is)."""
+    return [backend.asarray(a, dtype, device) for a, device in zip(arrays, devices)]
 
 
-def scatter_blocks(backend, x: Any, axis: int, layout: BlockLayout, dtype) -> Dict[Hashable, Any]:
+def to_host(backend: Any, x: Any) -> np.ndarray:
+    """``x`` as a host NumPy array (a device-to-host copy; on a GPU it waits for ``x``)."""
+    return backend.to_host(x)
+
+
+def scatter_blocks(backend: Any, x: Any, axis: int, layout: BlockLayout, dtype: Any) -> Blocks:
     """Split ``x`` along ``axis`` into each device's block: its workers' slices, side by side.
 
     Only each block's slices cross to its device. A device whose workers own one
@@ -70,20 +149,34 @@ def scatter_blocks(backend, x: Any, axis: int, layout: BlockLayout, dtype) -> Di
     return blocks
 
 
-def gather_blocks(backend, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, dst: Hashable, comm=None) -> Any:
+def gather_blocks(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, dst: Hashable, comm: Any = None) -> Any:
     """The full array on ``dst`` from per-device ``blocks`` split along ``axis`` as ``layout`` says.
 
     Each block crosses to ``dst`` once. A single block that already is the whole
     span in order is used as it is (moved to ``dst`` if needed), without a
     copy; otherwise the output is allocated once on ``dst`` and every worker's
     slice is written into place. With a ``comm`` of several processes, the
-    processes' spans are then all-gathered.
+    processes' spans (of any lengths, ``layout.spans``) are then all-gathered.
     """
     span = _gather_span(backend, blocks, axis, layout, dst)
-    return span if comm is None or comm.size == 1 else comm.allgather(backend, span, axis)
+    if comm is None or comm.size == 1:
+        return span
+    return _all_gather_spans(backend, span, axis, [last - first for first, last in layout.spans], comm)
 
 
-def _gather_span(backend, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, dst: Hashable) -> Any:
+def gather_to_host(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, comm: Any = None) -> np.ndarray:
+    """The full array as a new host NumPy array, from per-device ``blocks`` laid out as ``layout``.
+
+    With a ``comm`` of several processes this is collective: the spans are all-gathered on the host.
+    """
+    host = {device: np.array(backend.to_host(block)) for device, block in blocks.items()}
+    span = np.array(_gather_span(_HOST, host, axis, layout, CPU))
+    if comm is None or comm.size == 1:
+        return span
+    return _all_gather_spans(_HOST, span, axis, [last - first for first, last in layout.spans], comm)
+
+
+def _gather_span(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, dst: Hashable) -> Any:
     first_device, first_block = next(iter(blocks.items()))
     axis %= first_block.ndim
     if len(blocks) == 1 and layout.is_whole(first_device):
@@ -99,87 +192,67 @@ def _gather_span(backend, blocks: Dict[Hashable, Any], axis: int, layout: BlockL
     return out
 
 
-def to_placement(backend, arrays: Sequence[Any], placement: Sequence[Hashable], dtype) -> List[Any]:
-    """Put ``arrays[i]`` on ``placement[i]`` as ``dtype`` (no copy where it already is)."""
-    return [backend.asarray(a, dtype, device) for a, device in zip(arrays, placement)]
+def _all_gather_spans(backend: Any, span: Any, axis: int, sizes: Sequence[int], comm: Any) -> Any:
+    """Every process's ``span`` (lengths ``sizes`` along ``axis``) concatenated in rank order.
 
-
-def all_gather(backend, shards: Sequence[Any], axis: int, dst: Hashable) -> Any:
-    """Concatenate ``shards`` along ``axis`` into one array on ``dst``.
-
-    The output is allocated once on ``dst`` and each shard is written into its
-    slice: a shard already on ``dst`` is copied straight in, a remote one is
-    peer-copied first.
+    Communicators gather equal pieces, so each span is padded to the longest
+    first and the padding is cut off after.
     """
-    ndim = shards[0].ndim
-    axis = axis % ndim
-    sizes = [s.shape[axis] for s in shards]
-    shape = list(shards[0].shape)
-    shape[axis] = sum(sizes)
-    out = backend.empty(tuple(shape), shards[0].dtype, dst)
-    first = 0
-    for shard, size in zip(shards, sizes):
-        local = backend.to_device(shard, dst)
-        index = (slice(None),) * axis + (slice(first, first + size),)
-        with backend.device(dst):
-            out[index] = local
-        first += size
-    return out
+    axis %= span.ndim
+    longest = max(sizes)
+    xp = backend.xp
+    device = backend.device_of(span)
+    if span.shape[axis] < longest:
+        pad = [(0, 0)] * span.ndim
+        pad[axis] = (0, longest - span.shape[axis])
+        if device in backend.devices:
+            with backend.device(device):
+                span = xp.pad(span, pad)
+        else:
+            span = np.pad(span, pad)
+    gathered = comm.all_gather(backend, span, axis)
+    if all(size == longest for size in sizes):
+        return gathered
+    keep = np.concatenate([np.arange(r * longest, r * longest + n) for r, n in enumerate(sizes)])
+    if isinstance(gathered, np.ndarray):
+        return np.take(gathered, keep, axis=axis)
+    with backend.device(device):
+        return xp.take(gathered, backend.asarray(keep, np.int64, device), axis=axis)
 
 
-def _reduce(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable, ufunc: str) -> Any:
-    """Combine ``partials`` elementwise with ``xp.<ufunc>`` into one array on ``dst``.
-
-    Partials that share a device are combined there first, so one array per
-    device crosses to ``dst``. The partials are consumed: the first partial of
-    each device is the accumulator of that device (callers pass temporaries),
-    and the result may be one of them.
-    """
-    combine = getattr(backend.xp, ufunc)
-    per_device = {}
-    for device, workers in workers_by_device(placement).items():
-        local = partials[workers[0]]
-        with backend.device(device):
-            for w in workers[1:]:
-                combine(local, partials[w], out=local)
-        per_device[device] = local
-    nccl = getattr(backend, "nccl", None)  # opt-in in-process NCCL on several GPUs (TP_GPU_NCCL=1)
-    if nccl is not None and nccl.can_reduce(per_device, dst, ufunc):
-        return nccl.reduce(per_device, dst, ufunc)
-    per_device = list(per_device.values())
-    total = backend.to_device(per_device[0], dst)
-    with backend.device(dst):
-        for local in per_device[1:]:
-            combine(total, backend.to_device(local, dst), out=total)
-    return total
+def _reduce(backend: Any, partials: Blocks, dst: Hashable, ufunc: str, reduction: Optional[Reduction]) -> Any:
+    """Combine one array per device (``partials``) with ``xp.<ufunc>`` into one array on ``dst``."""
+    strategy = default_reduction(backend) if reduction is None else reduction
+    if len(partials) == 1:
+        return backend.to_device(next(iter(partials.values())), dst)
+    return strategy.combine(backend, partials, dst, ufunc)
 
 
-def reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable, comm=None) -> Any:
-    """``sum_i partials[i]`` (the i-th on ``placement[i]``) on ``dst``; consumes the partials.
+def reduce_sum(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Optional[Reduction] = None) -> Any:
+    """``sum_d partials[d]`` on ``dst``; consumes the partials (one may become the result).
 
     With a ``comm`` of several processes, each process's local sum is then
     all-reduced, so every process gets the global sum on its ``dst``.
     """
-    total = _reduce(backend, partials, placement, dst, "add")
-    return total if comm is None or comm.size == 1 else comm.allreduce(backend, total, "sum")
+    total = _reduce(backend, partials, dst, "add", reduction)
+    return total if comm is None or comm.size == 1 else comm.all_reduce(backend, total, "sum")
 
 
-def reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable], dst: Hashable, comm=None) -> Any:
-    """Elementwise ``max_i partials[i]`` on ``dst``; consumes the partials (and all-reduces over ``comm``)."""
-    total = _reduce(backend, partials, placement, dst, "maximum")
-    return total if comm is None or comm.size == 1 else comm.allreduce(backend, total, "max")
+def reduce_max(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Optional[Reduction] = None) -> Any:
+    """Elementwise ``max_d partials[d]`` on ``dst``; consumes the partials (and all-reduces over ``comm``)."""
+    total = _reduce(backend, partials, dst, "maximum", reduction)
+    return total if comm is None or comm.size == 1 else comm.all_reduce(backend, total, "max")
 
 
-def _replicate(backend, total: Any, placement: Sequence[Hashable]) -> List[Any]:
-    copies = broadcast(backend, total, placement, total.dtype)
-    return [copies[device] for device in placement]
+def all_reduce_sum(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
+    """The sum of ``partials`` (over every process of ``comm``) on every device of ``partials``."""
+    devices = list(partials)
+    total = reduce_sum(backend, partials, devices[0], comm)
+    return broadcast(backend, total, devices, total.dtype)
 
 
-def all_reduce_sum(backend, partials: Sequence[Any], placement: Sequence[Hashable], comm=None) -> List[Any]:
-    """The sum of ``partials`` (over every process of ``comm``) on every worker's device."""
-    return _replicate(backend, reduce_sum(backend, partials, placement, placement[0], comm), placement)
-
-
-def all_reduce_max(backend, partials: Sequence[Any], placement: Sequence[Hashable], comm=None) -> List[Any]:
-    """The elementwise max of ``partials`` (over every process of ``comm``) on every worker's device."""
-    return _replicate(backend, reduce_max(backend, partials, placement, placement[0], comm), placement)
+def all_reduce_max(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
+    """The elementwise max of ``partials`` (over every process of ``comm``) on every device of ``partials``."""
+    devices = list(partials)
+    total = reduce_max(backend, partials, devices[0], comm)
+    return broadcast(backend, total, devices, total.dtype)

@@ -10,13 +10,23 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["TensorParallelConfig", "SUPPORTED_DTYPES", "BACKEND_NAMES", "check_positive_int", "normalize_devices"]
+__all__ = [
+    "TensorParallelConfig",
+    "SUPPORTED_DTYPES",
+    "BACKEND_NAMES",
+    "COMM_NAMES",
+    "check_positive_int",
+    "normalize_devices",
+]
 
 #: Floating dtypes the layers compute in.
 SUPPORTED_DTYPES: Tuple[str, ...] = ("float64", "float32", "float16")
 
 #: Backend names accepted by ``TensorParallelConfig.backend`` and ``TP_GPU_BACKEND``.
 BACKEND_NAMES: Tuple[str, ...] = ("numpy", "cupy", "simulated")
+
+#: Communicator names accepted by ``TensorParallelConfig.comm``.
+COMM_NAMES: Tuple[str, ...] = ("local", "mpi", "nccl")
 
 
 def check_positive_int(value, name: str) -> int:
@@ -68,9 +78,12 @@ class TensorParallelConfig:
 
     The config is immutable and validated on construction, so one config can be
     shared by many layers. A bad value raises :class:`~tp_gpu.errors.ConfigError`.
+    Construction has no side effects: it neither imports mpi4py nor starts MPI.
+    The communicator starts, and every rank's agreement is checked, when the
+    first layer is built (see :func:`tp_gpu.group.get_group`).
     """
 
-    n_workers: int = 2  # number of tensor-parallel workers (shards); must divide the split dim
+    n_workers: int = 2  # number of tensor-parallel workers (shards); any split size is allowed
     gather_output: bool = True  # column layer: concatenate the shards (True) or return a ShardedTensor
     backend: Optional[str] = None  # "numpy" | "cupy" | "simulated"; None: $TP_GPU_BACKEND, then auto
     devices: Union[None, int, Sequence[int]] = None  # device count or ids; None: every visible device
@@ -90,25 +103,19 @@ class TensorParallelConfig:
         od = self.output_device
         if od is not None and not (isinstance(od, str) or (isinstance(od, numbers.Integral) and not isinstance(od, bool))):
             raise ConfigError(f"output_device must be None, a device id or 'cpu', got {od!r}")
-        if self.comm is not None:
-            from .comm import get_communicator
-
-            world = get_communicator(self.comm).size
-            if self.n_workers % world:
-                raise ConfigError(
-                    f"n_workers ({self.n_workers}) must be a multiple of the world size ({world}) with comm={self.comm!r}"
-                )
+        if self.comm is not None and self.comm not in COMM_NAMES:
+            raise ConfigError(f"comm must be one of {COMM_NAMES}, got {self.comm!r}")
 
     @property
     def rank(self) -> int:
-        """This process's rank among the processes of ``comm`` (0 with one process)."""
+        """This process's rank among the processes of ``comm`` (0 with one process); starts ``comm``."""
         from .comm import get_communicator
 
         return get_communicator(self.comm).rank
 
     @property
     def world_size(self) -> int:
-        """The number of processes of ``comm`` (1 with one process)."""
+        """The number of processes of ``comm`` (1 with one process); starts ``comm``."""
         from .comm import get_communicator
 
         return get_communicator(self.comm).size

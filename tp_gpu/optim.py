@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from functools import partial
 from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple
 
+import numpy as np
+
+from . import collectives
 from .errors import ConfigError
 from .parameter import ShardedParameter
 
@@ -52,16 +56,27 @@ class _Optimizer:
             p.zero_grad()
 
     def step(self) -> None:
-        """Update every block that has a gradient, in place, under its device."""
-        for p, states in zip(self.params, self._state):
-            for device, block in p.blocks.items():
-                grad = p.grad_blocks[device]
-                if grad is None:
-                    continue
-                with p.backend.device(device):
-                    states[device] = self._update(block, grad, states[device], p.backend.xp)
+        """Update every block that has a gradient, in place, under its device.
 
-    def _update(self, shard: Any, grad: Any, state: Optional[Any], xp) -> Any:
+        Float16 parameters are updated in float32: the gradient is widened,
+        the state is kept in float32, and the float32 result is rounded back
+        into the float16 block (as ``torch.optim`` under AMP).
+        """
+        for p, states in zip(self.params, self._state):
+            xp = p.backend.xp
+            keys = [d for d, g in p.grad_blocks.items() if g is not None]
+            update = partial(self._update_block, xp)
+            states.update(collectives.on_devices(p.backend, update, p.blocks, p.grad_blocks, states, keys=keys))
+
+    def _update_block(self, xp: Any, block: Any, grad: Any, state: Optional[Any]) -> Any:
+        if block.dtype.itemsize >= 4:
+            return self._update(block, grad, state, xp)
+        wide = block.astype(np.float32)
+        state = self._update(wide, grad.astype(np.float32), state, xp)
+        block[...] = wide
+        return state
+
+    def _update(self, shard: Any, grad: Any, state: Optional[Any], xp: Any) -> Any:
         raise NotImplementedError
 
 

@@ -18,14 +18,11 @@ import numpy as np
 
 from . import collectives
 from .backends.base import as_array
-from .backends.numpy_backend import NumpyBackend
-from .comm import LocalComm
+from .comm.base import Communicator, LocalComm
 from .errors import ShapeError
 from .partition import BlockLayout
 
 __all__ = ["ShardedParameter"]
-
-_HOST = NumpyBackend()  # host arrays travel between processes as NumPy
 
 
 def _along(axis: int, index: slice) -> Tuple[slice, ...]:
@@ -38,52 +35,56 @@ class ShardedParameter:
     Parameters
     ----------
     name : str
-        Key in ``grads()`` and state dicts, e.g. ``"weight"``.
+        What error messages call it, e.g. ``"weight"``.
     full : numpy.ndarray
         The initial logical value, on the host.
-    axis : int or None
-        Split axis; ``None`` keeps the parameter whole on ``devices[0]``.
-    layout : BlockLayout or None
-        How ``axis`` is split over the workers' devices (None when whole).
-    device : hashable
-        The device of a whole parameter.
     backend : Backend
     dtype : numpy dtype
+    layout : BlockLayout or None
+        How ``axis`` is split over the workers' devices; None for a whole parameter.
+    axis : int or None
+        Split axis; ``None`` keeps the parameter whole on ``device``.
+    device : hashable
+        The device of a whole parameter.
     comm : Communicator, optional
         With several processes, ``layout`` covers this process's span only and
         :meth:`full` / :meth:`full_grad` all-gather the spans (collectives).
     """
 
     def __init__(
-        self, name: str, full: np.ndarray, axis: Optional[int], layout: Optional[BlockLayout], device, backend, dtype, comm=None
+        self,
+        name: str,
+        full: np.ndarray,
+        backend: Any,
+        dtype: Any,
+        layout: Optional[BlockLayout] = None,
+        axis: Optional[int] = None,
+        device: Hashable = None,
+        comm: Optional[Communicator] = None,
     ) -> None:
         self.name = name
-        self.comm = LocalComm() if comm is None else comm
+        self.comm: Communicator = LocalComm() if comm is None else comm
         self.axis = axis
         self.layout = layout
         self.backend = backend
         self.dtype = np.dtype(dtype)
         self.shape: Tuple[int, ...] = tuple(full.shape)
-        self.block_devices: List[Hashable] = [device] if axis is None else list(layout.groups)
-        self.blocks: Dict[Hashable, Any] = {
-            d: backend.asarray(piece, self.dtype, d) for d, piece in self._host_blocks(full).items()
-        }
+        self.block_devices: List[Hashable] = [device] if layout is None else list(layout.groups)
+        self.blocks: Dict[Hashable, Any] = self._place(np.asarray(full))
         self.grad_blocks: Dict[Hashable, Optional[Any]] = dict.fromkeys(self.blocks)
 
-    def _host_blocks(self, full: np.ndarray) -> Dict[Hashable, np.ndarray]:
-        """Each device's block of the host array ``full``, as new contiguous arrays."""
-        if self.axis is None:
-            return {self.block_devices[0]: np.array(full, dtype=self.dtype, order="C")}
-        return {
-            d: np.ascontiguousarray(np.concatenate([full[_along(self.axis, s)] for s in self.layout.global_slices(d)], self.axis), dtype=self.dtype)
-            for d in self.block_devices
-        }
+    def _place(self, full: Any) -> Dict[Hashable, Any]:
+        """Each device's block of the logical value ``full`` (host or device array), on its device."""
+        if self.layout is None or self.axis is None:
+            return collectives.broadcast(self.backend, full, self.block_devices, self.dtype)
+        return collectives.scatter_blocks(self.backend, full, self.axis, self.layout, self.dtype)
 
     def _views(self, blocks: Dict[Hashable, Any]) -> List[Any]:
         """Per-worker views into per-device ``blocks`` (a single-element list when whole)."""
-        if self.axis is None:
+        if self.layout is None or self.axis is None:
             return [blocks[self.block_devices[0]]]
-        return [blocks[d][_along(self.axis, slice(*self.layout.local[w]))] for w, d in enumerate(self.layout.devices)]
+        axis, layout = self.axis, self.layout
+        return [blocks[d][_along(axis, slice(*layout.local[w]))] for w, d in enumerate(layout.devices)]
 
     @property
     def shards(self) -> List[Any]:
@@ -93,15 +94,13 @@ class ShardedParameter:
     @property
     def devices(self) -> List[Hashable]:
         """The device of each entry of ``shards``."""
-        return list(self.block_devices) if self.axis is None else list(self.layout.devices)
+        return list(self.block_devices) if self.layout is None else list(self.layout.devices)
 
     def _assemble(self, blocks: Dict[Hashable, Any]) -> np.ndarray:
         """The logical array on the host; with several processes a collective (all-gather of the spans)."""
-        host = [np.array(self.backend.to_host(v)) for v in self._views(blocks)]
-        if self.axis is None:
-            return host[0]  # whole parameters are the same on every process
-        span = np.concatenate(host, axis=self.axis)
-        return span if self.comm.size == 1 else self.comm.allgather(_HOST, span, self.axis)
+        if self.layout is None or self.axis is None:
+            return np.array(collectives.to_host(self.backend, blocks[self.block_devices[0]]))
+        return collectives.gather_to_host(self.backend, blocks, self.axis, self.layout, self.comm)
 
     def full(self) -> np.ndarray:
         """The logical parameter as a new host array."""
@@ -109,7 +108,12 @@ class ShardedParameter:
 
     def full_grad(self) -> np.ndarray:
         """The logical gradient as a new host array (zeros before any backward)."""
-        grads = {d: np.zeros(b.shape, self.dtype) if self.grad_blocks[d] is None else self.grad_blocks[d] for d, b in self.blocks.items()}
+        if all(g is None for g in self.grad_blocks.values()):
+            return np.zeros(self.shape, self.dtype)
+        grads = {
+            d: self.backend.xp.zeros(self.blocks[d].shape, self.dtype) if g is None else g
+            for d, g in self.grad_blocks.items()
+        }
         return self._assemble(grads)
 
     def accumulate(self, device: Hashable, grad: Any) -> None:
@@ -119,6 +123,11 @@ class ShardedParameter:
         else:
             with self.backend.device(device):
                 self.grad_blocks[device] += grad
+
+    def accumulate_blocks(self, grads: Dict[Hashable, Any]) -> None:
+        """Add each device's gradient block ``grads[d]`` (on ``d``) to the gradient."""
+        for device, grad in grads.items():
+            self.accumulate(device, grad)
 
     def zero_grad(self) -> None:
         """Forget the accumulated gradients."""
@@ -145,10 +154,7 @@ class ShardedParameter:
             raise ShapeError(f"{what} must have shape {self.shape}, got {tuple(full.shape)}")
         if np.dtype(full.dtype).kind not in "fiu":
             raise ShapeError(f"{what} must hold real numbers (float or integer), got dtype {full.dtype}")
-        if self.axis is None:
-            device = self.block_devices[0]
-            return {device: self.backend.asarray(full, self.dtype, device)}
-        return collectives.scatter_blocks(self.backend, full, self.axis, self.layout, self.dtype)
+        return self._place(full)
 
     def commit(self, staged: Dict[Hashable, Any]) -> None:
         """Copy blocks made by :meth:`stage` into place, in place (views and optimizer state stay valid)."""

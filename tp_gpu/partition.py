@@ -1,47 +1,60 @@
-"""Split sizes and half-open ``[first, last)`` ranges of a partitioned dimension."""
+"""How a split dimension is cut over workers, and where each worker's slice lies on its device.
+
+A dimension of ``size`` split over ``p`` workers is cut into balanced,
+contiguous, half-open ranges ``[first, last)``, as ``np.array_split`` cuts it:
+the first ``size % p`` workers get one more. With ``unit > 1`` the cut keeps
+units of ``unit`` consecutive indices whole (attention heads of ``head_dim``
+columns), and the units are balanced instead: 12 heads over 8 workers give
+2, 2, 2, 2, 1, 1, 1, 1 heads. Workers may get nothing when there are more of
+them than units; an empty shard is a valid shard.
+"""
 
 from __future__ import annotations
 
-import numbers
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 from .config import check_positive_int
 from .errors import ConfigError
 from .placement import workers_by_device
 
-__all__ = ["check_divisible", "shard_size", "shard_range", "shard_ranges", "BlockLayout"]
+__all__ = ["split_sizes", "split_ranges", "BlockLayout"]
 
 
-def check_divisible(size: int, n_workers: int, what: str) -> None:
-    """Raise ConfigError unless ``n_workers`` divides ``size`` (the dimension ``what``)."""
-    n_workers = check_positive_int(n_workers, "n_workers")
+def split_sizes(size: int, parts: int, unit: int = 1, what: str = "size") -> List[int]:
+    """Balanced sizes of ``parts`` contiguous pieces of ``size`` indices, in whole ``unit`` s.
+
+    >>> split_sizes(10, 4)
+    [3, 3, 2, 2]
+    >>> split_sizes(12 * 64, 8, unit=64)  # 12 heads of 64 columns on 8 workers
+    [128, 128, 128, 128, 64, 64, 64, 64]
+    """
     size = check_positive_int(size, what)
-    if size % n_workers:
-        lower = size - size % n_workers
-        raise ConfigError(
-            f"{what} ({size}) must be divisible by n_workers ({n_workers}); "
-            f"the nearest valid sizes are {lower or n_workers} and {lower + n_workers}"
-        )
+    parts = check_positive_int(parts, "n_workers")
+    unit = check_positive_int(unit, f"unit of {what}")
+    if size % unit:
+        raise ConfigError(f"{what} ({size}) is not a whole number of units of {unit}; expected a multiple of {unit}")
+    base, extra = divmod(size // unit, parts)
+    return [(base + (i < extra)) * unit for i in range(parts)]
 
 
-def shard_size(size: int, n_workers: int, what: str = "size") -> int:
-    """Size of each worker's shard of a dimension of ``size`` split ``n_workers`` ways."""
-    check_divisible(size, n_workers, what)
-    return size // n_workers
+def split_ranges(size: int, parts: int, unit: int = 1, what: str = "size") -> List[Tuple[int, int]]:
+    """The half-open ``[first, last)`` of each piece of :func:`split_sizes`, in worker order."""
+    ranges, first = [], 0
+    for piece in split_sizes(size, parts, unit, what):
+        ranges.append((first, first + piece))
+        first += piece
+    return ranges
 
 
-def shard_range(size: int, n_workers: int, worker: int, what: str = "size") -> Tuple[int, int]:
-    """The half-open range ``[first, last)`` of ``worker``'s shard."""
-    chunk = shard_size(size, n_workers, what)
-    if isinstance(worker, bool) or not isinstance(worker, numbers.Integral) or not 0 <= worker < n_workers:
-        raise ConfigError(f"worker {worker!r} out of range; expected 0 <= worker < {n_workers}")
-    return worker * chunk, (worker + 1) * chunk
-
-
-def shard_ranges(size: int, n_workers: int, what: str = "size") -> List[Tuple[int, int]]:
-    """``[first, last)`` of every worker's shard, in worker order."""
-    chunk = shard_size(size, n_workers, what)
-    return [(i * chunk, (i + 1) * chunk) for i in range(n_workers)]
+def _local_ranges(sizes: Sequence[int], groups: Dict[Hashable, List[int]]) -> List[Tuple[int, int]]:
+    """Where each worker's slice sits inside its device's block (workers side by side, in order)."""
+    local = [(0, 0)] * len(sizes)
+    for workers in groups.values():
+        offset = 0
+        for w in workers:
+            local[w] = (offset, offset + sizes[w])
+            offset += sizes[w]
+    return local
 
 
 class BlockLayout:
@@ -53,15 +66,23 @@ class BlockLayout:
     ``ranges[i] = [first, last)`` and sits at ``local[i]`` inside the block of
     ``devices[i]``.
 
-    With one device the block is the whole dimension in global order; with one
-    worker per device each block is that worker's slice.
-
     When several processes share the dimension, this process's workers own the
-    *span* ``[start, start + size)`` of a dimension of ``total``; ``ranges`` are
-    global indices.
+    *span* ``[start, start + size)`` of a dimension of ``total``; ``ranges``
+    are global indices and ``spans`` lists every process's span, in rank order.
+
+    Example: 10 columns on 3 workers placed on devices ``[0, 1, 0]`` give
+    ``ranges = [(0, 4), (4, 7), (7, 10)]``, blocks of 7 columns on device 0
+    (workers 0 and 2) and 3 on device 1, and ``local = [(0, 4), (0, 3), (4, 7)]``.
     """
 
-    def __init__(self, sizes: Sequence[int], devices: Sequence[Hashable], start: int = 0, total: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        devices: Sequence[Hashable],
+        start: int = 0,
+        total: Optional[int] = None,
+        spans: Optional[Sequence[Tuple[int, int]]] = None,
+    ) -> None:
         if len(sizes) != len(devices):
             raise ConfigError(f"got {len(sizes)} split sizes for {len(devices)} workers; expected one per worker")
         starts = [start]
@@ -70,27 +91,28 @@ class BlockLayout:
         self.start: int = start
         self.size: int = starts[-1] - start
         self.total: int = starts[-1] if total is None else total
+        self.spans: List[Tuple[int, int]] = [(start, start + self.size)] if spans is None else list(spans)
         self.ranges: List[Tuple[int, int]] = list(zip(starts[:-1], starts[1:]))
         self.devices: List[Hashable] = list(devices)
         self.groups: Dict[Hashable, List[int]] = workers_by_device(self.devices)
-        self.local: List[Tuple[int, int]] = [(0, 0)] * len(sizes)
-        self.block_sizes: Dict[Hashable, int] = {}
-        for device, workers in self.groups.items():
-            offset = 0
-            for w in workers:
-                first, last = self.ranges[w]
-                self.local[w] = (offset, offset + last - first)
-                offset += last - first
-            self.block_sizes[device] = offset
+        self.local: List[Tuple[int, int]] = _local_ranges(self.sizes, self.groups)
 
     @classmethod
-    def even(cls, size: int, devices: Sequence[Hashable], what: str = "size", rank: int = 0, world_size: int = 1) -> "BlockLayout":
-        """``size`` split evenly over ``len(devices) * world_size`` workers, of which this
-        process (``rank``) holds the consecutive ``len(devices)`` placed on ``devices``."""
-        chunk = shard_size(size, len(devices) * world_size, what)
-        return cls([chunk] * len(devices), devices, start=rank * len(devices) * chunk, total=size)
+    def split(
+        cls, size: int, devices: Sequence[Hashable], rank: int = 0, world_size: int = 1, unit: int = 1, what: str = "size"
+    ) -> "BlockLayout":
+        """``size`` split over ``len(devices) * world_size`` workers (:func:`split_sizes`), of which
+        this process (``rank``) holds the consecutive ``len(devices)`` placed on ``devices``."""
+        local = len(devices)
+        sizes = split_sizes(size, local * world_size, unit, what)
+        bounds = [0]
+        for r in range(world_size):
+            bounds.append(bounds[-1] + sum(sizes[r * local : (r + 1) * local]))
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        mine = sizes[rank * local : (rank + 1) * local]
+        return cls(mine, devices, start=spans[rank][0], total=size, spans=spans)
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, BlockLayout) and (self.ranges, self.devices, self.total) == (
             other.ranges,
             other.devices,
@@ -102,6 +124,7 @@ class BlockLayout:
 
     @property
     def sizes(self) -> List[int]:
+        """Length of each of this process's workers' slices."""
         return [last - first for first, last in self.ranges]
 
     def run(self, device: Hashable) -> Optional[Tuple[int, int]]:
@@ -152,3 +175,4 @@ class BlockLayout:
 
     def __repr__(self) -> str:
         return f"BlockLayout(ranges={self.ranges}, devices={self.devices}, total={self.total})"
+

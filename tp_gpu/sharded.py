@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
 from . import collectives
+from .collectives import Blocks
 from .comm import LocalComm
 from .errors import ShapeError
 from .partition import BlockLayout
@@ -32,8 +33,7 @@ class ShardedTensor:
         The backend that owns the shards.
     comm : Communicator, optional
         With several processes (``comm.size > 1``) this process holds only its
-        own workers' shards, a consecutive span of the split axis at
-        ``comm.rank * span``; every process holds a span of the same length.
+        own workers' shards, a consecutive span of the split axis.
         ``shape`` and :meth:`gather` are then those of the whole logical array.
     """
 
@@ -67,10 +67,11 @@ class ShardedTensor:
         self.devices: List[Hashable] = list(devices)
         self.backend = backend
         self.comm = LocalComm() if comm is None else comm
-        self._blocks: Optional[Dict[Hashable, Any]] = None
+        self._blocks: Optional[Blocks] = None
+        self._layout: Optional[BlockLayout] = None
 
     @classmethod
-    def from_blocks(cls, blocks: Dict[Hashable, Any], axis: int, layout: BlockLayout, backend, comm=None) -> "ShardedTensor":
+    def from_blocks(cls, blocks: Blocks, axis: int, layout: BlockLayout, backend: Any, comm: Any = None) -> "ShardedTensor":
         """A ShardedTensor whose shards are views into per-device ``blocks`` laid out as ``layout``."""
         first = next(iter(blocks.values()))
         axis %= first.ndim
@@ -78,36 +79,62 @@ class ShardedTensor:
         shards = [blocks[d][index + (slice(*layout.local[w]),)] for w, d in enumerate(layout.devices)]
         tensor = cls(shards, axis, layout.devices, backend, comm)
         tensor._blocks = dict(blocks)
+        tensor._layout = layout
         return tensor
 
     @property
     def layout(self) -> BlockLayout:
-        """How the split axis lies over the shards' devices (and this process's span of it)."""
-        span = sum(self.split_sizes)
-        return BlockLayout(self.split_sizes, self.devices, start=self.comm.rank * span, total=span * self.comm.size)
+        """How the split axis lies over the shards' devices (and this process's span of it).
 
-    def device_blocks(self) -> Dict[Hashable, Any]:
+        A tensor built from shards with several processes is taken to hold
+        spans of equal length on every process.
+        """
+        if self._layout is None:
+            span = sum(self.split_sizes)
+            spans = [(r * span, (r + 1) * span) for r in range(self.comm.size)]
+            start = spans[self.comm.rank][0]
+            self._layout = BlockLayout(self.split_sizes, self.devices, start, span * self.comm.size, spans)
+        return self._layout
+
+    def device_blocks(self) -> Blocks:
         """One contiguous block per device: its shards side by side, in worker order.
 
         Free for a tensor built from blocks; otherwise the shards that share a
         device are concatenated there.
         """
-        if self._blocks is not None:
-            return self._blocks
-        blocks = {}
-        for device, workers in self.layout.groups.items():
-            if len(workers) == 1:
-                blocks[device] = self.shards[workers[0]]
-            else:
-                with self.backend.device(device):
-                    blocks[device] = self.backend.xp.concatenate([self.shards[w] for w in workers], axis=self.axis)
-        return blocks
+        if self._blocks is None:
+            xp, axis = self.backend.xp, self.axis
+            shards = {d: [self.shards[w] for w in workers] for d, workers in self.layout.groups.items()}
+            self._blocks = collectives.on_devices(
+                self.backend, lambda parts: parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=axis), shards
+            )
+        return self._blocks
+
+    def blocks_for(self, layout: BlockLayout, dtype: Any, shape: Optional[Tuple[int, ...]], what: str) -> Blocks:
+        """This tensor's blocks as a layer laid out as ``layout`` needs them, in ``dtype``.
+
+        The tensor must be split on its last axis with ``layout``'s sizes (and
+        have ``shape`` when given), else ShapeError. Shards on other devices
+        than ``layout``'s are moved there.
+        """
+        if (shape is not None and self.shape != shape) or self.axis != self.ndim - 1 or self.split_sizes != layout.sizes:
+            expected = f"shape {shape} split" if shape is not None else "split"
+            raise ShapeError(
+                f"{what} ShardedTensor of shape {self.shape} is split on axis {self.axis} with sizes "
+                f"{self.split_sizes}; expected {expected} on the last axis with sizes {layout.sizes}"
+            )
+        tensor = self
+        if self.devices != layout.devices:
+            moved = collectives.to_devices(self.backend, self.shards, layout.devices, dtype)
+            tensor = ShardedTensor(moved, self.axis, layout.devices, self.backend, self.comm)
+        blocks = tensor.device_blocks()
+        return dict(zip(blocks, collectives.to_devices(self.backend, list(blocks.values()), list(blocks), dtype)))
 
     @property
     def shape(self) -> Tuple[int, ...]:
         """Shape of the logical (gathered) array, over every process."""
         shape = list(self.shards[0].shape)
-        shape[self.axis] = sum(s.shape[self.axis] for s in self.shards) * self.comm.size
+        shape[self.axis] = self.layout.total
         return tuple(shape)
 
     @property
@@ -128,22 +155,13 @@ class ShardedTensor:
 
         With several processes this is collective: every process must call it.
         """
-        span = collectives.all_gather(self.backend, self.shards, self.axis, self.devices[0] if device is None else device)
-        return span if self.comm.size == 1 else self.comm.allgather(self.backend, span, self.axis)
+        dst = self.devices[0] if device is None else device
+        return collectives.gather_blocks(self.backend, self.device_blocks(), self.axis, self.layout, dst, self.comm)
 
-    def map(self, fn) -> "ShardedTensor":
-        """Apply an elementwise ``fn`` to every shard (or block), each under its own device."""
-        if self._blocks is not None:
-            blocks = {}
-            for device, block in self._blocks.items():
-                with self.backend.device(device):
-                    blocks[device] = fn(block)
-            return ShardedTensor.from_blocks(blocks, self.axis, self.layout, self.backend, self.comm)
-        out = []
-        for shard, device in zip(self.shards, self.devices):
-            with self.backend.device(device):
-                out.append(fn(shard))
-        return ShardedTensor(out, self.axis, self.devices, self.backend, self.comm)
+    def map(self, fn: Callable[[Any], Any]) -> "ShardedTensor":
+        """Apply an elementwise ``fn`` to every device block, each under its own device."""
+        blocks = collectives.on_devices(self.backend, fn, self.device_blocks())
+        return ShardedTensor.from_blocks(blocks, self.axis, self.layout, self.backend, self.comm)
 
     def __repr__(self) -> str:
         return (

@@ -9,8 +9,8 @@ from __future__ import annotations
 from tp_gpu import ColumnParallelLinear, ConfigError, TensorParallelConfig, get_communicator
 
 world = get_communicator("mpi")
-try:
-    TensorParallelConfig(n_workers=2 * world.size + 1, backend="numpy", comm="mpi")
+try:  # the config is only validated; the world size is checked when the first layer is built
+    ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2 * world.size + 1, backend="numpy", comm="mpi"))
 except ConfigError as exc:
     print(f"rank {world.rank}: n_workers ConfigError: {exc}", flush=True)
 else:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from ..config import BACKEND_NAMES
+from typing import Any, Dict, Optional, Tuple
+
+from ..config import BACKEND_NAMES, normalize_devices
 from ..errors import ConfigError
 from .base import Backend, as_array, from_dlpack, host_array, is_cupy_array, is_dlpack_array
 from .numpy_backend import CPU, NumpyBackend
@@ -59,9 +61,24 @@ def resolve_backend_name(name=None) -> str:
     return name
 
 
-def get_backend(name=None, devices=None) -> Backend:
-    """Build the backend ``resolve_backend_name(name)`` over ``devices``."""
+#: One backend per (name, devices) in this process, so that layers built alike share it.
+_instances: Dict[Tuple[str, Any], Backend] = {}
+
+
+def get_backend(name: Optional[str] = None, devices: Any = None) -> Backend:
+    """The process's backend ``resolve_backend_name(name)`` over ``devices``, built on first use.
+
+    Layers built from equal configs get the same instance (and so share its
+    devices, memory pools and transfer counter).
+    """
     name = resolve_backend_name(name)
+    key = (name, normalize_devices(devices))
+    if key not in _instances:
+        _instances[key] = _build_backend(name, key[1])
+    return _instances[key]
+
+
+def _build_backend(name: str, devices: Any) -> Backend:
     if name == "numpy":
         return NumpyBackend(devices)
     if name == "simulated":

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ShapeError, TensorParallelError
 
-__all__ = ["Backend", "is_cupy_array", "is_dlpack_array", "from_dlpack", "as_array", "host_array"]
+__all__ = ["Backend", "is_cupy_array", "is_dlpack_array", "from_dlpack", "as_array", "host_array", "erf_function"]
 
 Device = Hashable
 
@@ -121,13 +121,42 @@ def host_array(x: Any) -> np.ndarray:
     nested lists, scalars, and anything with ``__array__``.
     """
     if is_cupy_array(x):
-        return x.get()
+        return _cupy_get(x)
     if isinstance(x, np.ndarray):
         return x.view(np.ndarray) if type(x) is not np.ndarray else x
     if is_dlpack_array(x):
         x = from_dlpack(x)
-        return x.get() if is_cupy_array(x) else x
+        return _cupy_get(x) if is_cupy_array(x) else x
     return np.asarray(x)
+
+
+def _cupy_get(x: Any) -> np.ndarray:
+    """The CuPy array ``x`` copied to the host, after the work queued for it on its GPU.
+
+    ``x.get()`` copies on the current stream of the *current* device; under
+    ``x.device`` that is the stream ``x`` was produced on (and, after
+    :meth:`CupyBackend.to_device`, the stream that waits for its copy).
+    """
+    with x.device:
+        return x.get()
+
+
+def erf_function(xp: Any) -> Any:
+    """The elementwise error function of the array namespace ``xp`` (NumPy, simulated or CuPy).
+
+    NumPy has none: SciPy's ``scipy.special.erf`` ufunc serves the host (and
+    the simulated devices, whose arrays it dispatches through), and
+    ``cupyx.scipy.special.erf`` serves CuPy.
+    """
+    if getattr(xp, "__name__", "") == "cupy":
+        import cupyx.scipy.special
+
+        return cupyx.scipy.special.erf
+    try:
+        import scipy.special
+    except ImportError as exc:  # pragma: no cover - scipy is a dependency
+        raise TensorParallelError(f"the exact GELU needs scipy.special.erf ({exc}); pip install scipy") from exc
+    return scipy.special.erf
 
 
 class Backend:
@@ -171,12 +200,32 @@ class Backend:
         with self.device(device):
             return self.xp.empty(shape, dtype=dtype)
 
-    def scatter_add(self, target: Any, indices: Any, values: Any) -> None:
-        """``target[indices[k]] += values[k]`` for every k, repeated indices accumulating.
+    def zero_rows(self, rows: Any, mask: Any) -> None:
+        """Set ``rows[k] = 0`` in place wherever ``mask[k]`` (``mask`` covers the leading axes of ``rows``).
 
-        Runs on the current device; all three arrays must live there.
+        Runs on the current device, where both arrays live.
         """
-        self.xp.add.at(target, indices, values)
+        rows[mask] = 0
+
+    def scatter_add_rows(self, shape: Tuple[int, int], index: Any, rows: Any, mask: Any = None) -> Any:
+        """A new ``shape`` array ``G`` with ``G[index[k]] += rows[k]`` for every ``k`` where ``mask[k]``
+        (every ``k`` when ``mask`` is None); repeated indices accumulate.
+
+        ``index`` is ``(n,)``, ``rows`` ``(n, shape[1])``. Runs on the current
+        device, where the arrays live. The host version adds only the selected
+        rows, sorted by index, with one ``reduceat`` per run of equal indices.
+        """
+        xp = self.xp
+        if mask is not None:
+            keep = xp.flatnonzero(mask)
+            index, rows = xp.take(index, keep), xp.take(rows, keep, axis=0)
+        out = xp.zeros(shape, dtype=rows.dtype)
+        if index.size:
+            order = xp.argsort(index, kind="stable")
+            index, rows = xp.take(index, order), xp.take(rows, order, axis=0)
+            starts = xp.flatnonzero(xp.concatenate((xp.ones(1, dtype=bool), index[1:] != index[:-1])))
+            out[xp.take(index, starts)] = xp.add.reduceat(rows, starts, axis=0)
+        return out
 
     def to_host(self, arr: Any) -> np.ndarray:
         """``arr`` as a host NumPy array."""

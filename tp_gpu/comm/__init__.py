@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+from ..config import COMM_NAMES
 from ..errors import ConfigError
 from .base import Communicator, LocalComm
 
 __all__ = ["Communicator", "LocalComm", "COMM_NAMES", "get_communicator"]
-
-#: Accepted values of ``TensorParallelConfig.comm``.
-COMM_NAMES = ("local", "mpi", "nccl")
 
 _instances: Dict[str, Communicator] = {}
 

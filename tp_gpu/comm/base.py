@@ -22,15 +22,15 @@ class Communicator:
     rank: int = 0
     size: int = 1
 
-    def allreduce(self, backend, array: Any, op: str = "sum") -> Any:
+    def all_reduce(self, backend, array: Any, op: str = "sum") -> Any:
         """``op`` ("sum" or "max") of ``array`` over every rank, on ``array``'s device, on every rank."""
         raise NotImplementedError
 
-    def allgather(self, backend, array: Any, axis: int) -> Any:
+    def all_gather(self, backend, array: Any, axis: int) -> Any:
         """Every rank's ``array`` (all of one shape) concatenated along ``axis`` in rank order, on every rank."""
         raise NotImplementedError
 
-    def allgather_object(self, obj: Any) -> List[Any]:
+    def all_gather_object(self, obj: Any) -> List[Any]:
         """Every rank's picklable ``obj``, in rank order."""
         raise NotImplementedError
 
@@ -50,13 +50,13 @@ class LocalComm(Communicator):
 
     name = "local"
 
-    def allreduce(self, backend, array, op="sum"):
+    def all_reduce(self, backend, array, op="sum"):
         return array
 
-    def allgather(self, backend, array, axis):
+    def all_gather(self, backend, array, axis):
         return array
 
-    def allgather_object(self, obj):
+    def all_gather_object(self, obj):
         return [obj]
 
     def broadcast_object(self, obj, root=0):

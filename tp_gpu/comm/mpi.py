@@ -104,7 +104,7 @@ class MpiComm(Communicator):
         result = post(np, recv)
         return backend.asarray(result, result.dtype, device) if device in backend.devices else result
 
-    def allreduce(self, backend, array, op="sum"):
+    def all_reduce(self, backend, array, op="sum"):
         mpi_op = {"sum": self._MPI.SUM, "max": self._MPI.MAX}[op]
         return self._run(
             backend,
@@ -112,10 +112,10 @@ class MpiComm(Communicator):
             lambda xp, send: xp.empty_like(send),
             lambda send, recv: self.comm.Iallreduce(send, recv, op=mpi_op),
             lambda xp, recv: recv,
-            f"allreduce({op})",
+            f"all_reduce({op})",
         )
 
-    def allgather(self, backend, array, axis):
+    def all_gather(self, backend, array, axis):
         axis %= array.ndim
         return self._run(
             backend,
@@ -123,23 +123,23 @@ class MpiComm(Communicator):
             lambda xp, send: xp.empty((self.size,) + tuple(send.shape), dtype=send.dtype),
             lambda send, recv: self.comm.Iallgather(send, recv),
             lambda xp, recv: xp.concatenate([recv[r] for r in range(self.size)], axis=axis),
-            "allgather",
+            "all_gather",
         )
 
-    def allgather_object(self, obj) -> List[Any]:
+    def all_gather_object(self, obj) -> List[Any]:
         # Objects are small (configuration fingerprints): pickle them into byte buffers and
         # gather those with the non-blocking collectives, so the timeout applies here too.
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.empty(self.size, dtype=np.int64)
-        self._wait(self.comm.Iallgather(np.array([payload.size], dtype=np.int64), sizes), "allgather (sizes)")
+        self._wait(self.comm.Iallgather(np.array([payload.size], dtype=np.int64), sizes), "all_gather (sizes)")
         padded = np.zeros(int(sizes.max()), dtype=np.uint8)
         padded[: payload.size] = payload
         recv = np.empty((self.size, padded.size), dtype=np.uint8)
-        self._wait(self.comm.Iallgather(padded, recv), "allgather (objects)")
+        self._wait(self.comm.Iallgather(padded, recv), "all_gather (objects)")
         return [pickle.loads(recv[r, : sizes[r]].tobytes()) for r in range(self.size)]
 
     def broadcast_object(self, obj, root=0):
-        return self.allgather_object(obj if self.rank == root else None)[root]
+        return self.all_gather_object(obj if self.rank == root else None)[root]
 
     def barrier(self) -> None:
         self._wait(self.comm.Ibarrier(), "barrier")

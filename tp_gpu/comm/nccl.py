@@ -7,17 +7,25 @@ name a larger job), else through cupyx's TCP store: set ``TP_GPU_RANK`` and
 read), and ``CUPYX_DISTRIBUTED_HOST`` / ``CUPYX_DISTRIBUTED_PORT`` for rank 0's
 address. Each process uses GPU ``local_rank % visible GPUs``.
 
+The TCP store is needed only to hand NCCL's unique id to every rank. Rank 0
+runs it in a child process that does not stop by itself, and Python's exit
+waits for that child (cupy/cupy#7863): a process that ends without stopping it
+hangs. So once the NCCL communicator works (a first barrier has passed), the
+store is stopped; :meth:`NcclComm.close`, also registered with ``atexit``, stops
+it where that point was not reached. :meth:`NcclComm.barrier` is a one-element
+NCCL all-reduce, as in vLLM, and needs no store.
+
 NCCL moves CuPy arrays on this process's GPU; arrays on another GPU of the
 process, and host NumPy arrays, are staged through it. Unlike
 :class:`~tp_gpu.comm.mpi.MpiComm`, a dead peer is not detected by a timeout
 here: NCCL calls block on the GPU stream, and the launcher is relied on to stop
 the job.
-
-Not exercised in CI (no GPU there); see the README for how it was run.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import pickle
 from typing import Any, List
@@ -35,6 +43,9 @@ _RANK_VARS = ("TP_GPU_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 _SIZE_VARS = ("TP_GPU_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 _LOCAL_RANK_VARS = ("TP_GPU_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
 
+#: Seconds to wait for the TCP store's process to end once told to stop, before terminating it.
+STORE_STOP_TIMEOUT = 5.0
+
 
 def _first_env(names, default=None):
     for name in names:
@@ -50,18 +61,64 @@ def launcher_rank():
     return rank, size, _first_env(_LOCAL_RANK_VARS, rank)
 
 
+def _join(process, timeout: float) -> None:
+    """``process.join(timeout)``; cupyx's ``ExceptionAwareProcess.join`` takes no timeout, so the
+    :class:`multiprocessing.Process` one is called for real processes."""
+    if isinstance(process, multiprocessing.Process):
+        multiprocessing.Process.join(process, timeout)
+    else:
+        process.join(timeout)
+
+
+def _end_process(process, wait: float = STORE_STOP_TIMEOUT) -> None:
+    """Wait up to ``wait`` seconds for ``process`` to end, then terminate it (it is a TCP server and nothing else)."""
+    if process is None or not process.is_alive():
+        return
+    _join(process, wait)
+    if process.is_alive():
+        process.terminate()
+        _join(process, STORE_STOP_TIMEOUT)
+
+
+def _stop_store(group) -> None:
+    """Stop the TCP store that rank 0's ``cupyx.distributed`` process group runs, if any.
+
+    ``group.stop()`` tells the store's server loop to end and joins it; it does
+    nothing once cupyx's own ``atexit`` hook has run, so the process is then
+    ended directly.
+    """
+    process = getattr(getattr(group, "_store", None), "_process", None)
+    stop = getattr(group, "stop", None)
+    if stop is not None and process is not None and process.is_alive():
+        try:
+            stop()
+        except Exception:  # the server raised in its process (re-raised by join): it has ended anyway
+            pass
+    _end_process(process)
+
+
+def _store_processes():
+    """The live child processes that are cupyx TCP stores (cupyx's ``ExceptionAwareProcess``)."""
+    return {p for p in multiprocessing.active_children() if type(p).__name__ == "ExceptionAwareProcess"}
+
+
 class NcclComm(Communicator):
-    """NCCL over every process of the job, one GPU each."""
+    """NCCL over every process of the job, one GPU each.
+
+    Call :meth:`close` when done with it (it is also called at exit); the
+    communicator stays usable for collectives after that.
+    """
 
     name = "nccl"
 
     def __init__(self) -> None:
-        cupy = import_cupy()
+        cupy = import_cupy(probe=False)  # the GPU check runs below, on this rank's own GPU
         try:
             import cupyx.distributed
         except Exception as exc:
             raise BackendUnavailableError(f"comm='nccl' needs cupyx.distributed with NCCL ({exc})") from exc
         self._cupy = cupy
+        self._nccl = None
         try:
             from .mpi import MpiComm
 
@@ -79,7 +136,26 @@ class NcclComm(Communicator):
             self.rank, self.size, local_rank = launched
         self.device = local_rank % cupy.cuda.runtime.getDeviceCount()
         cupy.cuda.Device(self.device).use()
-        self._nccl = cupyx.distributed.init_process_group(self.size, self.rank, use_mpi=use_mpi)
+        import_cupy()  # a kernel and a GEMM on this GPU, or BackendUnavailableError saying why not
+        before = _store_processes()
+        try:
+            self._nccl = cupyx.distributed.init_process_group(self.size, self.rank, use_mpi=use_mpi)
+        except BaseException:
+            for process in _store_processes() - before:  # a store started before the failure
+                _end_process(process, wait=0)
+            raise
+        atexit.register(self.close)
+        # Every rank has joined NCCL once this passes, so none still needs the store.
+        self.barrier()
+        self.close()
+
+    def close(self) -> None:
+        """Stop the TCP store (rank 0, TCP rendezvous), so that the process can exit.
+
+        Idempotent. Collectives keep working: they go through NCCL alone.
+        """
+        if self._nccl is not None:
+            _stop_store(self._nccl)
 
     def _run(self, backend, array: Any, collective, *args: Any) -> Any:
         """``collective(array on this rank's GPU, *args)``; the result lives where ``array`` did.
@@ -101,25 +177,25 @@ class NcclComm(Communicator):
         with cupy.cuda.Device(self.device):
             return collective(array, *args)
 
-    def _allreduce(self, array, op):
+    def _all_reduce(self, array, op):
         send = self._cupy.ascontiguousarray(array)
         out = self._cupy.empty(array.shape, dtype=array.dtype)  # not empty_like(send): a 0-d send is 1-d
         self._nccl.all_reduce(send, out, op)
         return out
 
-    def _allgather(self, array, axis):
+    def _all_gather(self, array, axis):
         send = self._cupy.ascontiguousarray(array)
         out = self._cupy.empty((self.size,) + tuple(send.shape), dtype=send.dtype)
         self._nccl.all_gather(send, out, send.size)
         return self._cupy.concatenate([out[r] for r in range(self.size)], axis=axis)
 
-    def allreduce(self, backend, array, op="sum"):
-        return self._run(backend, array, self._allreduce, op)
+    def all_reduce(self, backend, array, op="sum"):
+        return self._run(backend, array, self._all_reduce, op)
 
-    def allgather(self, backend, array, axis):
-        return self._run(backend, array, self._allgather, axis % array.ndim)
+    def all_gather(self, backend, array, axis):
+        return self._run(backend, array, self._all_gather, axis % array.ndim)
 
-    def allgather_object(self, obj) -> List[Any]:
+    def all_gather_object(self, obj) -> List[Any]:
         cupy = self._cupy
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         with cupy.cuda.Device(self.device):
@@ -134,7 +210,17 @@ class NcclComm(Communicator):
         return [pickle.loads(host[r, : lengths[r]].tobytes()) for r in range(self.size)]
 
     def broadcast_object(self, obj, root=0):
-        return self.allgather_object(obj if self.rank == root else None)[root]
+        return self.all_gather_object(obj if self.rank == root else None)[root]
 
     def barrier(self) -> None:
-        self._nccl.barrier()
+        """Return once every rank has called it: a one-element NCCL all-reduce, waited for on the host.
+
+        Also waits for the work queued before it on this rank's GPU (its
+        current stream).
+        """
+        cupy = self._cupy
+        with cupy.cuda.Device(self.device):
+            token = cupy.ones(1, dtype=cupy.float32)
+            total = cupy.empty(1, dtype=cupy.float32)
+            self._nccl.all_reduce(token, total, "sum")
+            cupy.cuda.get_current_stream().synchronize()

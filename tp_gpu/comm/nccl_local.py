@@ -2,10 +2,12 @@
 
 Opt-in with ``TP_GPU_NCCL=1`` on the CuPy backend with two or more GPUs; peer
 copies stay the default and the fallback. Used for the cross-device step of a
-reduction when every GPU of the backend holds one partial of the same shape.
+reduction when every GPU of the backend holds one partial of the same shape
+and dtype (:meth:`InProcessNccl.can_reduce`).
 
-Written against CuPy's documented NCCL API; it has not run yet (no GPU has been
-available to this project), which is why it is opt-in.
+Each GPU's part of the reduction is queued on that GPU's current stream, inside
+one NCCL group, so the partials are read after the work that produced them and
+the result is ready for the work queued after it on the destination.
 """
 
 from __future__ import annotations

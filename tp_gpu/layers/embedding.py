@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Hashable, List, Optional, Tuple
 
 import numpy as np
 
 from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
-from ..errors import ConfigError, IndexOutOfRangeError, ShapeError
-from ..init import embedding_uniform
-from .base import ParallelModule, as_array_like, check_layout, check_seed, commit_state, stage_state
+from ..errors import IndexOutOfRangeError, ShapeError
+from ..initializers import embedding_uniform
+from ..regions import Blocks, copy_to_region, reduce_from_region
+from .base import ParallelModule, as_array_like, check_seed
 
 __all__ = ["ParallelEmbedding"]
 
@@ -35,120 +36,93 @@ class ParallelEmbedding(ParallelModule):
     Parameters
     ----------
     vocab_size, embed_dim : int
-        Table shape; the worker count must divide ``vocab_size``.
-    n_workers : int, optional
-        Worker count when no ``config`` is given (default 2). With a ``config``
-        it may be left out; if given it must equal ``config.n_workers``.
+        Table shape; any ``vocab_size`` splits over any worker count (the
+        first ``vocab_size % p`` workers get one more row).
+    config : TensorParallelConfig, optional
+        Workers, backend, devices, dtype and output device (default 2 workers).
     seed : int
         Seeds the logical table, U(-0.02, 0.02) over the full shape.
-    config : TensorParallelConfig, keyword-only, optional
-        Backend, devices, dtype and output device.
     """
 
     def __init__(
-        self,
-        vocab_size: int,
-        embed_dim: int,
-        n_workers: Optional[int] = None,
-        seed: int = 0,
-        *,
-        config: Optional[TensorParallelConfig] = None,
+        self, vocab_size: int, embed_dim: int, config: Optional[TensorParallelConfig] = None, *, seed: int = 0
     ) -> None:
-        if config is None:
-            config = TensorParallelConfig(n_workers=2 if n_workers is None else n_workers)
-        elif n_workers is not None and n_workers != getattr(config, "n_workers", n_workers):
-            raise ConfigError(
-                f"n_workers={n_workers!r} disagrees with config.n_workers={config.n_workers!r}; "
-                "pass one or make them equal"
-            )
         super().__init__(config)
-        self._vocab_size = self._split_dim(vocab_size, "vocab_size")
-        self._embed_dim = check_positive_int(embed_dim, "embed_dim")
-        seed = check_seed(seed)
-        self._init_placement(vocab_size=self._vocab_size, embed_dim=self._embed_dim, seed=seed)
-        self._vocab_layout = self._even_layout(self._vocab_size)
-        table = embedding_uniform(self._vocab_size, self._embed_dim, seed)
-        self._table = self._add_parameter("weight", table, self._vocab_layout, axis=0)
-
-    @property
-    def vocab_size(self) -> int:
-        return self._vocab_size
-
-    @property
-    def embed_dim(self) -> int:
-        return self._embed_dim
+        self.vocab_size = check_positive_int(vocab_size, "vocab_size")
+        self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.seed = check_seed(seed)
+        self._join_group(vocab_size=self.vocab_size, embed_dim=self.embed_dim, seed=self.seed)
+        self.layout = self.group.split(self.vocab_size, what="vocab_size")
+        table = embedding_uniform(self.vocab_size, self.embed_dim, self.seed)
+        self._add_parameter("weight", table, self.layout, axis=0)
 
     @classmethod
-    def from_dense(
-        cls, weight: Any, bias: Any = None, config: Optional[TensorParallelConfig] = None, layout: str = "in_out"
-    ) -> "ParallelEmbedding":
+    def from_dense(cls, weight: Any, config: Optional[TensorParallelConfig] = None) -> "ParallelEmbedding":
         """A layer holding the dense table ``weight``, ``(vocab_size, embed_dim)``, split by rows.
 
-        The table has that shape in both layouts (PyTorch ``nn.Embedding``'s
-        weight too), so ``layout`` is only checked. ``bias`` must be None (an
-        embedding has none). ``config`` defaults to ``TensorParallelConfig()``
-        (2 workers); the table is cast to its dtype. See :meth:`load_dense`.
+        PyTorch's ``nn.Embedding.weight`` has that shape too. ``config``
+        defaults to ``TensorParallelConfig()`` (2 workers); the table is cast
+        to its dtype. See :meth:`load_dense`.
         """
         weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
-        check_layout(layout)
         if weight.ndim != 2:
             raise ShapeError(
                 f"{cls.__name__}.from_dense weight must be 2-D (vocab_size, embed_dim), got shape {tuple(weight.shape)}"
             )
         vocab_size, embed_dim = weight.shape
-        layer = cls(vocab_size, embed_dim, config=config)
-        layer.load_dense(weight, bias, layout)
+        layer = cls(vocab_size, embed_dim, config)
+        layer.load_dense(weight)
         return layer
 
-    def _dense_state(self, weight: Any, bias: Any, layout: str) -> Dict[str, Any]:
-        check_layout(layout)
-        if bias is not None:
-            raise ConfigError(f"ParallelEmbedding has no bias; got a bias of type {type(bias).__name__}, expected None")
-        table = as_array_like(weight, "ParallelEmbedding weight")
-        expected = (self._vocab_size, self._embed_dim)
-        if tuple(table.shape) != expected:
-            raise ShapeError(
-                f"ParallelEmbedding weight must have shape {expected} (vocab_size, embed_dim), got {tuple(table.shape)}"
-            )
-        return {"weight": table}
-
-    def load_dense(self, weight: Any, bias: Any = None, layout: str = "in_out") -> None:
+    def load_dense(self, weight: Any) -> None:
         """Overwrite the table, in place, from the dense ``(vocab_size, embed_dim)`` ``weight``.
 
         ``weight`` may be a host array, a device array or any DLPack array
         (a ``torch.Tensor``, e.g. ``nn.Embedding.weight``); it is cast to the
-        layer's dtype. ``layout`` is accepted for symmetry with the linear
-        layers: an embedding table is ``(vocab_size, embed_dim)`` in both.
-        ``bias`` must be None. Everything is checked before anything changes.
+        layer's dtype. Everything is checked before anything changes.
         """
-        state = self._dense_state(weight, bias, layout)
-        commit_state(stage_state(self.named_parameters(), state, "ParallelEmbedding.load_dense"))
+        table = as_array_like(weight, "ParallelEmbedding weight")
+        expected = (self.vocab_size, self.embed_dim)
+        if tuple(table.shape) != expected:
+            raise ShapeError(
+                f"ParallelEmbedding weight must have shape {expected} (vocab_size, embed_dim), got {tuple(table.shape)}"
+            )
+        self.load_state_dict({"weight": table})
 
     @property
-    def table_shards(self) -> List[Any]:
-        """Worker i's rows ``E_i``, ``(vocab_size / p, embed_dim)``, on its device."""
-        return self._table.shards
+    def weight_shards(self) -> List[Any]:
+        """Worker i's rows ``E_i``, ``(n_i, embed_dim)``, on its device."""
+        return self.weight.shards
 
-    def _check_ids(self, indices: Any) -> Any:
-        """Validate dtype and range of ``indices``; return them as int64 on worker 0's device."""
+    @property
+    def partition(self) -> List[Tuple[int, int]]:
+        """Each of this process's workers' half-open ``[first, last)`` of vocabulary rows."""
+        return list(self.layout.ranges)
+
+    def _check_ids(self, indices: Any) -> Blocks:
+        """Validate dtype and range of ``indices``; return them as int64 on every device.
+
+        The range check reads the ids' minimum and maximum back to the host:
+        one device-to-host copy (on a GPU, one synchronisation) per call.
+        """
         ids = as_array_like(indices, "ParallelEmbedding indices")
         if ids.size == 0 and isinstance(indices, (list, tuple)):
             ids = ids.astype(ID_DTYPE)  # [] reads as float64; an empty id list is still a valid id list
-        kind = np.dtype(ids.dtype).kind
-        if kind not in "iu":
+        if np.dtype(ids.dtype).kind not in "iu":
             raise ShapeError(f"ParallelEmbedding indices must be integers, got dtype {ids.dtype}")
-        first_device = self._placement[0]
-        ids = self.backend.asarray(ids, ID_DTYPE, first_device)
+        copies = copy_to_region.forward(self.group, ids, ID_DTYPE)
         if ids.size:
-            with self.backend.device(first_device):
-                bounds = self.backend.xp.stack((ids.min(), ids.max()))
-            low, high = (int(b) for b in self.backend.to_host(bounds))  # one device-to-host copy, not two
-            if low < 0 or high >= self._vocab_size:
+            first = self.devices[0]
+            bounds = self.group.on_device(first, self._id_bounds, copies[first])
+            low, high = (int(b) for b in collectives.to_host(self.backend, bounds))
+            if low < 0 or high >= self.vocab_size:
                 bad = low if low < 0 else high
-                raise IndexOutOfRangeError(
-                    f"token id {bad} out of range; expected 0 <= id < vocab_size={self._vocab_size}"
-                )
-        return ids
+                raise IndexOutOfRangeError(f"token id {bad} out of range; expected 0 <= id < vocab_size={self.vocab_size}")
+        return copies
+
+    def _id_bounds(self, ids: Any) -> Any:
+        """``[min(ids), max(ids)]`` as one array, so that one copy reads both."""
+        return self.backend.xp.stack((ids.min(), ids.max()))
 
     def forward(self, indices: Any) -> Any:
         """Rows of the table for ``indices`` of any integer array shape.
@@ -156,50 +130,45 @@ class ParallelEmbedding(ParallelModule):
         Returns ``indices.shape + (embed_dim,)`` on the output device. Ids are
         checked (integer dtype, ``0 <= id < vocab_size``) before any lookup.
         """
-        ids = self._check_ids(indices)
-        layout = self._vocab_layout
-        copies = collectives.broadcast(self.backend, ids, self._placement, ID_DTYPE)
-        xp = self.backend.xp
-        partials, lookups = [], {}
-        for device in layout.groups:  # one lookup per device, for all of its workers
-            with self.backend.device(device):
-                owned, local = layout.owned_local(xp, copies[device], device)
-                rows = xp.take(self._table.blocks[device], local, axis=0)  # (vocab_d, dim)[ids.shape] -> (*ids.shape, dim)
-                if owned is not None:  # zero, in place, the rows of ids that other devices own (as Megatron)
-                    rows[~owned] = 0
-            partials.append(rows)
-            lookups[device] = (owned, local)
-        self._saved = {"lookups": lookups, "out_shape": tuple(ids.shape) + (self._embed_dim,)} if self.training else None
-        return collectives.reduce_sum(self.backend, partials, list(lookups), self.output_device, self.comm)
+        ids = self._check_ids(indices)  # {d: ids}
+        devices = {d: d for d in self.layout.groups}
+        lookups = self.group.on_devices(self._lookup, ids, self.weight.blocks, devices)  # {d: (rows, owned, local)}
+        self._keep({"lookups": lookups, "out_shape": tuple(next(iter(ids.values())).shape) + (self.embed_dim,)})
+        return reduce_from_region.forward(self.group, {d: rows for d, (rows, _, _) in lookups.items()})
+
+    def _lookup(self, ids: Any, table: Any, device: Hashable) -> Tuple[Any, Any, Any]:
+        """This device's rows for ``ids``: ``(rows, owned, local)``, with the rows of foreign ids zeroed."""
+        owned, local = self.layout.owned_local(self.backend.xp, ids, device)
+        rows = self.backend.xp.take(table, local, axis=0)  # (vocab_d, dim)[ids.shape] -> (*ids.shape, dim)
+        if owned is not None:
+            self.backend.zero_rows(rows, ~owned)  # the rows other devices own (as Megatron, in place)
+        return rows, owned, local
 
     def backward(self, grad_output: Any) -> None:
         """Accumulate ``dE`` from ``grad_output`` of shape ``indices.shape + (embed_dim,)``.
 
         Returns ``None``: ids have no gradient.
         """
-        saved = self._take_saved("ParallelEmbedding")
+        saved = self._take_saved()
         grad = self._check_grad_shape(grad_output, saved["out_shape"], "ParallelEmbedding")
-        copies = collectives.broadcast(self.backend, grad, self._placement, self.dtype)
-        xp = self.backend.xp
-        for device, (owned, local) in saved["lookups"].items():
-            with self.backend.device(device):
-                rows = copies[device].reshape(-1, self._embed_dim)  # (n_ids, dim)
-                local = local.reshape(-1)
-                if owned is not None:  # keep only the ids this device owns: n_ids / p rows, not n_ids
-                    keep = xp.flatnonzero(owned)
-                    rows, local = xp.take(rows, keep, axis=0), xp.take(local, keep)
-                table_grad = xp.zeros(self._table.blocks[device].shape, dtype=self.dtype)
-                self.backend.scatter_add(table_grad, local, rows)  # (vocab_d, dim)[local] += (n_owned, dim)
-                self._table.accumulate(device, table_grad)
+        copies = reduce_from_region.backward(self.group, grad, self.dtype)  # {d: dOut}
+        self.weight.accumulate_blocks(self.group.on_devices(self._table_grad, copies, saved["lookups"], self.weight.blocks))
         return None
+
+    def _table_grad(self, grad: Any, lookup: Tuple[Any, Any, Any], table: Any) -> Any:
+        """``dE_d[local[k]] += dOut[k]`` for every id ``k`` this device owns: ``(vocab_d, dim)``."""
+        _, owned, local = lookup
+        rows = grad.reshape(-1, self.embed_dim)  # (n_ids, dim)
+        mask = None if owned is None else owned.reshape(-1)
+        return self.backend.scatter_add_rows(table.shape, local.reshape(-1), rows, mask)
 
     def full_weight(self) -> np.ndarray:
         """The logical table ``E = [E_1; ...; E_p]``, ``(vocab_size, embed_dim)``, as a host array."""
-        return self._table.full()
+        return self.weight.full()
 
-    def __repr__(self) -> str:
+    def extra_repr(self) -> str:
         return (
-            f"ParallelEmbedding(vocab_size={self._vocab_size}, embed_dim={self._embed_dim}, "
-            f"n_workers={self.n_workers}, backend={self.backend.name!r}, devices={self.devices}, "
-            f"dtype={self.dtype.name!r})"
+            f"vocab_size={self.vocab_size}, embed_dim={self.embed_dim}, n_workers={self.n_workers}, "
+            f"backend={self.backend.name!r}, devices={self.devices}, dtype={self.dtype.name!r}"
         )
+

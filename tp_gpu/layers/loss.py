@@ -17,12 +17,15 @@ on each worker for its own shard.
 from __future__ import annotations
 
 import numbers
-from typing import Any, List, Optional, Union
+from functools import partial
+from typing import Any, Dict, Hashable, Tuple, Union
 
 import numpy as np
 
 from .. import collectives
+from ..collectives import Blocks
 from ..errors import ConfigError, IndexOutOfRangeError, ShapeError, TensorParallelError
+from ..module import Module
 from ..sharded import ShardedTensor
 from .base import as_array_like
 
@@ -31,7 +34,7 @@ __all__ = ["VocabParallelCrossEntropy"]
 REDUCTIONS = ("mean", "sum", "none")
 
 
-class VocabParallelCrossEntropy:
+class VocabParallelCrossEntropy(Module):
     """Cross-entropy over logits split on the vocabulary axis, without gathering them.
 
     Parameters
@@ -47,24 +50,29 @@ class VocabParallelCrossEntropy:
 
     Notes
     -----
-    Arithmetic runs in float32 for float16 logits, else in the logits' dtype.
-    The caller's logits are never modified.
+    Arithmetic runs in float32 for float16 logits, else in the logits' dtype;
+    each device keeps one accumulator-dtype copy of its logits for backward
+    (none in eval mode). The caller's logits are never modified.
     """
 
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+    def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+        super().__init__()
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise ConfigError(f"ignore_index must be an integer, got {ignore_index!r}")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing < 1.0:
+        smoothing_ok = isinstance(label_smoothing, numbers.Real) and not isinstance(label_smoothing, bool)
+        if not smoothing_ok or not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
         if reduction not in REDUCTIONS:
             raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
-        self._saved: Optional[dict] = None
 
-    def _check_targets(self, logits: ShardedTensor, targets: Any) -> Any:
-        """Targets as int64 on worker 0's device, checked against the logits' shape and vocabulary."""
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+
+    def _check_targets(self, logits: ShardedTensor, targets: Any) -> Blocks:
+        """Targets as int64 on every device of the logits, checked against their shape and vocabulary."""
         if not isinstance(logits, ShardedTensor):
             raise ShapeError(
                 f"VocabParallelCrossEntropy expects logits as a ShardedTensor split on the vocab axis, "
@@ -76,84 +84,104 @@ class VocabParallelCrossEntropy:
         if np.dtype(targets.dtype).kind not in "iu":
             raise ShapeError(f"targets must be integers, got dtype {targets.dtype}")
         if tuple(targets.shape) != logits.shape[:-1]:
-            raise ShapeError(f"targets must have shape {logits.shape[:-1]} (the logits' without vocab), got {tuple(targets.shape)}")
-        backend, device = logits.backend, logits.devices[0]
-        targets = backend.asarray(targets, np.int64, device)
-        vocab = logits.shape[-1]
-        with backend.device(device):
-            bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= vocab))
-            if bool(bad.any()):
-                value = int(backend.to_host(targets)[backend.to_host(bad)][0])
-                raise IndexOutOfRangeError(
-                    f"target {value} out of range; expected 0 <= target < vocab={vocab} or ignore_index={self.ignore_index}"
-                )
-        return targets
+            raise ShapeError(
+                f"targets must have shape {logits.shape[:-1]} (the logits' without vocab), got {tuple(targets.shape)}"
+            )
+        backend, vocab = logits.backend, logits.shape[-1]
+        copies = collectives.broadcast(backend, targets, list(logits.device_blocks()), np.int64)
+        first = next(iter(copies))
+        bad = collectives.on_devices(backend, lambda t: self._first_bad(backend.xp, t, vocab), copies, keys=[first])
+        found = collectives.to_host(backend, bad[first])  # one device-to-host copy per call
+        if found[0]:
+            raise IndexOutOfRangeError(
+                f"target {int(found[1])} out of range; expected 0 <= target < vocab={vocab} "
+                f"or ignore_index={self.ignore_index}"
+            )
+        return copies
+
+    def _first_bad(self, xp: Any, targets: Any, vocab: int) -> Any:
+        """``[any bad, first bad value]`` of ``targets`` as one array."""
+        bad = ((targets != self.ignore_index) & ((targets < 0) | (targets >= vocab))).reshape(-1)
+        if bad.size == 0:
+            return xp.zeros(2, dtype=np.int64)
+        first = xp.argmax(bad)
+        return xp.stack((bad[first].astype(np.int64), targets.reshape(-1)[first]))
 
     def forward(self, logits: ShardedTensor, targets: Any) -> Union[float, Any]:
         """The loss: a host float, or per-row losses ``targets.shape`` on worker 0's device for ``"none"``."""
-        targets = self._check_targets(logits, targets)
-        backend, placement = logits.backend, logits.devices
-        xp = backend.xp
-        vocab = logits.shape[-1]
+        target_copies = self._check_targets(logits, targets)
+        backend, comm, layout = logits.backend, logits.comm, logits.layout
         acc = np.promote_types(logits.dtype, np.float32)
-        starts = [first for first, _ in logits.layout.ranges]  # global vocab index of each shard
-        target_copies = collectives.broadcast(backend, targets, placement, np.int64)
+        blocks = logits.device_blocks()
+        devices = {d: d for d in blocks}
+        shifted = collectives.on_devices(backend, lambda z: _row_max_and_copy(backend.xp, z, acc), blocks)
+        row_max = collectives.all_reduce_max(backend, {d: m for d, (_, m) in shifted.items()}, comm)
+        step = partial(self._shard_terms, backend.xp, layout, acc)
+        terms = collectives.on_devices(backend, step, {d: z for d, (z, _) in shifted.items()}, row_max, target_copies, devices)
+        sums = collectives.all_reduce_sum(backend, {d: t["sum"] for d, t in terms.items()}, comm)
+        out = next(iter(blocks))
+        target_logit = collectives.reduce_sum(backend, {d: t["picked"] for d, t in terms.items()}, out, comm)
+        mean_z = None
+        if self.label_smoothing:
+            mean_z = collectives.reduce_sum(backend, {d: t["zsum"] for d, t in terms.items()}, out, comm)
+        loss, valid = collectives.on_devices(
+            backend, lambda s, t, x: self._row_losses(backend.xp, s, t, x, mean_z, logits.shape[-1], acc),
+            {out: sums[out]}, {out: target_logit}, {out: target_copies[out]},
+        )[out]
+        count = int(collectives.to_host(backend, collectives.on_devices(backend, _count, {out: valid})[out]))
+        self._keep({"logits": logits, "terms": terms, "sums": sums, "valid": valid, "count": count, "acc": acc})
+        return self._reduce(backend, loss, out, count)
 
-        shifted: List[Any] = []
-        for shard, device in zip(logits.shards, placement):
-            with backend.device(device):
-                shifted.append(shard.astype(acc))  # a copy: the caller's logits stay untouched
-        local_max = []
-        for z, device in zip(shifted, placement):
-            with backend.device(device):
-                local_max.append(z.max(axis=-1))
-        comm = logits.comm
-        row_max = collectives.all_reduce_max(backend, local_max, placement, comm)
+    def _shard_terms(self, xp: Any, layout: Any, acc: Any, z: Any, m: Any, t: Any, device: Hashable) -> Dict[str, Any]:
+        """On one device: ``z -= m`` and the row sums of ``exp(z)`` (``z`` becomes ``exp(z - m)``, in place),
+        the shifted target logit where this device owns the target, and the row sums of ``z - m``."""
+        owned, local = layout.owned_local(xp, t, device)
+        if owned is None:  # this device holds the whole vocabulary: only ignored rows are not owned
+            owned = (t >= 0) & (t < layout.total)
+            local = xp.where(owned, t, 0)
+        z -= m[..., None]  # Z_d - m
+        if z.shape[-1]:
+            picked = xp.take_along_axis(z, local[..., None], axis=-1)[..., 0]
+            picked = xp.where(owned, picked, acc.type(0))
+        else:
+            picked = xp.zeros(z.shape[:-1], dtype=acc)
+        zsum = z.sum(axis=-1) if self.label_smoothing else None
+        xp.exp(z, out=z)
+        return {"exps": z, "sum": z.sum(axis=-1), "picked": picked, "zsum": zsum, "owned": owned, "local": local}
 
-        exps, local_sums, local_targets, local_zsums, owned_offsets = [], [], [], [], []
-        for z, m, first, device in zip(shifted, row_max, starts, placement):
-            with backend.device(device):
-                z -= m[..., None]  # Z_i - m
-                e = xp.exp(z)
-                t = target_copies[device]
-                owned = (t >= first) & (t < first + z.shape[-1])
-                offset = xp.where(owned, t - first, 0)
-                picked = xp.take_along_axis(z, offset[..., None], axis=-1)[..., 0]
-                exps.append(e)
-                local_sums.append(e.sum(axis=-1))
-                local_targets.append(xp.where(owned, picked, acc.type(0)))
-                local_zsums.append(z.sum(axis=-1))
-                owned_offsets.append((owned, offset))
-        sums = collectives.all_reduce_sum(backend, local_sums, placement, comm)
-        out = placement[0]
-        target_logit = collectives.reduce_sum(backend, local_targets, placement, out, comm)
-        with backend.device(out):
-            log_sum = xp.log(sums[0])
-            loss = log_sum - target_logit  # -log softmax(Z)_t
-            eps = self.label_smoothing
-            if eps:
-                mean_z = collectives.reduce_sum(backend, local_zsums, placement, out, comm) / vocab
-                loss = (1.0 - eps) * loss + eps * (log_sum - mean_z)
-            valid = targets != self.ignore_index
-            loss = xp.where(valid, loss, acc.type(0))
-            count = int(valid.sum())
-        self._saved = {
-            "logits": logits,
-            "exps": exps,
-            "sums": sums,
-            "owned_offsets": owned_offsets,
-            "valid": valid,
-            "count": count,
-            "acc": acc,
-        }
+    def _row_losses(self, xp: Any, sums: Any, target_logit: Any, targets: Any, mean_z: Any, vocab: int, acc: Any):
+        """``(loss, valid)`` per row: ``log S - z_t``, smoothed, zero where ignored."""
+        log_sum = xp.log(sums)
+        loss = log_sum - target_logit  # -log softmax(Z)_t
+        eps = self.label_smoothing
+        if eps:
+            loss = (1.0 - eps) * loss + eps * (log_sum - mean_z / vocab)
+        valid = targets != self.ignore_index
+        return xp.where(valid, loss, acc.type(0)), valid
+
+    def _reduce(self, backend: Any, loss: Any, out: Hashable, count: int) -> Union[float, Any]:
         if self.reduction == "none":
             return loss
-        total = float(backend.to_host(loss.sum()))
+        total = float(collectives.to_host(backend, collectives.on_devices(backend, _total, {out: loss})[out]))
         if self.reduction == "sum":
             return total
         return total / count if count else float("nan")
 
-    __call__ = forward
+    def _row_scale(self, backend: Any, grad_loss: Any, saved: Dict[str, Any], out: Hashable, rows: Tuple[int, ...]) -> Any:
+        """The gradient of each row's loss, zero for ignored rows, on ``out``."""
+        acc = saved["acc"]
+        if self.reduction == "none":
+            grad = as_array_like(grad_loss, "grad_loss")
+            if np.dtype(grad.dtype).kind not in "iuf":
+                raise ShapeError(f"grad_loss must be real numbers, got {grad_loss!r} of dtype {grad.dtype}")
+            if tuple(grad.shape) not in ((), rows):
+                raise ShapeError(f"grad_loss must be a number or have shape {rows}, got {tuple(grad.shape)}")
+            grad = collectives.broadcast(backend, grad, [out], acc)[out]
+        else:
+            if isinstance(grad_loss, bool) or not isinstance(grad_loss, numbers.Real):
+                raise ShapeError(f"grad_loss must be a number for reduction={self.reduction!r}, got {grad_loss!r}")
+            grad = float(grad_loss) / max(saved["count"], 1) if self.reduction == "mean" else float(grad_loss)
+        return collectives.on_devices(backend, lambda v: backend.xp.where(v, grad, acc.type(0)), {out: saved["valid"]})[out]
 
     def backward(self, grad_loss: Any = 1.0) -> ShardedTensor:
         """``dZ`` as a ShardedTensor split like the logits, in the logits' dtype.
@@ -163,37 +191,47 @@ class VocabParallelCrossEntropy:
         Ignored rows get zero gradient (also when every row is ignored).
         """
         if self._saved is None:
-            raise TensorParallelError("VocabParallelCrossEntropy.backward called before forward")
+            raise TensorParallelError(
+                "VocabParallelCrossEntropy.backward called before forward (or twice after one forward)"
+            )
         saved = self._saved
         logits: ShardedTensor = saved["logits"]
-        backend, placement = logits.backend, logits.devices
-        xp = backend.xp
-        acc = saved["acc"]
-        rows = logits.shape[:-1]
-        out = placement[0]
-        with backend.device(out):
-            if self.reduction == "none":
-                grad = as_array_like(grad_loss, "grad_loss")
-                if np.dtype(grad.dtype).kind not in "iuf":
-                    raise ShapeError(f"grad_loss must be real numbers, got {grad_loss!r} of dtype {grad.dtype}")
-                if tuple(grad.shape) not in ((), rows):
-                    raise ShapeError(f"grad_loss must be a number or have shape {rows}, got {tuple(grad.shape)}")
-                grad = backend.asarray(grad, acc, out)
-            else:
-                if isinstance(grad_loss, bool) or not isinstance(grad_loss, numbers.Real):
-                    raise ShapeError(f"grad_loss must be a number for reduction={self.reduction!r}, got {grad_loss!r}")
-                grad = float(grad_loss) / max(saved["count"], 1) if self.reduction == "mean" else float(grad_loss)
-            row_scale = xp.where(saved["valid"], grad, acc.type(0))  # zero for ignored rows
-        scales = collectives.broadcast(backend, row_scale, placement, acc)
-        eps, vocab = self.label_smoothing, logits.shape[-1]
-        shards = []
-        for e, s, (owned, offset), device in zip(saved["exps"], saved["sums"], saved["owned_offsets"], placement):
-            with backend.device(device):
-                g = e / s[..., None]  # softmax over the global vocabulary
-                hit = (xp.arange(e.shape[-1]) == offset[..., None]) & owned[..., None]
-                g -= (1.0 - eps) * hit
-                if eps:
-                    g -= eps / vocab
-                g *= scales[device][..., None]
-                shards.append(g.astype(logits.dtype))
-        return ShardedTensor(shards, logits.axis, placement, backend, logits.comm)
+        backend = logits.backend
+        out = next(iter(saved["terms"]))
+        row_scale = self._row_scale(backend, grad_loss, saved, out, logits.shape[:-1])
+        self._take_saved()
+        scales = collectives.broadcast(backend, row_scale, list(saved["terms"]), saved["acc"])
+        step = partial(self._shard_grad, backend.xp, logits.shape[-1], logits.dtype)
+        grads = collectives.on_devices(backend, step, saved["terms"], saved["sums"], scales)
+        return ShardedTensor.from_blocks(grads, logits.axis, logits.layout, backend, logits.comm)
+
+    def _shard_grad(self, xp: Any, vocab: int, dtype: Any, terms: Dict[str, Any], s: Any, scale: Any) -> Any:
+        """``dZ_d = (softmax(Z)_d - (1 - eps) onehot(t)_d - eps / V) * scale``, in place on the saved exps."""
+        g = terms["exps"]
+        g /= s[..., None]  # softmax over the global vocabulary
+        eps = self.label_smoothing
+        if g.shape[-1]:
+            flat = g.reshape(-1, g.shape[-1])  # (rows, V_d), a view
+            hit = terms["owned"].reshape(-1).astype(g.dtype)
+            hit *= 1.0 - eps
+            flat[xp.arange(flat.shape[0]), terms["local"].reshape(-1)] -= hit  # subtract at each row's target only
+        if eps:
+            g -= eps / vocab
+        g *= scale[..., None]
+        return g.astype(dtype, copy=False)
+
+
+def _row_max_and_copy(xp: Any, z: Any, acc: Any) -> Tuple[Any, Any]:
+    """``(copy of z in acc, row max)``; the max of an empty block is -inf."""
+    copy = z.astype(acc)  # a copy: the caller's logits stay untouched
+    if z.shape[-1] == 0:
+        return copy, xp.full(z.shape[:-1], -np.inf, dtype=acc)
+    return copy, copy.max(axis=-1)
+
+
+def _count(valid: Any) -> Any:
+    return valid.sum()
+
+
+def _total(loss: Any) -> Any:
+    return loss.sum()

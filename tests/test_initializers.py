@@ -7,7 +7,7 @@ import pytest
 
 from conftest import WORKER_COUNTS
 from tp_gpu import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, TensorParallelConfig
-from tp_gpu.init import EMBEDDING_INIT_RANGE, embedding_uniform, xavier_uniform
+from tp_gpu.initializers import EMBEDDING_INIT_RANGE, embedding_uniform, xavier_uniform
 
 # Divisible by every worker count 1..8, so one logical shape serves them all.
 SPLIT = 840

@@ -1,0 +1,255 @@
+"""Module: the tree every layer and model is built of, as in ``torch.nn.Module``.
+
+Submodules and parameters register by attribute assignment
+(``self.fc1 = ColumnParallelLinear(...)``, ``self.weight = ShardedParameter(...)``),
+and are named with dots (``"fc1.weight"``). A parameter reachable by two
+names (tied weights) is listed once, under its first name.
+
+There is no autograd: each module's ``backward(grad_output)`` takes the
+gradient of its output and returns that of its input, accumulating its
+parameters' gradients. ``forward`` in training mode keeps what ``backward``
+needs; ``eval()`` turns that off and drops what was kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Set, Tuple
+
+import numpy as np
+
+from .errors import ShapeError, TensorParallelError
+from .parameter import ShardedParameter
+
+__all__ = ["Module", "Sequential", "ModuleDict", "IncompatibleKeys"]
+
+
+class IncompatibleKeys(NamedTuple):
+    """What ``load_state_dict(strict=False)`` did not load, as PyTorch returns it."""
+
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+
+
+class Module:
+    """Base of every layer and model: a tree of modules holding :class:`ShardedParameter` s."""
+
+    training: bool
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_saved", None)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_modules" not in self.__dict__:
+            raise TensorParallelError(f"{type(self).__name__}: call Module.__init__() before setting {name!r}")
+        if name in self._parameters and not isinstance(value, (ShardedParameter, type(None))):
+            raise TensorParallelError(
+                f"cannot assign a {type(value).__name__} to parameter {name!r} of {type(self).__name__}; "
+                f"expected a ShardedParameter (to change its value in place: module.{name}.load(array))"
+            )
+        self._modules.pop(name, None)
+        self._parameters.pop(name, None)
+        if isinstance(value, Module):
+            self._modules[name] = value
+        elif isinstance(value, ShardedParameter):
+            self._parameters[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self._modules.pop(name, None)
+        self._parameters.pop(name, None)
+        object.__delattr__(self, name)
+
+    # ------------------------------------------------------------------ the tree
+
+    def named_children(self) -> List[Tuple[str, "Module"]]:
+        """``(name, module)`` of the direct submodules, in registration order."""
+        return list(self._modules.items())
+
+    def children(self) -> List["Module"]:
+        """The direct submodules, in registration order."""
+        return list(self._modules.values())
+
+    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "Module"]]:
+        """``(dotted name, module)`` of this module (name ``prefix``) and every submodule, each once."""
+        seen: Set[int] = set()
+        stack = [(prefix, self)]
+        while stack:
+            name, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            yield name, module
+            children = [(f"{name}.{child}" if name else child, m) for child, m in module._modules.items()]
+            stack.extend(reversed(children))
+
+    def named_parameters(self, prefix: str = "") -> List[Tuple[str, ShardedParameter]]:
+        """``(dotted name, parameter)`` of every parameter of the tree; a shared one only once."""
+        seen: Set[int] = set()
+        named = []
+        for module_name, module in self.named_modules(prefix):
+            for name, param in module._parameters.items():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    named.append((f"{module_name}.{name}" if module_name else name, param))
+        return named
+
+    def parameters(self) -> List[ShardedParameter]:
+        """Every parameter of the tree, in registration order (what the optimizers take)."""
+        return [p for _, p in self.named_parameters()]
+
+    # ------------------------------------------------------------------ modes and gradients
+
+    def train(self, mode: bool = True) -> "Module":
+        """Keep (``True``) or drop (``False``) what ``backward`` needs, in every module of the tree."""
+        for _, module in self.named_modules():
+            object.__setattr__(module, "training", bool(mode))
+            if not mode:
+                object.__setattr__(module, "_saved", None)
+        return self
+
+    def eval(self) -> "Module":
+        """Inference mode: ``forward`` keeps nothing for ``backward``."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Reset the accumulated gradients of every parameter."""
+        for p in self.parameters():
+            p.zero_grad()
+
+    def grads(self) -> Dict[str, np.ndarray]:
+        """The accumulated gradients as dense host arrays, keyed like the state dict."""
+        return {name: p.full_grad() for name, p in self.named_parameters()}
+
+    def _keep(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Keep ``saved`` for ``backward`` in training mode; keep nothing in eval mode."""
+        object.__setattr__(self, "_saved", saved if self.training else None)
+
+    def _take_saved(self) -> Dict[str, Any]:
+        """What the last training-mode ``forward`` kept, consumed: a second ``backward`` raises."""
+        saved = self._saved
+        if saved is None:
+            raise TensorParallelError(
+                f"{type(self).__name__}.backward called without a preceding forward in training mode "
+                "(or twice after one forward); call forward (with module.training True) first"
+            )
+        object.__setattr__(self, "_saved", None)
+        return saved
+
+    # ------------------------------------------------------------------ state dicts
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Every parameter's logical (dense, unsharded) value as a new host NumPy array, by dotted name.
+
+        The values do not depend on the worker count, placement or backend, so
+        a state dict saved from one configuration loads into any other.
+        """
+        return {name: param.full() for name, param in self.named_parameters()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Set parameters from their logical values in ``state_dict``, re-sharding each for this module.
+
+        Values may be host, device or DLPack arrays (a ``torch.Tensor``) and
+        are cast to each parameter's dtype. With ``strict`` every key must be
+        present and no other; with ``strict=False`` the keys that match are
+        loaded and the missing and unexpected ones are returned. Everything is
+        checked, and staged on the devices, before anything is written: on a
+        ShapeError the module is left exactly as it was.
+        """
+        what = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, Mapping):
+            raise ShapeError(f"{what} expects a mapping of parameter name to array, got {type(state_dict).__name__}")
+        params = dict(self.named_parameters())
+        missing = [name for name in params if name not in state_dict]
+        unexpected = [key for key in state_dict if key not in params]
+        if strict and (missing or unexpected):
+            raise ShapeError(
+                f"{what}: missing keys {missing}, unexpected keys {unexpected}; expected exactly {list(params)}"
+            )
+        staged = [(p, p.stage(state_dict[name], f"{what}: {name!r}")) for name, p in params.items() if name in state_dict]
+        for param, blocks in staged:
+            param.commit(blocks)
+        return IncompatibleKeys(missing, unexpected)
+
+    # ------------------------------------------------------------------ calling
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        """The module's own settings, for ``repr``."""
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"  ({name}): " + repr(m).replace("\n", "\n  ") for name, m in self._modules.items()]
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        return head + ("\n" + "\n".join(lines) + "\n)" if lines else ")")
+
+
+class Sequential(Module):
+    """Modules applied in order: ``forward`` feeds each output to the next, ``backward`` runs them in reverse.
+
+    Submodules are named ``"0"``, ``"1"``, ... as in ``torch.nn.Sequential``.
+    """
+
+    def __init__(self, *modules: Module) -> None:
+        super().__init__()
+        for i, module in enumerate(modules):
+            if not isinstance(module, Module):
+                raise TensorParallelError(f"Sequential takes modules, got {type(module).__name__} at position {i}")
+            setattr(self, str(i), module)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, index: int) -> Module:
+        return list(self._modules.values())[index]
+
+    def forward(self, x: Any) -> Any:
+        for module in self._modules.values():
+            x = module(x)
+        return x
+
+    def backward(self, grad_output: Any) -> Any:
+        for module in reversed(list(self._modules.values())):
+            grad_output = module.backward(grad_output)  # type: ignore[attr-defined]
+        return grad_output
+
+
+class ModuleDict(Module):
+    """Modules by name, registered as submodules: ``ModuleDict({"embed": emb, "head": head})``."""
+
+    def __init__(self, modules: Optional[Mapping[str, Module]] = None) -> None:
+        super().__init__()
+        for name, module in (modules or {}).items():
+            self[name] = module
+
+    def __setitem__(self, name: str, module: Module) -> None:
+        if not isinstance(name, str) or not name or "." in name:
+            raise TensorParallelError(f"ModuleDict keys must be non-empty strings without dots, got {name!r}")
+        if not isinstance(module, Module):
+            raise TensorParallelError(f"ModuleDict values must be modules, got {type(module).__name__} for {name!r}")
+        setattr(self, name, module)
+
+    def __getitem__(self, name: str) -> Module:
+        return self._modules[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def keys(self) -> List[str]:
+        return list(self._modules)
+
+    def items(self) -> List[Tuple[str, Module]]:
+        return list(self._modules.items())
+
+    def values(self) -> List[Module]:
+        return list(self._modules.values())
