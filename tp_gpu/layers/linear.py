@@ -77,12 +77,13 @@ class _ParallelLinear(ParallelModule):
     weight: ShardedParameter
     bias: ShardedParameter
 
-    def __init__(self, n_in: int, n_out: int, config: Optional[TensorParallelConfig], seed: int) -> None:
+    def __init__(self, n_in: int, n_out: int, config: Optional[TensorParallelConfig], seed: int, unit: int) -> None:
         super().__init__(config)
         self.n_in = check_positive_int(n_in, "n_in")
         self.n_out = check_positive_int(n_out, "n_out")
         self.seed = check_seed(seed)
-        self._join_group(n_in=self.n_in, n_out=self.n_out, seed=self.seed)
+        self.unit = check_positive_int(unit, "unit")
+        self._join_group(n_in=self.n_in, n_out=self.n_out, seed=self.seed, unit=self.unit)
 
     @classmethod
     def from_dense(
@@ -205,11 +206,16 @@ class ColumnParallelLinear(_ParallelLinear):
     seed : int
         Seeds the logical weight, Xavier-uniform over the full ``(n_in, n_out)``;
         the bias starts at zero.
+    unit : int
+        Keep groups of ``unit`` consecutive outputs whole on one worker
+        (attention heads of ``head_dim`` columns); ``n_out`` must be a multiple.
     """
 
-    def __init__(self, n_in: int, n_out: int, config: Optional[TensorParallelConfig] = None, *, seed: int = 0) -> None:
-        super().__init__(n_in, n_out, config, seed)
-        self.layout = self.group.split(self.n_out, what="n_out")
+    def __init__(
+        self, n_in: int, n_out: int, config: Optional[TensorParallelConfig] = None, *, seed: int = 0, unit: int = 1
+    ) -> None:
+        super().__init__(n_in, n_out, config, seed, unit)
+        self.layout = self.group.split(self.n_out, self.unit, "n_out")
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=1)
         self._add_parameter("bias", np.zeros(self.n_out), self.layout, axis=0)
 
@@ -273,6 +279,9 @@ class RowParallelLinear(_ParallelLinear):
     input_is_parallel : bool
         If True, ``forward`` requires a ShardedTensor input (as Megatron's flag):
         a dense input raises instead of being split silently.
+    unit : int
+        Keep groups of ``unit`` consecutive inputs whole on one worker, so the
+        split matches a column layer's ``unit`` split; ``n_in`` must be a multiple.
     """
 
     def __init__(
@@ -283,10 +292,11 @@ class RowParallelLinear(_ParallelLinear):
         *,
         seed: int = 0,
         input_is_parallel: bool = False,
+        unit: int = 1,
     ) -> None:
-        super().__init__(n_in, n_out, config, seed)
+        super().__init__(n_in, n_out, config, seed, unit)
         self.input_is_parallel = bool(input_is_parallel)
-        self.layout = self.group.split(self.n_in, what="n_in")
+        self.layout = self.group.split(self.n_in, self.unit, "n_in")
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=0)
         self._add_parameter("bias", np.zeros(self.n_out))
 
