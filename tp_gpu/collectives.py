@@ -13,7 +13,8 @@ placed on that device, side by side (see :class:`~tp_gpu.partition.BlockLayout`)
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Dict, Hashable, Iterable, List, Optional, Protocol, Sequence, Tuple
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -22,29 +23,30 @@ from .partition import BlockLayout
 
 __all__ = [
     "Blocks",
-    "on_devices",
-    "Reduction",
-    "PeerCopyReduction",
     "InProcessNcclReduction",
-    "default_reduction",
+    "PeerCopyReduction",
+    "Reduction",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "assemble_blocks",
     "broadcast",
-    "scatter_blocks",
+    "default_reduction",
     "gather_blocks",
     "gather_to_host",
+    "on_devices",
+    "reduce_max",
+    "reduce_sum",
+    "scatter_blocks",
     "to_devices",
     "to_host",
-    "reduce_sum",
-    "reduce_max",
-    "all_reduce_sum",
-    "all_reduce_max",
 ]
 
-Blocks = Dict[Hashable, Any]
+Blocks = dict[Hashable, Any]
 
 _HOST = NumpyBackend()  # host arrays, and the host side of checkpoints, travel as NumPy
 
 
-def _along(axis: int, index: slice) -> Tuple[slice, ...]:
+def _along(axis: int, index: slice) -> tuple[slice, ...]:
     return (slice(None),) * axis + (index,)
 
 
@@ -85,7 +87,7 @@ class InProcessNcclReduction:
         return self.fallback.combine(backend, per_device, dst, ufunc)
 
 
-_reductions: Dict[int, Reduction] = {}
+_reductions: dict[int, Reduction] = {}
 
 
 def default_reduction(backend: Any) -> Reduction:
@@ -103,7 +105,7 @@ def default_reduction(backend: Any) -> Reduction:
     return _reductions[key]
 
 
-def on_devices(backend: Any, fn: Callable[..., Any], *blocks: Blocks, keys: Optional[Iterable[Hashable]] = None) -> Blocks:
+def on_devices(backend: Any, fn: Callable[..., Any], *blocks: Blocks, keys: Iterable[Hashable] | None = None) -> Blocks:
     """``{d: fn(blocks[0][d], blocks[1][d], ...)}`` for each device ``d`` of ``keys`` (default: the
     devices of ``blocks[0]``), each call under its device, where its operands already live.
 
@@ -121,7 +123,7 @@ def broadcast(backend: Any, x: Any, devices: Sequence[Hashable], dtype: Any) -> 
     return {device: backend.asarray(x, dtype, device) for device in dict.fromkeys(devices)}
 
 
-def to_devices(backend: Any, arrays: Sequence[Any], devices: Sequence[Hashable], dtype: Any) -> List[Any]:
+def to_devices(backend: Any, arrays: Sequence[Any], devices: Sequence[Hashable], dtype: Any) -> list[Any]:
     """``arrays[i]`` on ``devices[i]`` as ``dtype`` (no copy where it already is)."""
     return [backend.asarray(a, dtype, device) for a, device in zip(arrays, devices)]
 
@@ -138,6 +140,8 @@ def scatter_blocks(backend: Any, x: Any, axis: int, layout: BlockLayout, dtype: 
     consecutive range receives a single slice (with one device: ``x`` itself).
     """
     axis %= x.ndim
+    if layout.padded:
+        return assemble_blocks(backend, [x[_along(axis, slice(*r))] for r in layout.ranges], axis, layout, dtype)
     blocks = {}
     for device in layout.groups:
         parts = [backend.asarray(x[_along(axis, s)], dtype, device) for s in layout.global_slices(device)]
@@ -146,6 +150,22 @@ def scatter_blocks(backend: Any, x: Any, axis: int, layout: BlockLayout, dtype: 
         else:
             with backend.device(device):
                 blocks[device] = backend.xp.concatenate(parts, axis=axis)
+    return blocks
+
+
+def assemble_blocks(backend: Any, pieces: Sequence[Any], axis: int, layout: BlockLayout, dtype: Any) -> Blocks:
+    """Each device's block built from per-worker ``pieces`` (worker ``w``'s slice along ``axis``,
+    anywhere), with zeros on the padding of a padded layout. Each piece crosses to its device once."""
+    blocks = {}
+    for device, workers in layout.groups.items():
+        moved = [backend.asarray(pieces[w], dtype, device) for w in workers]
+        shape = list(moved[0].shape)
+        shape[axis] = layout.block_lengths[device]
+        with backend.device(device):
+            block = backend.xp.zeros(tuple(shape), dtype=dtype)
+            for w, piece in zip(workers, moved):
+                block[_along(axis, slice(*layout.local[w]))] = piece
+        blocks[device] = block
     return blocks
 
 
@@ -220,7 +240,7 @@ def _all_gather_spans(backend: Any, span: Any, axis: int, sizes: Sequence[int], 
         return xp.take(gathered, backend.asarray(keep, np.int64, device), axis=axis)
 
 
-def _reduce(backend: Any, partials: Blocks, dst: Hashable, ufunc: str, reduction: Optional[Reduction]) -> Any:
+def _reduce(backend: Any, partials: Blocks, dst: Hashable, ufunc: str, reduction: Reduction | None) -> Any:
     """Combine one array per device (``partials``) with ``xp.<ufunc>`` into one array on ``dst``."""
     strategy = default_reduction(backend) if reduction is None else reduction
     if len(partials) == 1:
@@ -228,7 +248,7 @@ def _reduce(backend: Any, partials: Blocks, dst: Hashable, ufunc: str, reduction
     return strategy.combine(backend, partials, dst, ufunc)
 
 
-def reduce_sum(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Optional[Reduction] = None) -> Any:
+def reduce_sum(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Reduction | None = None) -> Any:
     """``sum_d partials[d]`` on ``dst``; consumes the partials (one may become the result).
 
     With a ``comm`` of several processes, each process's local sum is then
@@ -238,7 +258,7 @@ def reduce_sum(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, 
     return total if comm is None or comm.size == 1 else comm.all_reduce(backend, total, "sum")
 
 
-def reduce_max(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Optional[Reduction] = None) -> Any:
+def reduce_max(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Reduction | None = None) -> Any:
     """Elementwise ``max_d partials[d]`` on ``dst``; consumes the partials (and all-reduces over ``comm``)."""
     total = _reduce(backend, partials, dst, "maximum", reduction)
     return total if comm is None or comm.size == 1 else comm.all_reduce(backend, total, "max")

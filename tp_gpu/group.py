@@ -60,9 +60,12 @@ class TensorParallelGroup:
         local = len(self.devices)
         return list(range(self.comm.rank * local, (self.comm.rank + 1) * local))
 
-    def split(self, size: int, unit: int = 1, what: str = "size") -> BlockLayout:
-        """How a dimension of ``size``, split over every worker in whole ``unit`` s, lies on this process."""
-        return BlockLayout.split(size, self.devices, self.comm.rank, self.comm.size, unit, what)
+    def split(
+        self, size: int, unit: int = 1, what: str = "size", pad_to_multiple_of: Optional[int] = None
+    ) -> BlockLayout:
+        """How a dimension of ``size``, split over every worker in whole ``unit`` s (or padded to
+        equal shards of a multiple of ``pad_to_multiple_of``), lies on this process."""
+        return BlockLayout.split(size, self.devices, self.comm.rank, self.comm.size, unit, what, pad_to_multiple_of)
 
     def on_devices(self, fn: Callable[..., Any], *blocks: Blocks, keys: Optional[Iterable[Hashable]] = None) -> Blocks:
         """``{d: fn(blocks[0][d], blocks[1][d], ...)}`` for each device ``d`` of ``keys`` (default:

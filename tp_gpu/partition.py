@@ -11,16 +11,17 @@ them than units; an empty shard is a valid shard.
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 from .config import check_positive_int
 from .errors import ConfigError
 from .placement import workers_by_device
 
-__all__ = ["split_sizes", "split_ranges", "BlockLayout"]
+__all__ = ["BlockLayout", "padded_split_sizes", "split_ranges", "split_sizes"]
 
 
-def split_sizes(size: int, parts: int, unit: int = 1, what: str = "size") -> List[int]:
+def split_sizes(size: int, parts: int, unit: int = 1, what: str = "size") -> list[int]:
     """Balanced sizes of ``parts`` contiguous pieces of ``size`` indices, in whole ``unit`` s.
 
     >>> split_sizes(10, 4)
@@ -37,7 +38,7 @@ def split_sizes(size: int, parts: int, unit: int = 1, what: str = "size") -> Lis
     return [(base + (i < extra)) * unit for i in range(parts)]
 
 
-def split_ranges(size: int, parts: int, unit: int = 1, what: str = "size") -> List[Tuple[int, int]]:
+def split_ranges(size: int, parts: int, unit: int = 1, what: str = "size") -> list[tuple[int, int]]:
     """The half-open ``[first, last)`` of each piece of :func:`split_sizes`, in worker order."""
     ranges, first = [], 0
     for piece in split_sizes(size, parts, unit, what):
@@ -46,15 +47,35 @@ def split_ranges(size: int, parts: int, unit: int = 1, what: str = "size") -> Li
     return ranges
 
 
-def _local_ranges(sizes: Sequence[int], groups: Dict[Hashable, List[int]]) -> List[Tuple[int, int]]:
-    """Where each worker's slice sits inside its device's block (workers side by side, in order)."""
+def padded_split_sizes(size: int, parts: int, multiple: int, what: str = "size") -> tuple[list[int], int]:
+    """Megatron's padded split: ``(logical sizes, capacity)`` of ``parts`` equal shards of ``capacity``.
+
+    The dimension is padded to a multiple of ``parts * multiple`` and cut into
+    equal shards of ``capacity`` (a multiple of ``multiple``); the padding
+    falls at the end, so the last shards hold fewer logical indices (possibly
+    none). ``padded_split_sizes(50257, 4, 64)`` gives shards of 12,608 and
+    logical sizes 12,608, 12,608, 12,608 and 12,433.
+    """
+    size = check_positive_int(size, what)
+    parts = check_positive_int(parts, "n_workers")
+    multiple = check_positive_int(multiple, "pad_to_multiple_of")
+    capacity = -(-size // (parts * multiple)) * multiple
+    return [max(0, min(capacity, size - i * capacity)) for i in range(parts)], capacity
+
+
+def _local_ranges(capacities: Sequence[int], sizes: Sequence[int], groups: dict[Hashable, list[int]]):
+    """Where each worker's slice sits inside its device's block (workers side by side, in order),
+    and each block's length. A worker takes ``capacities[w]`` places of which the first ``sizes[w]``
+    hold its logical slice; the rest is padding."""
     local = [(0, 0)] * len(sizes)
-    for workers in groups.values():
+    lengths = {}
+    for device, workers in groups.items():
         offset = 0
         for w in workers:
             local[w] = (offset, offset + sizes[w])
-            offset += sizes[w]
-    return local
+            offset += capacities[w]
+        lengths[device] = offset
+    return local, lengths
 
 
 class BlockLayout:
@@ -80,70 +101,109 @@ class BlockLayout:
         sizes: Sequence[int],
         devices: Sequence[Hashable],
         start: int = 0,
-        total: Optional[int] = None,
-        spans: Optional[Sequence[Tuple[int, int]]] = None,
+        total: int | None = None,
+        spans: Sequence[tuple[int, int]] | None = None,
+        capacities: Sequence[int] | None = None,
     ) -> None:
         if len(sizes) != len(devices):
             raise ConfigError(f"got {len(sizes)} split sizes for {len(devices)} workers; expected one per worker")
+        #: Places each worker takes in its device's block: its size, or more with padding.
+        self.capacities: list[int] = list(sizes) if capacities is None else list(capacities)
         starts = [start]
         for s in sizes:
             starts.append(starts[-1] + s)
         self.start: int = start
         self.size: int = starts[-1] - start
         self.total: int = starts[-1] if total is None else total
-        self.spans: List[Tuple[int, int]] = [(start, start + self.size)] if spans is None else list(spans)
-        self.ranges: List[Tuple[int, int]] = list(zip(starts[:-1], starts[1:]))
-        self.devices: List[Hashable] = list(devices)
-        self.groups: Dict[Hashable, List[int]] = workers_by_device(self.devices)
-        self.local: List[Tuple[int, int]] = _local_ranges(self.sizes, self.groups)
+        self.spans: list[tuple[int, int]] = [(start, start + self.size)] if spans is None else list(spans)
+        self.ranges: list[tuple[int, int]] = list(zip(starts[:-1], starts[1:]))
+        self.devices: list[Hashable] = list(devices)
+        self.groups: dict[Hashable, list[int]] = workers_by_device(self.devices)
+        self.local, self.block_lengths = _local_ranges(self.capacities, self.sizes, self.groups)
+        #: True when some worker's block holds padding after its logical slice.
+        self.padded: bool = self.capacities != self.sizes
 
     @classmethod
     def split(
-        cls, size: int, devices: Sequence[Hashable], rank: int = 0, world_size: int = 1, unit: int = 1, what: str = "size"
-    ) -> "BlockLayout":
-        """``size`` split over ``len(devices) * world_size`` workers (:func:`split_sizes`), of which
-        this process (``rank``) holds the consecutive ``len(devices)`` placed on ``devices``."""
+        cls,
+        size: int,
+        devices: Sequence[Hashable],
+        rank: int = 0,
+        world_size: int = 1,
+        unit: int = 1,
+        what: str = "size",
+        pad_to_multiple_of: int | None = None,
+    ) -> BlockLayout:
+        """``size`` split over ``len(devices) * world_size`` workers, of which this process
+        (``rank``) holds the consecutive ``len(devices)`` placed on ``devices``.
+
+        The split is :func:`split_sizes` (balanced, whole ``unit`` s), or with
+        ``pad_to_multiple_of`` :func:`padded_split_sizes` (equal shards, a
+        multiple of it, padding at the end).
+        """
         local = len(devices)
-        sizes = split_sizes(size, local * world_size, unit, what)
+        if pad_to_multiple_of is None:
+            sizes = split_sizes(size, local * world_size, unit, what)
+            capacities = sizes
+        else:
+            if unit != 1:
+                raise ConfigError(f"{what}: padding and whole-unit splits cannot be combined (unit={unit})")
+            sizes, capacity = padded_split_sizes(size, local * world_size, pad_to_multiple_of, what)
+            capacities = [capacity] * len(sizes)
         bounds = [0]
         for r in range(world_size):
             bounds.append(bounds[-1] + sum(sizes[r * local : (r + 1) * local]))
         spans = list(zip(bounds[:-1], bounds[1:]))
-        mine = sizes[rank * local : (rank + 1) * local]
-        return cls(mine, devices, start=spans[rank][0], total=size, spans=spans)
+        mine = slice(rank * local, (rank + 1) * local)
+        return cls(sizes[mine], devices, start=spans[rank][0], total=size, spans=spans, capacities=capacities[mine])
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, BlockLayout) and (self.ranges, self.devices, self.total) == (
+        return isinstance(other, BlockLayout) and (self.ranges, self.devices, self.total, self.capacities) == (
             other.ranges,
             other.devices,
             other.total,
+            other.capacities,
         )
 
     def __hash__(self) -> int:
-        return hash((tuple(self.ranges), tuple(self.devices), self.total))
+        return hash((tuple(self.ranges), tuple(self.devices), self.total, tuple(self.capacities)))
 
     @property
-    def sizes(self) -> List[int]:
+    def sizes(self) -> list[int]:
         """Length of each of this process's workers' slices."""
         return [last - first for first, last in self.ranges]
 
-    def run(self, device: Hashable) -> Optional[Tuple[int, int]]:
-        """``[first, last)`` when ``device``'s workers own one consecutive global range, else None."""
+    def run(self, device: Hashable) -> tuple[int, int] | None:
+        """``[first, last)`` when ``device``'s block starts with one consecutive global range, in order,
+        and holds nothing else but trailing padding; else None."""
         workers = self.groups[device]
-        if all(b == a + 1 for a, b in zip(workers, workers[1:])):
+        consecutive = all(b == a + 1 for a, b in zip(workers, workers[1:]))
+        unpadded = all(self.capacities[w] == self.sizes[w] for w in workers[:-1])
+        if consecutive and unpadded:
             return self.ranges[workers[0]][0], self.ranges[workers[-1]][1]
         return None
 
     def is_whole(self, device: Hashable) -> bool:
-        """True when ``device``'s block is this process's whole span in order (a single device)."""
-        return self.run(device) == (self.start, self.start + self.size)
+        """True when ``device``'s block is exactly this process's whole span in order (a single device)."""
+        whole = self.run(device) == (self.start, self.start + self.size)
+        return whole and self.block_lengths[device] == self.size
+
+    def logical_mask(self, xp: Any, device: Hashable) -> Any | None:
+        """A boolean ``(block_length,)`` array on the current device, True where ``device``'s block
+        holds a logical index and False on padding; None when the block has no padding."""
+        if self.block_lengths[device] == sum(self.sizes[w] for w in self.groups[device]):
+            return None
+        mask = xp.zeros(self.block_lengths[device], dtype=bool)
+        for w in self.groups[device]:
+            mask[slice(*self.local[w])] = True
+        return mask
 
     def span_slice(self, worker: int) -> slice:
         """Where ``worker``'s range lies within this process's span."""
         first, last = self.ranges[worker]
         return slice(first - self.start, last - self.start)
 
-    def global_slices(self, device: Hashable) -> List[slice]:
+    def global_slices(self, device: Hashable) -> list[slice]:
         """The global slices that, concatenated, form ``device``'s block."""
         run = self.run(device)
         if run is not None:

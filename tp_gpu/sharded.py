@@ -123,11 +123,9 @@ class ShardedTensor:
                 f"{what} ShardedTensor of shape {self.shape} is split on axis {self.axis} with sizes "
                 f"{self.split_sizes}; expected {expected} on the last axis with sizes {layout.sizes}"
             )
-        tensor = self
-        if self.devices != layout.devices:
-            moved = collectives.to_devices(self.backend, self.shards, layout.devices, dtype)
-            tensor = ShardedTensor(moved, self.axis, layout.devices, self.backend, self.comm)
-        blocks = tensor.device_blocks()
+        if self.devices != layout.devices or self.layout.capacities != layout.capacities:
+            return collectives.assemble_blocks(self.backend, self.shards, self.axis, layout, dtype)
+        blocks = self.device_blocks()
         return dict(zip(blocks, collectives.to_devices(self.backend, list(blocks.values()), list(blocks), dtype)))
 
     @property

@@ -42,27 +42,43 @@ class ParallelEmbedding(ParallelModule):
         Workers, backend, devices, dtype and output device (default 2 workers).
     seed : int
         Seeds the logical table, U(-0.02, 0.02) over the full shape.
+    pad_to_multiple_of : int, optional
+        Pad the vocabulary so that every worker holds the same number of rows,
+        a multiple of it (Megatron's ``make_vocab_size_divisible_by``). Padded
+        rows are zero and never looked up; ``full_weight()``, state dicts and
+        checkpoints hold the ``vocab_size`` logical rows only.
     """
 
     def __init__(
-        self, vocab_size: int, embed_dim: int, config: Optional[TensorParallelConfig] = None, *, seed: int = 0
+        self,
+        vocab_size: int,
+        embed_dim: int,
+        config: Optional[TensorParallelConfig] = None,
+        *,
+        seed: int = 0,
+        pad_to_multiple_of: Optional[int] = None,
     ) -> None:
         super().__init__(config)
         self.vocab_size = check_positive_int(vocab_size, "vocab_size")
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.seed = check_seed(seed)
-        self._join_group(vocab_size=self.vocab_size, embed_dim=self.embed_dim, seed=self.seed)
-        self.layout = self.group.split(self.vocab_size, what="vocab_size")
+        pad = None if pad_to_multiple_of is None else check_positive_int(pad_to_multiple_of, "pad_to_multiple_of")
+        self.pad_to_multiple_of = pad
+        self._join_group(vocab_size=self.vocab_size, embed_dim=self.embed_dim, seed=self.seed, pad=pad)
+        self.layout = self.group.split(self.vocab_size, what="vocab_size", pad_to_multiple_of=pad)
         table = embedding_uniform(self.vocab_size, self.embed_dim, self.seed)
         self._add_parameter("weight", table, self.layout, axis=0)
 
     @classmethod
-    def from_dense(cls, weight: Any, config: Optional[TensorParallelConfig] = None) -> "ParallelEmbedding":
+    def from_dense(
+        cls, weight: Any, config: Optional[TensorParallelConfig] = None, **kwargs: Any
+    ) -> "ParallelEmbedding":
         """A layer holding the dense table ``weight``, ``(vocab_size, embed_dim)``, split by rows.
 
         PyTorch's ``nn.Embedding.weight`` has that shape too. ``config``
         defaults to ``TensorParallelConfig()`` (2 workers); the table is cast
-        to its dtype. See :meth:`load_dense`.
+        to its dtype. Keyword arguments go to the constructor
+        (``pad_to_multiple_of``). See :meth:`load_dense`.
         """
         weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
         if weight.ndim != 2:
@@ -70,7 +86,7 @@ class ParallelEmbedding(ParallelModule):
                 f"{cls.__name__}.from_dense weight must be 2-D (vocab_size, embed_dim), got shape {tuple(weight.shape)}"
             )
         vocab_size, embed_dim = weight.shape
-        layer = cls(vocab_size, embed_dim, config)
+        layer = cls(vocab_size, embed_dim, config, **kwargs)
         layer.load_dense(weight)
         return layer
 

@@ -77,13 +77,16 @@ class _ParallelLinear(ParallelModule):
     weight: ShardedParameter
     bias: ShardedParameter
 
-    def __init__(self, n_in: int, n_out: int, config: Optional[TensorParallelConfig], seed: int, unit: int) -> None:
+    def __init__(
+        self, n_in: int, n_out: int, config: Optional[TensorParallelConfig], seed: int, unit: int, pad: Optional[int]
+    ) -> None:
         super().__init__(config)
         self.n_in = check_positive_int(n_in, "n_in")
         self.n_out = check_positive_int(n_out, "n_out")
         self.seed = check_seed(seed)
         self.unit = check_positive_int(unit, "unit")
-        self._join_group(n_in=self.n_in, n_out=self.n_out, seed=self.seed, unit=self.unit)
+        self.pad_to_multiple_of = None if pad is None else check_positive_int(pad, "pad_to_multiple_of")
+        self._join_group(n_in=self.n_in, n_out=self.n_out, seed=self.seed, unit=self.unit, pad=pad)
 
     @classmethod
     def from_dense(
@@ -209,13 +212,25 @@ class ColumnParallelLinear(_ParallelLinear):
     unit : int
         Keep groups of ``unit`` consecutive outputs whole on one worker
         (attention heads of ``head_dim`` columns); ``n_out`` must be a multiple.
+    pad_to_multiple_of : int, optional
+        Pad ``n_out`` so that every worker's shard has the same size, a multiple
+        of it (vLLM's ``padding_size``, Megatron's ``make_vocab_size_divisible_by``).
+        The padded columns are zero and never appear in ``full_weight()``, state
+        dicts, checkpoints or a gathered output; the vocab-parallel loss masks them.
     """
 
     def __init__(
-        self, n_in: int, n_out: int, config: Optional[TensorParallelConfig] = None, *, seed: int = 0, unit: int = 1
+        self,
+        n_in: int,
+        n_out: int,
+        config: Optional[TensorParallelConfig] = None,
+        *,
+        seed: int = 0,
+        unit: int = 1,
+        pad_to_multiple_of: Optional[int] = None,
     ) -> None:
-        super().__init__(n_in, n_out, config, seed, unit)
-        self.layout = self.group.split(self.n_out, self.unit, "n_out")
+        super().__init__(n_in, n_out, config, seed, unit, pad_to_multiple_of)
+        self.layout = self.group.split(self.n_out, self.unit, "n_out", self.pad_to_multiple_of)
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=1)
         self._add_parameter("bias", np.zeros(self.n_out), self.layout, axis=0)
 
@@ -282,6 +297,9 @@ class RowParallelLinear(_ParallelLinear):
     unit : int
         Keep groups of ``unit`` consecutive inputs whole on one worker, so the
         split matches a column layer's ``unit`` split; ``n_in`` must be a multiple.
+    pad_to_multiple_of : int, optional
+        Pad ``n_in`` to equal shards of a multiple of it, matching a column
+        layer padded alike; the padded rows of the weight are zero.
     """
 
     def __init__(
@@ -293,10 +311,11 @@ class RowParallelLinear(_ParallelLinear):
         seed: int = 0,
         input_is_parallel: bool = False,
         unit: int = 1,
+        pad_to_multiple_of: Optional[int] = None,
     ) -> None:
-        super().__init__(n_in, n_out, config, seed, unit)
+        super().__init__(n_in, n_out, config, seed, unit, pad_to_multiple_of)
         self.input_is_parallel = bool(input_is_parallel)
-        self.layout = self.group.split(self.n_in, self.unit, "n_in")
+        self.layout = self.group.split(self.n_in, self.unit, "n_in", self.pad_to_multiple_of)
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=0)
         self._add_parameter("bias", np.zeros(self.n_out))
 

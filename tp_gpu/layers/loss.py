@@ -1,28 +1,41 @@
-"""Vocab-parallel cross-entropy (Megatron-LM ``vocab_parallel_cross_entropy``).
+"""Vocab-parallel cross-entropy (Megatron-LM ``vocab_parallel_cross_entropy``), with class weights.
 
 The logits ``Z`` of shape ``(..., V)`` stay split on the vocabulary axis as
-``Z = [Z_1, ..., Z_p]``; they are never gathered. With ``m = max_j Z_j``
-(a max reduction), ``S = sum_j exp(Z_j - m)`` (a sum reduction of the per-shard
-exp-sums) and ``z_t = Z_t - m`` the shifted target logit (a sum reduction where
-only the owning worker contributes), the loss of one row is
+``Z = [Z_1, ..., Z_p]``; they are never gathered. Each step needs only
+reductions of per-row numbers:
 
-    nll = log S - z_t
-    loss = (1 - eps) * nll + eps * (log S - mean_j (Z_j - m))
+1. ``m = max_j Z_j`` (a max reduction); ``z = Z - m``;
+2. ``S = sum_j exp(z_j)`` (a sum reduction of the per-shard exp-sums);
+3. ``z_t`` and ``w_t``, the target's shifted logit and class weight (sum
+   reductions to which only the owning shard contributes);
+4. with label smoothing, ``sum_j w_j z_j`` (a sum reduction).
 
-with label smoothing ``eps`` spread over the whole vocabulary, and its
-gradient is ``dZ_j = softmax(Z)_j - (1 - eps) [j == t] - eps / V``, computed
-on each worker for its own shard.
+With class weights ``w`` (ones by default), ``W = sum_j w_j`` and label
+smoothing ``eps``, the loss of one row is, as in ``torch.nn.functional.cross_entropy``,
+
+    loss = (1 - eps) w_t (log S - z_t) + (eps / V) (W log S - sum_j w_j z_j)
+
+``reduction="mean"`` divides the summed losses by the summed ``w_t`` of the
+rows not ignored (their count without weights). The gradient, computed on each
+worker for its own shard, is
+
+    dZ_j = softmax(Z)_j ((1 - eps) w_t + eps W / V) - (1 - eps) w_t [j == t] - eps w_j / V
+
+Padded vocabulary columns (a head built with ``pad_to_multiple_of``) are
+masked: they get no probability, no weight and no gradient.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Hashable
 from functools import partial
-from typing import Any, Dict, Hashable, Tuple, Union
+from typing import Any
 
 import numpy as np
 
 from .. import collectives
+from ..backends.base import host_array
 from ..collectives import Blocks
 from ..errors import ConfigError, IndexOutOfRangeError, ShapeError, TensorParallelError
 from ..module import Module
@@ -39,14 +52,17 @@ class VocabParallelCrossEntropy(Module):
 
     Parameters
     ----------
+    weight : array of shape (V,), optional
+        A weight per class (``torch.nn.functional.cross_entropy``'s ``weight``),
+        split like the logits when they arrive.
     ignore_index : int
         Rows whose target equals it contribute no loss and no gradient, and do
         not count toward the mean.
     label_smoothing : float in [0, 1)
         Weight ``eps`` of the uniform distribution over the global vocabulary.
     reduction : {"mean", "sum", "none"}
-        ``"mean"`` over non-ignored rows (NaN when every row is ignored, as in
-        PyTorch), ``"sum"``, or ``"none"`` for the per-row losses.
+        ``"mean"`` over non-ignored rows, weighted by ``w_t`` (NaN when every row
+        is ignored, as in PyTorch), ``"sum"``, or ``"none"`` for the per-row losses.
 
     Notes
     -----
@@ -55,7 +71,14 @@ class VocabParallelCrossEntropy(Module):
     (none in eval mode). The caller's logits are never modified.
     """
 
-    def __init__(self, *, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        *,
+        weight: Any = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise ConfigError(f"ignore_index must be an integer, got {ignore_index!r}")
@@ -64,15 +87,21 @@ class VocabParallelCrossEntropy(Module):
             raise ConfigError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
         if reduction not in REDUCTIONS:
             raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.class_weight: np.ndarray | None = None if weight is None else _check_weight(weight)
         self.ignore_index = int(ignore_index)
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, reduction={self.reduction!r}"
+        weighted = ", weight=..." if self.class_weight is not None else ""
+        return (
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"reduction={self.reduction!r}{weighted}"
+        )
 
-    def _check_targets(self, logits: ShardedTensor, targets: Any) -> Blocks:
-        """Targets as int64 on every device of the logits, checked against their shape and vocabulary."""
+    # ------------------------------------------------------------------ inputs
+
+    def _check_logits(self, logits: Any) -> None:
         if not isinstance(logits, ShardedTensor):
             raise ShapeError(
                 f"VocabParallelCrossEntropy expects logits as a ShardedTensor split on the vocab axis, "
@@ -80,6 +109,14 @@ class VocabParallelCrossEntropy(Module):
             )
         if logits.ndim < 1 or logits.axis != logits.ndim - 1:
             raise ShapeError(f"logits must be split on the last (vocab) axis {logits.ndim - 1}, got axis {logits.axis}")
+        if self.class_weight is not None and self.class_weight.shape != (logits.shape[-1],):
+            raise ShapeError(
+                f"class weight has shape {self.class_weight.shape}; expected ({logits.shape[-1]},), one per "
+                "vocabulary entry of the logits"
+            )
+
+    def _check_targets(self, logits: ShardedTensor, targets: Any) -> Blocks:
+        """Targets as int64 on every device of the logits, checked against their shape and vocabulary."""
         targets = as_array_like(targets, "targets")
         if np.dtype(targets.dtype).kind not in "iu":
             raise ShapeError(f"targets must be integers, got dtype {targets.dtype}")
@@ -107,67 +144,87 @@ class VocabParallelCrossEntropy(Module):
         first = xp.argmax(bad)
         return xp.stack((bad[first].astype(np.int64), targets.reshape(-1)[first]))
 
-    def forward(self, logits: ShardedTensor, targets: Any) -> Union[float, Any]:
-        """The loss: a host float, or per-row losses ``targets.shape`` on worker 0's device for ``"none"``."""
-        target_copies = self._check_targets(logits, targets)
-        backend, comm, layout = logits.backend, logits.comm, logits.layout
-        acc = np.promote_types(logits.dtype, np.float32)
+    def _shards(self, logits: ShardedTensor, targets: Blocks, acc: Any) -> Blocks:
+        """Per device: the logits' block as ``acc`` (padding at -inf), its class weights, targets, layout."""
+        backend, layout = logits.backend, logits.layout
+        weights = None
+        if self.class_weight is not None:
+            weights = collectives.scatter_blocks(backend, self.class_weight, 0, layout, acc)
         blocks = logits.device_blocks()
-        devices = {d: d for d in blocks}
-        shifted = collectives.on_devices(backend, lambda z: _row_max_and_copy(backend.xp, z, acc), blocks)
-        row_max = collectives.all_reduce_max(backend, {d: m for d, (_, m) in shifted.items()}, comm)
-        step = partial(self._shard_terms, backend.xp, layout, acc)
-        terms = collectives.on_devices(backend, step, {d: z for d, (z, _) in shifted.items()}, row_max, target_copies, devices)
-        sums = collectives.all_reduce_sum(backend, {d: t["sum"] for d, t in terms.items()}, comm)
-        out = next(iter(blocks))
-        target_logit = collectives.reduce_sum(backend, {d: t["picked"] for d, t in terms.items()}, out, comm)
-        mean_z = None
-        if self.label_smoothing:
-            mean_z = collectives.reduce_sum(backend, {d: t["zsum"] for d, t in terms.items()}, out, comm)
-        loss, valid = collectives.on_devices(
-            backend, lambda s, t, x: self._row_losses(backend.xp, s, t, x, mean_z, logits.shape[-1], acc),
-            {out: sums[out]}, {out: target_logit}, {out: target_copies[out]},
-        )[out]
-        count = int(collectives.to_host(backend, collectives.on_devices(backend, _count, {out: valid})[out]))
-        self._keep({"logits": logits, "terms": terms, "sums": sums, "valid": valid, "count": count, "acc": acc})
-        return self._reduce(backend, loss, out, count)
+        prepare = partial(_prepare_shard, backend.xp, layout, acc)
+        return collectives.on_devices(
+            backend, prepare, blocks, targets, {d: d for d in blocks}, {d: None if weights is None else weights[d] for d in blocks}
+        )
 
-    def _shard_terms(self, xp: Any, layout: Any, acc: Any, z: Any, m: Any, t: Any, device: Hashable) -> Dict[str, Any]:
-        """On one device: ``z -= m`` and the row sums of ``exp(z)`` (``z`` becomes ``exp(z - m)``, in place),
-        the shifted target logit where this device owns the target, and the row sums of ``z - m``."""
-        owned, local = layout.owned_local(xp, t, device)
-        if owned is None:  # this device holds the whole vocabulary: only ignored rows are not owned
-            owned = (t >= 0) & (t < layout.total)
-            local = xp.where(owned, t, 0)
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, logits: ShardedTensor, targets: Any) -> float | Any:
+        """The loss: a host float, or per-row losses ``targets.shape`` on worker 0's device for ``"none"``."""
+        self._check_logits(logits)
+        target_copies = self._check_targets(logits, targets)
+        backend, comm, xp = logits.backend, logits.comm, logits.backend.xp
+        acc = np.promote_types(logits.dtype, np.float32)
+        shards = self._shards(logits, target_copies, acc)
+        row_max = collectives.all_reduce_max(backend, {d: s["max"] for d, s in shards.items()}, comm)
+        terms = collectives.on_devices(backend, partial(self._shard_terms, xp), shards, row_max)
+        out = next(iter(shards))
+        sums = collectives.all_reduce_sum(backend, {d: t["sum"] for d, t in terms.items()}, comm)
+        reduced = {
+            key: collectives.reduce_sum(backend, {d: t[key] for d, t in terms.items()}, out, comm)
+            for key in ("z_t", "w_t", "wz")
+            if terms[out][key] is not None
+        }
+        rows = collectives.on_devices(
+            backend, partial(self._row_losses, xp, logits.shape[-1], acc, reduced), {out: sums[out]}, {out: target_copies[out]}
+        )[out]
+        loss, denominator = self._reduce(backend, rows, out)
+        self._keep({"logits": logits, "terms": terms, "sums": sums, "rows": rows, "acc": acc, "denominator": denominator})
+        return loss
+
+    def _shard_terms(self, xp: Any, shard: dict[str, Any], m: Any) -> dict[str, Any]:
+        """On one device: ``z -= m``, then ``z`` becomes ``exp(z)`` in place; the row sums of it, and
+        the target's ``z_t`` and ``w_t`` where this device owns the target, and ``sum_j w_j z_j``."""
+        z, w, owned, local = shard["z"], shard["w"], shard["owned"], shard["local"]
         z -= m[..., None]  # Z_d - m
         if z.shape[-1]:
-            picked = xp.take_along_axis(z, local[..., None], axis=-1)[..., 0]
-            picked = xp.where(owned, picked, acc.type(0))
+            z_t = xp.where(owned, xp.take_along_axis(z, local[..., None], axis=-1)[..., 0], 0)
+            w_t = None if w is None else xp.where(owned, xp.take(w, local), 0)
         else:
-            picked = xp.zeros(z.shape[:-1], dtype=acc)
-        zsum = z.sum(axis=-1) if self.label_smoothing else None
+            z_t = xp.zeros(z.shape[:-1], dtype=z.dtype)
+            w_t = None if w is None else xp.zeros(z.shape[:-1], dtype=z.dtype)
+        wz = None
+        if self.label_smoothing:
+            finite = z if shard["mask"] is None else xp.where(shard["mask"], z, 0)
+            wz = finite.sum(axis=-1) if w is None else matmul_vector(finite, w)  # (..., V_d) @ (V_d,) -> (...)
         xp.exp(z, out=z)
-        return {"exps": z, "sum": z.sum(axis=-1), "picked": picked, "zsum": zsum, "owned": owned, "local": local}
+        return {**shard, "exps": z, "sum": z.sum(axis=-1), "z_t": z_t, "w_t": w_t, "wz": wz}
 
-    def _row_losses(self, xp: Any, sums: Any, target_logit: Any, targets: Any, mean_z: Any, vocab: int, acc: Any):
-        """``(loss, valid)`` per row: ``log S - z_t``, smoothed, zero where ignored."""
+    def _row_losses(self, xp: Any, vocab: int, acc: Any, reduced: dict[str, Any], sums: Any, targets: Any):
+        """Per row on the output device: ``loss``, ``valid``, ``w_t`` (ones without weights)."""
         log_sum = xp.log(sums)
-        loss = log_sum - target_logit  # -log softmax(Z)_t
-        eps = self.label_smoothing
-        if eps:
-            loss = (1.0 - eps) * loss + eps * (log_sum - mean_z / vocab)
         valid = targets != self.ignore_index
-        return xp.where(valid, loss, acc.type(0)), valid
+        w_t = reduced.get("w_t", xp.ones(sums.shape, dtype=acc))
+        w_t = xp.where(valid, w_t, 0)
+        eps = self.label_smoothing
+        loss = (1.0 - eps) * w_t * (log_sum - reduced["z_t"])  # -w_t log softmax(Z)_t
+        if eps:
+            total_weight = vocab if self.class_weight is None else float(self.class_weight.sum())
+            loss += (eps / vocab) * (total_weight * log_sum - reduced["wz"])
+        return {"loss": xp.where(valid, loss, 0), "valid": valid, "w_t": w_t, "denominator": w_t.sum()}
 
-    def _reduce(self, backend: Any, loss: Any, out: Hashable, count: int) -> Union[float, Any]:
+    def _reduce(self, backend: Any, rows: dict[str, Any], out: Hashable) -> tuple[float | Any, float]:
+        """``(reduced loss, mean's denominator)``, read back with one device-to-host copy."""
         if self.reduction == "none":
-            return loss
-        total = float(collectives.to_host(backend, collectives.on_devices(backend, _total, {out: loss})[out]))
+            return rows["loss"], 1.0
+        pair = collectives.on_devices(backend, lambda r: backend.xp.stack((r["loss"].sum(), r["denominator"])), {out: rows})
+        total, denominator = (float(v) for v in collectives.to_host(backend, pair[out]))
         if self.reduction == "sum":
-            return total
-        return total / count if count else float("nan")
+            return total, 1.0
+        return (total / denominator if denominator else float("nan")), denominator
 
-    def _row_scale(self, backend: Any, grad_loss: Any, saved: Dict[str, Any], out: Hashable, rows: Tuple[int, ...]) -> Any:
+    # ------------------------------------------------------------------ backward
+
+    def _row_scale(self, backend: Any, grad_loss: Any, saved: dict[str, Any], out: Hashable, rows: tuple[int, ...]) -> Any:
         """The gradient of each row's loss, zero for ignored rows, on ``out``."""
         acc = saved["acc"]
         if self.reduction == "none":
@@ -180,8 +237,11 @@ class VocabParallelCrossEntropy(Module):
         else:
             if isinstance(grad_loss, bool) or not isinstance(grad_loss, numbers.Real):
                 raise ShapeError(f"grad_loss must be a number for reduction={self.reduction!r}, got {grad_loss!r}")
-            grad = float(grad_loss) / max(saved["count"], 1) if self.reduction == "mean" else float(grad_loss)
-        return collectives.on_devices(backend, lambda v: backend.xp.where(v, grad, acc.type(0)), {out: saved["valid"]})[out]
+            grad = float(grad_loss)
+            if self.reduction == "mean":
+                grad = grad / saved["denominator"] if saved["denominator"] else 0.0
+        xp = backend.xp
+        return collectives.on_devices(backend, lambda r: xp.where(r["valid"], grad, acc.type(0)), {out: saved["rows"]})[out]
 
     def backward(self, grad_loss: Any = 1.0) -> ShardedTensor:
         """``dZ`` as a ShardedTensor split like the logits, in the logits' dtype.
@@ -189,6 +249,7 @@ class VocabParallelCrossEntropy(Module):
         ``grad_loss`` is the gradient of the reduced loss (a number), or for
         ``reduction="none"`` a number or an array of the per-row shape.
         Ignored rows get zero gradient (also when every row is ignored).
+        A second backward after one forward raises.
         """
         if self._saved is None:
             raise TensorParallelError(
@@ -198,40 +259,58 @@ class VocabParallelCrossEntropy(Module):
         logits: ShardedTensor = saved["logits"]
         backend = logits.backend
         out = next(iter(saved["terms"]))
-        row_scale = self._row_scale(backend, grad_loss, saved, out, logits.shape[:-1])
+        scale = self._row_scale(backend, grad_loss, saved, out, logits.shape[:-1])
         self._take_saved()
-        scales = collectives.broadcast(backend, row_scale, list(saved["terms"]), saved["acc"])
+        devices = list(saved["terms"])
+        scales = collectives.broadcast(backend, scale, devices, saved["acc"])
+        w_ts = collectives.broadcast(backend, saved["rows"]["w_t"], devices, saved["acc"])
         step = partial(self._shard_grad, backend.xp, logits.shape[-1], logits.dtype)
-        grads = collectives.on_devices(backend, step, saved["terms"], saved["sums"], scales)
+        grads = collectives.on_devices(backend, step, saved["terms"], saved["sums"], scales, w_ts)
         return ShardedTensor.from_blocks(grads, logits.axis, logits.layout, backend, logits.comm)
 
-    def _shard_grad(self, xp: Any, vocab: int, dtype: Any, terms: Dict[str, Any], s: Any, scale: Any) -> Any:
-        """``dZ_d = (softmax(Z)_d - (1 - eps) onehot(t)_d - eps / V) * scale``, in place on the saved exps."""
+    def _shard_grad(self, xp: Any, vocab: int, dtype: Any, terms: dict[str, Any], s: Any, scale: Any, w_t: Any) -> Any:
+        """``dZ_d``, in place on the saved exps (see the module docstring for the formula)."""
+        eps = self.label_smoothing
         g = terms["exps"]
         g /= s[..., None]  # softmax over the global vocabulary
-        eps = self.label_smoothing
+        total_weight = vocab if self.class_weight is None else float(self.class_weight.sum())
+        g *= ((1.0 - eps) * w_t + eps * total_weight / vocab)[..., None]
         if g.shape[-1]:
             flat = g.reshape(-1, g.shape[-1])  # (rows, V_d), a view
-            hit = terms["owned"].reshape(-1).astype(g.dtype)
-            hit *= 1.0 - eps
-            flat[xp.arange(flat.shape[0]), terms["local"].reshape(-1)] -= hit  # subtract at each row's target only
+            hit = (1.0 - eps) * w_t.reshape(-1) * terms["owned"].reshape(-1)
+            flat[xp.arange(flat.shape[0]), terms["local"].reshape(-1)] -= hit  # only at each row's target
         if eps:
-            g -= eps / vocab
+            spread = terms["w"] if terms["w"] is not None else terms["mask"]
+            g -= (eps / vocab) * (1.0 if spread is None else spread)
         g *= scale[..., None]
         return g.astype(dtype, copy=False)
 
 
-def _row_max_and_copy(xp: Any, z: Any, acc: Any) -> Tuple[Any, Any]:
-    """``(copy of z in acc, row max)``; the max of an empty block is -inf."""
-    copy = z.astype(acc)  # a copy: the caller's logits stay untouched
-    if z.shape[-1] == 0:
-        return copy, xp.full(z.shape[:-1], -np.inf, dtype=acc)
-    return copy, copy.max(axis=-1)
+def _check_weight(weight: Any) -> np.ndarray:
+    w = as_array_like(weight, "class weight")
+    if np.dtype(w.dtype).kind not in "iuf" or w.ndim != 1:
+        raise ShapeError(f"class weight must be a 1-D array of real numbers, got shape {tuple(w.shape)} dtype {w.dtype}")
+    host = np.asarray(host_array(w), dtype=np.float64)
+    if not np.isfinite(host).all():
+        raise ShapeError("class weight must be finite")
+    return host
 
 
-def _count(valid: Any) -> Any:
-    return valid.sum()
+def _prepare_shard(xp: Any, layout: Any, acc: Any, block: Any, t: Any, device: Hashable, w: Any) -> dict[str, Any]:
+    """One device's state: ``z`` (a copy of its logits in ``acc``, padded columns at -inf), its class
+    weights ``w``, padding ``mask`` and, for each row, whether it ``owned`` the target and where (``local``)."""
+    z = block.astype(acc)  # a copy: the caller's logits stay untouched
+    mask = layout.logical_mask(xp, device)
+    if mask is not None:
+        z = xp.where(mask, z, -np.inf)
+    owned, local = layout.owned_local(xp, t, device)
+    if owned is None:  # this device holds the whole vocabulary: only ignored rows are not owned
+        owned = (t >= 0) & (t < layout.total)
+        local = xp.where(owned, t, 0)
+    row_max = z.max(axis=-1) if z.shape[-1] else xp.full(z.shape[:-1], -np.inf, dtype=acc)
+    return {"z": z, "w": w, "mask": mask, "owned": owned, "local": local, "max": row_max}
 
 
-def _total(loss: Any) -> Any:
-    return loss.sum()
+def matmul_vector(x: Any, v: Any) -> Any:
+    """``x @ v`` over the last axis: (..., n) @ (n,) -> (...)."""
+    return (x.reshape(-1, x.shape[-1]) @ v).reshape(x.shape[:-1])  # (N, n) @ (n,) -> (N,)
