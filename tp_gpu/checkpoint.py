@@ -73,18 +73,21 @@ def _safetensors():
         import safetensors.numpy
     except ImportError as exc:
         raise TensorParallelError(
-            f"checkpoints need the safetensors package, which failed to import ({exc}); pip install safetensors"
+            f"checkpoints need the safetensors package, which failed to import ({exc}); pip install "
+            f"safetensors"
         ) from exc
     return safetensors.safe_open, safetensors.numpy
 
 
-def as_module(module: ModuleLikeLike, where: str = "") -> Module:
+def as_module(module: ModuleLike, where: str = "") -> Module:
     """``module`` itself, or a (nested) dict of modules as a :class:`ModuleDict` tree."""
     if isinstance(module, Module):
         return module
     if isinstance(module, Mapping):
         if not module:
-            raise ConfigError(f"got an empty dict of modules{' at ' + repr(where) if where else ''}; nothing to checkpoint")
+            raise ConfigError(
+                f"got an empty dict of modules{' at ' + repr(where) if where else ''}; nothing to checkpoint"
+            )
         tree = ModuleDict()
         for key, sub in module.items():
             if not isinstance(key, str) or not key or "." in key:
@@ -92,11 +95,12 @@ def as_module(module: ModuleLikeLike, where: str = "") -> Module:
             tree[key] = as_module(sub, f"{where}.{key}" if where else key)
         return tree
     raise ConfigError(
-        f"expected a tp_gpu Module or a dict of them, got {type(module).__name__}{' at ' + repr(where) if where else ''}"
+        f"expected a tp_gpu Module or a dict of them, got "
+        f"{type(module).__name__}{' at ' + repr(where) if where else ''}"
     )
 
 
-def named_parameters(module: ModuleLikeLike) -> List[Tuple[str, ShardedParameter]]:
+def named_parameters(module: ModuleLike) -> List[Tuple[str, ShardedParameter]]:
     """``(name, parameter)`` of every parameter of ``module``; names are the checkpoint's tensor names."""
     named = as_module(module).named_parameters()
     if not named:
@@ -119,7 +123,9 @@ def _summary(values) -> str:
     return ",".join(distinct)
 
 
-def _metadata(module: ModuleLike, tensors: Dict[str, np.ndarray], named: List[Tuple[str, ShardedParameter]]) -> Dict[str, str]:
+def _metadata(
+    module: ModuleLike, tensors: Dict[str, np.ndarray], named: List[Tuple[str, ShardedParameter]]
+) -> Dict[str, str]:
     from . import __version__
 
     leaves = [m for _, m in as_module(module).named_modules() if isinstance(m, ParallelModule)]
@@ -132,7 +138,8 @@ def _metadata(module: ModuleLike, tensors: Dict[str, np.ndarray], named: List[Tu
         for name, p in named
     }
     described = {
-        name: {"shape": list(a.shape), "dtype": a.dtype.name, "sha256": _sha256(a)} for name, a in tensors.items()
+        name: {"shape": list(a.shape), "dtype": a.dtype.name, "sha256": _sha256(a)}
+        for name, a in tensors.items()
     }
     metadata = {
         "format": FORMAT,
@@ -164,7 +171,9 @@ def _create_exclusive(path: str) -> Tuple[int, str]:
         candidate = os.path.join(directory, f".{base}.{secrets.token_hex(6)}.tmp")
         try:
             # 0o666 less the umask, like any new file (mkstemp would make it 0o600).
-            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), candidate
+            return os.open(
+                candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666
+            ), candidate
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a unique temporary file beside {path!r}")
@@ -248,7 +257,8 @@ def save_checkpoint(path: PathLike, module: ModuleLike) -> None:
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the directory."""
+    """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync
+    the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = _create_exclusive(os.path.join(directory, os.path.basename(path)))
     try:
@@ -275,7 +285,8 @@ def _header(f, path: str) -> Tuple[Dict[str, str], Dict[str, Dict[str, Any]]]:
     metadata = f.metadata() or {}
     if metadata.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path!r} is a safetensors file but not a tp_gpu checkpoint (metadata format={metadata.get('format')!r}, "
+            f"{path!r} is a safetensors file but not a tp_gpu checkpoint (metadata "
+            f"format={metadata.get('format')!r}, "
             f"expected {FORMAT!r}). To load other weights, read them into arrays and use "
             "load_dense(weight, bias, layout='out_in' for PyTorch) or load_state_dict"
         )
@@ -285,7 +296,8 @@ def _header(f, path: str) -> Tuple[Dict[str, str], Dict[str, Dict[str, Any]]]:
         raise _corrupt(path, f"format_version {metadata.get('format_version')!r} is not an integer") from None
     if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path!r} has checkpoint format version {version}, written by tp_gpu {metadata.get('tp_gpu_version')}; "
+            f"{path!r} has checkpoint format version {version}, written by tp_gpu "
+            f"{metadata.get('tp_gpu_version')}; "
             f"this tp_gpu reads versions up to {FORMAT_VERSION}: upgrade tp_gpu"
         )
     if metadata.get(_METADATA_CHECKSUM) != _metadata_sha256(metadata):
@@ -293,18 +305,26 @@ def _header(f, path: str) -> Tuple[Dict[str, str], Dict[str, Dict[str, Any]]]:
     try:
         described = json.loads(metadata["tensors"])
         described = {
-            str(name): {"shape": tuple(int(n) for n in d["shape"]), "dtype": np.dtype(d["dtype"]), "sha256": str(d["sha256"])}
+            str(name): {
+                "shape": tuple(int(n) for n in d["shape"]),
+                "dtype": np.dtype(d["dtype"]),
+                "sha256": str(d["sha256"]),
+            }
             for name, d in described.items()
         }
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _corrupt(path, f"the 'tensors' metadata is unreadable ({type(exc).__name__}: {exc})") from None
     stored = sorted(f.keys())
     if stored != sorted(described):
-        raise _corrupt(path, f"the file holds tensors {stored} but its metadata describes {sorted(described)}")
+        raise _corrupt(
+            path, f"the file holds tensors {stored} but its metadata describes {sorted(described)}"
+        )
     return metadata, described
 
 
-def _check_fits(path: str, described: Dict[str, Dict[str, Any]], named: List[Tuple[str, ShardedParameter]]) -> None:
+def _check_fits(
+    path: str, described: Dict[str, Dict[str, Any]], named: List[Tuple[str, ShardedParameter]]
+) -> None:
     """Raise CheckpointError listing every tensor whose name, shape or dtype does not fit the module."""
     problems = []
     expected = dict(named)
@@ -321,10 +341,13 @@ def _check_fits(path: str, described: Dict[str, Dict[str, Any]], named: List[Tup
         if found["shape"] != param.shape:
             problems.append(f"tensor {name!r}: expected shape {param.shape}, found {found['shape']}")
         if found["dtype"] != param.dtype:
-            problems.append(f"tensor {name!r}: expected dtype {param.dtype.name}, found {found['dtype'].name}")
+            problems.append(
+                f"tensor {name!r}: expected dtype {param.dtype.name}, found {found['dtype'].name}"
+            )
     if problems:
         raise CheckpointError(
-            f"checkpoint {path!r} does not fit the module ({len(problems)} problem{'s' * (len(problems) > 1)}): "
+            f"checkpoint {path!r} does not fit the module ({len(problems)} "
+            f"problem{'s' * (len(problems) > 1)}): "
             + "; ".join(problems)
             + f". The module expects {[n for n, _ in named]}"
         )
@@ -353,7 +376,9 @@ def _read(path: PathLike, named=None) -> Tuple[Dict[str, np.ndarray], Dict[str, 
                 f"but its metadata says {want['shape']} {want['dtype'].name}",
             )
         if _sha256(array) != want["sha256"]:
-            raise _corrupt(path, f"tensor {name!r} fails its SHA-256 check: its data was changed after saving")
+            raise _corrupt(
+                path, f"tensor {name!r} fails its SHA-256 check: its data was changed after saving"
+            )
     return tensors, metadata
 
 

@@ -91,7 +91,8 @@ _reductions: dict[int, Reduction] = {}
 
 
 def default_reduction(backend: Any) -> Reduction:
-    """The reduction strategy of ``backend``: in-process NCCL when asked for and possible, else peer copies."""
+    """The reduction strategy of ``backend``: in-process NCCL when asked for and possible, else
+    peer copies."""
     key = id(backend)
     if key not in _reductions:
         strategy: Reduction = PeerCopyReduction()
@@ -105,7 +106,9 @@ def default_reduction(backend: Any) -> Reduction:
     return _reductions[key]
 
 
-def on_devices(backend: Any, fn: Callable[..., Any], *blocks: Blocks, keys: Iterable[Hashable] | None = None) -> Blocks:
+def on_devices(
+    backend: Any, fn: Callable[..., Any], *blocks: Blocks, keys: Iterable[Hashable] | None = None
+) -> Blocks:
     """``{d: fn(blocks[0][d], blocks[1][d], ...)}`` for each device ``d`` of ``keys`` (default: the
     devices of ``blocks[0]``), each call under its device, where its operands already live.
 
@@ -141,7 +144,9 @@ def scatter_blocks(backend: Any, x: Any, axis: int, layout: BlockLayout, dtype: 
     """
     axis %= x.ndim
     if layout.padded:
-        return assemble_blocks(backend, [x[_along(axis, slice(*r))] for r in layout.ranges], axis, layout, dtype)
+        return assemble_blocks(
+            backend, [x[_along(axis, slice(*r))] for r in layout.ranges], axis, layout, dtype
+        )
     blocks = {}
     for device in layout.groups:
         parts = [backend.asarray(x[_along(axis, s)], dtype, device) for s in layout.global_slices(device)]
@@ -153,7 +158,9 @@ def scatter_blocks(backend: Any, x: Any, axis: int, layout: BlockLayout, dtype: 
     return blocks
 
 
-def assemble_blocks(backend: Any, pieces: Sequence[Any], axis: int, layout: BlockLayout, dtype: Any) -> Blocks:
+def assemble_blocks(
+    backend: Any, pieces: Sequence[Any], axis: int, layout: BlockLayout, dtype: Any
+) -> Blocks:
     """Each device's block built from per-worker ``pieces`` (worker ``w``'s slice along ``axis``,
     anywhere), with zeros on the padding of a padded layout. Each piece crosses to its device once."""
     blocks = {}
@@ -169,7 +176,9 @@ def assemble_blocks(backend: Any, pieces: Sequence[Any], axis: int, layout: Bloc
     return blocks
 
 
-def gather_blocks(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, dst: Hashable, comm: Any = None) -> Any:
+def gather_blocks(
+    backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, dst: Hashable, comm: Any = None
+) -> Any:
     """The full array on ``dst`` from per-device ``blocks`` split along ``axis`` as ``layout`` says.
 
     Each block crosses to ``dst`` once. A single block that already is the whole
@@ -184,7 +193,9 @@ def gather_blocks(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, 
     return _all_gather_spans(backend, span, axis, [last - first for first, last in layout.spans], comm)
 
 
-def gather_to_host(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, comm: Any = None) -> np.ndarray:
+def gather_to_host(
+    backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, comm: Any = None
+) -> np.ndarray:
     """The full array as a new host NumPy array, from per-device ``blocks`` laid out as ``layout``.
 
     With a ``comm`` of several processes this is collective: the spans are all-gathered on the host.
@@ -248,7 +259,9 @@ def _reduce(backend: Any, partials: Blocks, dst: Hashable, ufunc: str, reduction
     return strategy.combine(backend, partials, dst, ufunc)
 
 
-def reduce_sum(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Reduction | None = None) -> Any:
+def reduce_sum(
+    backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Reduction | None = None
+) -> Any:
     """``sum_d partials[d]`` on ``dst``; consumes the partials (one may become the result).
 
     With a ``comm`` of several processes, each process's local sum is then
@@ -258,7 +271,9 @@ def reduce_sum(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, 
     return total if comm is None or comm.size == 1 else comm.all_reduce(backend, total, "sum")
 
 
-def reduce_max(backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Reduction | None = None) -> Any:
+def reduce_max(
+    backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Reduction | None = None
+) -> Any:
     """Elementwise ``max_d partials[d]`` on ``dst``; consumes the partials (and all-reduces over ``comm``)."""
     total = _reduce(backend, partials, dst, "maximum", reduction)
     return total if comm is None or comm.size == 1 else comm.all_reduce(backend, total, "max")
@@ -272,7 +287,8 @@ def all_reduce_sum(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
 
 
 def all_reduce_max(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
-    """The elementwise max of ``partials`` (over every process of ``comm``) on every device of ``partials``."""
+    """The elementwise max of ``partials`` (over every process of ``comm``) on every device of
+    ``partials``."""
     devices = list(partials)
     total = reduce_max(backend, partials, devices[0], comm)
     return broadcast(backend, total, devices, total.dtype)

@@ -101,7 +101,9 @@ class TensorParallelConfig:
         object.__setattr__(self, "devices", normalize_devices(self.devices))
         object.__setattr__(self, "dtype", _normalize_dtype(self.dtype))
         od = self.output_device
-        if od is not None and not (isinstance(od, str) or (isinstance(od, numbers.Integral) and not isinstance(od, bool))):
+        if od is not None and not (
+            isinstance(od, str) or (isinstance(od, numbers.Integral) and not isinstance(od, bool))
+        ):
             raise ConfigError(f"output_device must be None, a device id or 'cpu', got {od!r}")
         if self.comm is not None and self.comm not in COMM_NAMES:
             raise ConfigError(f"comm must be one of {COMM_NAMES}, got {self.comm!r}")

@@ -44,7 +44,9 @@ class TensorParallelGroup:
             devices = [self.comm.device]  # type: ignore[attr-defined]  # one GPU per process
         self.backend: Backend = get_backend(config.backend, devices)
         #: The device of each of this process's workers, round-robin over the backend's devices.
-        self.devices: List[Hashable] = worker_devices(config.n_workers // self.comm.size, self.backend.devices)
+        self.devices: List[Hashable] = worker_devices(
+            config.n_workers // self.comm.size, self.backend.devices
+        )
         out = self.devices[0] if config.output_device is None else config.output_device
         if out not in self.backend.devices:
             raise ConfigError(
@@ -65,9 +67,13 @@ class TensorParallelGroup:
     ) -> BlockLayout:
         """How a dimension of ``size``, split over every worker in whole ``unit`` s (or padded to
         equal shards of a multiple of ``pad_to_multiple_of``), lies on this process."""
-        return BlockLayout.split(size, self.devices, self.comm.rank, self.comm.size, unit, what, pad_to_multiple_of)
+        return BlockLayout.split(
+            size, self.devices, self.comm.rank, self.comm.size, unit, what, pad_to_multiple_of
+        )
 
-    def on_devices(self, fn: Callable[..., Any], *blocks: Blocks, keys: Optional[Iterable[Hashable]] = None) -> Blocks:
+    def on_devices(
+        self, fn: Callable[..., Any], *blocks: Blocks, keys: Optional[Iterable[Hashable]] = None
+    ) -> Blocks:
         """``{d: fn(blocks[0][d], blocks[1][d], ...)}`` for each device ``d`` of ``keys`` (default:
         those of ``blocks[0]``), each call under its device (see :func:`tp_gpu.collectives.on_devices`)."""
         return on_devices(self.backend, fn, *blocks, keys=keys)
@@ -87,7 +93,8 @@ class TensorParallelGroup:
         differing = sorted(key for key in keys if any(other.get(key) != mine.get(key) for other in every))
         if differing:
             values = "; ".join(
-                f"rank {r}: " + ", ".join(f"{k}={every[r].get(k)!r}" for k in differing) for r in range(len(every))
+                f"rank {r}: " + ", ".join(f"{k}={every[r].get(k)!r}" for k in differing)
+                for r in range(len(every))
             )
             raise ConfigError(
                 f"{what} was built differently across the {self.comm.size} {self.comm.name} ranks "

@@ -34,6 +34,9 @@ class Module:
     """Base of every layer and model: a tree of modules holding :class:`ShardedParameter` s."""
 
     training: bool
+    _modules: Dict[str, "Module"]
+    _parameters: Dict[str, ShardedParameter]
+    _saved: Optional[Dict[str, Any]]
 
     def __init__(self) -> None:
         object.__setattr__(self, "_modules", {})
@@ -43,7 +46,9 @@ class Module:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if "_modules" not in self.__dict__:
-            raise TensorParallelError(f"{type(self).__name__}: call Module.__init__() before setting {name!r}")
+            raise TensorParallelError(
+                f"{type(self).__name__}: call Module.__init__() before setting {name!r}"
+            )
         if name in self._parameters and not isinstance(value, (ShardedParameter, type(None))):
             raise TensorParallelError(
                 f"cannot assign a {type(value).__name__} to parameter {name!r} of {type(self).__name__}; "
@@ -64,15 +69,15 @@ class Module:
 
     # ------------------------------------------------------------------ the tree
 
-    def named_children(self) -> List[Tuple[str, "Module"]]:
+    def named_children(self) -> List[Tuple[str, Module]]:
         """``(name, module)`` of the direct submodules, in registration order."""
         return list(self._modules.items())
 
-    def children(self) -> List["Module"]:
+    def children(self) -> List[Module]:
         """The direct submodules, in registration order."""
         return list(self._modules.values())
 
-    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "Module"]]:
+    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, Module]]:
         """``(dotted name, module)`` of this module (name ``prefix``) and every submodule, each once."""
         seen: Set[int] = set()
         stack = [(prefix, self)]
@@ -102,7 +107,7 @@ class Module:
 
     # ------------------------------------------------------------------ modes and gradients
 
-    def train(self, mode: bool = True) -> "Module":
+    def train(self, mode: bool = True) -> Module:
         """Keep (``True``) or drop (``False``) what ``backward`` needs, in every module of the tree."""
         for _, module in self.named_modules():
             object.__setattr__(module, "training", bool(mode))
@@ -110,7 +115,7 @@ class Module:
                 object.__setattr__(module, "_saved", None)
         return self
 
-    def eval(self) -> "Module":
+    def eval(self) -> Module:
         """Inference mode: ``forward`` keeps nothing for ``backward``."""
         return self.train(False)
 
@@ -160,15 +165,22 @@ class Module:
         """
         what = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, Mapping):
-            raise ShapeError(f"{what} expects a mapping of parameter name to array, got {type(state_dict).__name__}")
+            raise ShapeError(
+                f"{what} expects a mapping of parameter name to array, got {type(state_dict).__name__}"
+            )
         params = dict(self.named_parameters())
         missing = [name for name in params if name not in state_dict]
         unexpected = [key for key in state_dict if key not in params]
         if strict and (missing or unexpected):
             raise ShapeError(
-                f"{what}: missing keys {missing}, unexpected keys {unexpected}; expected exactly {list(params)}"
+                f"{what}: missing keys {missing}, unexpected keys {unexpected}; expected exactly "
+                f"{list(params)}"
             )
-        staged = [(p, p.stage(state_dict[name], f"{what}: {name!r}")) for name, p in params.items() if name in state_dict]
+        staged = [
+            (p, p.stage(state_dict[name], f"{what}: {name!r}"))
+            for name, p in params.items()
+            if name in state_dict
+        ]
         for param, blocks in staged:
             param.commit(blocks)
         return IncompatibleKeys(missing, unexpected)
@@ -176,7 +188,13 @@ class Module:
     # ------------------------------------------------------------------ calling
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's output; in training mode it keeps what :meth:`backward` needs."""
         raise NotImplementedError(f"{type(self).__name__} has no forward")
+
+    def backward(self, grad_output: Any) -> Any:
+        """Accumulate the parameters' gradients from ``grad_output`` (the gradient of the output
+        of the last ``forward``) and return the gradient of its input."""
+        raise NotImplementedError(f"{type(self).__name__} has no backward")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
@@ -201,7 +219,9 @@ class Sequential(Module):
         super().__init__()
         for i, module in enumerate(modules):
             if not isinstance(module, Module):
-                raise TensorParallelError(f"Sequential takes modules, got {type(module).__name__} at position {i}")
+                raise TensorParallelError(
+                    f"Sequential takes modules, got {type(module).__name__} at position {i}"
+                )
             setattr(self, str(i), module)
 
     def __len__(self) -> int:
@@ -217,7 +237,7 @@ class Sequential(Module):
 
     def backward(self, grad_output: Any) -> Any:
         for module in reversed(list(self._modules.values())):
-            grad_output = module.backward(grad_output)  # type: ignore[attr-defined]
+            grad_output = module.backward(grad_output)
         return grad_output
 
 
@@ -233,7 +253,9 @@ class ModuleDict(Module):
         if not isinstance(name, str) or not name or "." in name:
             raise TensorParallelError(f"ModuleDict keys must be non-empty strings without dots, got {name!r}")
         if not isinstance(module, Module):
-            raise TensorParallelError(f"ModuleDict values must be modules, got {type(module).__name__} for {name!r}")
+            raise TensorParallelError(
+                f"ModuleDict values must be modules, got {type(module).__name__} for {name!r}"
+            )
         setattr(self, name, module)
 
     def __getitem__(self, name: str) -> Module:

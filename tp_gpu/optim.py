@@ -28,7 +28,9 @@ def _check_params(params: Iterable[ShardedParameter]) -> List[ShardedParameter]:
         raise ConfigError("the optimizer got no parameters; pass module.parameters()")
     for p in params:
         if not isinstance(p, ShardedParameter):
-            raise ConfigError(f"optimizer parameters must be ShardedParameter objects, got {type(p).__name__}")
+            raise ConfigError(
+                f"optimizer parameters must be ShardedParameter objects, got {type(p).__name__}"
+            )
     if len({id(p) for p in params}) != len(params):
         raise ConfigError("a parameter appears more than once in the optimizer's parameter list")
     return params
@@ -66,7 +68,9 @@ class _Optimizer:
             xp = p.backend.xp
             keys = [d for d, g in p.grad_blocks.items() if g is not None]
             update = partial(self._update_block, xp)
-            states.update(collectives.on_devices(p.backend, update, p.blocks, p.grad_blocks, states, keys=keys))
+            states.update(
+                collectives.on_devices(p.backend, update, p.blocks, p.grad_blocks, states, keys=keys)
+            )
 
     def _update_block(self, xp: Any, block: Any, grad: Any, state: Optional[Any]) -> Any:
         if block.dtype.itemsize >= 4:
@@ -121,7 +125,10 @@ class Adam(_Optimizer):
         self.lr = _check_number(lr, "lr", 0.0, math.inf, low_open=True)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (_check_number(betas[0], "betas[0]", 0.0, 1.0), _check_number(betas[1], "betas[1]", 0.0, 1.0))
+        self.betas = (
+            _check_number(betas[0], "betas[0]", 0.0, 1.0),
+            _check_number(betas[1], "betas[1]", 0.0, 1.0),
+        )
         self.eps = _check_number(eps, "eps", 0.0, math.inf, low_open=True)
         super().__init__(params)
 

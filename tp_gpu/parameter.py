@@ -149,7 +149,9 @@ class ShardedParameter:
         try:
             full = as_array(full)
         except (ValueError, TypeError) as exc:
-            raise ShapeError(f"{what} could not be read as an array ({exc}); got {type(full).__name__}") from exc
+            raise ShapeError(
+                f"{what} could not be read as an array ({exc}); got {type(full).__name__}"
+            ) from exc
         if tuple(full.shape) != self.shape:
             raise ShapeError(f"{what} must have shape {self.shape}, got {tuple(full.shape)}")
         if np.dtype(full.dtype).kind not in "fiu":
@@ -163,8 +165,11 @@ class ShardedParameter:
                 self.blocks[d][...] = block
 
     def load(self, full: Any) -> None:
-        """Overwrite the value in place from an array of the logical shape (checked first; see :meth:`stage`)."""
+        """Overwrite the value in place from an array of the logical shape (checked first; see
+        :meth:`stage`)."""
         self.commit(self.stage(full))
 
     def __repr__(self) -> str:
-        return f"ShardedParameter({self.name!r}, shape={self.shape}, axis={self.axis}, devices={self.devices})"
+        return (
+            f"ShardedParameter({self.name!r}, shape={self.shape}, axis={self.axis}, devices={self.devices})"
+        )

@@ -33,7 +33,9 @@ def split_sizes(size: int, parts: int, unit: int = 1, what: str = "size") -> lis
     parts = check_positive_int(parts, "n_workers")
     unit = check_positive_int(unit, f"unit of {what}")
     if size % unit:
-        raise ConfigError(f"{what} ({size}) is not a whole number of units of {unit}; expected a multiple of {unit}")
+        raise ConfigError(
+            f"{what} ({size}) is not a whole number of units of {unit}; expected a multiple of {unit}"
+        )
     base, extra = divmod(size // unit, parts)
     return [(base + (i < extra)) * unit for i in range(parts)]
 
@@ -106,7 +108,9 @@ class BlockLayout:
         capacities: Sequence[int] | None = None,
     ) -> None:
         if len(sizes) != len(devices):
-            raise ConfigError(f"got {len(sizes)} split sizes for {len(devices)} workers; expected one per worker")
+            raise ConfigError(
+                f"got {len(sizes)} split sizes for {len(devices)} workers; expected one per worker"
+            )
         #: Places each worker takes in its device's block: its size, or more with padding.
         self.capacities: list[int] = list(sizes) if capacities is None else list(capacities)
         starts = [start]
@@ -155,10 +159,17 @@ class BlockLayout:
             bounds.append(bounds[-1] + sum(sizes[r * local : (r + 1) * local]))
         spans = list(zip(bounds[:-1], bounds[1:]))
         mine = slice(rank * local, (rank + 1) * local)
-        return cls(sizes[mine], devices, start=spans[rank][0], total=size, spans=spans, capacities=capacities[mine])
+        return cls(
+            sizes[mine], devices, start=spans[rank][0], total=size, spans=spans, capacities=capacities[mine]
+        )
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, BlockLayout) and (self.ranges, self.devices, self.total, self.capacities) == (
+        return isinstance(other, BlockLayout) and (
+            self.ranges,
+            self.devices,
+            self.total,
+            self.capacities,
+        ) == (
             other.ranges,
             other.devices,
             other.total,
@@ -235,4 +246,3 @@ class BlockLayout:
 
     def __repr__(self) -> str:
         return f"BlockLayout(ranges={self.ranges}, devices={self.devices}, total={self.total})"
-

@@ -65,10 +65,13 @@ class _ReduceFromRegion:
 
 
 class _ScatterToRegion:
-    """Forward: ``X`` split along ``axis`` into each device's block. Backward: the blocks of ``dX`` gathered."""
+    """Forward: ``X`` split along ``axis`` into each device's block. Backward: the blocks of ``dX``
+    gathered."""
 
     @staticmethod
-    def forward(group: TensorParallelGroup, x: Any, layout: BlockLayout, dtype: Any, axis: int = -1) -> Blocks:
+    def forward(
+        group: TensorParallelGroup, x: Any, layout: BlockLayout, dtype: Any, axis: int = -1
+    ) -> Blocks:
         return collectives.scatter_blocks(group.backend, x, axis, layout, dtype)
 
     @staticmethod
@@ -84,7 +87,9 @@ class _GatherFromRegion:
         return collectives.gather_blocks(group.backend, blocks, axis, layout, group.output_device, group.comm)
 
     @staticmethod
-    def backward(group: TensorParallelGroup, grad: Any, layout: BlockLayout, dtype: Any, axis: int = -1) -> Blocks:
+    def backward(
+        group: TensorParallelGroup, grad: Any, layout: BlockLayout, dtype: Any, axis: int = -1
+    ) -> Blocks:
         return collectives.scatter_blocks(group.backend, grad, axis, layout, dtype)
 
 

@@ -37,19 +37,25 @@ class ShardedTensor:
         ``shape`` and :meth:`gather` are then those of the whole logical array.
     """
 
-    def __init__(self, shards: Sequence[Any], axis: int, devices: Sequence[Hashable], backend, comm=None) -> None:
+    def __init__(
+        self, shards: Sequence[Any], axis: int, devices: Sequence[Hashable], backend, comm=None
+    ) -> None:
         shards = list(shards)
         if not shards:
             raise ShapeError("a ShardedTensor needs at least one shard, got none")
         if len(devices) != len(shards):
-            raise ShapeError(f"got {len(shards)} shards but {len(devices)} devices; expected one device per shard")
+            raise ShapeError(
+                f"got {len(shards)} shards but {len(devices)} devices; expected one device per shard"
+            )
         ndim = shards[0].ndim
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or not -ndim <= axis < ndim:
             raise ShapeError(f"axis {axis} is out of range for shards of rank {ndim}")
         axis %= ndim
         for i, (shard, device) in enumerate(zip(shards, devices)):
             if shard.ndim != ndim:
-                raise ShapeError(f"shard {i} has rank {shard.ndim} (shape {tuple(shard.shape)}); expected rank {ndim}")
+                raise ShapeError(
+                    f"shard {i} has rank {shard.ndim} (shape {tuple(shard.shape)}); expected rank {ndim}"
+                )
             other = list(shard.shape)
             first = list(shards[0].shape)
             other[axis] = first[axis] = -1
@@ -61,7 +67,9 @@ class ShardedTensor:
             if shard.dtype != shards[0].dtype:
                 raise ShapeError(f"shard {i} has dtype {shard.dtype}; expected {shards[0].dtype}")
             if backend.device_of(shard) != device:
-                raise ShapeError(f"shard {i} lives on device {backend.device_of(shard)!r}; expected {device!r}")
+                raise ShapeError(
+                    f"shard {i} lives on device {backend.device_of(shard)!r}; expected {device!r}"
+                )
         self.shards: List[Any] = shards
         self.axis: int = axis
         self.devices: List[Hashable] = list(devices)
@@ -71,7 +79,9 @@ class ShardedTensor:
         self._layout: Optional[BlockLayout] = None
 
     @classmethod
-    def from_blocks(cls, blocks: Blocks, axis: int, layout: BlockLayout, backend: Any, comm: Any = None) -> "ShardedTensor":
+    def from_blocks(
+        cls, blocks: Blocks, axis: int, layout: BlockLayout, backend: Any, comm: Any = None
+    ) -> ShardedTensor:
         """A ShardedTensor whose shards are views into per-device ``blocks`` laid out as ``layout``."""
         first = next(iter(blocks.values()))
         axis %= first.ndim
@@ -106,18 +116,26 @@ class ShardedTensor:
             xp, axis = self.backend.xp, self.axis
             shards = {d: [self.shards[w] for w in workers] for d, workers in self.layout.groups.items()}
             self._blocks = collectives.on_devices(
-                self.backend, lambda parts: parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=axis), shards
+                self.backend,
+                lambda parts: parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=axis),
+                shards,
             )
         return self._blocks
 
-    def blocks_for(self, layout: BlockLayout, dtype: Any, shape: Optional[Tuple[int, ...]], what: str) -> Blocks:
+    def blocks_for(
+        self, layout: BlockLayout, dtype: Any, shape: Optional[Tuple[int, ...]], what: str
+    ) -> Blocks:
         """This tensor's blocks as a layer laid out as ``layout`` needs them, in ``dtype``.
 
         The tensor must be split on its last axis with ``layout``'s sizes (and
         have ``shape`` when given), else ShapeError. Shards on other devices
         than ``layout``'s are moved there.
         """
-        if (shape is not None and self.shape != shape) or self.axis != self.ndim - 1 or self.split_sizes != layout.sizes:
+        if (
+            (shape is not None and self.shape != shape)
+            or self.axis != self.ndim - 1
+            or self.split_sizes != layout.sizes
+        ):
             expected = f"shape {shape} split" if shape is not None else "split"
             raise ShapeError(
                 f"{what} ShardedTensor of shape {self.shape} is split on axis {self.axis} with sizes "
@@ -126,7 +144,9 @@ class ShardedTensor:
         if self.devices != layout.devices or self.layout.capacities != layout.capacities:
             return collectives.assemble_blocks(self.backend, self.shards, self.axis, layout, dtype)
         blocks = self.device_blocks()
-        return dict(zip(blocks, collectives.to_devices(self.backend, list(blocks.values()), list(blocks), dtype)))
+        return dict(
+            zip(blocks, collectives.to_devices(self.backend, list(blocks.values()), list(blocks), dtype))
+        )
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -154,9 +174,11 @@ class ShardedTensor:
         With several processes this is collective: every process must call it.
         """
         dst = self.devices[0] if device is None else device
-        return collectives.gather_blocks(self.backend, self.device_blocks(), self.axis, self.layout, dst, self.comm)
+        return collectives.gather_blocks(
+            self.backend, self.device_blocks(), self.axis, self.layout, dst, self.comm
+        )
 
-    def map(self, fn: Callable[[Any], Any]) -> "ShardedTensor":
+    def map(self, fn: Callable[[Any], Any]) -> ShardedTensor:
         """Apply an elementwise ``fn`` to every device block, each under its own device."""
         blocks = collectives.on_devices(self.backend, fn, self.device_blocks())
         return ShardedTensor.from_blocks(blocks, self.axis, self.layout, self.backend, self.comm)

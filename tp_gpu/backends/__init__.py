@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-
 from typing import Any, Dict, Optional, Tuple
 
 from ..config import BACKEND_NAMES, normalize_devices

@@ -60,7 +60,9 @@ def _check_operands(what: str, operands) -> int:
     if not found:
         return current_device()
     if len(found) > 1:
-        raise DeviceMismatchError(f"{what}: operands live on different devices {sorted(found)}; expected one device")
+        raise DeviceMismatchError(
+            f"{what}: operands live on different devices {sorted(found)}; expected one device"
+        )
     (dev,) = found
     if host:
         raise DeviceMismatchError(
@@ -179,7 +181,9 @@ class SimulatedBackend(Backend):
     @contextlib.contextmanager
     def device(self, device: int):
         if device not in self.devices:
-            raise DeviceMismatchError(f"device {device!r} is not one of this backend's devices {list(self.devices)}")
+            raise DeviceMismatchError(
+                f"device {device!r} is not one of this backend's devices {list(self.devices)}"
+            )
         previous = current_device()
         _state.device = device
         try:
@@ -201,7 +205,9 @@ class SimulatedBackend(Backend):
 
     def asarray(self, x, dtype, device: int):
         if device not in self.devices:
-            raise DeviceMismatchError(f"device {device!r} is not one of this backend's devices {list(self.devices)}")
+            raise DeviceMismatchError(
+                f"device {device!r} is not one of this backend's devices {list(self.devices)}"
+            )
         if isinstance(x, SimArray) and x.device == device and x.dtype == np.dtype(dtype):
             return x
         src = self.device_of(x)

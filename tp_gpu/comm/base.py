@@ -27,7 +27,8 @@ class Communicator:
         raise NotImplementedError
 
     def all_gather(self, backend, array: Any, axis: int) -> Any:
-        """Every rank's ``array`` (all of one shape) concatenated along ``axis`` in rank order, on every rank."""
+        """Every rank's ``array`` (all of one shape) concatenated along ``axis`` in rank order, on
+        every rank."""
         raise NotImplementedError
 
     def all_gather_object(self, obj: Any) -> List[Any]:

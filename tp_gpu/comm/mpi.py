@@ -58,7 +58,9 @@ class MpiComm(Communicator):
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        self.timeout = float(os.environ.get("TP_GPU_COMM_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else timeout
+        self.timeout = (
+            float(os.environ.get("TP_GPU_COMM_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else timeout
+        )
         self.cuda_aware = os.environ.get("TP_GPU_MPI_CUDA_AWARE", "0") == "1"
         self.broken = False
         atexit.register(self._abort_if_broken)
@@ -131,7 +133,9 @@ class MpiComm(Communicator):
         # gather those with the non-blocking collectives, so the timeout applies here too.
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         sizes = np.empty(self.size, dtype=np.int64)
-        self._wait(self.comm.Iallgather(np.array([payload.size], dtype=np.int64), sizes), "all_gather (sizes)")
+        self._wait(
+            self.comm.Iallgather(np.array([payload.size], dtype=np.int64), sizes), "all_gather (sizes)"
+        )
         padded = np.zeros(int(sizes.max()), dtype=np.uint8)
         padded[: payload.size] = payload
         recv = np.empty((self.size, padded.size), dtype=np.uint8)

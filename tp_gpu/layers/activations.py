@@ -46,10 +46,13 @@ def _gelu_tanh(xp, x):
 
 
 def _gelu_tanh_grad(xp, x, dy):
-    """d/dx GELU_tanh(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t = tanh(inner)."""
+    """d/dx GELU_tanh(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t =
+    tanh(inner)."""
     inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
     t = xp.tanh(inner)
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x))
+    return dy * (
+        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+    )
 
 
 def _relu(xp, x):

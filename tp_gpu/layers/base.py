@@ -43,7 +43,9 @@ def as_array_like(x: Any, what: str) -> Any:
     try:
         return as_array(x)
     except (ValueError, TypeError) as exc:
-        raise ShapeError(f"{what} could not be read as a rectangular array ({exc}); got {type(x).__name__}") from exc
+        raise ShapeError(
+            f"{what} could not be read as a rectangular array ({exc}); got {type(x).__name__}"
+        ) from exc
 
 
 #: Weight layouts accepted by ``from_dense`` / ``load_dense``: ours, ``(n_in, n_out)``,
@@ -82,7 +84,8 @@ class ParallelModule(Module):
         """Get this config's group (after every argument is validated); every rank must agree."""
         self.group = get_group(self.config)
         self.group.check_same_on_every_rank(
-            type(self).__name__, {"n_workers": self.config.n_workers, "dtype": self.config.dtype, **fingerprint}
+            type(self).__name__,
+            {"n_workers": self.config.n_workers, "dtype": self.config.dtype, **fingerprint},
         )
 
     def _add_parameter(
@@ -91,7 +94,9 @@ class ParallelModule(Module):
         """Register the host array ``full`` as parameter ``name``: split along ``axis`` as
         ``layout`` says, or kept whole on the output device when ``layout`` is None."""
         group = self.group
-        param = ShardedParameter(name, full, group.backend, self.dtype, layout, axis, group.output_device, group.comm)
+        param = ShardedParameter(
+            name, full, group.backend, self.dtype, layout, axis, group.output_device, group.comm
+        )
         setattr(self, name, param)
         return param
 

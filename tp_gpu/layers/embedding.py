@@ -62,7 +62,11 @@ class ParallelEmbedding(ParallelModule):
         self.vocab_size = check_positive_int(vocab_size, "vocab_size")
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
         self.seed = check_seed(seed)
-        pad = None if pad_to_multiple_of is None else check_positive_int(pad_to_multiple_of, "pad_to_multiple_of")
+        pad = (
+            None
+            if pad_to_multiple_of is None
+            else check_positive_int(pad_to_multiple_of, "pad_to_multiple_of")
+        )
         self.pad_to_multiple_of = pad
         self._join_group(vocab_size=self.vocab_size, embed_dim=self.embed_dim, seed=self.seed, pad=pad)
         self.layout = self.group.split(self.vocab_size, what="vocab_size", pad_to_multiple_of=pad)
@@ -72,7 +76,7 @@ class ParallelEmbedding(ParallelModule):
     @classmethod
     def from_dense(
         cls, weight: Any, config: Optional[TensorParallelConfig] = None, **kwargs: Any
-    ) -> "ParallelEmbedding":
+    ) -> ParallelEmbedding:
         """A layer holding the dense table ``weight``, ``(vocab_size, embed_dim)``, split by rows.
 
         PyTorch's ``nn.Embedding.weight`` has that shape too. ``config``
@@ -83,7 +87,8 @@ class ParallelEmbedding(ParallelModule):
         weight = as_array_like(weight, f"{cls.__name__}.from_dense weight")
         if weight.ndim != 2:
             raise ShapeError(
-                f"{cls.__name__}.from_dense weight must be 2-D (vocab_size, embed_dim), got shape {tuple(weight.shape)}"
+                f"{cls.__name__}.from_dense weight must be 2-D (vocab_size, embed_dim), got shape "
+                f"{tuple(weight.shape)}"
             )
         vocab_size, embed_dim = weight.shape
         layer = cls(vocab_size, embed_dim, config, **kwargs)
@@ -101,7 +106,8 @@ class ParallelEmbedding(ParallelModule):
         expected = (self.vocab_size, self.embed_dim)
         if tuple(table.shape) != expected:
             raise ShapeError(
-                f"ParallelEmbedding weight must have shape {expected} (vocab_size, embed_dim), got {tuple(table.shape)}"
+                f"ParallelEmbedding weight must have shape {expected} (vocab_size, embed_dim), got "
+                f"{tuple(table.shape)}"
             )
         self.load_state_dict({"weight": table})
 
@@ -133,7 +139,9 @@ class ParallelEmbedding(ParallelModule):
             low, high = (int(b) for b in collectives.to_host(self.backend, bounds))
             if low < 0 or high >= self.vocab_size:
                 bad = low if low < 0 else high
-                raise IndexOutOfRangeError(f"token id {bad} out of range; expected 0 <= id < vocab_size={self.vocab_size}")
+                raise IndexOutOfRangeError(
+                    f"token id {bad} out of range; expected 0 <= id < vocab_size={self.vocab_size}"
+                )
         return copies
 
     def _id_bounds(self, ids: Any) -> Any:
@@ -148,8 +156,12 @@ class ParallelEmbedding(ParallelModule):
         """
         ids = self._check_ids(indices)  # {d: ids}
         devices = {d: d for d in self.layout.groups}
-        lookups = self.group.on_devices(self._lookup, ids, self.weight.blocks, devices)  # {d: (rows, owned, local)}
-        self._keep({"lookups": lookups, "out_shape": tuple(next(iter(ids.values())).shape) + (self.embed_dim,)})
+        lookups = self.group.on_devices(
+            self._lookup, ids, self.weight.blocks, devices
+        )  # {d: (rows, owned, local)}
+        self._keep(
+            {"lookups": lookups, "out_shape": tuple(next(iter(ids.values())).shape) + (self.embed_dim,)}
+        )
         return reduce_from_region.forward(self.group, {d: rows for d, (rows, _, _) in lookups.items()})
 
     def _lookup(self, ids: Any, table: Any, device: Hashable) -> Tuple[Any, Any, Any]:
@@ -168,7 +180,9 @@ class ParallelEmbedding(ParallelModule):
         saved = self._take_saved()
         grad = self._check_grad_shape(grad_output, saved["out_shape"], "ParallelEmbedding")
         copies = reduce_from_region.backward(self.group, grad, self.dtype)  # {d: dOut}
-        self.weight.accumulate_blocks(self.group.on_devices(self._table_grad, copies, saved["lookups"], self.weight.blocks))
+        self.weight.accumulate_blocks(
+            self.group.on_devices(self._table_grad, copies, saved["lookups"], self.weight.blocks)
+        )
         return None
 
     def _table_grad(self, grad: Any, lookup: Tuple[Any, Any, Any], table: Any) -> Any:
@@ -187,4 +201,3 @@ class ParallelEmbedding(ParallelModule):
             f"vocab_size={self.vocab_size}, embed_dim={self.embed_dim}, n_workers={self.n_workers}, "
             f"backend={self.backend.name!r}, devices={self.devices}, dtype={self.dtype.name!r}"
         )
-

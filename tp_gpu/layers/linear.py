@@ -78,7 +78,13 @@ class _ParallelLinear(ParallelModule):
     bias: ShardedParameter
 
     def __init__(
-        self, n_in: int, n_out: int, config: Optional[TensorParallelConfig], seed: int, unit: int, pad: Optional[int]
+        self,
+        n_in: int,
+        n_out: int,
+        config: Optional[TensorParallelConfig],
+        seed: int,
+        unit: int,
+        pad: Optional[int],
     ) -> None:
         super().__init__(config)
         self.n_in = check_positive_int(n_in, "n_in")
@@ -154,7 +160,9 @@ class _ParallelLinear(ParallelModule):
             found = tuple(w.shape) if layout == "in_out" else tuple(w.shape)[::-1]
             expected = (self.n_in, self.n_out) if layout == "in_out" else (self.n_out, self.n_in)
             dims = "(n_in, n_out)" if layout == "in_out" else "(n_out, n_in)"
-            raise ShapeError(f"{name} weight must have shape {expected} {dims} for layout={layout!r}, got {found}")
+            raise ShapeError(
+                f"{name} weight must have shape {expected} {dims} for layout={layout!r}, got {found}"
+            )
         if bias is None:
             return {"weight": w, "bias": np.zeros(self.n_out, dtype=self.dtype)}
         b = as_array_like(bias, f"{name} bias")
@@ -244,7 +252,9 @@ class ColumnParallelLinear(_ParallelLinear):
         """
         x = self._check_features(x, self.n_in, "ColumnParallelLinear input")
         inputs = copy_to_region.forward(self.group, x, self.dtype)  # {d: (..., n_in)}
-        blocks = self.group.on_devices(matmul_bias, inputs, self.weight.blocks, self.bias.blocks)  # {d: (..., n_d)}
+        blocks = self.group.on_devices(
+            matmul_bias, inputs, self.weight.blocks, self.bias.blocks
+        )  # {d: (..., n_d)}
         self._keep({"inputs": inputs, "out_shape": tuple(x.shape[:-1]) + (self.n_out,)})
         if self.config.gather_output:
             return gather_from_region.forward(self.group, blocks, self.layout)
@@ -258,7 +268,9 @@ class ColumnParallelLinear(_ParallelLinear):
         """
         saved = self._take_saved()
         if isinstance(grad_output, ShardedTensor):
-            grads = grad_output.blocks_for(self.layout, self.dtype, saved["out_shape"], "ColumnParallelLinear grad_output")
+            grads = grad_output.blocks_for(
+                self.layout, self.dtype, saved["out_shape"], "ColumnParallelLinear grad_output"
+            )
         else:
             grad = self._check_grad_shape(grad_output, saved["out_shape"], "ColumnParallelLinear")
             grads = gather_from_region.backward(self.group, grad, self.layout, self.dtype)
@@ -325,7 +337,8 @@ class RowParallelLinear(_ParallelLinear):
             return x.blocks_for(self.layout, self.dtype, None, "RowParallelLinear input")
         if self.input_is_parallel:
             raise ShapeError(
-                f"RowParallelLinear(input_is_parallel=True) expects a ShardedTensor input, got {type(x).__name__}"
+                f"RowParallelLinear(input_is_parallel=True) expects a ShardedTensor input, got "
+                f"{type(x).__name__}"
             )
         x = self._check_features(x, self.n_in, "RowParallelLinear input")
         return scatter_to_region.forward(self.group, x, self.layout, self.dtype)
@@ -343,7 +356,9 @@ class RowParallelLinear(_ParallelLinear):
         partials = self.group.on_devices(matmul, inputs, self.weight.blocks)  # {d: (..., n_out)}
         y = reduce_from_region.forward(self.group, partials)
         y = self.group.on_device(self.output_device, add_in_place, y, self.bias.blocks[self.output_device])
-        self._keep({"inputs": inputs, "sharded_input": isinstance(x, ShardedTensor), "out_shape": tuple(y.shape)})
+        self._keep(
+            {"inputs": inputs, "sharded_input": isinstance(x, ShardedTensor), "out_shape": tuple(y.shape)}
+        )
         return y
 
     def backward(self, grad_output: Any) -> Union[Any, ShardedTensor]:

@@ -108,7 +108,9 @@ class VocabParallelCrossEntropy(Module):
                 f"got {type(logits).__name__}"
             )
         if logits.ndim < 1 or logits.axis != logits.ndim - 1:
-            raise ShapeError(f"logits must be split on the last (vocab) axis {logits.ndim - 1}, got axis {logits.axis}")
+            raise ShapeError(
+                f"logits must be split on the last (vocab) axis {logits.ndim - 1}, got axis {logits.axis}"
+            )
         if self.class_weight is not None and self.class_weight.shape != (logits.shape[-1],):
             raise ShapeError(
                 f"class weight has shape {self.class_weight.shape}; expected ({logits.shape[-1]},), one per "
@@ -122,12 +124,15 @@ class VocabParallelCrossEntropy(Module):
             raise ShapeError(f"targets must be integers, got dtype {targets.dtype}")
         if tuple(targets.shape) != logits.shape[:-1]:
             raise ShapeError(
-                f"targets must have shape {logits.shape[:-1]} (the logits' without vocab), got {tuple(targets.shape)}"
+                f"targets must have shape {logits.shape[:-1]} (the logits' without vocab), got "
+                f"{tuple(targets.shape)}"
             )
         backend, vocab = logits.backend, logits.shape[-1]
         copies = collectives.broadcast(backend, targets, list(logits.device_blocks()), np.int64)
         first = next(iter(copies))
-        bad = collectives.on_devices(backend, lambda t: self._first_bad(backend.xp, t, vocab), copies, keys=[first])
+        bad = collectives.on_devices(
+            backend, lambda t: self._first_bad(backend.xp, t, vocab), copies, keys=[first]
+        )
         found = collectives.to_host(backend, bad[first])  # one device-to-host copy per call
         if found[0]:
             raise IndexOutOfRangeError(
@@ -153,7 +158,12 @@ class VocabParallelCrossEntropy(Module):
         blocks = logits.device_blocks()
         prepare = partial(_prepare_shard, backend.xp, layout, acc)
         return collectives.on_devices(
-            backend, prepare, blocks, targets, {d: d for d in blocks}, {d: None if weights is None else weights[d] for d in blocks}
+            backend,
+            prepare,
+            blocks,
+            targets,
+            {d: d for d in blocks},
+            {d: None if weights is None else weights[d] for d in blocks},
         )
 
     # ------------------------------------------------------------------ forward
@@ -175,10 +185,22 @@ class VocabParallelCrossEntropy(Module):
             if terms[out][key] is not None
         }
         rows = collectives.on_devices(
-            backend, partial(self._row_losses, xp, logits.shape[-1], acc, reduced), {out: sums[out]}, {out: target_copies[out]}
+            backend,
+            partial(self._row_losses, xp, logits.shape[-1], acc, reduced),
+            {out: sums[out]},
+            {out: target_copies[out]},
         )[out]
         loss, denominator = self._reduce(backend, rows, out)
-        self._keep({"logits": logits, "terms": terms, "sums": sums, "rows": rows, "acc": acc, "denominator": denominator})
+        self._keep(
+            {
+                "logits": logits,
+                "terms": terms,
+                "sums": sums,
+                "rows": rows,
+                "acc": acc,
+                "denominator": denominator,
+            }
+        )
         return loss
 
     def _shard_terms(self, xp: Any, shard: dict[str, Any], m: Any) -> dict[str, Any]:
@@ -195,7 +217,9 @@ class VocabParallelCrossEntropy(Module):
         wz = None
         if self.label_smoothing:
             finite = z if shard["mask"] is None else xp.where(shard["mask"], z, 0)
-            wz = finite.sum(axis=-1) if w is None else matmul_vector(finite, w)  # (..., V_d) @ (V_d,) -> (...)
+            wz = (
+                finite.sum(axis=-1) if w is None else matmul_vector(finite, w)
+            )  # (..., V_d) @ (V_d,) -> (...)
         xp.exp(z, out=z)
         return {**shard, "exps": z, "sum": z.sum(axis=-1), "z_t": z_t, "w_t": w_t, "wz": wz}
 
@@ -216,7 +240,9 @@ class VocabParallelCrossEntropy(Module):
         """``(reduced loss, mean's denominator)``, read back with one device-to-host copy."""
         if self.reduction == "none":
             return rows["loss"], 1.0
-        pair = collectives.on_devices(backend, lambda r: backend.xp.stack((r["loss"].sum(), r["denominator"])), {out: rows})
+        pair = collectives.on_devices(
+            backend, lambda r: backend.xp.stack((r["loss"].sum(), r["denominator"])), {out: rows}
+        )
         total, denominator = (float(v) for v in collectives.to_host(backend, pair[out]))
         if self.reduction == "sum":
             return total, 1.0
@@ -224,7 +250,9 @@ class VocabParallelCrossEntropy(Module):
 
     # ------------------------------------------------------------------ backward
 
-    def _row_scale(self, backend: Any, grad_loss: Any, saved: dict[str, Any], out: Hashable, rows: tuple[int, ...]) -> Any:
+    def _row_scale(
+        self, backend: Any, grad_loss: Any, saved: dict[str, Any], out: Hashable, rows: tuple[int, ...]
+    ) -> Any:
         """The gradient of each row's loss, zero for ignored rows, on ``out``."""
         acc = saved["acc"]
         if self.reduction == "none":
@@ -236,12 +264,16 @@ class VocabParallelCrossEntropy(Module):
             grad = collectives.broadcast(backend, grad, [out], acc)[out]
         else:
             if isinstance(grad_loss, bool) or not isinstance(grad_loss, numbers.Real):
-                raise ShapeError(f"grad_loss must be a number for reduction={self.reduction!r}, got {grad_loss!r}")
+                raise ShapeError(
+                    f"grad_loss must be a number for reduction={self.reduction!r}, got {grad_loss!r}"
+                )
             grad = float(grad_loss)
             if self.reduction == "mean":
                 grad = grad / saved["denominator"] if saved["denominator"] else 0.0
         xp = backend.xp
-        return collectives.on_devices(backend, lambda r: xp.where(r["valid"], grad, acc.type(0)), {out: saved["rows"]})[out]
+        return collectives.on_devices(
+            backend, lambda r: xp.where(r["valid"], grad, acc.type(0)), {out: saved["rows"]}
+        )[out]
 
     def backward(self, grad_loss: Any = 1.0) -> ShardedTensor:
         """``dZ`` as a ShardedTensor split like the logits, in the logits' dtype.
@@ -268,7 +300,9 @@ class VocabParallelCrossEntropy(Module):
         grads = collectives.on_devices(backend, step, saved["terms"], saved["sums"], scales, w_ts)
         return ShardedTensor.from_blocks(grads, logits.axis, logits.layout, backend, logits.comm)
 
-    def _shard_grad(self, xp: Any, vocab: int, dtype: Any, terms: dict[str, Any], s: Any, scale: Any, w_t: Any) -> Any:
+    def _shard_grad(
+        self, xp: Any, vocab: int, dtype: Any, terms: dict[str, Any], s: Any, scale: Any, w_t: Any
+    ) -> Any:
         """``dZ_d``, in place on the saved exps (see the module docstring for the formula)."""
         eps = self.label_smoothing
         g = terms["exps"]
@@ -289,16 +323,21 @@ class VocabParallelCrossEntropy(Module):
 def _check_weight(weight: Any) -> np.ndarray:
     w = as_array_like(weight, "class weight")
     if np.dtype(w.dtype).kind not in "iuf" or w.ndim != 1:
-        raise ShapeError(f"class weight must be a 1-D array of real numbers, got shape {tuple(w.shape)} dtype {w.dtype}")
+        raise ShapeError(
+            f"class weight must be a 1-D array of real numbers, got shape {tuple(w.shape)} dtype {w.dtype}"
+        )
     host = np.asarray(host_array(w), dtype=np.float64)
     if not np.isfinite(host).all():
         raise ShapeError("class weight must be finite")
     return host
 
 
-def _prepare_shard(xp: Any, layout: Any, acc: Any, block: Any, t: Any, device: Hashable, w: Any) -> dict[str, Any]:
+def _prepare_shard(
+    xp: Any, layout: Any, acc: Any, block: Any, t: Any, device: Hashable, w: Any
+) -> dict[str, Any]:
     """One device's state: ``z`` (a copy of its logits in ``acc``, padded columns at -inf), its class
-    weights ``w``, padding ``mask`` and, for each row, whether it ``owned`` the target and where (``local``)."""
+    weights ``w``, padding ``mask`` and, for each row, whether it ``owned`` the target and where
+    (``local``)."""
     z = block.astype(acc)  # a copy: the caller's logits stay untouched
     mask = layout.logical_mask(xp, device)
     if mask is not None:

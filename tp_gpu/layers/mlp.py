@@ -56,7 +56,9 @@ class ParallelMLP(Module):
         config = TensorParallelConfig() if config is None else config
         if not isinstance(config, TensorParallelConfig):
             raise ConfigError(f"config must be a TensorParallelConfig or None, got {type(config).__name__}")
-        self.fc1 = ColumnParallelLinear(n_in, hidden, dataclasses.replace(config, gather_output=False), seed=seed)
+        self.fc1 = ColumnParallelLinear(
+            n_in, hidden, dataclasses.replace(config, gather_output=False), seed=seed
+        )
         self.fc2 = RowParallelLinear(hidden, n_out, config, seed=seed + 1, input_is_parallel=True)
         self.config = config
 
@@ -71,7 +73,7 @@ class ParallelMLP(Module):
         *,
         layout: str = "in_out",
         activation: Optional[str] = "gelu",
-    ) -> "ParallelMLP":
+    ) -> ParallelMLP:
         """An MLP holding the dense weights of its two linears, split over ``config``'s workers.
 
         ``fc1_weight`` is ``(n_in, hidden)`` and ``fc2_weight`` ``(hidden, n_out)``
@@ -83,7 +85,8 @@ class ParallelMLP(Module):
         hidden2, n_out = dense_weight(fc2_weight, layout, "ParallelMLP.from_dense fc2_weight").shape
         if hidden2 != hidden:
             raise ShapeError(
-                f"ParallelMLP.from_dense: fc1_weight has {hidden} outputs but fc2_weight has {hidden2} inputs; "
+                f"ParallelMLP.from_dense: fc1_weight has {hidden} outputs but fc2_weight has "
+                f"{hidden2} inputs; "
                 f"expected equal (layout={layout!r})"
             )
         mlp = cls(n_in, hidden, n_out, config, activation=activation)
@@ -126,9 +129,14 @@ class ParallelMLP(Module):
         hidden: ShardedTensor = self._take_saved()["hidden"]
         xp = self.backend.xp
         grads = collectives.on_devices(
-            self.backend, lambda h, g: self.activation.grad(xp, h, g), hidden.device_blocks(), grad_activated.device_blocks()
+            self.backend,
+            lambda h, g: self.activation.grad(xp, h, g),
+            hidden.device_blocks(),
+            grad_activated.device_blocks(),
         )  # dH_d = dA_d * act'(H_d)
-        return self.fc1.backward(ShardedTensor.from_blocks(grads, hidden.axis, hidden.layout, self.backend, hidden.comm))
+        return self.fc1.backward(
+            ShardedTensor.from_blocks(grads, hidden.axis, hidden.layout, self.backend, hidden.comm)
+        )
 
     def extra_repr(self) -> str:
         return f"activation={self.activation.name!r}"
