@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -26,9 +27,13 @@ import numpy as np
 from tp_gpu import (
     Adam,
     ColumnParallelLinear,
+    Module,
     ParallelEmbedding,
     ParallelMLP,
+    Residual,
+    Sequential,
     TensorParallelConfig,
+    TensorParallelError,
     VocabParallelCrossEntropy,
 )
 
@@ -45,44 +50,40 @@ def make_batch(vocab: int, batch: int, seq_len: int, seed: int, step: int) -> Tu
     return tokens[:, :-1], tokens[:, 1:]
 
 
-class TinyLM:
-    """Embedding, a residual parallel MLP and a vocab-parallel output projection."""
+class TinyLM(Module):
+    """Embedding, a residual parallel MLP and a vocab-parallel output projection, then the loss.
 
-    def __init__(self, vocab: int, dim: int, hidden: int, config: TensorParallelConfig, seed: int = 0) -> None:
-        self.embed = ParallelEmbedding(vocab, dim, config=config, seed=seed)
-        self.mlp = ParallelMLP(dim, hidden, dim, config, seed=seed + 1, activation="gelu_tanh")  # seeds seed+1, seed+2
-        self.head = ColumnParallelLinear(dim, vocab, dataclasses.replace(config, gather_output=False), seed=seed + 3)
+    ``body`` is a Sequential; its parameters are named ``body.0.weight``
+    (embedding), ``body.1.inner.fc1.weight`` ... (the MLP inside the residual)
+    and ``body.2.weight`` / ``body.2.bias`` (the head).
+    """
+
+    def __init__(
+        self, vocab: int, dim: int, hidden: int, config: TensorParallelConfig, seed: int = 0
+    ) -> None:
+        super().__init__()
+        head_config = dataclasses.replace(config, gather_output=False)
+        self.body = Sequential(
+            ParallelEmbedding(vocab, dim, config, seed=seed),
+            Residual(
+                ParallelMLP(dim, hidden, dim, config, seed=seed + 1, activation="gelu_tanh")
+            ),  # seeds +1, +2
+            ColumnParallelLinear(
+                dim, vocab, head_config, seed=seed + 3
+            ),  # logits stay split on the vocabulary
+        )
         self.loss_fn = VocabParallelCrossEntropy()
-        self.backend = self.head.backend
-
-    def parameters(self):
-        return self.embed.parameters() + self.mlp.parameters() + self.head.parameters()
 
     def dense_weights(self) -> Dict[str, np.ndarray]:
         """The logical weights, for building a dense twin."""
-        return {
-            "embed": self.embed.full_weight(),
-            "fc1.weight": self.mlp.fc1.full_weight(),
-            "fc1.bias": self.mlp.fc1.full_bias(),
-            "fc2.weight": self.mlp.fc2.full_weight(),
-            "fc2.bias": self.mlp.fc2.full_bias(),
-            "head.weight": self.head.full_weight(),
-            "head.bias": self.head.full_bias(),
-        }
+        state = self.state_dict()
+        names = {"body.0.weight": "embed", "body.2.weight": "head.weight", "body.2.bias": "head.bias"}
+        return {names.get(key, key.replace("body.1.inner.", "")): value for key, value in state.items()}
 
     def loss_and_backward(self, inputs: np.ndarray, targets: np.ndarray) -> float:
         """Forward and backward through the whole model; returns the mean loss."""
-        out_device = self.head.output_device
-        e = self.embed(inputs)
-        with self.backend.device(out_device):
-            h = e + self.mlp(e)  # residual, on the output device
-        logits = self.head(h)  # ShardedTensor split on the vocabulary
-        loss = self.loss_fn(logits, targets)
-        grad_h = self.head.backward(self.loss_fn.backward())
-        grad_mlp = self.mlp.backward(grad_h)
-        with self.backend.device(out_device):
-            grad_e = grad_h + grad_mlp
-        self.embed.backward(grad_e)
+        loss = self.loss_fn(self.body(inputs), targets)
+        self.body.backward(self.loss_fn.backward())
         return loss
 
 
@@ -104,6 +105,9 @@ def train(
     """Train for ``steps`` Adam steps on fresh batches; return the loss of every step."""
     config = TensorParallelConfig(n_workers=n_workers, backend=backend, devices=devices, dtype=dtype)
     model = TinyLM(vocab, dim, hidden, config, seed=seed)
+    if progress:
+        embed = model.body[0]
+        print(f"backend {embed.backend.name}, devices {embed.devices}, {n_workers} workers, {dtype}")
     optimizer = Adam(model.parameters(), lr=lr)
     bar = _progress_bar(steps) if progress else None
     losses = []
@@ -134,31 +138,40 @@ def _progress_bar(steps: int):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="tensor-parallel workers (default 2)")
-    parser.add_argument("--backend", choices=["numpy", "cupy", "simulated"], default=None, help="default: auto")
+    parser.add_argument(
+        "--backend", choices=["numpy", "cupy", "simulated"], default=None, help="default: auto"
+    )
     parser.add_argument("--devices", type=int, default=None, help="device count (cupy, simulated)")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--vocab", type=int, default=32, help="must be divisible by --workers")
+    parser.add_argument(
+        "--vocab", type=int, default=32, help="vocabulary size (any size splits over any --workers)"
+    )
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=32, help="must be divisible by --workers")
+    parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    losses = train(
-        n_workers=args.workers,
-        steps=args.steps,
-        vocab=args.vocab,
-        dim=args.dim,
-        hidden=args.hidden,
-        lr=args.lr,
-        seed=args.seed,
-        backend=args.backend,
-        devices=args.devices,
-        dtype=args.dtype,
-        progress=True,
-    )
+    try:
+        losses = train(
+            n_workers=args.workers,
+            steps=args.steps,
+            vocab=args.vocab,
+            dim=args.dim,
+            hidden=args.hidden,
+            lr=args.lr,
+            seed=args.seed,
+            backend=args.backend,
+            devices=args.devices,
+            dtype=args.dtype,
+            progress=True,
+        )
+    except TensorParallelError as exc:  # a bad option: one line, not a traceback
+        print(f"train_tiny_lm.py: error: {exc}", file=sys.stderr)
+        return 2
     first, last = losses[0], float(np.mean(losses[-10:]))
-    print(f"loss: first step {first:.4f}, mean of the last 10 steps {last:.4f} (uniform guess: {np.log(args.vocab):.4f})")
+    guess = np.log(args.vocab)
+    print(f"loss: first step {first:.4f}, mean of the last 10 steps {last:.4f} (uniform guess: {guess:.4f})")
     return 0 if last < 0.5 * first else 1
 
 

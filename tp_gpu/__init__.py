@@ -19,9 +19,14 @@ from .errors import (
 )
 from .group import TensorParallelGroup, get_group
 from .layers import (
+    BertEmbeddings,
     ColumnParallelLinear,
+    LayerNorm,
     ParallelEmbedding,
     ParallelMLP,
+    ParallelSelfAttention,
+    ParallelTransformerLayer,
+    Residual,
     RowParallelLinear,
     VocabParallelCrossEntropy,
 )
@@ -45,7 +50,12 @@ __all__ = [
     "RowParallelLinear",
     "ParallelEmbedding",
     "ParallelMLP",
+    "Residual",
     "VocabParallelCrossEntropy",
+    "LayerNorm",
+    "ParallelSelfAttention",
+    "ParallelTransformerLayer",
+    "BertEmbeddings",
     "ShardedTensor",
     "ShardedParameter",
     "SGD",

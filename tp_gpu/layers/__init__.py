@@ -1,8 +1,26 @@
-"""Tensor-parallel layers, the parallel MLP and the vocab-parallel loss."""
+"""Tensor-parallel layers, the parallel MLP, attention and transformer layer, and the vocab-parallel loss."""
 
+from .attention import ParallelSelfAttention, fuse_qkv, split_fused_qkv
+from .bert_embeddings import BertEmbeddings
 from .embedding import ParallelEmbedding
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .loss import VocabParallelCrossEntropy
 from .mlp import ParallelMLP
+from .norm import LayerNorm
+from .residual import Residual
+from .transformer import ParallelTransformerLayer
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding", "ParallelMLP", "VocabParallelCrossEntropy"]
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "ParallelEmbedding",
+    "ParallelMLP",
+    "VocabParallelCrossEntropy",
+    "Residual",
+    "LayerNorm",
+    "ParallelSelfAttention",
+    "ParallelTransformerLayer",
+    "BertEmbeddings",
+    "fuse_qkv",
+    "split_fused_qkv",
+]

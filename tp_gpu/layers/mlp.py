@@ -115,6 +115,11 @@ class ParallelMLP(Module):
     def backend(self) -> Any:
         return self.fc2.backend
 
+    @property
+    def group(self) -> Any:
+        """The group of devices both linears run on (fc2's output device is the MLP's)."""
+        return self.fc2.group
+
     def forward(self, x: Any) -> Any:
         """``Y`` of shape ``(..., n_out)`` on the output device, for ``x`` of shape ``(..., n_in)``."""
         hidden = self.fc1(x)  # p shards of (..., hidden_i)
