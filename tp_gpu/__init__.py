@@ -31,7 +31,7 @@ from .layers import (
     VocabParallelCrossEntropy,
 )
 from .module import IncompatibleKeys, Module, ModuleDict, Sequential
-from .optim import SGD, Adam
+from .optim import SGD, Adam, Optimizer, clip_grad_norm
 from .parameter import ShardedParameter
 from .placement import worker_devices
 from .sharded import ShardedTensor
@@ -60,6 +60,8 @@ __all__ = [
     "ShardedParameter",
     "SGD",
     "Adam",
+    "Optimizer",
+    "clip_grad_norm",
     "TensorParallelError",
     "ConfigError",
     "ShapeError",

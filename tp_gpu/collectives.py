@@ -27,6 +27,7 @@ __all__ = [
     "PeerCopyReduction",
     "Reduction",
     "all_reduce_max",
+    "all_reduce_host_scalar",
     "all_reduce_sum",
     "assemble_blocks",
     "broadcast",
@@ -277,6 +278,13 @@ def reduce_max(
     """Elementwise ``max_d partials[d]`` on ``dst``; consumes the partials (and all-reduces over ``comm``)."""
     total = _reduce(backend, partials, dst, "maximum", reduction)
     return total if comm is None or comm.size == 1 else comm.all_reduce(backend, total, "max")
+
+
+def all_reduce_host_scalar(comm: Any, value: float, op: str = "sum") -> float:
+    """``op`` ("sum" or "max") of one host number over every process of ``comm``."""
+    if comm is None or comm.size == 1:
+        return value
+    return float(comm.all_reduce(_HOST, np.array([value], dtype=np.float64), op)[0])
 
 
 def all_reduce_sum(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:

@@ -1,9 +1,18 @@
-"""Optimizers that update every parameter in place, each device block on its own device.
+"""Optimizers that update every parameter in place, each device block on its own device, and clipping.
 
-Each takes the parameters of one or more modules (``layer.parameters()``) and
-keeps its state (momentum, Adam moments) block by block, beside the block.
-Updates follow PyTorch's definitions, so a tensor-parallel model and its dense
-twin take the same steps.
+Each optimizer takes the parameters of one or more modules (``model.parameters()``)
+and keeps its state (momentum, Adam moments, step counts) block by block,
+beside the block. Updates follow PyTorch's definitions, so a tensor-parallel
+model and its dense twin take the same steps.
+
+Float16 parameters train with float32 *master weights*: the optimizer keeps a
+float32 copy of each block, updates it in float32 from the widened gradient,
+and rounds it back into the float16 block that the layers compute with (as
+mixed-precision training does; ``torch.optim`` under AMP keeps float32 state).
+
+:meth:`Optimizer.state_dict` holds every state tensor as its *logical*
+(unsharded) value, so it loads into an optimizer over the same model split any
+other way; :func:`tp_gpu.save_checkpoint` stores it beside the weights.
 """
 
 from __future__ import annotations
@@ -11,15 +20,17 @@ from __future__ import annotations
 import math
 import numbers
 from functools import partial
-from typing import Any, Dict, Hashable, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Hashable, Iterable, List, Mapping, Tuple
 
 import numpy as np
 
 from . import collectives
-from .errors import ConfigError
+from .errors import ConfigError, ShapeError
 from .parameter import ShardedParameter
 
-__all__ = ["SGD", "Adam"]
+__all__ = ["Optimizer", "SGD", "Adam", "clip_grad_norm"]
+
+BlockState = Dict[str, Any]
 
 
 def _check_params(params: Iterable[ShardedParameter]) -> List[ShardedParameter]:
@@ -36,7 +47,7 @@ def _check_params(params: Iterable[ShardedParameter]) -> List[ShardedParameter]:
     return params
 
 
-def _check_number(value, name: str, low: float, high: float, low_open: bool = False) -> float:
+def _check_number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and value < high
@@ -46,11 +57,20 @@ def _check_number(value, name: str, low: float, high: float, low_open: bool = Fa
     return float(value)
 
 
-class _Optimizer:
+class Optimizer:
+    """Base of the optimizers: per-block state, master weights for float16, logical state dicts.
+
+    Subclasses define ``STATE_KEYS`` (the names of their per-element state
+    tensors) and ``_update(weight, grad, state, xp)``, which updates the float32
+    or float64 ``weight`` in place and fills ``state``.
+    """
+
+    STATE_KEYS: Tuple[str, ...] = ()
+
     def __init__(self, params: Iterable[ShardedParameter]) -> None:
         self.params = _check_params(params)
-        # One state slot per device block of every parameter, next to the block.
-        self._state: List[Dict[Hashable, Optional[Any]]] = [dict.fromkeys(p.blocks) for p in self.params]
+        #: Per parameter, per device block: ``{"step": int, <STATE_KEYS>: array, "master": array}``.
+        self._state: List[Dict[Hashable, BlockState]] = [{d: {} for d in p.blocks} for p in self.params]
 
     def zero_grad(self) -> None:
         """Forget the gradients of every parameter."""
@@ -58,62 +78,144 @@ class _Optimizer:
             p.zero_grad()
 
     def step(self) -> None:
-        """Update every block that has a gradient, in place, under its device.
-
-        Float16 parameters are updated in float32: the gradient is widened,
-        the state is kept in float32, and the float32 result is rounded back
-        into the float16 block (as ``torch.optim`` under AMP).
-        """
+        """Update every block that has a gradient, in place, under its device."""
         for p, states in zip(self.params, self._state):
-            xp = p.backend.xp
             keys = [d for d, g in p.grad_blocks.items() if g is not None]
-            update = partial(self._update_block, xp)
-            states.update(
-                collectives.on_devices(p.backend, update, p.blocks, p.grad_blocks, states, keys=keys)
-            )
+            update = partial(self._update_block, p.backend.xp)
+            collectives.on_devices(p.backend, update, p.blocks, p.grad_blocks, states, keys=keys)
 
-    def _update_block(self, xp: Any, block: Any, grad: Any, state: Optional[Any]) -> Any:
+    def _update_block(self, xp: Any, block: Any, grad: Any, state: BlockState) -> None:
+        state["step"] = state.get("step", 0) + 1
         if block.dtype.itemsize >= 4:
-            return self._update(block, grad, state, xp)
-        wide = block.astype(np.float32)
-        state = self._update(wide, grad.astype(np.float32), state, xp)
-        block[...] = wide
-        return state
+            self._update(block, grad, state, xp)
+            return
+        if "master" not in state:
+            state["master"] = block.astype(np.float32)
+        self._update(state["master"], grad.astype(np.float32), state, xp)
+        block[...] = state["master"]  # rounded into the float16 compute copy
 
-    def _update(self, shard: Any, grad: Any, state: Optional[Any], xp: Any) -> Any:
+    def _update(self, weight: Any, grad: Any, state: BlockState, xp: Any) -> None:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ state dicts
 
-class SGD(_Optimizer):
+    def hyperparameters(self) -> Dict[str, Any]:
+        """The optimizer's settings (``lr``, ...), as ``param_groups[0]`` of a state dict."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        """``{"state": {i: {"step": int, key: logical array}}, "param_groups": [settings]}``, as torch.
+
+        ``i`` is the parameter's position in the optimizer's list; arrays are
+        new host arrays of the parameter's logical shape. With several
+        processes this is collective.
+        """
+        state: Dict[int, Dict[str, Any]] = {}
+        for i, (p, blocks) in enumerate(zip(self.params, self._state)):
+            steps = {b.get("step", 0) for b in blocks.values()}
+            if steps == {0}:
+                continue
+            entry: Dict[str, Any] = {"step": max(steps)}
+            for key in self.STATE_KEYS + (("master",) if "master" in next(iter(blocks.values())) else ()):
+                entry[key] = p.assemble(
+                    {d: b[key] if key in b else _zeros_like(p, d) for d, b in blocks.items()}
+                )
+            state[i] = entry
+        return {"state": state, "param_groups": [self.hyperparameters()]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (from this or any other split of the same model).
+
+        Everything is checked (indices, keys, shapes) and staged on the devices
+        before anything changes: on an error the optimizer is left as it was.
+        """
+        staged = self._stage_state(state_dict)
+        settings = state_dict.get("param_groups", [{}])
+        for key, value in (settings[0] if settings else {}).items():
+            if key in self.hyperparameters():
+                setattr(self, key, tuple(value) if isinstance(value, list) else value)
+        for i, blocks in staged.items():
+            self._state[i] = blocks
+
+    def _stage_state(self, state_dict: Mapping[str, Any]) -> Dict[int, Dict[Hashable, BlockState]]:
+        """Every parameter's state checked and placed on its devices, without touching the optimizer."""
+        if not isinstance(state_dict, Mapping) or "state" not in state_dict:
+            kind = type(state_dict).__name__
+            raise ShapeError(f"optimizer state dict must be a mapping with a 'state' entry, got {kind}")
+        staged: Dict[int, Dict[Hashable, BlockState]] = {}
+        for i, entry in state_dict["state"].items():
+            if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < len(self.params):
+                last = len(self.params) - 1
+                raise ShapeError(f"optimizer state for parameter {i!r}; expected indices 0..{last}")
+            staged[int(i)] = self._stage_entry(int(i), entry)
+        return staged
+
+    def _stage_entry(self, i: int, entry: Mapping[str, Any]) -> Dict[Hashable, BlockState]:
+        """Parameter ``i``'s state ``entry`` (``step`` and logical arrays) as per-block state."""
+        expected = ("step",) + self.STATE_KEYS
+        missing = [k for k in expected if k not in entry]
+        if missing:
+            raise ShapeError(f"optimizer state of parameter {i} misses {missing}; expected {expected}")
+        p = self.params[i]
+        arrays = {}
+        for key, value in entry.items():
+            if key != "step":
+                dtype = np.float32 if key == "master" else _state_dtype(p)
+                arrays[key] = p.stage(value, f"optimizer state {key!r} of parameter {i}", dtype=dtype)
+        return {d: {"step": int(entry["step"]), **{k: a[d] for k, a in arrays.items()}} for d in p.blocks}
+
+
+def _state_dtype(p: ShardedParameter) -> Any:
+    """Optimizer state is kept in float32 for float16 parameters, else in the parameter's dtype."""
+    return np.float32 if p.dtype.itemsize < 4 else p.dtype
+
+
+def _zeros_like(p: ShardedParameter, device: Hashable) -> Any:
+    with p.backend.device(device):
+        return p.backend.xp.zeros(p.blocks[device].shape, dtype=_state_dtype(p))
+
+
+class SGD(Optimizer):
     """Stochastic gradient descent with optional (heavy-ball) momentum, as ``torch.optim.SGD``.
 
     ``v <- momentum * v + g`` (``v = g`` on the first step), ``w <- w - lr * v``.
     """
 
+    STATE_KEYS = ("momentum_buffer",)
+
     def __init__(self, params: Iterable[ShardedParameter], lr: float, momentum: float = 0.0) -> None:
         self.lr = _check_number(lr, "lr", 0.0, math.inf, low_open=True)
         self.momentum = _check_number(momentum, "momentum", 0.0, 1.0)
+        if not self.momentum:
+            self.STATE_KEYS = ()
         super().__init__(params)
 
-    def _update(self, shard, grad, velocity, xp):
+    def hyperparameters(self) -> Dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.momentum}
+
+    def _update(self, weight: Any, grad: Any, state: BlockState, xp: Any) -> None:
         if self.momentum:
+            velocity = state.get("momentum_buffer")
             if velocity is None:
-                velocity = grad.copy()
+                velocity = state["momentum_buffer"] = grad.copy()
             else:
                 velocity *= self.momentum
                 velocity += grad
             grad = velocity
-        shard -= self.lr * grad
-        return velocity
+        weight -= self.lr * grad
 
 
-class Adam(_Optimizer):
+class Adam(Optimizer):
     """Adam (Kingma and Ba, 2015), as ``torch.optim.Adam`` without weight decay.
 
     ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
-    ``w <- w - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)``, where ``t``
-    counts the steps in which that parameter had a gradient (as in PyTorch).
+    ``w <- w - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, where
+    ``t`` counts the steps in which that parameter had a gradient (as in
+    PyTorch). Every operation writes into ``m``, ``v``, the weight or one
+    scratch array: one pass per device block.
     """
+
+    STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
     def __init__(
         self,
@@ -132,15 +234,88 @@ class Adam(_Optimizer):
         self.eps = _check_number(eps, "eps", 0.0, math.inf, low_open=True)
         super().__init__(params)
 
-    def _update(self, shard, grad, state, xp):
+    def hyperparameters(self) -> Dict[str, Any]:
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps}
+
+    def _update(self, weight: Any, grad: Any, state: BlockState, xp: Any) -> None:
         b1, b2 = self.betas
-        m, v, t = (xp.zeros_like(grad), xp.zeros_like(grad), 0) if state is None else state
-        t += 1
+        t = state["step"]
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = xp.zeros_like(grad), xp.zeros_like(grad)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        scratch = xp.multiply(grad, 1.0 - b1)
         m *= b1
-        m += (1.0 - b1) * grad
+        m += scratch  # m = b1 m + (1 - b1) g
+        xp.multiply(grad, grad, out=scratch)
+        scratch *= 1.0 - b2
         v *= b2
-        v += (1.0 - b2) * grad * grad
-        m_hat = m / (1.0 - b1**t)
-        v_hat = v / (1.0 - b2**t)
-        shard -= self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
-        return m, v, t
+        v += scratch  # v = b2 v + (1 - b2) g^2
+        xp.sqrt(v, out=scratch)
+        scratch *= 1.0 / math.sqrt(1.0 - b2**t)
+        scratch += self.eps  # sqrt(v / (1 - b2^t)) + eps
+        xp.divide(m, scratch, out=scratch)
+        scratch *= self.lr / (1.0 - b1**t)
+        weight -= scratch
+
+
+def clip_grad_norm(parameters: Iterable[ShardedParameter], max_norm: float, norm_type: float = 2.0) -> float:
+    """Scale every gradient in place so that their global norm is at most ``max_norm``; return that norm.
+
+    As ``torch.nn.utils.clip_grad_norm_``: the total norm is the ``norm_type``
+    norm of all gradients together (``inf``: the largest absolute value), over
+    every shard on every device and process; the gradients are multiplied by
+    ``min(1, max_norm / (total + 1e-6))``. A non-finite norm is returned as it
+    is, and the gradients are scaled by the resulting NaN, as torch does.
+    Parameters without a gradient are skipped. A parameter kept whole (the
+    row-parallel bias) is the same on every process and counts once.
+    """
+    params = [p for p in parameters if any(g is not None for g in p.grad_blocks.values())]
+    max_norm = float(max_norm)
+    norm_type = float(norm_type)
+    if not params:
+        return 0.0
+    total = _global_norm(params, norm_type)
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1.0 or math.isnan(coefficient):
+        for p in params:
+            keys = [d for d, g in p.grad_blocks.items() if g is not None]
+            collectives.on_devices(p.backend, partial(_scale_in_place, coefficient), p.grad_blocks, keys=keys)
+    return total
+
+
+def _scale_in_place(factor: float, grad: Any) -> None:
+    grad *= factor
+
+
+def _block_norm(xp: Any, norm_type: float, grad: Any) -> Any:
+    """``max |g|`` (``inf``) or ``sum |g|^norm_type`` of one block, accumulated in at least float32."""
+    flat = grad.reshape(-1)
+    if flat.dtype.itemsize < 4:
+        flat = flat.astype(np.float32)
+    if math.isinf(norm_type):
+        return xp.abs(flat).max() if flat.size else xp.zeros((), dtype=flat.dtype)
+    if norm_type == 2.0:
+        return flat @ flat  # (n,) @ (n,) -> (): no temporary
+    return (xp.abs(flat) ** norm_type).sum()
+
+
+def _global_norm(params: List[ShardedParameter], norm_type: float) -> float:
+    """The ``norm_type`` norm over every gradient block of ``params``, on every process."""
+    infinite = math.isinf(norm_type)
+    split_part, whole_part = 0.0, 0.0
+    for p in params:
+        keys = [d for d, g in p.grad_blocks.items() if g is not None]
+        block_norm = partial(_block_norm, p.backend.xp, norm_type)
+        partial_norms = collectives.on_devices(p.backend, block_norm, p.grad_blocks, keys=keys)
+        values = [float(collectives.to_host(p.backend, v)) for v in partial_norms.values()]
+        local = max(values) if infinite else sum(values)
+        if p.layout is None:
+            whole_part = max(whole_part, local) if infinite else whole_part + local
+        else:
+            split_part = max(split_part, local) if infinite else split_part + local
+    comm = params[0].comm
+    if comm.size > 1:
+        split_part = float(collectives.all_reduce_host_scalar(comm, split_part, "max" if infinite else "sum"))
+    if infinite:
+        return max(split_part, whole_part)
+    return (split_part + whole_part) ** (1.0 / norm_type)

@@ -73,11 +73,13 @@ class ShardedParameter:
         self.blocks: Dict[Hashable, Any] = self._place(np.asarray(full))
         self.grad_blocks: Dict[Hashable, Optional[Any]] = dict.fromkeys(self.blocks)
 
-    def _place(self, full: Any) -> Dict[Hashable, Any]:
-        """Each device's block of the logical value ``full`` (host or device array), on its device."""
+    def _place(self, full: Any, dtype: Any = None) -> Dict[Hashable, Any]:
+        """Each device's block of the logical value ``full`` (host or device array), on its device,
+        as ``dtype`` (default: the parameter's)."""
+        dtype = self.dtype if dtype is None else dtype
         if self.layout is None or self.axis is None:
-            return collectives.broadcast(self.backend, full, self.block_devices, self.dtype)
-        return collectives.scatter_blocks(self.backend, full, self.axis, self.layout, self.dtype)
+            return collectives.broadcast(self.backend, full, self.block_devices, dtype)
+        return collectives.scatter_blocks(self.backend, full, self.axis, self.layout, dtype)
 
     def _views(self, blocks: Dict[Hashable, Any]) -> List[Any]:
         """Per-worker views into per-device ``blocks`` (a single-element list when whole)."""
@@ -96,15 +98,16 @@ class ShardedParameter:
         """The device of each entry of ``shards``."""
         return list(self.block_devices) if self.layout is None else list(self.layout.devices)
 
-    def _assemble(self, blocks: Dict[Hashable, Any]) -> np.ndarray:
-        """The logical array on the host; with several processes a collective (all-gather of the spans)."""
+    def assemble(self, blocks: Dict[Hashable, Any]) -> np.ndarray:
+        """The logical array, on the host, of per-device ``blocks`` laid out like this parameter's
+        (its value, its gradient, or optimizer state); with several processes a collective."""
         if self.layout is None or self.axis is None:
             return np.array(collectives.to_host(self.backend, blocks[self.block_devices[0]]))
         return collectives.gather_to_host(self.backend, blocks, self.axis, self.layout, self.comm)
 
     def full(self) -> np.ndarray:
         """The logical parameter as a new host array."""
-        return self._assemble(self.blocks)
+        return self.assemble(self.blocks)
 
     def full_grad(self) -> np.ndarray:
         """The logical gradient as a new host array (zeros before any backward)."""
@@ -114,7 +117,7 @@ class ShardedParameter:
             d: self.backend.xp.zeros(self.blocks[d].shape, self.dtype) if g is None else g
             for d, g in self.grad_blocks.items()
         }
-        return self._assemble(grads)
+        return self.assemble(grads)
 
     def accumulate(self, device: Hashable, grad: Any) -> None:
         """Add ``grad`` (shaped like ``device``'s block, on that device) to its gradient."""
@@ -133,7 +136,7 @@ class ShardedParameter:
         """Forget the accumulated gradients."""
         self.grad_blocks = dict.fromkeys(self.blocks)
 
-    def stage(self, full: Any, what: Optional[str] = None) -> Dict[Hashable, Any]:
+    def stage(self, full: Any, what: Optional[str] = None, dtype: Any = None) -> Dict[Hashable, Any]:
         """Each device's block of the logical value ``full``, on its device, without touching the parameter.
 
         ``full`` may be a host array, an array of this backend's devices or any
@@ -143,7 +146,8 @@ class ShardedParameter:
         array is split where it lies and each block moves straight to its
         device, without a round trip through the host. Pass the result to
         :meth:`commit`; staging every parameter before committing any is how a
-        load either changes everything or nothing.
+        load either changes everything or nothing. ``dtype`` stages in another
+        dtype (optimizer state of a float16 parameter is float32).
         """
         what = what or f"parameter {self.name!r}"
         try:
@@ -156,7 +160,7 @@ class ShardedParameter:
             raise ShapeError(f"{what} must have shape {self.shape}, got {tuple(full.shape)}")
         if np.dtype(full.dtype).kind not in "fiu":
             raise ShapeError(f"{what} must hold real numbers (float or integer), got dtype {full.dtype}")
-        return self._place(full)
+        return self._place(full, dtype)
 
     def commit(self, staged: Dict[Hashable, Any]) -> None:
         """Copy blocks made by :meth:`stage` into place, in place (views and optimizer state stay valid)."""
