@@ -17,10 +17,12 @@ from .errors import (
     ShapeError,
     TensorParallelError,
 )
+from .grad_scaler import GradScaler
 from .group import TensorParallelGroup, get_group
 from .layers import (
     BertEmbeddings,
     ColumnParallelLinear,
+    Dropout,
     LayerNorm,
     ParallelEmbedding,
     ParallelMLP,
@@ -28,6 +30,7 @@ from .layers import (
     ParallelTransformerLayer,
     Residual,
     RowParallelLinear,
+    TiedLMHead,
     VocabParallelCrossEntropy,
 )
 from .module import IncompatibleKeys, Module, ModuleDict, Sequential
@@ -51,6 +54,7 @@ __all__ = [
     "ParallelEmbedding",
     "ParallelMLP",
     "Residual",
+    "TiedLMHead",
     "VocabParallelCrossEntropy",
     "LayerNorm",
     "ParallelSelfAttention",
@@ -62,6 +66,8 @@ __all__ = [
     "Adam",
     "Optimizer",
     "clip_grad_norm",
+    "GradScaler",
+    "Dropout",
     "TensorParallelError",
     "ConfigError",
     "ShapeError",

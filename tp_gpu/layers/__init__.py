@@ -2,8 +2,10 @@
 
 from .attention import ParallelSelfAttention, fuse_qkv, split_fused_qkv
 from .bert_embeddings import BertEmbeddings
+from .dropout import Dropout
 from .embedding import ParallelEmbedding
 from .linear import ColumnParallelLinear, RowParallelLinear
+from .lm_head import TiedLMHead
 from .loss import VocabParallelCrossEntropy
 from .mlp import ParallelMLP
 from .norm import LayerNorm
@@ -17,6 +19,8 @@ __all__ = [
     "ParallelMLP",
     "VocabParallelCrossEntropy",
     "Residual",
+    "TiedLMHead",
+    "Dropout",
     "LayerNorm",
     "ParallelSelfAttention",
     "ParallelTransformerLayer",

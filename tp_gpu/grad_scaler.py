@@ -1,0 +1,171 @@
+"""GradScaler: dynamic loss scaling for float16 training, with ``torch.amp.GradScaler``'s semantics.
+
+Float16 gradients underflow: scaling the loss by ``S`` before backward scales
+every gradient by ``S`` and keeps them representable. Before the optimizer
+step the gradients are divided by ``S`` again (``unscale_``); if any of them is
+inf or NaN (the scale was too large) the step is skipped and ``S`` shrinks by
+``backoff_factor``; after ``growth_interval`` steps without one, ``S`` grows by
+``growth_factor``. The inf/NaN check covers every block on every device and
+every process, so all ranks skip together.
+
+Without autograd, the scale enters through the loss's backward::
+
+    loss = loss_fn(model(x), targets)
+    model.backward(loss_fn.backward(scaler.scale(1.0)))
+    scaler.step(optimizer)   # unscales, then steps unless a gradient is inf/NaN
+    scaler.update()
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from functools import partial
+from typing import Any, Dict, Mapping, Optional
+
+from . import collectives
+from .errors import ConfigError, ShapeError
+from .optim import Optimizer
+
+__all__ = ["GradScaler"]
+
+
+def _positive(value: Any, name: str, above_one: Optional[bool] = None) -> float:
+    ok = (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+    if ok and above_one is True:
+        ok = value > 1.0
+    if ok and above_one is False:
+        ok = value < 1.0
+    if not ok:
+        bound = {True: "> 1", False: "in (0, 1)", None: "> 0"}[above_one]
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _unscale_block(xp: Any, inverse: float, grad: Any) -> Any:
+    """``grad *= inverse`` in place; returns whether every element stayed finite (a 0-d array)."""
+    grad *= inverse
+    return xp.isfinite(grad).all()
+
+
+class GradScaler:
+    """Dynamic loss scaling (``torch.amp.GradScaler``'s defaults and state dict keys)."""
+
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+    ) -> None:
+        self._scale = _positive(init_scale, "init_scale")
+        self._growth_factor = _positive(growth_factor, "growth_factor", above_one=True)
+        self._backoff_factor = _positive(backoff_factor, "backoff_factor", above_one=False)
+        if (
+            isinstance(growth_interval, bool)
+            or not isinstance(growth_interval, numbers.Integral)
+            or growth_interval < 1
+        ):
+            raise ConfigError(f"growth_interval must be a positive integer, got {growth_interval!r}")
+        self._growth_interval = int(growth_interval)
+        self._growth_tracker = 0
+        self.enabled = bool(enabled)
+        self._found_inf: Dict[int, bool] = {}  # per optimizer unscaled since the last update
+
+    def get_scale(self) -> float:
+        """The current scale (1.0 when disabled)."""
+        return self._scale if self.enabled else 1.0
+
+    def scale(self, grad_loss: float = 1.0) -> float:
+        """The loss gradient to start backward with: ``grad_loss * scale``."""
+        return float(grad_loss) * self.get_scale()
+
+    def unscale_(self, optimizer: Optimizer) -> bool:
+        """Divide ``optimizer``'s gradients by the scale, in place; return whether one is inf/NaN.
+
+        Calling it twice before :meth:`update` raises, as in PyTorch.
+        """
+        if not self.enabled:
+            return False
+        if id(optimizer) in self._found_inf:
+            raise ConfigError("unscale_() has already been called on this optimizer since the last update()")
+        inverse = 1.0 / self._scale
+        finite = True
+        for p in optimizer.params:
+            keys = [d for d, g in p.grad_blocks.items() if g is not None]
+            unscale = partial(_unscale_block, p.backend.xp, inverse)
+            flags = collectives.on_devices(p.backend, unscale, p.grad_blocks, keys=keys)
+            finite = finite and all(bool(collectives.to_host(p.backend, f)) for f in flags.values())
+        comm = optimizer.params[0].comm
+        found = collectives.all_reduce_host_scalar(comm, 0.0 if finite else 1.0, "max") > 0.0
+        self._found_inf[id(optimizer)] = found
+        return found
+
+    def step(self, optimizer: Optimizer) -> bool:
+        """Unscale (if not done yet), then step ``optimizer`` unless a gradient was inf/NaN.
+
+        Returns whether it stepped."""
+        if not self.enabled:
+            optimizer.step()
+            return True
+        if id(optimizer) not in self._found_inf:
+            self.unscale_(optimizer)
+        if self._found_inf[id(optimizer)]:
+            return False
+        optimizer.step()
+        return True
+
+    def update(self, new_scale: Optional[float] = None) -> None:
+        """Shrink the scale after an inf/NaN, grow it after ``growth_interval`` clean steps."""
+        if not self.enabled:
+            return
+        if new_scale is not None:
+            self._scale = _positive(new_scale, "new_scale")
+        elif any(self._found_inf.values()):
+            self._scale *= self._backoff_factor
+            self._growth_tracker = 0
+        else:
+            self._growth_tracker += 1
+            if self._growth_tracker == self._growth_interval:
+                self._scale *= self._growth_factor
+                self._growth_tracker = 0
+        self._found_inf.clear()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The scale and its settings, under ``torch.amp.GradScaler.state_dict()``'s keys."""
+        if not self.enabled:
+            return {}
+        return {
+            "scale": self._scale,
+            "growth_factor": self._growth_factor,
+            "backoff_factor": self._backoff_factor,
+            "growth_interval": self._growth_interval,
+            "_growth_tracker": self._growth_tracker,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; every value is checked before any is set."""
+        if not state:
+            return
+        try:
+            values = (
+                _positive(state["scale"], "scale"),
+                _positive(state["growth_factor"], "growth_factor", above_one=True),
+                _positive(state["backoff_factor"], "backoff_factor", above_one=False),
+                int(state["growth_interval"]),
+                int(state["_growth_tracker"]),
+            )
+        except KeyError as exc:
+            raise ShapeError(
+                f"GradScaler state dict misses {exc}; expected the keys of GradScaler.state_dict()"
+            ) from None
+        (
+            self._scale,
+            self._growth_factor,
+            self._backoff_factor,
+            self._growth_interval,
+            self._growth_tracker,
+        ) = values

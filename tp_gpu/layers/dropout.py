@@ -1,0 +1,121 @@
+"""Dropout whose mask depends on the seed, the step and each element's logical index alone.
+
+Megatron's RNG tracker seeds each tensor-parallel rank differently, so its
+masks change with the worker count. Here the mask is a pure function: element
+``i`` (its index in the logical, unsharded tensor, in C order) of step ``s`` is
+kept when
+
+    u(seed, s, i) = mix(i * 0x9E3779B97F4A7C15 + mix(seed * 0xD1B54A32D192ED03 + s)) / 2^64 >= p
+
+where ``mix`` is SplitMix64's finaliser (Steele, Lea and Flood, 2014), a
+bijection of 64-bit integers with full avalanche. It is evaluated with
+ordinary unsigned 64-bit array arithmetic, so NumPy and CuPy give the same
+bits and a GPU makes its mask on the device. A shard computes exactly the
+entries of the mask it holds, so a model trains identically at any worker
+count, on any backend.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .. import collectives
+from ..config import TensorParallelConfig
+from ..errors import ConfigError
+from .base import ParallelModule, as_array_like, check_seed
+
+__all__ = ["Dropout", "keep_mask"]
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_SEED_MULTIPLIER = 0xD1B54A32D192ED03
+_MASK64 = (1 << 64) - 1
+
+
+def _mix_int(z: int) -> int:
+    """SplitMix64's finaliser on a Python int (the key of a seed and step)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def _mix(z: Any) -> Any:
+    """SplitMix64's finaliser on a uint64 array, in place (wrapping arithmetic)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def keep_mask(xp: Any, p: float, seed: int, step: int, logical_shape: Sequence[int], index: Any) -> Any:
+    """Boolean keep-mask for the elements at ``index`` (a tuple of slices of ``logical_shape``).
+
+    The result has the shape of ``np.empty(logical_shape)[index]`` and is made
+    on the current device of ``xp``; entry ``i`` is True with probability ``1 - p``.
+    """
+    key = np.uint64(_mix_int(seed * _SEED_MULTIPLIER + step))
+    flat = xp.arange(int(np.prod(logical_shape)), dtype=np.uint64).reshape(tuple(logical_shape))
+    z = flat[index] * _GOLDEN  # a new array: the view's entries times the golden ratio
+    z += key
+    threshold = np.uint64(min(int(p * 2.0**64), _MASK64))
+    return _mix(z) >= threshold
+
+
+def _apply(mask: Any, scale: float, x: Any) -> Any:
+    """``x * mask * scale``: (...) * (...) -> (...)."""
+    return x * mask * scale
+
+
+class Dropout(ParallelModule):
+    """``y = x * keep / (1 - p)`` in training mode, ``y = x`` in eval mode, on the output device.
+
+    The mask is :func:`keep_mask` of the module's ``seed``, its ``step``
+    counter (advanced by every training-mode forward, and saved with the
+    optimizer state by :func:`tp_gpu.save_checkpoint` so that a resumed run
+    draws the same masks) and each element's logical index.
+
+    Parameters
+    ----------
+    p : float in [0, 1)
+        Probability of dropping an element.
+    config : TensorParallelConfig, optional
+        Where the dense activations live (the group's output device).
+    seed : int
+    """
+
+    def __init__(
+        self, p: float = 0.1, config: Optional[TensorParallelConfig] = None, *, seed: int = 0
+    ) -> None:
+        super().__init__(config)
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise ConfigError(f"dropout p must be a number in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.seed = check_seed(seed)
+        self._join_group(p=self.p, seed=self.seed)
+        self.step = 0
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, seed={self.seed}, step={self.step}"
+
+    def forward(self, x: Any) -> Any:
+        """Drop elements of ``x`` (any shape, on the output device) at random; the identity in eval mode."""
+        if not self.training or self.p == 0.0:
+            return x
+        out, xp = self.output_device, self.backend.xp
+        x = collectives.to_devices(self.backend, [as_array_like(x, "Dropout input")], [out], self.dtype)[0]
+        mask = self.group.on_device(out, keep_mask, xp, self.p, self.seed, self.step, x.shape, (Ellipsis,))
+        self.step += 1
+        self._keep({"mask": mask})
+        return self.group.on_device(out, _apply, mask, 1.0 / (1.0 - self.p), x)
+
+    def backward(self, grad_output: Any) -> Any:
+        """``dx = dy * keep / (1 - p)``."""
+        mask = self._take_saved()["mask"]
+        grad = self._check_grad_shape(grad_output, mask.shape, "Dropout")
+        grad = collectives.to_devices(self.backend, [grad], [self.output_device], self.dtype)[0]
+        return self.group.on_device(self.output_device, _apply, mask, 1.0 / (1.0 - self.p), grad)
