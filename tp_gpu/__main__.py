@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
+from . import __version__, collectives
 from .backends import ENV_VAR, get_backend, resolve_backend_name
 from .config import BACKEND_NAMES, SUPPORTED_DTYPES, TensorParallelConfig
 from .errors import TensorParallelError
@@ -131,7 +131,7 @@ def output(layer, y: Any) -> np.ndarray:
     where = layer.backend.device_of(y)
     if where != layer.output_device:
         raise AssertionError(f"output on device {where!r}, expected {layer.output_device!r}")
-    return layer.backend.to_host(y)
+    return collectives.to_host(layer.backend, y)
 
 
 def linear_case(layer, rng: np.random.Generator) -> Case:

@@ -166,8 +166,11 @@ class ParallelEmbedding(ParallelModule):
 
     def _lookup(self, ids: Any, table: Any, device: Hashable) -> Tuple[Any, Any, Any]:
         """This device's rows for ``ids``: ``(rows, owned, local)``, with the rows of foreign ids zeroed."""
-        owned, local = self.layout.owned_local(self.backend.xp, ids, device)
-        rows = self.backend.xp.take(table, local, axis=0)  # (vocab_d, dim)[ids.shape] -> (*ids.shape, dim)
+        xp = self.backend.xp
+        owned, local = self.layout.owned_local(xp, ids, device)
+        if table.shape[0] == 0:  # this device owns no row (more workers than the vocabulary)
+            return xp.zeros(tuple(ids.shape) + (self.embed_dim,), dtype=table.dtype), owned, local
+        rows = xp.take(table, local, axis=0)  # (vocab_d, dim)[ids.shape] -> (*ids.shape, dim)
         if owned is not None:
             self.backend.zero_rows(rows, ~owned)  # the rows other devices own (as Megatron, in place)
         return rows, owned, local

@@ -12,6 +12,7 @@ Communication follows Megatron's conjugate pairs:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -27,13 +28,18 @@ from .base import ParallelModule, as_array_like, check_layout, check_seed
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "matmul", "weight_grad", "bias_grad", "dense_weight"]
 
 
+def as_rows(x: Any) -> Any:
+    """``x`` as a 2-D view ``(N, n)``, ``N`` the product of its leading axes (``n`` may be 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
 def matmul(x: Any, w: Any) -> Any:
     """``x @ w`` over every leading axis of ``x``: (..., a) @ (a, b) -> (..., b), as one 2-D GEMM.
 
     Reshaping to 2-D keeps CuPy on its cuBLAS ``gemmEx`` path (a 3-D operand
     would take the batched path, without tensor cores for float16).
     """
-    y = x.reshape(-1, x.shape[-1]) @ w  # (N, a) @ (a, b) -> (N, b)
+    y = as_rows(x) @ w  # (N, a) @ (a, b) -> (N, b)
     return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
@@ -51,14 +57,14 @@ def matmul_transposed(g: Any, w: Any) -> Any:
 
 def weight_grad(inp: Any, grad: Any) -> Any:
     """``inp^T @ grad`` over every leading axis: (..., a), (..., b) -> (a, b)."""
-    inp2 = inp.reshape(-1, inp.shape[-1])
-    grad2 = grad.reshape(-1, grad.shape[-1])
+    inp2 = as_rows(inp)  # (N, a)
+    grad2 = as_rows(grad)  # (N, b)
     return inp2.T @ grad2  # (a, N) @ (N, b) -> (a, b)
 
 
 def bias_grad(grad: Any) -> Any:
     """``grad`` summed over every leading axis: (..., b) -> (b,)."""
-    return grad.reshape(-1, grad.shape[-1]).sum(axis=0)
+    return as_rows(grad).sum(axis=0)
 
 
 def dense_weight(weight: Any, layout: str, what: str) -> Any:

@@ -41,6 +41,7 @@ from ..errors import ConfigError, IndexOutOfRangeError, ShapeError, TensorParall
 from ..module import Module
 from ..sharded import ShardedTensor
 from .base import as_array_like
+from .linear import as_rows
 
 __all__ = ["VocabParallelCrossEntropy"]
 
@@ -310,7 +311,7 @@ class VocabParallelCrossEntropy(Module):
         total_weight = vocab if self.class_weight is None else float(self.class_weight.sum())
         g *= ((1.0 - eps) * w_t + eps * total_weight / vocab)[..., None]
         if g.shape[-1]:
-            flat = g.reshape(-1, g.shape[-1])  # (rows, V_d), a view
+            flat = as_rows(g)  # (rows, V_d), a view
             hit = (1.0 - eps) * w_t.reshape(-1) * terms["owned"].reshape(-1)
             flat[xp.arange(flat.shape[0]), terms["local"].reshape(-1)] -= hit  # only at each row's target
         if eps:
@@ -327,8 +328,12 @@ def _check_weight(weight: Any) -> np.ndarray:
             f"class weight must be a 1-D array of real numbers, got shape {tuple(w.shape)} dtype {w.dtype}"
         )
     host = np.asarray(host_array(w), dtype=np.float64)
-    if not np.isfinite(host).all():
-        raise ShapeError("class weight must be finite")
+    bad = np.flatnonzero(~np.isfinite(host))
+    if bad.size:
+        raise ShapeError(
+            f"class weight must be finite; got {host[bad[0]]} at index {int(bad[0])} "
+            f"({bad.size} non-finite of {host.size})"
+        )
     return host
 
 
@@ -352,4 +357,4 @@ def _prepare_shard(
 
 def matmul_vector(x: Any, v: Any) -> Any:
     """``x @ v`` over the last axis: (..., n) @ (n,) -> (...)."""
-    return (x.reshape(-1, x.shape[-1]) @ v).reshape(x.shape[:-1])  # (N, n) @ (n,) -> (N,)
+    return (as_rows(x) @ v).reshape(x.shape[:-1])  # (N, n) @ (n,) -> (N,)
