@@ -13,12 +13,14 @@ placed on that device, side by side (see :class:`~tp_gpu.partition.BlockLayout`)
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
 from .backends.numpy_backend import CPU, NumpyBackend
+from .errors import ConfigError
 from .partition import BlockLayout
 
 __all__ = [
@@ -26,6 +28,7 @@ __all__ = [
     "InProcessNcclReduction",
     "PeerCopyReduction",
     "Reduction",
+    "all_gather_blocks",
     "all_reduce_max",
     "all_reduce_host_scalar",
     "all_reduce_sum",
@@ -36,6 +39,7 @@ __all__ = [
     "gather_to_host",
     "on_devices",
     "reduce_max",
+    "reduce_scatter_blocks",
     "reduce_sum",
     "scatter_blocks",
     "to_devices",
@@ -88,13 +92,13 @@ class InProcessNcclReduction:
         return self.fallback.combine(backend, per_device, dst, ufunc)
 
 
-_reductions: dict[int, Reduction] = {}
+_reductions: "weakref.WeakKeyDictionary[Any, Reduction]" = weakref.WeakKeyDictionary()
 
 
 def default_reduction(backend: Any) -> Reduction:
     """The reduction strategy of ``backend``: in-process NCCL when asked for and possible, else
     peer copies."""
-    key = id(backend)
+    key = backend
     if key not in _reductions:
         strategy: Reduction = PeerCopyReduction()
         if backend.name == "cupy" and os.environ.get("TP_GPU_NCCL") == "1" and len(backend.devices) > 1:
@@ -245,11 +249,11 @@ def _all_gather_spans(backend: Any, span: Any, axis: int, sizes: Sequence[int], 
     gathered = comm.all_gather(backend, span, axis)
     if all(size == longest for size in sizes):
         return gathered
-    keep = np.concatenate([np.arange(r * longest, r * longest + n) for r, n in enumerate(sizes)])
-    if isinstance(gathered, np.ndarray):
-        return np.take(gathered, keep, axis=axis)
-    with backend.device(device):
-        return xp.take(gathered, backend.asarray(keep, np.int64, device), axis=axis)
+    pieces = [gathered[_along(axis, slice(r * longest, r * longest + n))] for r, n in enumerate(sizes)]
+    if backend.device_of(gathered) not in backend.devices:  # a host array
+        return np.concatenate(pieces, axis=axis)
+    with backend.device(backend.device_of(gathered)):
+        return xp.concatenate(pieces, axis=axis)
 
 
 def _reduce(backend: Any, partials: Blocks, dst: Hashable, ufunc: str, reduction: Reduction | None) -> Any:
@@ -300,3 +304,90 @@ def all_reduce_max(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
     devices = list(partials)
     total = reduce_max(backend, partials, devices[0], comm)
     return broadcast(backend, total, devices, total.dtype)
+
+
+# ---------------------------------------------------------------------- sequence parallelism
+
+
+def all_gather_blocks(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, comm: Any = None) -> Blocks:
+    """The whole array ``concat_w X_w`` (every process's span, in order) on every device of ``blocks``.
+
+    ``blocks`` holds one block per device, split along ``axis`` as ``layout``
+    says. Within a process each device receives every other device's block
+    once, straight from it, and writes each worker's slice into place: with
+    ``d`` equal blocks, ``(d - 1) / d`` of the whole array reaches each device.
+    A single block that already is the whole is returned as it is. With a
+    ``comm`` of several processes, the process's span is assembled on its first
+    device, the spans (of any lengths) are all-gathered over the processes, and
+    the whole is copied to the process's other devices.
+    """
+    if comm is None or comm.size == 1:
+        return {dst: _gather_span(backend, blocks, axis, layout, dst) for dst in blocks}
+    devices = list(blocks)
+    span = _gather_span(backend, blocks, axis, layout, devices[0])
+    whole = _all_gather_spans(backend, span, axis, [last - first for first, last in layout.spans], comm)
+    return {device: backend.to_device(whole, device) for device in devices}
+
+
+def reduce_scatter_blocks(
+    backend: Any, partials: Blocks, axis: int, layout: BlockLayout, comm: Any = None
+) -> Blocks:
+    """Each device's block of ``Y = sum_d partials[d]`` (summed over every process of ``comm`` too).
+
+    ``partials`` holds one whole array per device (``layout.total`` long on
+    ``axis``); the result is split along ``axis`` as ``layout`` says (no
+    padding), each block a new array. Within a process device ``d`` keeps
+    ``Y[d's slices] = sum_e partials[e][d's slices]``: it receives from each
+    other device only those slices, one copy per pair, so with ``d`` equal
+    blocks ``(d - 1) / d`` of a whole array reaches each device. With several
+    processes the local partials are first summed on the first device,
+    ``comm.reduce_scatter`` leaves this process its span of the global sum,
+    and the span is split into the device blocks. Consumes the partials (they
+    may be summed into in place).
+    """
+    if layout.padded:
+        raise ConfigError(f"reduce_scatter_blocks needs a layout without padding, got {layout!r}")
+    axis %= next(iter(partials.values())).ndim
+    if comm is not None and comm.size > 1:
+        first = next(iter(partials))
+        total = _reduce(backend, partials, first, "add", None)  # (..., total, ...) on the first device
+        span = comm.reduce_scatter(backend, total, axis, [last - first for first, last in layout.spans])
+        return {
+            dst: backend.to_device(
+                _slices_of(backend, span, axis, layout, dst, first, layout.start, copy=dst == first), dst
+            )
+            for dst in layout.groups
+        }
+    blocks = {}
+    for dst in layout.groups:
+        if len(partials) == 1 and layout.is_whole(dst):
+            blocks[dst] = partials[dst]
+            continue
+        block = _slices_of(backend, partials[dst], axis, layout, dst, dst, copy=True)
+        for src, partial in partials.items():
+            if src != dst:
+                piece = backend.to_device(_slices_of(backend, partial, axis, layout, dst, src), dst)
+                with backend.device(dst):
+                    block += piece
+        blocks[dst] = block
+    return blocks
+
+
+def _slices_of(
+    backend: Any,
+    array: Any,
+    axis: int,
+    layout: BlockLayout,
+    owner: Hashable,
+    where: Hashable,
+    offset: int = 0,
+    copy: bool = False,
+) -> Any:
+    """``owner``'s slices of ``array`` (which lies on ``where`` and starts at global index ``offset``
+    along ``axis``), side by side as in ``owner``'s block: a view for one slice (a copy with
+    ``copy``), else a new array on ``where``."""
+    slices = [slice(s.start - offset, s.stop - offset) for s in layout.global_slices(owner)]
+    if len(slices) == 1 and not copy:
+        return array[_along(axis, slices[0])]
+    with backend.device(where):
+        return backend.xp.concatenate([array[_along(axis, s)] for s in slices], axis=axis)

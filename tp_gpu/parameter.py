@@ -70,7 +70,7 @@ class ShardedParameter:
         self.dtype = np.dtype(dtype)
         self.shape: Tuple[int, ...] = tuple(full.shape)
         self.block_devices: List[Hashable] = [device] if layout is None else list(layout.groups)
-        self.blocks: Dict[Hashable, Any] = self._place(np.asarray(full))
+        self.blocks: Dict[Hashable, Any] = self._place(np.array(full))  # a copy: never the caller's array
         self.grad_blocks: Dict[Hashable, Optional[Any]] = dict.fromkeys(self.blocks)
 
     def _place(self, full: Any, dtype: Any = None) -> Dict[Hashable, Any]:
