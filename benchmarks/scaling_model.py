@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 #: Published dense peak of one H100 SXM5 (NVIDIA H100 Tensor Core GPU datasheet, SXM5 column; the
 #: datasheet's tensor-core figures are "with sparsity", halved here to dense), and its HBM3 bandwidth.
@@ -91,32 +91,44 @@ def comm(layer: str, p: int, batch: int, n_in: int, n_out: int, s: int, bw: floa
 
 
 def t_compute_1(layer: str, batch: int, n_in: int, n_out: int, flops: float, s: int) -> float:
-    return max(flop(layer, batch, n_in, n_out) / flops, bytes_touched(layer, batch, n_in, n_out, s) / H100_HBM)
+    return max(
+        flop(layer, batch, n_in, n_out) / flops, bytes_touched(layer, batch, n_in, n_out, s) / H100_HBM
+    )
 
 
-def measured_dense(path: Path) -> Dict[Tuple[str, int, int, int, str], float]:
+def measured_dense(path: Path) -> dict[tuple[str, int, int, int, str], float]:
     """Median one-GPU dense forward times from a bench_layers.py JSON: (layer, B, n_in, n_out, dtype) -> s."""
     data = json.loads(path.read_text())
-    found: Dict[Tuple[str, int, int, int, str], List[float]] = {}
+    found: dict[tuple[str, int, int, int, str], list[float]] = {}
     for r in data["results"]:
         if r.get("mode", "fwd") == "fwd" and r["dense_median_s"]:
-            found.setdefault((r["layer"], r["batch"], r["n_in"], r["n_out"], r["dtype"]), []).append(r["dense_median_s"])
+            found.setdefault((r["layer"], r["batch"], r["n_in"], r["n_out"], r["dtype"]), []).append(
+                r["dense_median_s"]
+            )
     return {k: statistics.median(v) for k, v in found.items()}
 
 
-def speedup_table(layer: str, precision: str, pattern: str, measured: Optional[Dict] = None) -> List[str]:
+def speedup_table(layer: str, precision: str, pattern: str, measured: dict | None = None) -> list[str]:
     spec = H100_SXM[precision]
     s = spec["bytes"]
     lines = [
-        f"**{layer}**, 4096x4096{' (MLP 4096->4096->4096)' if layer == 'mlp' else ''}, {spec['what']}: "
-        "t(1) and speedup t(1)/t(p)",
+        (
+            f"**{layer}**, 4096x4096{' (MLP 4096->4096->4096)' if layer == 'mlp' else ''}, {spec['what']}: "
+            "t(1) and speedup t(1)/t(p)"
+        ),
         "",
-        "| batch | t(1) µs | bound | " + " | ".join(f"{link} p={p}" for link in LINKS for p in WORKERS[1:]) + " |",
+        "| batch | t(1) µs | bound | "
+        + " | ".join(f"{link} p={p}" for link in LINKS for p in WORKERS[1:])
+        + " |",
         "|---:|---:|---|" + "---:|" * (len(LINKS) * (len(WORKERS) - 1)),
     ]
     for batch in BATCHES:
         t1 = t_compute_1(layer, batch, N, N, spec["flops"], s)
-        bound = "FLOP" if flop(layer, batch, N, N) / spec["flops"] >= bytes_touched(layer, batch, N, N, s) / H100_HBM else "HBM"
+        bound = (
+            "FLOP"
+            if flop(layer, batch, N, N) / spec["flops"] >= bytes_touched(layer, batch, N, N, s) / H100_HBM
+            else "HBM"
+        )
         dtype = {"fp32": "float32", "tf32": "float32", "bf16": "float16"}[precision]
         if measured and (layer, batch, N, N, dtype) in measured:
             t1, bound = measured[(layer, batch, N, N, dtype)], "measured"
@@ -130,7 +142,7 @@ def speedup_table(layer: str, precision: str, pattern: str, measured: Optional[D
     return lines + [""]
 
 
-def break_even(pattern: str, precisions: Sequence[str]) -> List[str]:
+def break_even(pattern: str, precisions: Sequence[str]) -> list[str]:
     """For each layer, precision and link: the worker counts at which TP pays (speedup > 1), per batch."""
     lines = [
         "| layer | precision | link | " + " | ".join(f"batch {b}" for b in BATCHES) + " |",
@@ -143,25 +155,38 @@ def break_even(pattern: str, precisions: Sequence[str]) -> List[str]:
                 cells = []
                 for batch in BATCHES:
                     t1 = t_compute_1(layer, batch, N, N, spec["flops"], spec["bytes"])
-                    speeds = {p: t1 / (t1 / p + comm(layer, p, batch, N, N, spec["bytes"], bw, pattern)) for p in WORKERS[1:]}
+                    speeds = {
+                        p: t1 / (t1 / p + comm(layer, p, batch, N, N, spec["bytes"], bw, pattern))
+                        for p in WORKERS[1:]
+                    }
                     best = max(speeds, key=speeds.get)
                     paying = [p for p, v in speeds.items() if v > 1]
                     if not paying:
                         cells.append(f"**never** (best {speeds[best]:.2f}x)")
                     else:
-                        cells.append(f"p={', '.join(map(str, paying))} (best {speeds[best]:.2f}x at p={best})")
+                        cells.append(
+                            f"p={', '.join(map(str, paying))} (best {speeds[best]:.2f}x at p={best})"
+                        )
                 lines.append(f"| {layer} | {precision} | {link} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pattern", choices=("ring", "tp_gpu"), default="ring",
-                        help="ring collectives (NCCL, Megatron; tp_gpu with comm='nccl') or tp_gpu's single-process "
-                        "transfers through the output GPU")
+    parser.add_argument(
+        "--pattern",
+        choices=("ring", "tp_gpu"),
+        default="ring",
+        help="ring collectives (NCCL, Megatron; tp_gpu with comm='nccl') or tp_gpu's single-process "
+        "transfers through the output GPU",
+    )
     parser.add_argument("--precision", nargs="+", choices=tuple(H100_SXM), default=["tf32", "bf16"])
-    parser.add_argument("--from-json", type=Path, default=None,
-                        help="take t_compute(1) from a one-GPU bench_layers.py JSON (dense forward medians)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="take t_compute(1) from a one-GPU bench_layers.py JSON (dense forward medians)",
+    )
     parser.add_argument("--summary", action="store_true", help="only the break-even table")
     args = parser.parse_args(argv)
     measured = measured_dense(args.from_json) if args.from_json else None
