@@ -91,7 +91,7 @@ def test_round_trip(make_config, rng, tmp_path, kind, n_workers):
     path = tmp_path / "layer.safetensors"
     save_checkpoint(path, source)
     target = build(kind, n_workers, make_config(n_workers), seed=2)
-    metadata = load_checkpoint(path, target)
+    metadata = load_checkpoint(path, target).metadata
     assert metadata["format"] == "tp_gpu" and metadata["n_workers"] == str(n_workers)
     for name, value in target.state_dict().items():
         np.testing.assert_array_equal(value, source.state_dict()[name], err_msg=name)
@@ -118,12 +118,20 @@ def test_load_reshards_to_any_worker_count_and_backend(backend_spec, rng, tmp_pa
             load_checkpoint(path, target)
             for key in ("embed", "mlp"):
                 for pname, value in target[key].state_dict().items():
-                    np.testing.assert_array_equal(value, source[key].state_dict()[pname], err_msg=f"{key}.{pname}")
+                    np.testing.assert_array_equal(
+                        value, source[key].state_dict()[pname], err_msg=f"{key}.{pname}"
+                    )
             np.testing.assert_array_equal(output(target["embed"], ids), expected_embed)  # a lookup: exact
             # fc2's reduction order follows the split, so the MLP agrees to rounding across worker counts ...
             assert_close(output(target["mlp"], x), expected_mlp)
             # ... and bit for bit with the same dense weights loaded directly into this configuration.
-            direct = ParallelMLP.from_dense(*(source["mlp"].state_dict()[k] for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")), config)
+            direct = ParallelMLP.from_dense(
+                *(
+                    source["mlp"].state_dict()[k]
+                    for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+                ),
+                config,
+            )
             np.testing.assert_array_equal(output(target["mlp"], x), output(direct, x))
 
 
@@ -148,7 +156,10 @@ def test_issue_example_four_simulated_workers_to_three_and_one_on_numpy(rng, tmp
 
 def test_dict_of_modules_and_nesting(rng, tmp_path):
     config = TensorParallelConfig(n_workers=2, backend="simulated", devices=2)
-    modules = {"embed": ParallelEmbedding(8, 4, seed=0, config=config), "blocks": {"0": ParallelMLP(4, 6, 4, config), "1": ParallelMLP(4, 6, 4, config, seed=3)}}
+    modules = {
+        "embed": ParallelEmbedding(8, 4, seed=0, config=config),
+        "blocks": {"0": ParallelMLP(4, 6, 4, config), "1": ParallelMLP(4, 6, 4, config, seed=3)},
+    }
     for m in (modules["embed"], *modules["blocks"].values()):
         randomize(m, rng)
     path = tmp_path / "nested.safetensors"
@@ -158,10 +169,17 @@ def test_dict_of_modules_and_nesting(rng, tmp_path):
         ["embed.weight"] + [f"blocks.{i}.fc{j}.{p}" for i in "01" for j in "12" for p in ("weight", "bias")]
     )
     np.testing.assert_array_equal(tensors["blocks.1.fc2.weight"], modules["blocks"]["1"].fc2.full_weight())
-    fresh = {"embed": ParallelEmbedding(8, 4, config=TensorParallelConfig(n_workers=4, backend="numpy")),
-             "blocks": {"0": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=1)), "1": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=3))}}
+    fresh = {
+        "embed": ParallelEmbedding(8, 4, config=TensorParallelConfig(n_workers=4, backend="numpy")),
+        "blocks": {
+            "0": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=1)),
+            "1": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=3)),
+        },
+    }
     load_checkpoint(path, fresh)
-    np.testing.assert_array_equal(fresh["blocks"]["0"].fc1.full_weight(), modules["blocks"]["0"].fc1.full_weight())
+    np.testing.assert_array_equal(
+        fresh["blocks"]["0"].fc1.full_weight(), modules["blocks"]["0"].fc1.full_weight()
+    )
     np.testing.assert_array_equal(fresh["embed"].full_weight(), modules["embed"].full_weight())
 
 
@@ -189,12 +207,25 @@ def test_metadata_records_the_partition(tmp_path):
 
 def test_mixed_modules_summarise_metadata(tmp_path):
     path = tmp_path / "mixed.safetensors"
-    auto = ColumnParallelLinear(2, 4, TensorParallelConfig(n_workers=4))  # numpy, cupy with a GPU, or $TP_GPU_BACKEND
-    save_checkpoint(path, {"a": auto,
-                           "b": RowParallelLinear(2, 4, TensorParallelConfig(n_workers=2, backend="simulated", dtype="float32"))})
+    auto = ColumnParallelLinear(
+        2, 4, TensorParallelConfig(n_workers=4)
+    )  # numpy, cupy with a GPU, or $TP_GPU_BACKEND
+    save_checkpoint(
+        path,
+        {
+            "a": auto,
+            "b": RowParallelLinear(
+                2, 4, TensorParallelConfig(n_workers=2, backend="simulated", dtype="float32")
+            ),
+        },
+    )
     metadata = read_checkpoint(path).metadata
     backends = ",".join(sorted({auto.backend.name, "simulated"}))
-    assert (metadata["n_workers"], metadata["backend"], metadata["dtype"]) == ("2,4", backends, "float32,float64")
+    assert (metadata["n_workers"], metadata["backend"], metadata["dtype"]) == (
+        "2,4",
+        backends,
+        "float32,float64",
+    )
 
 
 def test_read_checkpoint_then_load_state_dict_converts_dtype(rng, tmp_path):
@@ -255,7 +286,10 @@ def test_bad_modules(tmp_path, module, message):
 def test_duplicate_names_rejected(tmp_path):
     mlp = ParallelMLP(2, 2, 2, TensorParallelConfig(n_workers=1))
     with pytest.raises(ConfigError, match="keys must be non-empty strings without dots, got 'a.fc1'"):
-        save_checkpoint(tmp_path / "d.safetensors", {"a": mlp, "a.fc1": ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1))})
+        save_checkpoint(
+            tmp_path / "d.safetensors",
+            {"a": mlp, "a.fc1": ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1))},
+        )
 
 
 # --- bad files: CheckpointError, module untouched ---------------------------------------------
@@ -292,22 +326,35 @@ def test_wrong_shape(tmp_path):
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, ColumnParallelLinear(7, 12, TensorParallelConfig(n_workers=4)))
     target = ColumnParallelLinear(7, 8, TensorParallelConfig(n_workers=2, backend="simulated", devices=2))
-    expect_checkpoint_error(path, target, "tensor 'weight': expected shape (7, 8), found (7, 12)",
-                            "tensor 'bias': expected shape (8,), found (12,)", str(path))
+    expect_checkpoint_error(
+        path,
+        target,
+        "tensor 'weight': expected shape (7, 8), found (7, 12)",
+        "tensor 'bias': expected shape (8,), found (12,)",
+        str(path),
+    )
 
 
 def test_wrong_dtype(tmp_path):
     path = tmp_path / "f32.safetensors"
     save_checkpoint(path, RowParallelLinear(6, 3, TensorParallelConfig(n_workers=3, dtype="float32")))
     target = RowParallelLinear(6, 3, TensorParallelConfig(n_workers=2, backend="simulated"))
-    expect_checkpoint_error(path, target, "tensor 'weight': expected dtype float64, found float32",
-                            "tensor 'bias': expected dtype float64, found float32")
+    expect_checkpoint_error(
+        path,
+        target,
+        "tensor 'weight': expected dtype float64, found float32",
+        "tensor 'bias': expected dtype float64, found float32",
+    )
 
 
 def test_wrong_tensors(saved, tmp_path):
     path, _, target = saved
-    expect_checkpoint_error(path, ColumnParallelLinear(5, 6, TensorParallelConfig(n_workers=3)),
-                            "tensor 'weight' is missing", "tensor 'fc1.weight' is in the checkpoint but not in the module")
+    expect_checkpoint_error(
+        path,
+        ColumnParallelLinear(5, 6, TensorParallelConfig(n_workers=3)),
+        "tensor 'weight' is missing",
+        "tensor 'fc1.weight' is in the checkpoint but not in the module",
+    )
     expect_checkpoint_error(path, {"mlp": target}, "tensor 'mlp.fc1.weight' is missing")
 
 
@@ -316,7 +363,10 @@ def test_dict_load_is_all_or_nothing(tmp_path, rng):
     config = TensorParallelConfig(n_workers=2)
     path = tmp_path / "pair.safetensors"
     save_checkpoint(path, {"a": ColumnParallelLinear(3, 4, config), "b": ColumnParallelLinear(3, 4, config)})
-    target = {"a": ColumnParallelLinear(3, 4, config, seed=5), "b": ColumnParallelLinear(3, 6, config, seed=6)}
+    target = {
+        "a": ColumnParallelLinear(3, 4, config, seed=5),
+        "b": ColumnParallelLinear(3, 6, config, seed=6),
+    }
     before = {k: snapshot(m) for k, m in target.items()}
     with pytest.raises(CheckpointError, match=r"'b.weight': expected shape \(3, 6\), found \(3, 4\)"):
         load_checkpoint(path, target)
@@ -324,14 +374,22 @@ def test_dict_load_is_all_or_nothing(tmp_path, rng):
         assert_unchanged(m, before[k])
 
 
-@pytest.mark.parametrize("where", ["length", "header-start", "header-middle", "header-end", "data-start", "data-middle", "data-end"])
+@pytest.mark.parametrize(
+    "where",
+    ["length", "header-start", "header-middle", "header-end", "data-start", "data-middle", "data-end"],
+)
 def test_corrupted_file(saved, where):
     path, _, target = saved
     data = bytearray(path.read_bytes())
     n = header_length(path)
     offset = {
-        "length": 3, "header-start": 8, "header-middle": 8 + n // 2, "header-end": 8 + n - 2,
-        "data-start": 8 + n, "data-middle": 8 + n + (len(data) - 8 - n) // 2, "data-end": len(data) - 1,
+        "length": 3,
+        "header-start": 8,
+        "header-middle": 8 + n // 2,
+        "header-end": 8 + n - 2,
+        "data-start": 8 + n,
+        "data-middle": 8 + n + (len(data) - 8 - n) // 2,
+        "data-end": len(data) - 1,
     }[where]
     data[offset] ^= 0x5A
     path.write_bytes(bytes(data))
@@ -417,7 +475,12 @@ def test_newer_format_version(saved):
         (lambda m: m.update(format_version="one"), "format_version 'one' is not an integer"),
         (lambda m: m.pop("tensors"), "the 'tensors' metadata is unreadable"),
         (lambda m: m.update(tensors="{not json"), "the 'tensors' metadata is unreadable"),
-        (lambda m: m.update(tensors=json.dumps({k: v for k, v in json.loads(m["tensors"]).items() if k != "fc2.bias"})), "describes"),
+        (
+            lambda m: m.update(
+                tensors=json.dumps({k: v for k, v in json.loads(m["tensors"]).items() if k != "fc2.bias"})
+            ),
+            "describes",
+        ),
     ],
     ids=["version", "no-tensors", "bad-json", "undescribed-tensor"],
 )
@@ -439,7 +502,9 @@ def test_metadata_that_lies_about_a_shape(saved):
     # The lie is about the module fit first: fc2.bias of (2, 2) does not fit (4,).
     expect_checkpoint_error(path, target, "tensor 'fc2.bias': expected shape (4,), found (2, 2)")
     # Without a module to compare with, the stored tensor contradicts its metadata.
-    with pytest.raises(CheckpointError, match=r"'fc2.bias' is stored as \(4,\) float64 but its metadata says \(2, 2\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'fc2.bias' is stored as \(4,\) float64 but its metadata says \(2, 2\)"
+    ):
         read_checkpoint(path)
 
 
@@ -461,7 +526,9 @@ def assert_old_checkpoint_intact(path, source) -> None:
         np.testing.assert_array_equal(target.state_dict()[name], value, err_msg=name)
 
 
-@pytest.mark.parametrize("error", [OSError("No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"])
+@pytest.mark.parametrize(
+    "error", [OSError("No space left on device"), KeyboardInterrupt()], ids=["disk-full", "ctrl-c"]
+)
 def test_save_interrupted_midway_keeps_old_checkpoint(saved, rng, monkeypatch, error):
     path, source, _ = saved
     old_bytes = path.read_bytes()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import skip_unless_cupy
+
 from tp_gpu import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, TensorParallelConfig
 
 pytestmark = pytest.mark.gpu
@@ -68,14 +68,81 @@ def test_embedding_with_cupy_ids(cupy):
     np.testing.assert_array_equal(cupy.asnumpy(emb(ids)), emb.full_weight()[cupy.asnumpy(ids)])
 
 
-def test_in_process_nccl_reduction(cupy, monkeypatch):
-    """TP_GPU_NCCL=1: the row layer's reduction across GPUs goes through NCCL and stays exact."""
+@pytest.fixture
+def nccl(cupy):
+    """CuPy's NCCL module; skips, saying why, where CuPy was built or installed without NCCL."""
+    from cupy.cuda import nccl
+
+    if not nccl.available:
+        pytest.skip(
+            "cupy.cuda.nccl.available is False: NCCL is not installed for this CuPy "
+            "(pip install nvidia-nccl-cu12 or nvidia-nccl-cu13)"
+        )
+    return nccl
+
+
+def test_in_process_nccl_reduce_on_one_gpu(cupy, nccl):
+    """InProcessNccl's calls (initAll, a grouped reduce on the current stream) on a one-rank communicator."""
+    from tp_gpu.comm.nccl_local import InProcessNccl
+
+    comm = InProcessNccl(cupy, [0])
+    with cupy.cuda.Device(0):
+        x = cupy.arange(12, dtype=cupy.float32).reshape(3, 4)
+        scalar = cupy.asarray(np.float64(2.5))
+    assert comm.can_reduce({0: x}, 0, "add")
+    np.testing.assert_array_equal(cupy.asnumpy(comm.reduce({0: x}, 0, "add")), np.arange(12).reshape(3, 4))
+    out = comm.reduce({0: scalar}, 0, "maximum")
+    assert out.shape == () and float(out) == 2.5
+
+
+def test_in_process_nccl_reduction(cupy, nccl, monkeypatch):
+    """TP_GPU_NCCL=1: the reduction across GPUs goes through NCCL, and the row layer stays exact."""
     n_gpus = cupy.cuda.runtime.getDeviceCount()
     if n_gpus < 2:
         pytest.skip(f"in-process NCCL needs two GPUs; {n_gpus} visible")
+    from tp_gpu.comm import nccl_local
+
     monkeypatch.setenv("TP_GPU_NCCL", "1")
+    devices = list(range(n_gpus))
+    comm = nccl_local.maybe_in_process_nccl(cupy, devices)
+    assert comm is not None
+    parts = {}
+    for d in devices:
+        with cupy.cuda.Device(d):
+            parts[d] = cupy.full((5, 3), float(d + 1))
+    assert comm.can_reduce(parts, 1, "add")
+    total = comm.reduce(parts, 1, "add")
+    assert total.device.id == 1
+    np.testing.assert_array_equal(cupy.asnumpy(total), np.full((5, 3), n_gpus * (n_gpus + 1) / 2))
     layer = RowParallelLinear(8 * n_gpus, 5, TensorParallelConfig(n_workers=n_gpus, backend="cupy"), seed=1)
-    assert layer.backend.nccl is not None
     x = np.random.default_rng(3).standard_normal((4, 8 * n_gpus))
     expected = x @ layer.full_weight() + layer.full_bias()
     np.testing.assert_allclose(cupy.asnumpy(layer(x)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_dropped_source_survives_its_peer_copy(cupy):
+    """The source of a peer copy, dropped at once, is not reused before the copy has read it."""
+    n_gpus = cupy.cuda.runtime.getDeviceCount()
+    if n_gpus < 2:
+        pytest.skip(f"peer copies need two GPUs; {n_gpus} visible")
+    from tp_gpu.backends import get_backend
+
+    backend = get_backend("cupy")
+    on_src = backend.asarray(np.arange(1 << 20, dtype=np.float32), np.float32, 1)
+    moved = backend.to_device(on_src, 0)
+    del on_src  # its memory must stay reserved until the copy has read it
+    with cupy.cuda.Device(1):
+        overwrite = cupy.zeros(1 << 20, dtype=cupy.float32)  # may reuse a freed block of the same size
+    np.testing.assert_array_equal(cupy.asnumpy(moved), np.arange(1 << 20, dtype=np.float32))
+    backend.synchronize()
+    del overwrite
+
+
+def test_host_array_on_another_current_device(cupy):
+    from tp_gpu.backends import host_array
+
+    n_gpus = cupy.cuda.runtime.getDeviceCount()
+    with cupy.cuda.Device(n_gpus - 1):
+        x = cupy.arange(5.0) * 2
+    with cupy.cuda.Device(0):
+        np.testing.assert_array_equal(host_array(x), np.arange(5.0) * 2)

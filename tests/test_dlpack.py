@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import WORKER_COUNTS
 from helpers import to_host
+
 from tp_gpu import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -111,9 +111,9 @@ def test_load_dense_accepts_dlpack(make_config, rng):
 
 
 def test_gpu_array_without_cupy_is_a_clear_error(make_config, rng, monkeypatch):
+    layer = ColumnParallelLinear(4, 6, make_config(2), seed=0)  # built first: the cupy backend imports CuPy
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes ``import cupy`` raise ImportError
     gpu = Producer(rng.standard_normal((2, 4)), device=(2, 1))  # kDLCUDA, GPU 1
-    layer = ColumnParallelLinear(4, 6, make_config(2), seed=0)
     with pytest.raises(TensorParallelError) as info:
         layer(gpu)
     message = str(info.value)

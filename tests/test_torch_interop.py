@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="PyTorch is not installed; pip install torch to run the interop tests")
+torch = pytest.importorskip(
+    "torch", reason="PyTorch is not installed; pip install torch to run the interop tests"
+)
 
 from conftest import WORKER_COUNTS  # noqa: E402
 from helpers import TOLERANCE, to_host  # noqa: E402
+
 from tp_gpu import (  # noqa: E402
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -84,7 +87,9 @@ def test_nn_embedding_loads_and_matches(make_config, generator, n_workers):
     embedding = torch.nn.Embedding(3 * n_workers, 7, dtype=torch.float64)
     layer = ParallelEmbedding.from_dense(embedding.weight, config=make_config(n_workers))
     ids = torch.randint(0, 3 * n_workers, (4, 5), generator=generator)  # int64 ids as a torch tensor
-    np.testing.assert_array_equal(to_host(layer, layer(ids)), embedding(ids).detach().numpy())  # a lookup: exact
+    np.testing.assert_array_equal(
+        to_host(layer, layer(ids)), embedding(ids).detach().numpy()
+    )  # a lookup: exact
 
 
 @pytest.mark.parametrize(
@@ -101,7 +106,13 @@ def test_torch_mlp_loads_and_matches(make_config, n_workers, activation, torch_a
     )
     sd = mlp.state_dict()
     ours = ParallelMLP.from_dense(
-        sd["0.weight"], sd["0.bias"], sd["2.weight"], sd["2.bias"], make_config(n_workers), layout="out_in", activation=activation
+        sd["0.weight"],
+        sd["0.bias"],
+        sd["2.weight"],
+        sd["2.bias"],
+        make_config(n_workers),
+        layout="out_in",
+        activation=activation,
     )
     x = torch.randn(3, 6, dtype=torch.float64)
     assert_close(to_host(ours, ours(x)), mlp(x).detach().numpy())
@@ -112,7 +123,9 @@ def test_gradients_match_torch_autograd(make_config, n_workers):
     """Forward and backward with torch tensors (requires_grad ones too) against torch autograd."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(5, 3 * n_workers, dtype=torch.float64)
-    layer = ColumnParallelLinear.from_dense(linear.weight, linear.bias, make_config(n_workers), layout="out_in")
+    layer = ColumnParallelLinear.from_dense(
+        linear.weight, linear.bias, make_config(n_workers), layout="out_in"
+    )
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     y = linear(x)
     grad = torch.randn_like(y)
@@ -135,17 +148,23 @@ def test_cpu_tensors_are_not_copied():
 
 def test_non_contiguous_and_float16_tensors(make_config):
     linear = torch.nn.Linear(4, 6, dtype=torch.float64)
-    layer = ColumnParallelLinear.from_dense(linear.weight.T.contiguous(), linear.bias, make_config(2))  # in_out
+    layer = ColumnParallelLinear.from_dense(
+        linear.weight.T.contiguous(), linear.bias, make_config(2), layout="in_out"
+    )  # a tensor needs its layout given
     x = torch.randn(4, 3, dtype=torch.float64).T  # a transposed view
     assert not x.is_contiguous()
     assert_close(to_host(layer, layer(x)), linear(x).detach().numpy())
-    half = ColumnParallelLinear.from_dense(linear.weight.half(), None, make_config(2, dtype="float16"), layout="out_in")
+    half = ColumnParallelLinear.from_dense(
+        linear.weight.half(), None, make_config(2, dtype="float16"), layout="out_in"
+    )
     np.testing.assert_array_equal(half.full_weight(), linear.weight.detach().half().numpy().T)
 
 
 def test_bfloat16_is_a_clear_error(make_config):
     layer = ColumnParallelLinear(4, 6, make_config(2))
-    with pytest.raises(ShapeError, match="ColumnParallelLinear input.*could not import the Tensor through DLPack"):
+    with pytest.raises(
+        ShapeError, match="ColumnParallelLinear input.*could not import the Tensor through DLPack"
+    ):
         layer(torch.randn(3, 4, dtype=torch.bfloat16))
     with pytest.raises(ShapeError, match="could not import"):
         layer.load_dense(torch.randn(4, 6, dtype=torch.bfloat16))
@@ -155,7 +174,12 @@ def test_torch_weights_through_a_checkpoint(tmp_path):
     """Torch weights -> 4 simulated workers -> checkpoint -> 3 NumPy workers: still torch's outputs."""
     torch.manual_seed(1)
     linear = torch.nn.Linear(5, 12, dtype=torch.float64)
-    source = ColumnParallelLinear.from_dense(linear.weight, linear.bias, TensorParallelConfig(n_workers=4, backend="simulated", devices=3), layout="out_in")
+    source = ColumnParallelLinear.from_dense(
+        linear.weight,
+        linear.bias,
+        TensorParallelConfig(n_workers=4, backend="simulated", devices=3),
+        layout="out_in",
+    )
     save_checkpoint(tmp_path / "linear.safetensors", source)
     target = ColumnParallelLinear(5, 12, TensorParallelConfig(n_workers=3, backend="numpy"))
     load_checkpoint(tmp_path / "linear.safetensors", target)
@@ -211,7 +235,9 @@ def cuda(monkeypatch):
 def test_cuda_tensors_reach_the_cupy_backend_without_the_host(cuda, n_workers):
     torch.manual_seed(0)
     linear = torch.nn.Linear(8, 4 * n_workers, dtype=torch.float64, device=cuda)
-    layer = ColumnParallelLinear.from_dense(linear.weight, linear.bias, TensorParallelConfig(n_workers=n_workers, backend="cupy"), layout="out_in")
+    layer = ColumnParallelLinear.from_dense(
+        linear.weight, linear.bias, TensorParallelConfig(n_workers=n_workers, backend="cupy"), layout="out_in"
+    )
     x = torch.randn(3, 8, dtype=torch.float64, device=cuda)
     y = layer(x)
     assert type(y).__module__.split(".")[0] == "cupy"
@@ -221,6 +247,8 @@ def test_cuda_tensors_reach_the_cupy_backend_without_the_host(cuda, n_workers):
 @pytest.mark.gpu
 def test_cuda_tensor_on_the_numpy_backend_is_copied_through_cupy(cuda):
     embedding = torch.nn.Embedding(6, 3, dtype=torch.float64, device=cuda)
-    layer = ParallelEmbedding.from_dense(embedding.weight, config=TensorParallelConfig(n_workers=3, backend="numpy"))
+    layer = ParallelEmbedding.from_dense(
+        embedding.weight, config=TensorParallelConfig(n_workers=3, backend="numpy")
+    )
     ids = torch.tensor([[0, 5, 2]], device=cuda)
     np.testing.assert_array_equal(layer(ids), embedding(ids).detach().cpu().numpy())

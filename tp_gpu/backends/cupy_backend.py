@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError
 from .base import Backend, from_dlpack, host_array, is_cupy_array, is_dlpack_array
 
-__all__ = ["CupyBackend", "import_cupy", "cupy_unavailable_reason", "enable_peer_access", "probe_cupy"]
+__all__ = ["CupyBackend", "cupy_unavailable_reason", "enable_peer_access", "import_cupy", "probe_cupy"]
 
 #: What to install when CuPy cannot compile a kernel or run a GEMM.
 INSTALL_HINT = (
@@ -49,10 +49,10 @@ INSTALL_HINT = (
 PEER_ACCESS_ALREADY_ENABLED = 704
 
 #: Probe results, by CuPy module (the module is kept so that its id is not reused).
-_probed: Dict[int, Tuple[Any, Optional[str]]] = {}
+_probed: dict[int, tuple[Any, str | None]] = {}
 
 
-def probe_cupy(cupy) -> Optional[str]:
+def probe_cupy(cupy) -> str | None:
     """``None`` when ``cupy`` runs an elementwise kernel and a matrix product correctly on the
     current GPU, else a sentence saying what failed.
 
@@ -73,11 +73,14 @@ def probe_cupy(cupy) -> Optional[str]:
             f"({type(exc).__name__}: {exc}); {INSTALL_HINT}"
         )
     if not np.array_equal(got, expected):
-        return f"CuPy ran a test matrix product on the GPU but got a wrong result ({got.tolist()} for {expected.tolist()})"
+        return (
+            f"CuPy ran a test matrix product on the GPU but got a wrong result "
+            f"({got.tolist()} for {expected.tolist()})"
+        )
     return None
 
 
-def _probe_once(cupy) -> Optional[str]:
+def _probe_once(cupy) -> str | None:
     """:func:`probe_cupy`, run once per process (per CuPy module); warns when it fails."""
     cached = _probed.get(id(cupy))
     if cached is not None and cached[0] is cupy:
@@ -178,10 +181,10 @@ def enable_peer_access(cupy, devices) -> None:
 
 
 #: One copy stream per (CuPy module, GPU), shared by every backend of the process.
-_copy_streams: Dict[Tuple[int, int], Any] = {}
+_copy_streams: dict[tuple[int, int], Any] = {}
 
 #: ``(event, buffers)`` of the peer copies that may still be reading ``buffers``.
-_in_flight: List[Tuple[Any, Any]] = []
+_in_flight: list[tuple[Any, Any]] = []
 
 
 def _copy_stream(cupy, device: int):
@@ -229,8 +232,10 @@ class CupyBackend(Backend):
             devices = range(devices)
         for d in devices:
             if not 0 <= d < count:
-                raise ConfigError(f"GPU id {d} in devices={list(devices)!r} does not exist; visible ids are 0..{count - 1}")
-        self.devices: Tuple[int, ...] = tuple(devices)
+                raise ConfigError(
+                    f"GPU id {d} in devices={list(devices)!r} does not exist; visible ids are 0..{count - 1}"
+                )
+        self.devices: tuple[int, ...] = tuple(devices)
         enable_peer_access(cupy, self.devices)
 
     def device(self, device: int):
@@ -280,17 +285,34 @@ class CupyBackend(Backend):
             copy = _copy_stream(cupy, device)
             copy.wait_event(produced)
             copy.wait_event(free)
-            cupy.cuda.runtime.memcpyPeerAsync(out.data.ptr, device, source.data.ptr, src, source.nbytes, copy.ptr)
+            runtime = cupy.cuda.runtime
+            runtime.memcpyPeerAsync(out.data.ptr, device, source.data.ptr, src, source.nbytes, copy.ptr)
             copied = cupy.cuda.Event(disable_timing=True)
             copied.record(copy)
             compute.wait_event(copied)
         _hold_until(copied, source)
         return out
 
-    def scatter_add(self, target, indices, values) -> None:
-        import cupyx
+    def zero_rows(self, rows, mask) -> None:
+        """``rows[k] = 0`` wherever ``mask[k]``, as one kernel on the current device.
 
-        cupyx.scatter_add(target, indices, values)
+        Boolean-mask assignment (``rows[mask] = 0``) would stop the host until
+        the GPU has computed ``mask``: CuPy counts the selected elements first.
+        """
+        where = mask.reshape(mask.shape + (1,) * (rows.ndim - mask.ndim))
+        self.xp.copyto(rows, 0, where=where)
+
+    def scatter_add_rows(self, shape, index, rows, mask=None):
+        """:meth:`Backend.scatter_add_rows`, the rows ``mask`` leaves out sent to an extra row, dropped.
+
+        The same sums in the same order as the host version, with one host
+        synchronisation fewer: selecting the kept rows (``flatnonzero(mask)``)
+        would wait for the GPU to count them.
+        """
+        if mask is None:
+            return super().scatter_add_rows(shape, index, rows)
+        index = self.xp.where(mask, index, shape[0])  # row shape[0]: past the end
+        return super().scatter_add_rows((shape[0] + 1, shape[1]), index, rows)[: shape[0]]
 
     def synchronize(self) -> None:
         for d in self.devices:

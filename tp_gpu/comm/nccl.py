@@ -28,7 +28,7 @@ import atexit
 import multiprocessing
 import os
 import pickle
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 
@@ -71,7 +71,7 @@ def _join(process, timeout: float) -> None:
 
 
 def _end_process(process, wait: float = STORE_STOP_TIMEOUT) -> None:
-    """Wait up to ``wait`` seconds for ``process`` to end, then terminate it (it is a TCP server and nothing else)."""
+    """Wait up to ``wait`` seconds for ``process`` to end, then terminate it (a TCP server, nothing else)."""
     if process is None or not process.is_alive():
         return
     _join(process, wait)
@@ -170,10 +170,14 @@ class NcclComm(Communicator):
             with cupy.cuda.Device(self.device):
                 return collective(cupy.asarray(array), *args).get()
         if not is_cupy_array(array):
-            raise ConfigError(f"comm='nccl' moves CuPy and NumPy arrays only; got {type(array).__name__} (use backend='cupy')")
+            raise ConfigError(
+                f"comm='nccl' moves CuPy and NumPy arrays only; got {type(array).__name__} "
+                "(use backend='cupy')"
+            )
         home = array.device.id
         if home != self.device:
-            return backend.to_device(self._run(backend, backend.to_device(array, self.device), collective, *args), home)
+            staged = backend.to_device(array, self.device)
+            return backend.to_device(self._run(backend, staged, collective, *args), home)
         with cupy.cuda.Device(self.device):
             return collective(array, *args)
 
@@ -195,7 +199,7 @@ class NcclComm(Communicator):
     def all_gather(self, backend, array, axis):
         return self._run(backend, array, self._all_gather, axis % array.ndim)
 
-    def all_gather_object(self, obj) -> List[Any]:
+    def all_gather_object(self, obj) -> list[Any]:
         cupy = self._cupy
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         with cupy.cuda.Device(self.device):

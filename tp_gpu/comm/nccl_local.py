@@ -12,7 +12,8 @@ the result is ready for the work queued after it on the destination.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, Optional, Tuple
+from collections.abc import Hashable
+from typing import Any
 
 import numpy as np
 
@@ -35,14 +36,15 @@ class InProcessNccl:
         }
         self._ops = {"add": nccl.NCCL_SUM, "maximum": nccl.NCCL_MAX}
 
-    def can_reduce(self, arrays: Dict[Hashable, Any], dst: Hashable, ufunc: str) -> bool:
+    def can_reduce(self, arrays: dict[Hashable, Any], dst: Hashable, ufunc: str) -> bool:
         """True when NCCL can do this reduction: one same-shaped array on every GPU, a known op and dtype."""
         if set(arrays) != set(self.devices) or dst not in arrays or ufunc not in self._ops:
             return False
         first = next(iter(arrays.values()))
-        return first.dtype in self._types and all(a.shape == first.shape and a.dtype == first.dtype for a in arrays.values())
+        same = all(a.shape == first.shape and a.dtype == first.dtype for a in arrays.values())
+        return first.dtype in self._types and same
 
-    def reduce(self, arrays: Dict[Hashable, Any], dst: Hashable, ufunc: str) -> Any:
+    def reduce(self, arrays: dict[Hashable, Any], dst: Hashable, ufunc: str) -> Any:
         """Elementwise ``ufunc`` ("add" or "maximum") of ``arrays`` onto a new array on ``dst``."""
         cupy, nccl = self._cupy, self._nccl
         sends = {}
@@ -50,26 +52,34 @@ class InProcessNccl:
             with cupy.cuda.Device(device):
                 sends[device] = cupy.ascontiguousarray(array)
         with cupy.cuda.Device(dst):
-            out = cupy.empty(arrays[dst].shape, dtype=arrays[dst].dtype)  # ascontiguousarray makes a 0-d array 1-d
+            # not empty_like(sends[dst]): ascontiguousarray makes a 0-d array 1-d
+            out = cupy.empty(arrays[dst].shape, dtype=arrays[dst].dtype)
         first = sends[dst]
         root = self.devices.index(dst)
         nccl.groupStart()
         for device, comm in zip(self.devices, self.comms):
             send = sends[device]
             with cupy.cuda.Device(device):
-                recv = out.data.ptr if device == dst else send.data.ptr  # only the root's receive buffer is used
-                comm.reduce(send.data.ptr, recv, first.size, self._types[first.dtype], self._ops[ufunc], root,
-                            cupy.cuda.get_current_stream().ptr)
+                recv = out.data.ptr if device == dst else send.data.ptr  # only the root's is written
+                comm.reduce(
+                    send.data.ptr,
+                    recv,
+                    first.size,
+                    self._types[first.dtype],
+                    self._ops[ufunc],
+                    root,
+                    cupy.cuda.get_current_stream().ptr,
+                )
         nccl.groupEnd()
         return out
 
 
 #: One InProcessNccl per tuple of GPUs: every layer builds its own backend, and each
 #: ``initAll`` would otherwise create (and hold GPU memory for) a new set of communicators.
-_instances: Dict[Tuple[int, ...], InProcessNccl] = {}
+_instances: dict[tuple[int, ...], InProcessNccl] = {}
 
 
-def maybe_in_process_nccl(cupy, devices) -> Optional[InProcessNccl]:
+def maybe_in_process_nccl(cupy, devices) -> InProcessNccl | None:
     """The process's :class:`InProcessNccl` over ``devices`` when ``TP_GPU_NCCL=1``, there are
     two or more GPUs and NCCL is available (built on first use, then shared)."""
     import os
