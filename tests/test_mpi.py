@@ -47,7 +47,8 @@ def test_every_layer_matches_single_process(n_procs, backend, devices):
     result = mpirun(n_procs, "check_layers.py", *args)
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in range(n_procs):
-        assert f"rank {rank}: 10 checks passed" in result.stdout, result.stdout + result.stderr
+        # 10 on evenly split sizes, 19 on uneven ones (spans of different lengths, empty spans, padding).
+        assert f"rank {rank}: 29 checks passed" in result.stdout, result.stdout + result.stderr
 
 
 def test_bad_multi_process_configs_are_reported_on_every_rank():
