@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, Optional
 
 from .. import collectives
-from ..config import TensorParallelConfig
+from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError
 from ..module import Module
 from ..sharded import ShardedTensor
@@ -53,6 +53,8 @@ class ParallelMLP(Module):
         super().__init__()
         self.activation = get_activation(activation)
         seed = check_seed(seed)
+        for value, name in ((n_in, "n_in"), (hidden, "hidden"), (n_out, "n_out")):
+            check_positive_int(value, name)  # named as the MLP calls them, before either linear is built
         config = TensorParallelConfig() if config is None else config
         if not isinstance(config, TensorParallelConfig):
             raise ConfigError(f"config must be a TensorParallelConfig or None, got {type(config).__name__}")
