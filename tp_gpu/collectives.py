@@ -309,7 +309,9 @@ def all_reduce_max(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
 # ---------------------------------------------------------------------- sequence parallelism
 
 
-def all_gather_blocks(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, comm: Any = None) -> Blocks:
+def all_gather_blocks(
+    backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, comm: Any = None
+) -> Blocks:
     """The whole array ``concat_w X_w`` (every process's span, in order) on every device of ``blocks``.
 
     ``blocks`` holds one block per device, split along ``axis`` as ``layout``

@@ -90,6 +90,7 @@ class TensorParallelConfig:
     dtype: str = "float64"  # compute and storage dtype: float64, float32 or float16
     output_device: Union[None, int, str] = None  # where gathered/reduced outputs land; None: worker 0's
     comm: Optional[str] = None  # between processes: None/"local" (one process), "mpi" or "nccl"
+    sequence_parallel: bool = False  # between TP regions, each worker holds a slice of the sequence axis
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n_workers", check_positive_int(self.n_workers, "n_workers"))
@@ -107,6 +108,9 @@ class TensorParallelConfig:
             raise ConfigError(f"output_device must be None, a device id or 'cpu', got {od!r}")
         if self.comm is not None and self.comm not in COMM_NAMES:
             raise ConfigError(f"comm must be one of {COMM_NAMES}, got {self.comm!r}")
+        if not isinstance(self.sequence_parallel, (bool, np.bool_)):
+            raise ConfigError(f"sequence_parallel must be True or False, got {self.sequence_parallel!r}")
+        object.__setattr__(self, "sequence_parallel", bool(self.sequence_parallel))
 
     @property
     def rank(self) -> int:

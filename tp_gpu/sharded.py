@@ -123,23 +123,24 @@ class ShardedTensor:
         return self._blocks
 
     def blocks_for(
-        self, layout: BlockLayout, dtype: Any, shape: Optional[Tuple[int, ...]], what: str
+        self, layout: BlockLayout, dtype: Any, shape: Optional[Tuple[int, ...]], what: str, axis: int = -1
     ) -> Blocks:
         """This tensor's blocks as a layer laid out as ``layout`` needs them, in ``dtype``.
 
-        The tensor must be split on its last axis with ``layout``'s sizes (and
-        have ``shape`` when given), else ShapeError. Shards on other devices
-        than ``layout``'s are moved there.
+        The tensor must be split on ``axis`` (by default its last) with
+        ``layout``'s sizes (and have ``shape`` when given), else ShapeError.
+        Shards on other devices than ``layout``'s are moved there.
         """
         if (
             (shape is not None and self.shape != shape)
-            or self.axis != self.ndim - 1
+            or self.axis != axis % self.ndim
             or self.split_sizes != layout.sizes
         ):
             expected = f"shape {shape} split" if shape is not None else "split"
+            where = "the last axis" if axis == -1 else f"axis {axis}"
             raise ShapeError(
                 f"{what} ShardedTensor of shape {self.shape} is split on axis {self.axis} with sizes "
-                f"{self.split_sizes}; expected {expected} on the last axis with sizes {layout.sizes}"
+                f"{self.split_sizes}; expected {expected} on {where} with sizes {layout.sizes}"
             )
         if self.devices != layout.devices or self.layout.capacities != layout.capacities:
             return collectives.assemble_blocks(self.backend, self.shards, self.axis, layout, dtype)

@@ -128,6 +128,22 @@ class MpiComm(Communicator):
             "all_gather",
         )
 
+    def reduce_scatter(self, backend, array, axis, sizes):
+        """MPI's reduce-scatter (``(s - 1) / s`` of the array crosses per rank): ``array`` goes with
+        ``axis`` swapped to the front, so that each rank's piece of any length is one contiguous run."""
+        axis %= array.ndim
+        sizes = [int(n) for n in sizes]
+        return self._run(
+            backend,
+            array.swapaxes(0, axis),  # a view; (sizes[r] rows of the rest) per rank
+            lambda xp, send: xp.empty((sizes[self.rank],) + tuple(send.shape[1:]), dtype=send.dtype),
+            lambda send, recv: self.comm.Ireduce_scatter(
+                send, recv, [n * int(np.prod(send.shape[1:])) for n in sizes], op=self._MPI.SUM
+            ),
+            lambda xp, recv: recv.swapaxes(0, axis),
+            "reduce_scatter",
+        )
+
     def all_gather_object(self, obj) -> List[Any]:
         # Objects are small (configuration fingerprints): pickle them into byte buffers and
         # gather those with the non-blocking collectives, so the timeout applies here too.

@@ -252,7 +252,18 @@ class ParallelSelfAttention(ParallelModule):
     # ------------------------------------------------------------------ forward
 
     def check_input(self, x: Any) -> Any:
-        """``x`` as an array, checked to be ``(batch, seq, hidden)`` of real numbers (else ShapeError)."""
+        """``x`` as an array, checked to be ``(batch, seq, hidden)`` of real numbers (else ShapeError).
+
+        A ShardedTensor passes as it is when it is split along the sequence
+        (axis 1), as sequence parallelism leaves activations.
+        """
+        if isinstance(x, ShardedTensor):
+            if x.ndim != 3 or x.shape[1] == 0 or x.shape[2] != self.hidden or x.axis != 1:
+                raise ShapeError(
+                    f"ParallelSelfAttention takes a ShardedTensor of shape (batch, seq, {self.hidden}) "
+                    f"split along the sequence (axis 1), got {x!r}"
+                )
+            return x
         x = self._check_features(x, self.hidden, "ParallelSelfAttention input")
         if x.ndim != 3 or x.shape[1] == 0:
             raise ShapeError(
@@ -288,6 +299,10 @@ class ParallelSelfAttention(ParallelModule):
 
     def forward(self, x: Any, attention_mask: Any = None) -> Any:
         """``y`` ``(B, S, H)`` on the output device, for ``x`` ``(B, S, H)``.
+
+        With ``config.sequence_parallel``, ``y`` is a ShardedTensor split along
+        the sequence (``out`` reduce-scatters), and ``x`` may be one too
+        (``qkv`` all-gathers it).
 
         ``attention_mask`` is ``None``; or ``(B, S)`` of 1 (keep) / 0 (pad)
         as Hugging Face passes it (nonzero keeps), turned into
@@ -358,7 +373,7 @@ class ParallelSelfAttention(ParallelModule):
     def backward(self, grad_output: Any) -> Any:
         """Accumulate every gradient and return ``dX`` ``(B, S, H)`` on the output device."""
         if self._saved is not None:  # a bad gradient raises before anything is consumed
-            self._check_grad_shape(grad_output, self._saved["shape"], "ParallelSelfAttention")
+            self._check_grad_shape(grad_output, self._saved["shape"], "ParallelSelfAttention", sharded=True)
         saved = self._take_saved()
         grad_context = self.out.backward(grad_output)  # ShardedTensor {d: (B, S, n_heads_d * hd)}
         grads = self.group.on_devices(self._attend_backward, grad_context.device_blocks(), saved["attended"])

@@ -16,6 +16,7 @@ from ..group import get_group
 from ..module import Module
 from ..parameter import ShardedParameter
 from ..partition import BlockLayout
+from ..sharded import ShardedTensor
 
 __all__ = ["ParallelModule", "as_array_like", "check_seed", "check_layout", "LAYOUTS"]
 
@@ -85,7 +86,12 @@ class ParallelModule(Module):
         self.group = get_group(self.config)
         self.group.check_same_on_every_rank(
             type(self).__name__,
-            {"n_workers": self.config.n_workers, "dtype": self.config.dtype, **fingerprint},
+            {
+                "n_workers": self.config.n_workers,
+                "dtype": self.config.dtype,
+                "sequence_parallel": self.config.sequence_parallel,
+                **fingerprint,
+            },
         )
 
     def _add_parameter(
@@ -130,8 +136,11 @@ class ParallelModule(Module):
         """The global ids of the workers this process holds (every worker with one process)."""
         return self.group.workers
 
-    def _check_grad_shape(self, grad: Any, expected, what: str) -> Any:
-        grad = as_array_like(grad, f"{what} grad_output")
+    def _check_grad_shape(self, grad: Any, expected, what: str, sharded: bool = False) -> Any:
+        """``grad`` as an array (or, with ``sharded``, a ShardedTensor as it is), checked to have
+        the logical shape ``expected`` (else ShapeError)."""
+        if not (sharded and isinstance(grad, ShardedTensor)):
+            grad = as_array_like(grad, f"{what} grad_output")
         if tuple(grad.shape) != tuple(expected):
             raise ShapeError(f"{what} grad_output must have shape {tuple(expected)}, got {tuple(grad.shape)}")
         return grad

@@ -18,13 +18,15 @@ count, on any backend.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence
 
 import numpy as np
 
 from .. import collectives
 from ..config import TensorParallelConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
+from ..partition import BlockLayout
+from ..sharded import ShardedTensor
 from .base import ParallelModule, as_array_like, check_seed
 
 __all__ = ["Dropout", "keep_mask"]
@@ -59,11 +61,44 @@ def keep_mask(xp: Any, p: float, seed: int, step: int, logical_shape: Sequence[i
     on the current device of ``xp``; entry ``i`` is True with probability ``1 - p``.
     """
     key = np.uint64(_mix_int(seed * _SEED_MULTIPLIER + step))
-    flat = xp.arange(int(np.prod(logical_shape)), dtype=np.uint64).reshape(tuple(logical_shape))
-    z = flat[index] * _GOLDEN  # a new array: the view's entries times the golden ratio
+    z = _flat_indices(xp, tuple(int(n) for n in logical_shape), tuple(index)) * _GOLDEN  # a new array
     z += key
     threshold = np.uint64(min(int(p * 2.0**64), _MASK64))
     return _mix(z) >= threshold
+
+
+def _flat_indices(xp: Any, shape: tuple, index: tuple) -> Any:
+    """``arange(prod(shape)).reshape(shape)[index]`` as uint64: the C-order indices of a slice.
+
+    For slices (and one Ellipsis) it is built from one ``arange`` per axis,
+    ``sum_k first_k[i_k] * stride_k``, so that a shard's mask costs its own
+    size, not the whole tensor's; other indices take the whole ``arange``.
+    """
+    if not all(isinstance(i, slice) or i is Ellipsis for i in index) or sum(i is Ellipsis for i in index) > 1:
+        return xp.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)[index]
+    if any(i is Ellipsis for i in index):
+        at = next(k for k, i in enumerate(index) if i is Ellipsis)
+        index = index[:at] + (slice(None),) * (len(shape) - len(index) + 1) + index[at + 1 :]
+    index = index + (slice(None),) * (len(shape) - len(index))
+    flat = xp.zeros((), dtype=np.uint64)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        positions = xp.arange(*index[axis].indices(shape[axis]), dtype=np.uint64) * np.uint64(stride)
+        flat = flat + positions.reshape((-1,) + (1,) * (len(shape) - axis - 1))  # broadcast over later axes
+        stride *= shape[axis]
+    return flat
+
+
+def _block_mask(
+    xp: Any, p: float, seed: int, step: int, shape: tuple, axis: int, layout: BlockLayout, device: Hashable
+) -> Any:
+    """The keep-mask of ``device``'s block of a tensor of logical ``shape`` split on ``axis`` as
+    ``layout`` says: its workers' slices of the logical mask, side by side."""
+    masks = [
+        keep_mask(xp, p, seed, step, shape, (slice(None),) * axis + (s,))
+        for s in layout.global_slices(device)
+    ]  # each (..., S_w, ...)
+    return masks[0] if len(masks) == 1 else xp.concatenate(masks, axis=axis)
 
 
 def _apply(mask: Any, scale: float, x: Any) -> Any:
@@ -78,6 +113,11 @@ class Dropout(ParallelModule):
     counter (advanced by every training-mode forward, and saved with the
     optimizer state by :func:`tp_gpu.save_checkpoint` so that a resumed run
     draws the same masks) and each element's logical index.
+
+    A :class:`~tp_gpu.ShardedTensor` input (split on any axis: the sequence,
+    with sequence parallelism) is dropped where its slices lie: each device
+    makes the mask of its own slices of the logical tensor, so the masks equal
+    those of the unsplit tensor, and the output is split alike.
 
     Parameters
     ----------
@@ -106,6 +146,8 @@ class Dropout(ParallelModule):
         """Drop elements of ``x`` (any shape, on the output device) at random; the identity in eval mode."""
         if not self.training or self.p == 0.0:
             return x
+        if isinstance(x, ShardedTensor):
+            return self._forward_sharded(x)
         out, xp = self.output_device, self.backend.xp
         x = collectives.to_devices(self.backend, [as_array_like(x, "Dropout input")], [out], self.dtype)[0]
         mask = self.group.on_device(out, keep_mask, xp, self.p, self.seed, self.step, x.shape, (Ellipsis,))
@@ -113,9 +155,36 @@ class Dropout(ParallelModule):
         self._keep({"mask": mask})
         return self.group.on_device(out, _apply, mask, 1.0 / (1.0 - self.p), x)
 
+    def _forward_sharded(self, x: ShardedTensor) -> ShardedTensor:
+        """Each device drops the elements of its block, with its slices of the logical mask."""
+        if np.dtype(x.dtype).kind not in "iuf":
+            raise ShapeError(f"Dropout input must hold real numbers, got dtype {x.dtype}")
+        xp, shape, axis, layout = self.backend.xp, x.shape, x.axis, x.layout
+        blocks = x.blocks_for(layout, self.dtype, None, "Dropout input", axis)  # {d: (..., S_d, H)}
+        masks = {
+            d: self.group.on_device(d, _block_mask, xp, self.p, self.seed, self.step, shape, axis, layout, d)
+            for d in blocks
+        }  # {d: (..., S_d, H)} bool
+        self.step += 1
+        self._keep({"masks": masks, "sharded": (shape, axis, layout, x.comm)})
+        scale = 1.0 / (1.0 - self.p)
+        ys = self.group.on_devices(lambda m, b: _apply(m, scale, b), masks, blocks)
+        return ShardedTensor.from_blocks(ys, axis, layout, self.backend, x.comm)
+
     def backward(self, grad_output: Any) -> Any:
-        """``dx = dy * keep / (1 - p)``."""
-        mask = self._take_saved()["mask"]
+        """``dx = dy * keep / (1 - p)`` (split like the forward input for a ShardedTensor input)."""
+        saved = self._take_saved()
+        if "sharded" in saved:
+            shape, axis, layout, comm = saved["sharded"]
+            grad = self._check_grad_shape(grad_output, shape, "Dropout", sharded=True)
+            if isinstance(grad, ShardedTensor):
+                grads = grad.blocks_for(layout, self.dtype, None, "Dropout grad_output", axis)
+            else:
+                grads = collectives.scatter_blocks(self.backend, grad, axis, layout, self.dtype)
+            scale = 1.0 / (1.0 - self.p)
+            dxs = self.group.on_devices(lambda m, g: _apply(m, scale, g), saved["masks"], grads)
+            return ShardedTensor.from_blocks(dxs, axis, layout, self.backend, comm)
+        mask = saved["mask"]
         grad = self._check_grad_shape(grad_output, mask.shape, "Dropout")
         grad = collectives.to_devices(self.backend, [grad], [self.output_device], self.dtype)[0]
         return self.group.on_device(self.output_device, _apply, mask, 1.0 / (1.0 - self.p), grad)

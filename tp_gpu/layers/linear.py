@@ -8,6 +8,12 @@ Communication follows Megatron's conjugate pairs:
 * row-parallel: the partial outputs are summed (reduction forward) and the
   output gradient is copied to every worker (identity backward); a dense input
   split in forward gets its gradient gathered in backward.
+
+With sequence parallelism (Korthikanti et al., 2022) the activations outside
+the layers are split along the sequence axis (axis -2): the column layer
+all-gathers such an input before its GEMM and reduce-scatters ``dX``; the row
+layer (``config.sequence_parallel``) reduce-scatters its output into sequence
+slices and all-gathers ``dY``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,18 @@ from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ShapeError
 from ..initializers import xavier_uniform
 from ..parameter import ShardedParameter
-from ..regions import Blocks, copy_to_region, gather_from_region, reduce_from_region, scatter_to_region
+from ..partition import BlockLayout
+from ..regions import (
+    SEQUENCE_AXIS,
+    Blocks,
+    copy_to_region,
+    gather_from_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_region,
+    sequence_layout,
+)
 from ..sharded import ShardedTensor
 from .base import ParallelModule, as_array_like, check_layout, check_seed
 
@@ -255,22 +272,48 @@ class ColumnParallelLinear(_ParallelLinear):
         ``gather_output=False`` a ShardedTensor whose shard ``i`` is
         ``(..., n_i)`` on worker ``i``'s device. ``x`` is copied once per
         device, not once per worker, and each device runs one GEMM.
+
+        A ShardedTensor ``x`` split along the sequence (axis -2, as sequence
+        parallelism leaves activations; see :func:`~tp_gpu.regions.sequence_layout`)
+        is all-gathered instead: each device receives the other devices'
+        slices. Only the slices are kept for backward, which gathers them
+        again (as Megatron-core does), so the saved input is ``1/p`` of ``X``.
         """
-        x = self._check_features(x, self.n_in, "ColumnParallelLinear input")
-        inputs = copy_to_region.forward(self.group, x, self.dtype)  # {d: (..., n_in)}
+        if isinstance(x, ShardedTensor):
+            layout = self._sequence_layout(x)
+            what = "ColumnParallelLinear input"
+            kept = x.blocks_for(layout, self.dtype, None, what, SEQUENCE_AXIS)  # {d: (..., S_d, n_in)}
+            inputs = gather_from_sequence_parallel_region.forward(self.group, kept, layout)  # {d: (.., S, n)}
+            saved: Dict[str, Any] = {"sequence": (kept, layout)}
+        else:
+            x = self._check_features(x, self.n_in, "ColumnParallelLinear input")
+            inputs = copy_to_region.forward(self.group, x, self.dtype)  # {d: (..., n_in)}
+            saved = {"inputs": inputs}
         blocks = self.group.on_devices(
             matmul_bias, inputs, self.weight.blocks, self.bias.blocks
         )  # {d: (..., n_d)}
-        self._keep({"inputs": inputs, "out_shape": tuple(x.shape[:-1]) + (self.n_out,)})
+        self._keep({**saved, "out_shape": tuple(x.shape[:-1]) + (self.n_out,)})
         if self.config.gather_output:
             return gather_from_region.forward(self.group, blocks, self.layout)
         return ShardedTensor.from_blocks(blocks, -1, self.layout, self.backend, self.comm)
+
+    def _sequence_layout(self, x: ShardedTensor) -> BlockLayout:
+        """The sequence layout of a sequence-split input ``x`` ``(..., S, n_in)``, checked (ShapeError)."""
+        real = np.dtype(x.dtype).kind in "iuf"
+        if x.ndim < 2 or x.shape[-1] != self.n_in or x.axis != x.ndim - 2 or not real:
+            raise ShapeError(
+                f"ColumnParallelLinear takes a ShardedTensor input split along the sequence: shape "
+                f"(..., S, {self.n_in}) of real numbers split on axis -2; got {x!r}"
+            )
+        return sequence_layout(self.group, x.shape[-2])
 
     def backward(self, grad_output: Any) -> Any:
         """Accumulate ``dA_i``, ``db_i`` and return ``dX`` ``(..., n_in)`` on the output device.
 
         ``grad_output`` is ``dY``: a dense ``(..., n_out)`` array, or a
         ShardedTensor split like the forward output when ``gather_output=False``.
+        After a sequence-split input, ``dX = sum_i dY_i A_i^T`` is reduce-scattered
+        into a ShardedTensor split like that input.
         """
         saved = self._take_saved()
         if isinstance(grad_output, ShardedTensor):
@@ -280,9 +323,17 @@ class ColumnParallelLinear(_ParallelLinear):
         else:
             grad = self._check_grad_shape(grad_output, saved["out_shape"], "ColumnParallelLinear")
             grads = gather_from_region.backward(self.group, grad, self.layout, self.dtype)
-        self.weight.accumulate_blocks(self.group.on_devices(weight_grad, saved["inputs"], grads))
+        if "sequence" in saved:
+            kept, layout = saved["sequence"]  # the input's slices again, whole: {d: (..., S, n_in)}
+            inputs = gather_from_sequence_parallel_region.forward(self.group, kept, layout)
+        else:
+            inputs = saved["inputs"]
+        self.weight.accumulate_blocks(self.group.on_devices(weight_grad, inputs, grads))
         self.bias.accumulate_blocks(self.group.on_devices(bias_grad, grads))
         partials = self.group.on_devices(matmul_transposed, grads, self.weight.blocks)  # {d: (..., n_in)}
+        if "sequence" in saved:
+            blocks = gather_from_sequence_parallel_region.backward(self.group, partials, layout)
+            return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, self.backend, self.comm)
         return copy_to_region.backward(self.group, partials)
 
 
@@ -299,6 +350,14 @@ class RowParallelLinear(_ParallelLinear):
     ``dX_i = dY A_i^T`` on worker ``i``'s device, ``db = sum(dY)`` on the output
     device. ``dX`` is returned split like the input was: a ShardedTensor for a
     ShardedTensor input, a gathered array for a dense one.
+
+    With ``config.sequence_parallel`` the partials are reduce-scattered along
+    the sequence axis (-2) instead: device ``d`` gets its slices
+    ``Y[S_d] = sum_i (X_i A_i)[S_d] + b``, the whole ``b`` copied to every
+    device for its slices, and the output is a ShardedTensor split along the
+    sequence. Backward all-gathers ``dY`` (a ShardedTensor split alike; a
+    dense ``dY`` is used as it is) onto every device, and
+    ``db = sum_d sum(dY[S_d])`` is reduced onto the output device, where ``b`` lives.
 
     Parameters
     ----------
@@ -356,16 +415,37 @@ class RowParallelLinear(_ParallelLinear):
         workers' columns, or a ShardedTensor split on its last axis like this
         layer's input (the output of a ``ColumnParallelLinear(gather_output=False)``),
         used without re-splitting. Workers sharing a device run one GEMM
-        together. Returns ``(..., n_out)`` on the output device.
+        together. Returns ``(..., n_out)`` on the output device, or with
+        ``config.sequence_parallel`` a ShardedTensor ``(..., S, n_out)`` split
+        along the sequence.
         """
         inputs = self._input_blocks(x)  # {d: (..., n_in_d)}
         partials = self.group.on_devices(matmul, inputs, self.weight.blocks)  # {d: (..., n_out)}
+        if self.config.sequence_parallel:
+            return self._reduce_scatter(partials, inputs, isinstance(x, ShardedTensor))
         y = reduce_from_region.forward(self.group, partials)
         y = self.group.on_device(self.output_device, add_in_place, y, self.bias.blocks[self.output_device])
         self._keep(
             {"inputs": inputs, "sharded_input": isinstance(x, ShardedTensor), "out_shape": tuple(y.shape)}
         )
         return y
+
+    def _reduce_scatter(self, partials: Blocks, inputs: Blocks, sharded_input: bool) -> ShardedTensor:
+        """``Y[S_d] = sum_i (X_i A_i)[S_d] + b`` on each device ``d``: the sequence-parallel output."""
+        out_shape = tuple(next(iter(partials.values())).shape)  # (..., S, n_out)
+        if len(out_shape) < 2:
+            raise ShapeError(
+                f"RowParallelLinear with sequence_parallel needs an input of shape (..., S, {self.n_in}) "
+                f"with a sequence axis, got {out_shape[:-1] + (self.n_in,)}"
+            )
+        layout = sequence_layout(self.group, out_shape[-2])
+        blocks = reduce_scatter_to_sequence_parallel_region.forward(self.group, partials, layout)
+        biases = copy_to_region.forward(self.group, self.bias.blocks[self.output_device], self.dtype)
+        blocks = self.group.on_devices(add_in_place, blocks, biases, keys=blocks)  # {d: (..., S_d, n_out)}
+        self._keep(
+            {"inputs": inputs, "sharded_input": sharded_input, "out_shape": out_shape, "sequence": layout}
+        )
+        return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, self.backend, self.comm)
 
     def backward(self, grad_output: Any) -> Union[Any, ShardedTensor]:
         """Accumulate ``dA_i``, ``db`` and return ``dX``.
@@ -375,12 +455,21 @@ class RowParallelLinear(_ParallelLinear):
         was one, else a gathered ``(..., n_in)`` array on the output device.
         """
         saved = self._take_saved()
-        grad = self._check_grad_shape(grad_output, saved["out_shape"], "RowParallelLinear")
         out = self.output_device
-        copies = reduce_from_region.backward(self.group, grad, self.dtype, also=[out])  # {d: (..., n_out)}
+        if isinstance(grad_output, ShardedTensor) and saved.get("sequence") is not None:
+            layout = saved["sequence"]
+            grads = grad_output.blocks_for(
+                layout, self.dtype, saved["out_shape"], "RowParallelLinear grad_output", SEQUENCE_AXIS
+            )  # {d: (..., S_d, n_out)}
+            copies = reduce_scatter_to_sequence_parallel_region.backward(self.group, grads, layout)
+            db = copy_to_region.backward(self.group, self.group.on_devices(bias_grad, grads))  # sum_d
+            self.bias.accumulate(out, db)
+        else:
+            grad = self._check_grad_shape(grad_output, saved["out_shape"], "RowParallelLinear")
+            copies = reduce_from_region.backward(self.group, grad, self.dtype, also=[out])  # {d: (.., n_out)}
+            self.bias.accumulate(out, self.group.on_device(out, bias_grad, copies[out]))
         inputs = saved["inputs"]
         self.weight.accumulate_blocks(self.group.on_devices(weight_grad, inputs, copies))
-        self.bias.accumulate(out, self.group.on_device(out, bias_grad, copies[out]))
         grad_inputs = self.group.on_devices(matmul_transposed, copies, self.weight.blocks, keys=inputs)
         if saved["sharded_input"]:
             return ShardedTensor.from_blocks(grad_inputs, -1, self.layout, self.backend, self.comm)

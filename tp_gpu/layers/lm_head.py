@@ -15,7 +15,12 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..module import Module
-from ..regions import copy_to_region
+from ..regions import (
+    SEQUENCE_AXIS,
+    copy_to_region,
+    gather_from_sequence_parallel_region,
+    sequence_layout,
+)
 from ..sharded import ShardedTensor
 from .embedding import ParallelEmbedding
 from .linear import matmul, weight_grad
@@ -39,6 +44,11 @@ class TiedLMHead(Module):
     Backward accumulates ``dE_i += dZ_i^T X`` into the shared table and
     returns ``dX = sum_i dZ_i E_i``, reduced onto the output device (one
     reduction, as the column-parallel layer it replaces).
+
+    An input split along the sequence (sequence parallelism: a ShardedTensor
+    ``(..., S, H)`` split on axis -2) is all-gathered first, as
+    :class:`~tp_gpu.ColumnParallelLinear` does, and ``dX`` is reduce-scattered
+    back into such a tensor.
     """
 
     def __init__(self, embedding: ParallelEmbedding) -> None:
@@ -52,9 +62,15 @@ class TiedLMHead(Module):
 
     def forward(self, x: Any) -> ShardedTensor:
         """Logits ``(..., V)`` as a ShardedTensor split like the embedding's table, for ``x`` ``(..., H)``."""
-        inputs = copy_to_region.forward(self.group, x, self.dtype)  # {d: (..., H)}
+        if isinstance(x, ShardedTensor):  # split along the sequence: all-gathered, the slices kept
+            layout = sequence_layout(self.group, x.shape[-2])
+            kept = x.blocks_for(layout, self.dtype, None, "TiedLMHead input", SEQUENCE_AXIS)  # (..., S_d, H)
+            inputs = gather_from_sequence_parallel_region.forward(self.group, kept, layout)  # (..., S, H)
+            self._keep({"sequence": (kept, layout)})
+        else:
+            inputs = copy_to_region.forward(self.group, x, self.dtype)  # {d: (..., H)}
+            self._keep({"inputs": inputs})
         blocks = self.group.on_devices(_logits, inputs, self.weight.blocks)  # {d: (..., V_d)}
-        self._keep({"inputs": inputs})
         backend, comm = self.group.backend, self.group.comm
         return ShardedTensor.from_blocks(blocks, -1, self.embedding_layout, backend, comm)
 
@@ -62,6 +78,15 @@ class TiedLMHead(Module):
         """Accumulate ``dE`` and return ``dX`` ``(..., H)`` on the output device."""
         saved = self._take_saved()
         grads = grad_output.blocks_for(self.embedding_layout, self.dtype, None, "TiedLMHead grad_output")
-        self.weight.accumulate_blocks(self.group.on_devices(_table_grad, grads, saved["inputs"]))
+        if "sequence" in saved:
+            kept, layout = saved["sequence"]  # the input's slices, whole again: {d: (..., S, H)}
+            inputs = gather_from_sequence_parallel_region.forward(self.group, kept, layout)
+        else:
+            inputs = saved["inputs"]
+        self.weight.accumulate_blocks(self.group.on_devices(_table_grad, grads, inputs))
         partials = self.group.on_devices(matmul, grads, self.weight.blocks)  # (..., V_d) @ (V_d, H)
+        if "sequence" in saved:
+            blocks = gather_from_sequence_parallel_region.backward(self.group, partials, layout)
+            backend, comm = self.group.backend, self.group.comm
+            return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, backend, comm)
         return copy_to_region.backward(self.group, partials)

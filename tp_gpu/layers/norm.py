@@ -1,17 +1,19 @@
-"""LayerNorm over the last axis, on the output device where the dense activations of a transformer live."""
+"""LayerNorm over the last axis: on the output device where the dense activations of a transformer
+live, or on each device's slice of a sequence-parallel activation."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
 from ..parameter import ShardedParameter
+from ..sharded import ShardedTensor
 from .base import ParallelModule
 
 __all__ = ["LayerNorm", "check_eps", "compute_dtype"]
@@ -44,6 +46,13 @@ class LayerNorm(ParallelModule):
     ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` over the leading axes, and
     ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * weight``.
 
+    A :class:`~tp_gpu.ShardedTensor` input split on any axis but the last (the
+    sequence, with sequence parallelism) is normalised where its slices lie:
+    ``weight`` and ``bias`` are copied to each device per forward, each device
+    computes its rows, and the output is a ShardedTensor split alike. The
+    per-device partial sums of ``dweight`` and ``dbias`` are reduced (over
+    every process too) onto the output device, where the parameters live.
+
     Hugging Face names: a BERT ``...LayerNorm.weight`` / ``.bias`` (``gamma`` /
     ``beta`` in old checkpoints) is this layer's ``weight`` / ``bias``.
 
@@ -75,7 +84,10 @@ class LayerNorm(ParallelModule):
         self.load_state_dict({"weight": weight, "bias": bias})
 
     def forward(self, x: Any) -> Any:
-        """``y`` shaped as ``x`` ``(..., normalized_shape)``, on the output device, in the layer's dtype."""
+        """``y`` shaped as ``x`` ``(..., normalized_shape)``, on the output device, in the layer's dtype
+        (a ShardedTensor split like ``x`` for a ShardedTensor ``x``)."""
+        if isinstance(x, ShardedTensor):
+            return self._forward_sharded(x)
         x = self._check_features(x, self.normalized_shape, "LayerNorm input")
         out = self.output_device
         (x,) = collectives.to_devices(self.backend, [x], [out], self.dtype)  # (..., H) on the output device
@@ -83,6 +95,30 @@ class LayerNorm(ParallelModule):
         y, xhat, rstd = self.group.on_device(out, self._forward, x, weight, bias)
         self._keep({"xhat": xhat, "rstd": rstd, "shape": tuple(x.shape)})
         return y
+
+    def _forward_sharded(self, x: ShardedTensor) -> ShardedTensor:
+        """Each device normalises the rows of its block of ``x`` with its own copy of the parameters."""
+        real = np.dtype(x.dtype).kind in "iuf"
+        if x.shape[-1] != self.normalized_shape or x.axis == x.ndim - 1 or not real:
+            raise ShapeError(
+                f"LayerNorm takes a ShardedTensor of shape (..., {self.normalized_shape}) of real numbers, "
+                f"split on any axis but the last; got {x!r}"
+            )
+        blocks = x.blocks_for(x.layout, self.dtype, None, "LayerNorm input", x.axis)  # {d: (..., S_d, H)}
+        out = self.output_device
+        weights = collectives.broadcast(self.backend, self.weight.blocks[out], list(blocks), self.dtype)
+        biases = collectives.broadcast(self.backend, self.bias.blocks[out], list(blocks), self.dtype)
+        results = self.group.on_devices(self._forward, blocks, weights, biases)  # {d: (y, xhat, rstd)}
+        self._keep(
+            {
+                "xhat": {d: xhat for d, (_, xhat, _) in results.items()},  # {d: (..., S_d, H)}
+                "rstd": {d: rstd for d, (_, _, rstd) in results.items()},  # {d: (..., S_d, 1)}
+                "shape": x.shape,
+                "sharded": (x.axis, x.layout, x.comm),
+            }
+        )
+        ys = {d: y for d, (y, _, _) in results.items()}
+        return ShardedTensor.from_blocks(ys, x.axis, x.layout, self.backend, x.comm)
 
     def _forward(self, x: Any, weight: Any, bias: Any):
         """``(y, xhat, rstd)``: the output in the layer's dtype, what backward needs in the compute dtype."""
@@ -99,6 +135,8 @@ class LayerNorm(ParallelModule):
     def backward(self, grad_output: Any) -> Any:
         """Accumulate ``dweight``, ``dbias`` and return ``dx`` of the input's shape, on the output device."""
         saved = self._take_saved()
+        if "sharded" in saved:
+            return self._backward_sharded(grad_output, saved)
         grad = self._check_grad_shape(grad_output, saved["shape"], "LayerNorm")
         out = self.output_device
         (grad,) = collectives.to_devices(self.backend, [grad], [out], self.dtype)  # (..., H)
@@ -106,6 +144,30 @@ class LayerNorm(ParallelModule):
         self.weight.accumulate(out, dweight)
         self.bias.accumulate(out, dbias)
         return dx
+
+    def _backward_sharded(self, grad_output: Any, saved: Dict[str, Any]) -> ShardedTensor:
+        """``dx`` split like the forward input; ``dweight = sum_d dweight_d`` (and ``dbias``) reduced
+        onto the output device. ``grad_output`` is a ShardedTensor split alike, or a dense array."""
+        axis, layout, comm = saved["sharded"]
+        grad = self._check_grad_shape(grad_output, saved["shape"], "LayerNorm", sharded=True)
+        if isinstance(grad, ShardedTensor):
+            grads = grad.blocks_for(layout, self.dtype, None, "LayerNorm grad_output", axis)
+        else:
+            grads = collectives.scatter_blocks(self.backend, grad, axis, layout, self.dtype)
+        out = self.output_device
+        weights = collectives.broadcast(self.backend, self.weight.blocks[out], list(grads), self.dtype)
+        results = self.group.on_devices(
+            lambda g, xhat, rstd, w: self._backward(g, {"xhat": xhat, "rstd": rstd}, w),
+            grads,
+            saved["xhat"],
+            saved["rstd"],
+            weights,
+        )  # {d: (dx_d, dweight_d, dbias_d)}
+        for i, param in ((1, self.weight), (2, self.bias)):
+            partials = {d: r[i] for d, r in results.items()}  # {d: (H,)}
+            param.accumulate(out, collectives.reduce_sum(self.backend, partials, out, comm))
+        dxs = {d: r[0] for d, r in results.items()}  # {d: (..., S_d, H)}
+        return ShardedTensor.from_blocks(dxs, axis, layout, self.backend, comm)
 
     def _backward(self, grad: Any, saved: dict, weight: Any):
         """``(dx, dweight, dbias)`` from ``dy``: see the class docstring."""

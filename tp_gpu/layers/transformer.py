@@ -7,8 +7,11 @@ from typing import Any, Optional
 from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError
+from ..regions import SEQUENCE_AXIS, scatter_to_sequence_parallel_region, sequence_layout
+from ..sharded import ShardedTensor
 from .attention import ParallelSelfAttention
 from .base import ParallelModule, check_seed
+from .dropout import Dropout
 from .mlp import ParallelMLP
 from .norm import LayerNorm, check_eps
 
@@ -36,7 +39,21 @@ class ParallelTransformerLayer(ParallelModule):
     ``attention`` is a :class:`ParallelSelfAttention` and ``mlp`` a
     :class:`ParallelMLP` ``(hidden -> intermediate -> hidden)``: each costs one
     reduction forward and one backward. The residuals and LayerNorms run on
-    the output device, where both blocks' outputs land.
+    the output device, where both blocks' outputs land. With ``dropout > 0``,
+    ``attention(.)`` and ``mlp(.)`` above stand for ``dropout1(attention(.))``
+    and ``dropout2(mlp(.))`` (PyTorch's ``nn.TransformerEncoderLayer`` names;
+    Megatron's hidden dropout), applied before each residual add.
+
+    Sequence parallelism (``config.sequence_parallel``, Korthikanti et al.,
+    2022): between the two blocks the activations are a
+    :class:`~tp_gpu.ShardedTensor` split along the sequence (axis 1), one
+    slice per worker, and the LayerNorms, dropouts and residual adds run on
+    each device's slices. ``qkv`` and ``fc1`` all-gather the sequence before
+    their GEMMs, ``out`` and ``fc2`` reduce-scatter their outputs into slices:
+    an all-gather plus a reduce-scatter per block instead of a reduction and
+    a copy, and ``1/p`` of the activations per worker. The layer takes a
+    sequence-split ShardedTensor (or a dense ``x``, split on entry) and
+    returns one; the result equals the layer without sequence parallelism.
 
     Backward (post-norm): ``dz = mlp_norm.backward(dy)``, ``dh = dz + mlp.backward(dz)``,
     ``dz' = attention_norm.backward(dh)``, ``dx = dz' + attention.backward(dz')``;
@@ -77,6 +94,10 @@ class ParallelTransformerLayer(ParallelModule):
         Of both LayerNorms (BERT's 1e-12 by default).
     causal : bool
         Causal self-attention (decoders).
+    dropout : float in [0, 1)
+        Of ``dropout1`` (seeded ``seed + 4``) and ``dropout2`` (``seed + 5``),
+        which exist only when it is above 0. Layers with seeds 6 apart draw
+        unrelated masks.
     """
 
     def __init__(
@@ -91,6 +112,7 @@ class ParallelTransformerLayer(ParallelModule):
         activation: Optional[str] = "gelu",
         eps: float = 1e-12,
         causal: bool = False,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(config)
         hidden = check_positive_int(hidden, "hidden")
@@ -110,36 +132,96 @@ class ParallelTransformerLayer(ParallelModule):
         self.attention_norm = LayerNorm(hidden, config, eps=eps)
         self.mlp = ParallelMLP(hidden, intermediate, hidden, config, seed=seed + 2, activation=activation)
         self.mlp_norm = LayerNorm(hidden, config, eps=eps)
+        self.dropout1: Optional[Dropout] = None
+        self.dropout2: Optional[Dropout] = None
+        if dropout != 0.0:  # validated by Dropout
+            self.dropout1 = Dropout(dropout, config, seed=seed + 4)
+            self.dropout2 = Dropout(dropout, config, seed=seed + 5)
 
     def forward(self, x: Any, attention_mask: Any = None) -> Any:
         """``y`` ``(B, S, H)`` on the output device for ``x`` ``(B, S, H)``; ``attention_mask`` as
-        :meth:`ParallelSelfAttention.forward` takes it. Everything is checked before anything changes."""
+        :meth:`ParallelSelfAttention.forward` takes it. Everything is checked before anything changes.
+
+        With ``config.sequence_parallel``, ``y`` is a ShardedTensor split along
+        the sequence, and ``x`` a dense array (split here) or such a ShardedTensor.
+        """
+        x = self._enter(x, attention_mask)
+        drop1, drop2 = self.dropout1, self.dropout2
+        if self.pre_norm:
+            h = self._add(x, self._drop(drop1, self.attention(self.attention_norm(x), attention_mask)))
+            return self._add(h, self._drop(drop2, self.mlp(self.mlp_norm(h))))
+        h = self.attention_norm(self._add(x, self._drop(drop1, self.attention(x, attention_mask))))
+        return self.mlp_norm(self._add(h, self._drop(drop2, self.mlp(h))))
+
+    def _enter(self, x: Any, attention_mask: Any) -> Any:
+        """``x`` checked (with the mask) and placed: on the output device, or split along the
+        sequence over the workers' devices with sequence parallelism."""
         x = self.attention.check_input(x)
         self.attention.check_mask(attention_mask, x.shape[0], x.shape[1])
-        out = self.output_device
-        (x,) = collectives.to_devices(self.backend, [x], [out], self.dtype)  # (B, S, H) on the output device
-        self._keep({"shape": tuple(x.shape)})
-        if self.pre_norm:
-            h = self.group.on_device(out, add, x, self.attention(self.attention_norm(x), attention_mask))
-            return self.group.on_device(out, add, h, self.mlp(self.mlp_norm(h)))
-        h = self.attention_norm(self.group.on_device(out, add, x, self.attention(x, attention_mask)))
-        return self.mlp_norm(self.group.on_device(out, add, h, self.mlp(h)))
+        if not self.config.sequence_parallel:
+            out = self.output_device
+            (x,) = collectives.to_devices(self.backend, [x], [out], self.dtype)  # (B, S, H) on the output
+            self._keep({"shape": tuple(x.shape)})
+            return x
+        layout = sequence_layout(self.group, x.shape[1])
+        if isinstance(x, ShardedTensor):
+            blocks = x.blocks_for(layout, self.dtype, None, "ParallelTransformerLayer input", SEQUENCE_AXIS)
+        else:
+            blocks = scatter_to_sequence_parallel_region.forward(self.group, x, layout, self.dtype)
+        self._keep({"shape": tuple(x.shape), "sequence": (layout, not isinstance(x, ShardedTensor))})
+        return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, self.backend, self.comm)
+
+    def _add(self, a: Any, b: Any) -> Any:
+        """The residual ``a + b``: on the output device, or on each device's slices."""
+        if isinstance(a, ShardedTensor):
+            blocks = self.group.on_devices(add, a.device_blocks(), b.device_blocks())  # {d: (B, S_d, H)}
+            return ShardedTensor.from_blocks(blocks, a.axis, a.layout, self.backend, a.comm)
+        return self.group.on_device(self.output_device, add, a, b)
+
+    @staticmethod
+    def _drop(dropout: Optional[Dropout], y: Any) -> Any:
+        return y if dropout is None else dropout(y)
+
+    @staticmethod
+    def _drop_backward(dropout: Optional[Dropout], grad: Any) -> Any:
+        return grad if dropout is None else dropout.backward(grad)
 
     def backward(self, grad_output: Any) -> Any:
-        """Accumulate every gradient and return ``dX`` ``(B, S, H)`` on the output device."""
-        if self._saved is None:
-            self._take_saved()  # raises: no forward in training mode
-        grad = self._check_grad_shape(grad_output, self._saved["shape"], "ParallelTransformerLayer")
+        """Accumulate every gradient and return ``dX`` ``(B, S, H)``: on the output device, or with
+        sequence parallelism split like the forward input (dense for a dense input)."""
+        saved = self._saved if self._saved is not None else self._take_saved()  # raises: no forward
+        sequence = saved.get("sequence")
+        grad = self._check_grad_shape(
+            grad_output, saved["shape"], "ParallelTransformerLayer", sharded=sequence is not None
+        )
         self._take_saved()  # only once the gradient is known to fit
-        out = self.output_device
-        (dy,) = collectives.to_devices(self.backend, [grad], [out], self.dtype)  # (B, S, H)
+        if sequence is None:
+            (dy,) = collectives.to_devices(self.backend, [grad], [self.output_device], self.dtype)
+        else:
+            dy = self._enter_grad(grad, sequence[0])
+        drop1, drop2 = self.dropout1, self.dropout2
         if self.pre_norm:
-            dh = self.group.on_device(out, add, dy, self.mlp_norm.backward(self.mlp.backward(dy)))
-            dx = self.attention_norm.backward(self.attention.backward(dh))
-            return self.group.on_device(out, add, dh, dx)
-        dz = self.mlp_norm.backward(dy)
-        dh = self.attention_norm.backward(self.group.on_device(out, add, dz, self.mlp.backward(dz)))
-        return self.group.on_device(out, add, dh, self.attention.backward(dh))
+            dh = self._add(dy, self.mlp_norm.backward(self.mlp.backward(self._drop_backward(drop2, dy))))
+            dx = self.attention_norm.backward(self.attention.backward(self._drop_backward(drop1, dh)))
+            dx = self._add(dh, dx)
+        else:
+            dz = self.mlp_norm.backward(dy)
+            dm = self.mlp.backward(self._drop_backward(drop2, dz))
+            dh = self.attention_norm.backward(self._add(dz, dm))
+            dx = self._add(dh, self.attention.backward(self._drop_backward(drop1, dh)))
+        if sequence is not None and sequence[1]:  # a dense input: its gradient gathered, dense
+            return scatter_to_sequence_parallel_region.backward(self.group, dx.device_blocks(), sequence[0])
+        return dx
+
+    def _enter_grad(self, grad: Any, layout: Any) -> ShardedTensor:
+        """``dY`` split along the sequence like the output: a ShardedTensor's blocks, or ``dY`` split."""
+        if isinstance(grad, ShardedTensor):
+            what = "ParallelTransformerLayer grad_output"
+            blocks = grad.blocks_for(layout, self.dtype, None, what, SEQUENCE_AXIS)
+        else:
+            blocks = scatter_to_sequence_parallel_region.forward(self.group, grad, layout, self.dtype)
+        return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, self.backend, self.comm)
 
     def extra_repr(self) -> str:
-        return f"pre_norm={self.pre_norm}"
+        sequence = ", sequence_parallel=True" if self.config.sequence_parallel else ""
+        return f"pre_norm={self.pre_norm}{sequence}"
