@@ -316,8 +316,9 @@ def test_missing_tokenizers_library_is_named(minilm_dir, monkeypatch):
 
 def test_bert_model_loads_the_same_folder(minilm_dir, encoder):
     bert = BertModel.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy"))
+    expected = encoder.bert.state_dict()
     for name, value in bert.state_dict().items():
-        np.testing.assert_array_equal(encoder.bert.state_dict()[name], value, err_msg=name)
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)
 
 
 # --- the package and the example ---------------------------------------------------------------------
