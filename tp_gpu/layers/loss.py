@@ -205,10 +205,15 @@ class VocabParallelCrossEntropy(Module):
         return loss
 
     def _shard_terms(self, xp: Any, shard: dict[str, Any], m: Any) -> dict[str, Any]:
-        """On one device: ``z -= m``, then ``z`` becomes ``exp(z)`` in place; the row sums of it, and
-        the target's ``z_t`` and ``w_t`` where this device owns the target, and ``sum_j w_j z_j``."""
-        z, w, owned, local = shard["z"], shard["w"], shard["owned"], shard["local"]
-        z -= m[..., None]  # Z_d - m
+        """On one device: ``z = Z_d - m`` (one pass into the device's one logits-sized array), then
+        ``z`` becomes ``exp(z)`` in place; the row sums of it, and the target's ``z_t`` and ``w_t`` where
+        this device owns the target, and ``sum_j w_j z_j``."""
+        shard = dict(shard)
+        z, w, owned, local = shard.pop("z"), shard["w"], shard["owned"], shard["local"]
+        if shard["copied"]:
+            z -= m[..., None]  # the masked copy, shifted in place
+        else:
+            z = xp.subtract(z, m[..., None], dtype=m.dtype)  # the caller's logits, shifted into a new array
         if z.shape[-1]:
             z_t = xp.where(owned, xp.take_along_axis(z, local[..., None], axis=-1)[..., 0], 0)
             w_t = None if w is None else xp.where(owned, xp.take(w, local), 0)
@@ -304,20 +309,25 @@ class VocabParallelCrossEntropy(Module):
     def _shard_grad(
         self, xp: Any, vocab: int, dtype: Any, terms: dict[str, Any], s: Any, scale: Any, w_t: Any
     ) -> Any:
-        """``dZ_d``, in place on the saved exps (see the module docstring for the formula)."""
+        """``dZ_d``, in place on the saved exps (see the module docstring for the formula): one pass
+        that scales each row by its factor, the targets' entries, and (with label smoothing) two more."""
         eps = self.label_smoothing
         g = terms["exps"]
-        g /= s[..., None]  # softmax over the global vocabulary
         total_weight = vocab if self.class_weight is None else float(self.class_weight.sum())
-        g *= ((1.0 - eps) * w_t + eps * total_weight / vocab)[..., None]
+        factor = ((1.0 - eps) * w_t + eps * total_weight / vocab) / s  # softmax over the global vocabulary
+        hit = (1.0 - eps) * w_t
+        if not eps:  # the row's scale folds into the same pass
+            factor *= scale
+            hit *= scale
+        g *= factor.astype(g.dtype, copy=False)[..., None]
         if g.shape[-1]:
             flat = as_rows(g)  # (rows, V_d), a view
-            hit = (1.0 - eps) * w_t.reshape(-1) * terms["owned"].reshape(-1)
+            hit = hit.reshape(-1) * terms["owned"].reshape(-1)
             flat[xp.arange(flat.shape[0]), terms["local"].reshape(-1)] -= hit  # only at each row's target
         if eps:
             spread = terms["w"] if terms["w"] is not None else terms["mask"]
             g -= (eps / vocab) * (1.0 if spread is None else spread)
-        g *= scale[..., None]
+            g *= scale[..., None]
         return g.astype(dtype, copy=False)
 
 
@@ -340,19 +350,23 @@ def _check_weight(weight: Any) -> np.ndarray:
 def _prepare_shard(
     xp: Any, layout: Any, acc: Any, block: Any, t: Any, device: Hashable, w: Any
 ) -> dict[str, Any]:
-    """One device's state: ``z`` (a copy of its logits in ``acc``, padded columns at -inf), its class
-    weights ``w``, padding ``mask`` and, for each row, whether it ``owned`` the target and where
-    (``local``)."""
-    z = block.astype(acc)  # a copy: the caller's logits stay untouched
+    """One device's state: ``z`` (its logits; with padding a copy in ``acc``, padded columns at -inf,
+    and ``copied``), its class weights ``w``, padding ``mask``, the row ``max`` (in ``acc``) and, for
+    each row, whether it ``owned`` the target and where (``local``). The caller's logits are only read."""
     mask = layout.logical_mask(xp, device)
-    if mask is not None:
-        z = xp.where(mask, z, -np.inf)
+    z, copied = block, mask is not None
+    if copied:
+        z = block.astype(acc)  # the forward shifts it in place
+        xp.copyto(z, -np.inf, where=~mask)  # padded columns: no probability
     owned, local = layout.owned_local(xp, t, device)
     if owned is None:  # this device holds the whole vocabulary: only ignored rows are not owned
         owned = (t >= 0) & (t < layout.total)
         local = xp.where(owned, t, 0)
-    row_max = z.max(axis=-1) if z.shape[-1] else xp.full(z.shape[:-1], -np.inf, dtype=acc)
-    return {"z": z, "w": w, "mask": mask, "owned": owned, "local": local, "max": row_max}
+    if z.shape[-1]:
+        row_max = z.max(axis=-1).astype(acc, copy=False)
+    else:
+        row_max = xp.full(z.shape[:-1], -np.inf, dtype=acc)
+    return {"z": z, "copied": copied, "w": w, "mask": mask, "owned": owned, "local": local, "max": row_max}
 
 
 def matmul_vector(x: Any, v: Any) -> Any:
