@@ -7,28 +7,56 @@ Every rank builds its own shards from the same seed (rank r holds workers
 [r * p / s, (r + 1) * p / s) of p workers over s ranks), runs
 ColumnParallelLinear(gather_output=False) -> GeLU -> RowParallelLinear, and
 gets the full output. Rank 0 checks it against the dense computation from the
-layers' full weights.
+layers' full weights, and prints the backend the layers ran on.
+
+A bad option prints one line (``mpi_forward.py: error: ...``) and exits with
+status 2 instead of a traceback.
+
+As root, Open MPI refuses to start unless told otherwise, and it starts no more
+ranks than the machine has cores; on a small machine or in a container add
+
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 mpirun --oversubscribe -n 4 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Optional, Sequence
 
 import numpy as np
 
-from tp_gpu import ParallelMLP, TensorParallelConfig, get_communicator
+from tp_gpu import ConfigError, ParallelMLP, TensorParallelConfig, TensorParallelError, get_communicator
+from tp_gpu.comm import Communicator
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse the options and run; 0 on success, 1 if the output disagrees with dense, 2 on a bad option."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=None, help="total workers (default: 2 per rank)")
     parser.add_argument("--comm", choices=["mpi", "nccl"], default="mpi")
-    parser.add_argument("--backend", choices=["numpy", "simulated", "cupy"], default=None, help="default: auto")
+    parser.add_argument(
+        "--backend", choices=["numpy", "simulated", "cupy"], default=None, help="default: auto"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--features", type=int, default=512)
     args = parser.parse_args(argv)
+    rank = 0
+    try:
+        comm = get_communicator(args.comm)
+        rank = comm.rank
+        return run(args, comm)
+    except TensorParallelError as exc:  # a bad option: one line, not a traceback
+        # Options are the same on every rank, so a ConfigError is too: rank 0 alone reports it.
+        # Other errors (a backend missing on one node) may differ: every rank reports its own.
+        if rank == 0 or not isinstance(exc, ConfigError):
+            prefix = f"rank {rank}: " if rank else ""
+            print(f"mpi_forward.py: error: {prefix}{exc}", file=sys.stderr, flush=True)
+        return 2
 
-    comm = get_communicator(args.comm)
+
+def run(args: argparse.Namespace, comm: Communicator) -> int:
+    """The forward pass and, on rank 0, the check against dense; returns the exit status."""
     n_workers = 2 * comm.size if args.workers is None else args.workers
     config = TensorParallelConfig(n_workers=n_workers, backend=args.backend, comm=args.comm)
     hidden = 4 * args.features  # any size splits over any worker count
@@ -42,8 +70,8 @@ def main(argv=None) -> int:
         gelu = 0.5 * pre * (1 + np.tanh(np.sqrt(2 / np.pi) * (pre + 0.044715 * pre**3)))
         dense = gelu @ state["fc2.weight"] + state["fc2.bias"]
         error = float(np.abs(y - dense).max())
-        print(f"{comm.size} {comm.name} ranks x {n_workers // comm.size} workers each ({mlp.backend.name} backend): "
-              f"output {y.shape}, max abs error vs dense {error:.2e}")
+        layout = f"{comm.size} {comm.name} ranks x {n_workers // comm.size} workers each"
+        print(f"{layout} ({mlp.backend.name} backend): output {y.shape}, max abs error vs dense {error:.2e}")
         return 0 if error < 1e-6 * max(1.0, float(np.abs(dense).max())) else 1
     return 0
 

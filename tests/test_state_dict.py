@@ -283,7 +283,7 @@ def test_load_dense_rejects_bad_input_without_changes(make_config, rng, cls):
         (dict(weight=good_w, bias=good_b[:8]), ShapeError, f"{name} bias must have shape (9,) (n_out,), got (8,)"),
         (dict(weight=good_w, bias=np.zeros(9, complex)), ShapeError, "must hold real numbers"),
         (dict(weight=good_w, layout="torch"), ConfigError, "layout must be 'in_out'"),
-        (dict(weight=good_w, layout=None), ConfigError, "got None"),
+        (dict(weight=good_w, layout=1), ConfigError, "got 1"),  # None is the default: in_out for arrays
     ]
     for kwargs, error, message in cases:
         before = snapshot(layer)

@@ -38,6 +38,7 @@ from .optim import SGD, Adam, Optimizer, clip_grad_norm
 from .parameter import ShardedParameter
 from .placement import worker_devices
 from .sharded import ShardedTensor
+from .torch_interop import from_torch
 
 __version__ = "0.1.0"
 
@@ -79,6 +80,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
+    "from_torch",
     "get_backend",
     "get_communicator",
     "worker_devices",

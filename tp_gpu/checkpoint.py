@@ -23,9 +23,18 @@ changed digit in the metadata).
 Saving is atomic: the file is written under a temporary name in the same
 directory, flushed and fsync'ed, then renamed over ``path`` (and the directory
 fsync'ed). A save that fails or is interrupted leaves the previous checkpoint
-at ``path`` as it was. Loading reads and checks everything (integrity, names,
-shapes, dtypes) before it writes any parameter: a bad file raises
-:class:`~tp_gpu.errors.CheckpointError` and leaves the module unchanged.
+at ``path`` as it was, and no temporary file. Loading reads and checks
+everything (integrity, names, shapes, dtypes) before it writes any parameter: a
+bad file raises :class:`~tp_gpu.errors.CheckpointError` and leaves the module
+unchanged. ``load_checkpoint(path, module, strict=False)`` loads the tensors
+the module has and returns the others' names, as ``torch.nn.Module.load_state_dict`` does.
+
+A file that cannot be read or written (missing, a directory, a missing folder,
+no permission, a read-only or full file system) raises
+:class:`~tp_gpu.errors.CheckpointFileError`, a ``CheckpointError`` and an
+``OSError`` (:class:`~tp_gpu.errors.CheckpointNotFoundError`, also a
+``FileNotFoundError``, for a missing file or folder) whose message names the
+path the caller gave and the cause, never a temporary file.
 """
 
 from __future__ import annotations
@@ -42,12 +51,26 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
 import numpy as np
 
 from .comm import LocalComm
-from .errors import CheckpointError, ConfigError, TensorParallelError
+from .errors import (
+    CheckpointError,
+    CheckpointFileError,
+    CheckpointNotFoundError,
+    ConfigError,
+    TensorParallelError,
+)
 from .layers.base import ParallelModule
 from .module import Module, ModuleDict
 from .parameter import ShardedParameter
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "Checkpoint", "FORMAT", "FORMAT_VERSION"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "Checkpoint",
+    "LoadedCheckpoint",
+    "FORMAT",
+    "FORMAT_VERSION",
+]
 
 #: ``format`` metadata value of every tp_gpu checkpoint.
 FORMAT = "tp_gpu"
@@ -64,6 +87,15 @@ class Checkpoint(NamedTuple):
 
     tensors: Dict[str, np.ndarray]  # logical tensors by name, new host arrays
     metadata: Dict[str, str]  # the header metadata, as stored
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What :func:`load_checkpoint` returns: the keys it left out, as ``load_state_dict`` does, and
+    the metadata. Both key lists are empty after a ``strict`` load."""
+
+    missing_keys: List[str]  # the module's parameters that the checkpoint does not hold (left as they were)
+    unexpected_keys: List[str]  # the checkpoint's tensors that the module does not have (not read)
+    metadata: Dict[str, str]  # the header metadata, as stored (see the module docstring)
 
 
 def _safetensors():
@@ -164,6 +196,34 @@ def _metadata_sha256(metadata: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
+def _file_error(path: str, action: str, exc: OSError) -> CheckpointFileError:
+    """``exc``, met while ``action`` (read or write) the checkpoint ``path``, as the error to raise.
+
+    The message names ``path`` as the caller gave it, never the temporary file, and says why:
+    a directory, a missing folder, else the operating system's reason and its errno name.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        cause = "it is a directory, not a file"
+        if action == "write":
+            cause += f" (to save inside it, give a file name: {os.path.join(path, 'model.safetensors')!r})"
+    elif not os.path.isdir(parent):
+        what = "is not a folder" if os.path.exists(parent) else "does not exist"
+        cause = f"the folder {parent!r} {what}"
+    elif action == "read" and not os.path.lexists(path):
+        cause = "no such file"
+    elif exc.errno is not None and exc.strerror:
+        cause = f"{exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+    else:
+        cause = str(exc) or type(exc).__name__
+    missing = isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOENT
+    error = (CheckpointNotFoundError if missing else CheckpointFileError)(
+        f"cannot {action} checkpoint {path!r}: {cause}"
+    )
+    error.errno, error.strerror, error.filename = exc.errno, exc.strerror, path
+    return error
+
+
 def _create_exclusive(path: str) -> Tuple[int, str]:
     """Create a new empty file beside ``path`` under a unique hidden name; return ``(fd, name)``."""
     directory, base = os.path.split(path)
@@ -222,10 +282,12 @@ def save_checkpoint(path: PathLike, module: ModuleLike) -> None:
 
     Tensors are stored dense, in the module's dtype, whatever its worker count,
     placement or backend; the metadata records those (see the module docstring).
-    If anything fails before the rename, the temporary file is removed, the
-    exception propagates, and ``path`` is untouched. (A process killed outright
-    can leave a hidden ``.NAME.*.tmp`` file beside ``path``; ``path`` itself is
-    still intact.)
+    If anything fails before the rename, the temporary file is removed and
+    ``path`` is untouched; a file-system failure (``path`` a directory, a
+    missing folder, no permission, a read-only or full file system) raises
+    :class:`~tp_gpu.errors.CheckpointFileError` (an ``OSError``) naming ``path``
+    and the cause. (A process killed outright can leave a hidden
+    ``.NAME.*.tmp`` file beside ``path``; ``path`` itself is still intact.)
 
     The file is assembled in host memory before it is written: the peak host
     memory of a save is about twice the size of the module's weights.
@@ -245,7 +307,10 @@ def save_checkpoint(path: PathLike, module: ModuleLike) -> None:
         data = st_numpy.save(tensors, metadata=metadata)
         del tensors
         try:
-            _write_atomically(os.fspath(path), data)
+            try:
+                _write_atomically(os.fspath(path), data)
+            except OSError as exc:
+                raise _file_error(os.fspath(path), "write", exc) from exc
         except BaseException as exc:
             failure = exc
     if comm.size > 1:
@@ -260,6 +325,8 @@ def _write_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync
     the directory."""
     directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):  # refused before a temporary file exists (os.replace would name it)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     fd, tmp = _create_exclusive(os.path.join(directory, os.path.basename(path)))
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -322,18 +389,59 @@ def _header(f, path: str) -> Tuple[Dict[str, str], Dict[str, Dict[str, Any]]]:
     return metadata, described
 
 
+def _prefix_hint(described: Mapping[str, Any], names: List[str]) -> str:
+    """A hint, when the checkpoint holds the module's tensors under a prefix, to load them with a dict.
+
+    A file saved from ``{"embed": emb, "mlp": mlp}`` holds ``mlp.fc1.weight``, ...; the MLP alone
+    expects ``fc1.weight``: it loads as ``{"mlp": mlp}``.
+    """
+    wanted = set(names)
+    prefixes = set()
+    for stored in described:
+        parts = stored.split(".")
+        for k in range(1, len(parts)):
+            if ".".join(parts[k:]) in wanted:
+                prefixes.add(tuple(parts[:k]))
+    if not prefixes:
+        return ""
+    shown = sorted(prefixes)
+
+    def as_dict(prefix: Tuple[str, ...]) -> str:
+        return "".join(f"{{{key!r}: " for key in prefix) + "module" + "}" * len(prefix)
+
+    return (
+        f". The checkpoint holds them under the prefix{'es' * (len(shown) > 1)} "
+        + ", ".join(repr(".".join(p) + ".") for p in shown)
+        + f": load_checkpoint(path, {as_dict(shown[0])}, strict=False) loads those into the module"
+    )
+
+
 def _check_fits(
-    path: str, described: Dict[str, Dict[str, Any]], named: List[Tuple[str, ShardedParameter]]
-) -> None:
-    """Raise CheckpointError listing every tensor whose name, shape or dtype does not fit the module."""
+    path: str,
+    described: Dict[str, Dict[str, Any]],
+    named: List[Tuple[str, ShardedParameter]],
+    strict: bool = True,
+) -> Tuple[List[str], List[str]]:
+    """``(missing, unexpected)`` names; raise CheckpointError listing every tensor that does not fit.
+
+    A tensor the module and the file share must have the module's shape and dtype. With
+    ``strict`` every name must be in both; without, the names they do not share are returned,
+    but at least one must be shared.
+    """
     problems = []
     expected = dict(named)
-    for name in expected:
-        if name not in described:
-            problems.append(f"tensor {name!r} is missing from the checkpoint")
-    for name in described:
-        if name not in expected:
-            problems.append(f"tensor {name!r} is in the checkpoint but not in the module")
+    missing = [name for name in expected if name not in described]
+    unexpected = [name for name in described if name not in expected]
+    if strict:
+        problems += [f"tensor {name!r} is missing from the checkpoint" for name in missing]
+        problems += [f"tensor {name!r} is in the checkpoint but not in the module" for name in unexpected]
+    elif len(missing) == len(expected):
+        shown = sorted(described)
+        raise CheckpointError(
+            f"checkpoint {path!r} holds none of the module's tensors (it holds "
+            f"{shown[:8] + ['...'] * (len(shown) > 8)}; the module expects {list(expected)})"
+            + _prefix_hint(described, list(expected))
+        )
     for name, param in expected.items():
         found = described.get(name)
         if found is None:
@@ -345,26 +453,54 @@ def _check_fits(
                 f"tensor {name!r}: expected dtype {param.dtype.name}, found {found['dtype'].name}"
             )
     if problems:
+        hint = _prefix_hint(described, missing) if strict and missing else ""
         raise CheckpointError(
             f"checkpoint {path!r} does not fit the module ({len(problems)} "
             f"problem{'s' * (len(problems) > 1)}): "
             + "; ".join(problems)
             + f". The module expects {[n for n, _ in named]}"
+            + hint
         )
+    return missing, unexpected
 
 
-def _read(path: PathLike, named=None) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
-    """Read and verify every tensor of ``path`` (checked against ``named`` first when given)."""
+def _open_checked(safe_open: Any, path: str) -> Any:
+    """``safe_open(path)``, refusing first what is not a regular file (a directory, a device, a pipe).
+
+    safetensors reports a directory as "No such device (os error 19)", and opening a pipe would
+    wait for a writer.
+    """
+    mode = os.stat(path).st_mode  # FileNotFoundError, PermissionError, NotADirectoryError, ...
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file (a device, pipe or socket)", path)
+    return safe_open(path, framework="numpy")
+
+
+def _read(
+    path: PathLike, named=None, strict: bool = True
+) -> Tuple[Dict[str, np.ndarray], Dict[str, str], List[str], List[str]]:
+    """Read and verify the tensors of ``path``: ``(tensors, metadata, missing, unexpected)``.
+
+    Given ``named``, the file is checked against it first (see :func:`_check_fits`) and only the
+    tensors the module has are read; without, every tensor is read.
+    """
     safe_open, _ = _safetensors()
     path = os.fspath(path)
+    missing: List[str] = []
+    unexpected: List[str] = []
     try:
-        with safe_open(path, framework="numpy") as f:
+        with _open_checked(safe_open, path) as f:
             metadata, described = _header(f, path)
             if named is not None:
-                _check_fits(path, described, named)
-            tensors = {name: f.get_tensor(name) for name in described}
-    except (CheckpointError, OSError):
-        raise  # a bad file, or a missing / unreadable one (FileNotFoundError, PermissionError, ...)
+                missing, unexpected = _check_fits(path, described, named, strict)
+            skipped = set(unexpected)
+            tensors = {name: f.get_tensor(name) for name in described if name not in skipped}
+    except CheckpointError:
+        raise  # a bad file, or one that does not fit
+    except OSError as exc:  # a missing or unreadable file, a directory, ...
+        raise _file_error(path, "read", exc) from exc
     except Exception as exc:  # safetensors' SafetensorError on a truncated or malformed file, ...
         raise _corrupt(path, f"{type(exc).__name__}: {exc}") from exc
     for name, array in tensors.items():
@@ -379,22 +515,32 @@ def _read(path: PathLike, named=None) -> Tuple[Dict[str, np.ndarray], Dict[str, 
             raise _corrupt(
                 path, f"tensor {name!r} fails its SHA-256 check: its data was changed after saving"
             )
-    return tensors, metadata
+    return tensors, metadata, missing, unexpected
 
 
-def load_checkpoint(path: PathLike, module: ModuleLike) -> Dict[str, str]:
+def load_checkpoint(path: PathLike, module: ModuleLike, strict: bool = True) -> LoadedCheckpoint:
     """Load the checkpoint ``path`` into ``module``, re-sharding every tensor for it.
 
     ``module`` is what was saved, or the same architecture built with any
-    worker count, placement or backend. Every tensor must be present (and no
-    other), with the module's shape and exactly its dtype: a float64 checkpoint
-    does not load into a float32 module (to convert, use
+    worker count, placement or backend. A loaded tensor must have the module's
+    shape and exactly its dtype: a float64 checkpoint does not load into a
+    float32 module (to convert, use
     ``module.load_state_dict(read_checkpoint(path).tensors)``, which casts).
+
+    With ``strict`` (the default) the file must hold every parameter of
+    ``module`` and no other tensor. With ``strict=False`` the tensors both
+    have are loaded, and the names of the others are returned, as
+    ``torch.nn.Module.load_state_dict(strict=False)`` does: a file saved from
+    ``{"embed": emb, "mlp": mlp}`` loads into ``{"mlp": mlp2}`` alone. At least
+    one tensor must be shared.
 
     Returns
     -------
-    dict
-        The checkpoint's metadata (strings; see the module docstring).
+    LoadedCheckpoint
+        ``(missing_keys, unexpected_keys, metadata)``: the module's parameters
+        the file lacks (left as they were), the file's tensors the module lacks
+        (not read), both empty when ``strict``, and the checkpoint's metadata
+        (strings; see the module docstring).
 
     Raises
     ------
@@ -402,21 +548,27 @@ def load_checkpoint(path: PathLike, module: ModuleLike) -> Dict[str, str]:
         The file is truncated, corrupted, not a tp_gpu checkpoint, or does not
         fit ``module``; the message names the tensors with the expected and the
         found shape or dtype. ``module`` is left exactly as it was.
-    FileNotFoundError, OSError
-        The file cannot be opened.
+    CheckpointFileError
+        The file cannot be read (missing, a directory, no permission); also an
+        ``OSError`` (``CheckpointNotFoundError``, a ``FileNotFoundError``, when missing).
     """
     named = named_parameters(module)
-    tensors, metadata = _read(path, named)
-    staged = [(param, param.stage(tensors[name], f"checkpoint tensor {name!r}")) for name, param in named]
+    tensors, metadata, missing, unexpected = _read(path, named, strict)
+    staged = [
+        (param, param.stage(tensors[name], f"checkpoint tensor {name!r}"))
+        for name, param in named
+        if name in tensors
+    ]
     for param, blocks in staged:
         param.commit(blocks)
-    return metadata
+    return LoadedCheckpoint(missing, unexpected, metadata)
 
 
 def read_checkpoint(path: PathLike) -> Checkpoint:
     """The tensors (new host arrays, by name) and metadata of the checkpoint ``path``, verified.
 
-    Raises CheckpointError for a truncated, corrupted or foreign file.
+    Raises CheckpointError for a truncated, corrupted or foreign file, CheckpointFileError
+    (an OSError) for one that cannot be read.
     """
-    tensors, metadata = _read(path)
+    tensors, metadata, _, _ = _read(path)
     return Checkpoint({name: np.array(a) for name, a in tensors.items()}, dict(metadata))

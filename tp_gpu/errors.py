@@ -17,6 +17,8 @@ __all__ = [
     "DeviceMismatchError",
     "CommError",
     "CheckpointError",
+    "CheckpointFileError",
+    "CheckpointNotFoundError",
 ]
 
 
@@ -53,4 +55,24 @@ class CheckpointError(TensorParallelError, ValueError):
 
     The message names the file and, for a mismatch, the tensor with the
     expected and the found shape or dtype. The module is left unchanged.
+    A file that cannot be read or written at all raises the subclass
+    :class:`CheckpointFileError`, which is also an :class:`OSError`.
     """
+
+
+class CheckpointFileError(CheckpointError, OSError):
+    """A checkpoint file cannot be read or written: a missing file or folder, a directory, no
+    permission, a read-only or full file system, a failed fsync or rename.
+
+    Also an :class:`OSError`, so ``except OSError`` keeps working. The message names the path the
+    caller gave (never a temporary file) and the cause; ``errno`` and ``strerror`` are those of the
+    underlying OSError (which is also ``__cause__``), ``filename`` is the caller's path.
+    """
+
+    def __str__(self) -> str:
+        # OSError.__str__ would print "[Errno N] strerror: filename" once filename is set.
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointNotFoundError(CheckpointFileError, FileNotFoundError):
+    """The checkpoint file does not exist (also a :class:`FileNotFoundError`)."""

@@ -13,6 +13,13 @@ communicator is broken: when the process exits it calls ``MPI_Abort``, which
 stops every rank of the job, instead of ``MPI_Finalize``, which would wait for
 the missing peer. (A rank that is killed outright is noticed by ``mpirun``,
 which stops the job by itself.)
+
+An uncaught exception on any rank stops the whole job at once, as under
+``python -m mpi4py``: creating an :class:`MpiComm` of more than one process
+installs a ``sys.excepthook`` that prints the traceback as usual, then calls
+``MPI.COMM_WORLD.Abort(1)``. Without it the other ranks would wait in their
+next collective for the full timeout. Set ``TP_GPU_MPI_ABORT_ON_ERROR=0`` to
+leave ``sys.excepthook`` alone (for example to debug one rank post mortem).
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
+import sys
 import time
-from typing import Any, List
+from types import TracebackType
+from typing import Any, Callable, List, Optional, Type
 
 import numpy as np
 
@@ -29,10 +38,13 @@ from ..backends.base import is_cupy_array
 from ..errors import BackendUnavailableError, CommError
 from .base import Communicator
 
-__all__ = ["MpiComm", "import_mpi"]
+__all__ = ["MpiComm", "import_mpi", "install_abort_on_uncaught_exception"]
 
 #: Seconds a collective may take before it is declared failed.
 DEFAULT_TIMEOUT = 120.0
+
+#: Environment variable; ``0`` keeps :class:`MpiComm` from installing its excepthook.
+ABORT_ON_ERROR_ENV = "TP_GPU_MPI_ABORT_ON_ERROR"
 
 
 def import_mpi():
@@ -47,12 +59,44 @@ def import_mpi():
     return MPI
 
 
+ExceptHook = Callable[[Type[BaseException], BaseException, Optional[TracebackType]], Any]
+
+
+def install_abort_on_uncaught_exception(MPI: Any) -> bool:
+    """Make an uncaught exception abort the whole MPI job, as ``python -m mpi4py`` does.
+
+    Wraps ``sys.excepthook``: the current hook runs first (it prints the traceback), then the
+    output is flushed and ``MPI.COMM_WORLD.Abort(1)`` stops every rank; ``mpirun`` exits non-zero.
+    Installs once per process; returns whether the hook is in place.
+    """
+    if getattr(sys.excepthook, "_tp_gpu_mpi_abort", False):
+        return True
+    previous: ExceptHook = sys.excepthook
+
+    def abort_on_uncaught_exception(
+        exc_type: Type[BaseException], exc: BaseException, tb: Optional[TracebackType]
+    ) -> None:
+        try:
+            previous(exc_type, exc, tb)
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:  # a closed or replaced stream must not keep the job alive
+                    pass
+            MPI.COMM_WORLD.Abort(1)
+
+    abort_on_uncaught_exception._tp_gpu_mpi_abort = True  # type: ignore[attr-defined]
+    sys.excepthook = abort_on_uncaught_exception
+    return True
+
+
 class MpiComm(Communicator):
     """The processes of ``MPI.COMM_WORLD`` (or ``comm``)."""
 
     name = "mpi"
 
-    def __init__(self, comm=None, timeout: float = None) -> None:
+    def __init__(self, comm=None, timeout: Optional[float] = None) -> None:
         MPI = import_mpi()
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
@@ -64,6 +108,8 @@ class MpiComm(Communicator):
         self.cuda_aware = os.environ.get("TP_GPU_MPI_CUDA_AWARE", "0") == "1"
         self.broken = False
         atexit.register(self._abort_if_broken)
+        if self.size > 1 and os.environ.get(ABORT_ON_ERROR_ENV, "1") != "0":
+            install_abort_on_uncaught_exception(MPI)
 
     def _abort_if_broken(self) -> None:
         """At exit after a failed collective: abort the job rather than wait in MPI_Finalize."""

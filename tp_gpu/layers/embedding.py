@@ -125,23 +125,46 @@ class ParallelEmbedding(ParallelModule):
         """Validate dtype and range of ``indices``; return them as int64 on every device.
 
         The range check reads the ids' minimum and maximum back to the host:
-        one device-to-host copy (on a GPU, one synchronisation) per call.
+        one device-to-host copy (on a GPU, one synchronisation) per call. An
+        id out of range is reported as the value the caller passed: a uint64
+        ``2**64 - 1`` as itself (not as the ``-1`` its int64 copy reads), a
+        Python int too large for int64 (which NumPy reads as float64 or object)
+        as out of range, not as a wrong dtype.
         """
         ids = as_array_like(indices, "ParallelEmbedding indices")
         if ids.size == 0 and isinstance(indices, (list, tuple)):
             ids = ids.astype(ID_DTYPE)  # [] reads as float64; an empty id list is still a valid id list
+
+        def out_of_range(bad: int) -> IndexOutOfRangeError:
+            beyond = " (beyond int64)" if not -(2**63) <= bad < 2**63 else ""
+            return IndexOutOfRangeError(
+                f"token id {bad}{beyond} out of range; expected 0 <= id < vocab_size={self.vocab_size}"
+            )
+
         if np.dtype(ids.dtype).kind not in "iu":
-            raise ShapeError(f"ParallelEmbedding indices must be integers, got dtype {ids.dtype}")
+            # Python ints NumPy could not hold as int64 ([1, 2**63] reads as float64, [2**70] as object).
+            leaves = None
+            if isinstance(indices, (list, tuple)):
+                leaves = np.array(indices, dtype=object).reshape(-1)
+            elif isinstance(ids, np.ndarray) and ids.dtype == object:
+                leaves = ids.reshape(-1)
+            if leaves is None or not all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in leaves
+            ):
+                raise ShapeError(f"ParallelEmbedding indices must be integers, got dtype {ids.dtype}")
+            low, high = int(min(leaves)), int(max(leaves))
+            if low < 0 or high >= self.vocab_size:
+                raise out_of_range(low if low < 0 else high)
+            ids = np.array([int(v) for v in leaves], dtype=ID_DTYPE).reshape(ids.shape)
         copies = copy_to_region.forward(self.group, ids, ID_DTYPE)
         if ids.size:
             first = self.devices[0]
             bounds = self.group.on_device(first, self._id_bounds, copies[first])
             low, high = (int(b) for b in collectives.to_host(self.backend, bounds))
+            if low < 0 and np.dtype(ids.dtype).kind == "u":
+                raise out_of_range(low + 2**64)  # uint64 ids >= 2**63 wrap to negative int64
             if low < 0 or high >= self.vocab_size:
-                bad = low if low < 0 else high
-                raise IndexOutOfRangeError(
-                    f"token id {bad} out of range; expected 0 <= id < vocab_size={self.vocab_size}"
-                )
+                raise out_of_range(low if low < 0 else high)
         return copies
 
     def _id_bounds(self, ids: Any) -> Any:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..config import TensorParallelConfig, check_positive_int
-from ..errors import ShapeError
+from ..errors import ConfigError, ShapeError
 from ..initializers import xavier_uniform
 from ..parameter import ShardedParameter
 from ..partition import BlockLayout
@@ -84,10 +84,26 @@ def bias_grad(grad: Any) -> Any:
     return as_rows(grad).sum(axis=0)
 
 
-def dense_weight(weight: Any, layout: str, what: str) -> Any:
-    """``weight`` as an array in our ``(n_in, n_out)`` layout (a view, never a copy), checked to be 2-D."""
-    layout = check_layout(layout)
+def dense_weight(weight: Any, layout: Optional[str], what: str) -> Any:
+    """``weight`` as an array in our ``(n_in, n_out)`` layout (a view, never a copy), checked to be 2-D.
+
+    ``layout=None`` means ``"in_out"``, except for a ``torch.Tensor``: PyTorch keeps
+    ``nn.Linear.weight`` as ``(n_out, n_in)``, and a square one would load transposed without a
+    word, so a tensor needs its layout spelt out (ConfigError otherwise). Torch is recognised by
+    the module of the weight's type, without importing it.
+    """
+    if layout is not None:
+        layout = check_layout(layout)
+    is_torch = any(c.__module__.partition(".")[0] == "torch" for c in type(weight).__mro__)
     w = as_array_like(weight, what)
+    if layout is None:
+        if is_torch:
+            raise ConfigError(
+                f"{what} is a torch.Tensor of shape {tuple(w.shape)}: say which layout it is in, "
+                "layout='out_in' for nn.Linear.weight (n_out, n_in) or layout='in_out' for (n_in, n_out) "
+                "(or build the layer with tp_gpu.from_torch(linear), which reads it from the module)"
+            )
+        layout = "in_out"
     if w.ndim != 2:
         dims = "(n_in, n_out)" if layout == "in_out" else "(n_out, n_in)"
         raise ShapeError(f"{what} must be 2-D {dims} for layout={layout!r}, got shape {tuple(w.shape)}")
@@ -124,15 +140,16 @@ class _ParallelLinear(ParallelModule):
         bias: Any = None,
         config: Optional[TensorParallelConfig] = None,
         *,
-        layout: str = "in_out",
+        layout: Optional[str] = None,
         **kwargs: Any,
     ):
         """A layer holding the dense ``weight`` (and ``bias``), split over ``config``'s workers.
 
         ``n_in`` and ``n_out`` come from the weight's shape: ``(n_in, n_out)``
-        for ``layout="in_out"``, ``(n_out, n_in)`` for ``layout="out_in"``
-        (PyTorch ``nn.Linear``, so ``from_dense(lin.weight, lin.bias,
-        layout="out_in")`` loads a torch layer). ``config`` defaults to
+        for ``layout="in_out"`` (the default for arrays), ``(n_out, n_in)`` for
+        ``layout="out_in"`` (PyTorch ``nn.Linear``, so ``from_dense(lin.weight,
+        lin.bias, layout="out_in")`` loads a torch layer; a ``torch.Tensor``
+        weight needs ``layout`` given, see :func:`tp_gpu.from_torch`). ``config`` defaults to
         ``TensorParallelConfig()``; the weights are cast to its dtype. A
         ``None`` bias is zero. Other keyword arguments go to the constructor
         (``input_is_parallel`` of the row layer). See :meth:`load_dense`.
@@ -171,29 +188,49 @@ class _ParallelLinear(ParallelModule):
             f"backend={self.backend.name!r}, devices={self.devices}, dtype={self.dtype.name!r}"
         )
 
-    def dense_state(self, weight: Any, bias: Any, layout: str = "in_out", what: str = "") -> Dict[str, Any]:
+    def dense_state(
+        self, weight: Any, bias: Any, layout: Optional[str] = None, what: str = ""
+    ) -> Dict[str, Any]:
         """The state dict ``{"weight": (n_in, n_out), "bias": (n_out,)}`` of dense ``weight`` and ``bias``.
 
         Checks shapes with messages in the caller's layout (naming ``what``,
-        by default the layer's class); a ``None`` bias is zero. Nothing is written.
+        by default the layer's class), which point at the other layout when
+        the weight would have fit it; a ``None`` bias is zero. ``layout=None``
+        is ``"in_out"`` for arrays and refused for a ``torch.Tensor`` (see
+        :func:`dense_weight`). Nothing is written.
         """
         name = what or type(self).__name__
         w = dense_weight(weight, layout, f"{name} weight")
+        layout = layout or "in_out"
+        other = "out_in" if layout == "in_out" else "in_out"
         if tuple(w.shape) != (self.n_in, self.n_out):
             found = tuple(w.shape) if layout == "in_out" else tuple(w.shape)[::-1]
             expected = (self.n_in, self.n_out) if layout == "in_out" else (self.n_out, self.n_in)
             dims = "(n_in, n_out)" if layout == "in_out" else "(n_out, n_in)"
+            hint = ""
+            if tuple(w.shape)[::-1] == (self.n_in, self.n_out):
+                torch_note = " (PyTorch nn.Linear's (n_out, n_in))" if other == "out_in" else ""
+                hint = f"; it would fit layout={other!r}{torch_note}: pass that if it is its layout"
             raise ShapeError(
-                f"{name} weight must have shape {expected} {dims} for layout={layout!r}, got {found}"
+                f"{name} weight must have shape {expected} {dims} for layout={layout!r}, got {found}{hint}"
             )
         if bias is None:
             return {"weight": w, "bias": np.zeros(self.n_out, dtype=self.dtype)}
         b = as_array_like(bias, f"{name} bias")
         if tuple(b.shape) != (self.n_out,):
-            raise ShapeError(f"{name} bias must have shape ({self.n_out},) (n_out,), got {tuple(b.shape)}")
+            hint = ""
+            if self.n_in != self.n_out and tuple(b.shape) == (self.n_in,):
+                hint = (
+                    f"; the bias has n_in={self.n_in} entries, as if the weight were in layout={other!r}"
+                    + (" (PyTorch nn.Linear's (n_out, n_in))" if other == "out_in" else "")
+                    + f": pass layout={other!r} if it is"
+                )
+            raise ShapeError(
+                f"{name} bias must have shape ({self.n_out},) (n_out,), got {tuple(b.shape)}{hint}"
+            )
         return {"weight": w, "bias": b}
 
-    def load_dense(self, weight: Any, bias: Any = None, *, layout: str = "in_out") -> None:
+    def load_dense(self, weight: Any, bias: Any = None, *, layout: Optional[str] = None) -> None:
         """Overwrite the weight and bias, in place, from dense (unsharded) arrays.
 
         Parameters
@@ -207,7 +244,10 @@ class _ParallelLinear(ParallelModule):
             The full ``(n_out,)`` bias. ``None`` means *no bias*, as in
             ``nn.Linear(..., bias=False)``: the bias is set to zero, so the
             layer computes exactly ``X A``.
-        layout : {"in_out", "out_in"}
+        layout : {"in_out", "out_in"}, optional
+            ``None`` (the default) is ``"in_out"`` for arrays; a ``torch.Tensor``
+            weight needs it given (ConfigError otherwise), since a square
+            ``nn.Linear.weight`` would otherwise load transposed without a word.
 
         Values are cast to the layer's dtype. Shapes are checked first
         (:class:`ShapeError`, :class:`ConfigError` for a bad ``layout``), and
