@@ -73,13 +73,14 @@ class ParallelMLP(Module):
         fc2_bias: Any,
         config: Optional[TensorParallelConfig] = None,
         *,
-        layout: str = "in_out",
+        layout: Optional[str] = None,
         activation: Optional[str] = "gelu",
     ) -> ParallelMLP:
         """An MLP holding the dense weights of its two linears, split over ``config``'s workers.
 
         ``fc1_weight`` is ``(n_in, hidden)`` and ``fc2_weight`` ``(hidden, n_out)``
-        for ``layout="in_out"``; with ``layout="out_in"`` both are in PyTorch
+        for ``layout="in_out"`` (the default for arrays; a ``torch.Tensor`` needs its layout
+        given); with ``layout="out_in"`` both are in PyTorch
         ``nn.Linear``'s layout, so ``nn.Sequential(Linear, GELU(), Linear)``
         loads from its state dict. A ``None`` bias is zero. See :meth:`load_dense`.
         """
@@ -96,7 +97,7 @@ class ParallelMLP(Module):
         return mlp
 
     def load_dense(
-        self, fc1_weight: Any, fc1_bias: Any, fc2_weight: Any, fc2_bias: Any, *, layout: str = "in_out"
+        self, fc1_weight: Any, fc1_bias: Any, fc2_weight: Any, fc2_bias: Any, *, layout: Optional[str] = None
     ) -> None:
         """Overwrite both linears, in place, from dense arrays (see ``ColumnParallelLinear.load_dense``).
 
