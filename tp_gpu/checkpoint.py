@@ -46,10 +46,11 @@ import json
 import os
 import secrets
 import stat
-from typing import Any, Dict, List, Mapping, NamedTuple, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
+from . import training_state
 from .comm import LocalComm
 from .errors import (
     CheckpointError,
@@ -58,8 +59,10 @@ from .errors import (
     ConfigError,
     TensorParallelError,
 )
+from .grad_scaler import GradScaler
 from .layers.base import ParallelModule
 from .module import Module, ModuleDict
+from .optim import Optimizer
 from .parameter import ShardedParameter
 
 __all__ = [
@@ -156,7 +159,10 @@ def _summary(values) -> str:
 
 
 def _metadata(
-    module: ModuleLike, tensors: Dict[str, np.ndarray], named: List[Tuple[str, ShardedParameter]]
+    module: ModuleLike,
+    tensors: Dict[str, np.ndarray],
+    named: List[Tuple[str, ShardedParameter]],
+    extra: Mapping[str, str],
 ) -> Dict[str, str]:
     from . import __version__
 
@@ -182,6 +188,7 @@ def _metadata(
         "dtype": _summary(a.dtype.name for a in tensors.values()),
         "partition": json.dumps(partition),
         "tensors": json.dumps(described),
+        **extra,
     }
     metadata[_METADATA_CHECKSUM] = _metadata_sha256(metadata)
     return metadata
@@ -268,7 +275,13 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(path: PathLike, module: ModuleLike) -> None:
+def save_checkpoint(
+    path: PathLike,
+    module: ModuleLike,
+    *,
+    optimizer: Optional[Optimizer] = None,
+    scaler: Optional[GradScaler] = None,
+) -> None:
     """Write ``module``'s logical weights to the safetensors file ``path``, atomically.
 
     Parameters
@@ -276,9 +289,14 @@ def save_checkpoint(path: PathLike, module: ModuleLike) -> None:
     path : str or os.PathLike
         The checkpoint file. An existing file is replaced (keeping its
         permissions) only once the new one is complete and on disk.
-    module : layer, ParallelMLP, or dict of them
+    module : Module, or dict of them
         A dict's keys prefix its modules' tensor names: ``{"embed": emb, "mlp": mlp}``
         saves ``"embed.weight"``, ``"mlp.fc1.weight"``, ... Dicts may nest.
+    optimizer, scaler : optional
+        The optimizer training ``module`` and its :class:`~tp_gpu.GradScaler`: their state
+        (logical tensors, step counts, settings) and every Dropout's step go into the same
+        file, so that :func:`load_checkpoint` resumes training exactly, at any worker count
+        (see :mod:`tp_gpu.training_state`).
 
     Tensors are stored dense, in the module's dtype, whatever its worker count,
     placement or backend; the metadata records those (see the module docstring).
@@ -301,9 +319,11 @@ def save_checkpoint(path: PathLike, module: ModuleLike) -> None:
     named = named_parameters(module)
     comm = named[0][1].comm if named else LocalComm()
     tensors = {name: _little_endian(param.full()) for name, param in named}  # collective with several ranks
+    extra_tensors, extra_metadata = training_state.collect(as_module(module), named, optimizer, scaler)
+    tensors.update({name: _little_endian(a) for name, a in extra_tensors.items()})
     failure = None
     if comm.rank == 0:
-        metadata = _metadata(module, tensors, named)
+        metadata = _metadata(module, tensors, named, extra_metadata)
         data = st_numpy.save(tensors, metadata=metadata)
         del tensors
         try:
@@ -430,6 +450,7 @@ def _check_fits(
     """
     problems = []
     expected = dict(named)
+    described = {n: d for n, d in described.items() if not training_state.is_training_tensor(n)}
     missing = [name for name in expected if name not in described]
     unexpected = [name for name in described if name not in expected]
     if strict:
@@ -518,7 +539,14 @@ def _read(
     return tensors, metadata, missing, unexpected
 
 
-def load_checkpoint(path: PathLike, module: ModuleLike, strict: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: PathLike,
+    module: ModuleLike,
+    strict: bool = True,
+    *,
+    optimizer: Optional[Optimizer] = None,
+    scaler: Optional[GradScaler] = None,
+) -> LoadedCheckpoint:
     """Load the checkpoint ``path`` into ``module``, re-sharding every tensor for it.
 
     ``module`` is what was saved, or the same architecture built with any
@@ -533,6 +561,11 @@ def load_checkpoint(path: PathLike, module: ModuleLike, strict: bool = True) -> 
     ``torch.nn.Module.load_state_dict(strict=False)`` does: a file saved from
     ``{"embed": emb, "mlp": mlp}`` loads into ``{"mlp": mlp2}`` alone. At least
     one tensor must be shared.
+
+    With ``optimizer`` (and ``scaler``), their state saved beside the weights is
+    restored too, re-sharded for this split, as is every Dropout's step: training
+    resumes where it stopped. Everything is checked and staged before anything
+    changes.
 
     Returns
     -------
@@ -559,8 +592,11 @@ def load_checkpoint(path: PathLike, module: ModuleLike, strict: bool = True) -> 
         for name, param in named
         if name in tensors
     ]
+    tree = as_module(module)
+    commit_training = training_state.stage(os.fspath(path), tree, named, tensors, metadata, optimizer, scaler)
     for param, blocks in staged:
         param.commit(blocks)
+    commit_training()
     return LoadedCheckpoint(missing, unexpected, metadata)
 
 

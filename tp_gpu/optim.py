@@ -129,7 +129,12 @@ class Optimizer:
         Everything is checked (indices, keys, shapes) and staged on the devices
         before anything changes: on an error the optimizer is left as it was.
         """
-        staged = self._stage_state(state_dict)
+        self.commit_state_dict(state_dict, self.stage_state_dict(state_dict))
+
+    def commit_state_dict(
+        self, state_dict: Mapping[str, Any], staged: Dict[int, Dict[Hashable, BlockState]]
+    ) -> None:
+        """Install state made by :meth:`stage_state_dict` (and ``state_dict``'s settings)."""
         settings = state_dict.get("param_groups", [{}])
         for key, value in (settings[0] if settings else {}).items():
             if key in self.hyperparameters():
@@ -137,7 +142,7 @@ class Optimizer:
         for i, blocks in staged.items():
             self._state[i] = blocks
 
-    def _stage_state(self, state_dict: Mapping[str, Any]) -> Dict[int, Dict[Hashable, BlockState]]:
+    def stage_state_dict(self, state_dict: Mapping[str, Any]) -> Dict[int, Dict[Hashable, BlockState]]:
         """Every parameter's state checked and placed on its devices, without touching the optimizer."""
         if not isinstance(state_dict, Mapping) or "state" not in state_dict:
             kind = type(state_dict).__name__
