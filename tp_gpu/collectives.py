@@ -92,7 +92,7 @@ class InProcessNcclReduction:
         return self.fallback.combine(backend, per_device, dst, ufunc)
 
 
-_reductions: "weakref.WeakKeyDictionary[Any, Reduction]" = weakref.WeakKeyDictionary()
+_reductions: weakref.WeakKeyDictionary[Any, Reduction] = weakref.WeakKeyDictionary()
 
 
 def default_reduction(backend: Any) -> Reduction:

@@ -31,9 +31,8 @@ __all__ = ["GradScaler"]
 
 
 def _positive(value: Any, name: str, above_one: Optional[bool] = None) -> float:
-    ok = (
-        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and value > 0  # value stays Any here: numbers.Real declares no ">"
     if ok and above_one is True:
         ok = value > 1.0
     if ok and above_one is False:
@@ -61,18 +60,18 @@ class GradScaler:
         growth_interval: int = 2000,
         enabled: bool = True,
     ) -> None:
-        self._scale = _positive(init_scale, "init_scale")
-        self._growth_factor = _positive(growth_factor, "growth_factor", above_one=True)
-        self._backoff_factor = _positive(backoff_factor, "backoff_factor", above_one=False)
+        self._scale: float = _positive(init_scale, "init_scale")
+        self._growth_factor: float = _positive(growth_factor, "growth_factor", above_one=True)
+        self._backoff_factor: float = _positive(backoff_factor, "backoff_factor", above_one=False)
         if (
             isinstance(growth_interval, bool)
             or not isinstance(growth_interval, numbers.Integral)
             or growth_interval < 1
         ):
             raise ConfigError(f"growth_interval must be a positive integer, got {growth_interval!r}")
-        self._growth_interval = int(growth_interval)
-        self._growth_tracker = 0
-        self.enabled = bool(enabled)
+        self._growth_interval: int = int(growth_interval)
+        self._growth_tracker: int = 0
+        self.enabled: bool = bool(enabled)
         self._found_inf: Dict[int, bool] = {}  # per optimizer unscaled since the last update
 
     def get_scale(self) -> float:

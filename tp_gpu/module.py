@@ -34,7 +34,7 @@ class Module:
     """Base of every layer and model: a tree of modules holding :class:`ShardedParameter` s."""
 
     training: bool
-    _modules: Dict[str, "Module"]
+    _modules: Dict[str, Module]
     _parameters: Dict[str, ShardedParameter]
     _saved: Optional[Dict[str, Any]]
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
 from . import collectives
 from .collectives import Blocks
-from .comm import LocalComm
+from .comm import Communicator, LocalComm
 from .errors import ShapeError
 from .partition import BlockLayout
 
@@ -38,7 +38,12 @@ class ShardedTensor:
     """
 
     def __init__(
-        self, shards: Sequence[Any], axis: int, devices: Sequence[Hashable], backend, comm=None
+        self,
+        shards: Sequence[Any],
+        axis: int,
+        devices: Sequence[Hashable],
+        backend: Any,
+        comm: Optional[Communicator] = None,
     ) -> None:
         shards = list(shards)
         if not shards:
@@ -73,14 +78,14 @@ class ShardedTensor:
         self.shards: List[Any] = shards
         self.axis: int = axis
         self.devices: List[Hashable] = list(devices)
-        self.backend = backend
-        self.comm = LocalComm() if comm is None else comm
+        self.backend: Any = backend
+        self.comm: Communicator = LocalComm() if comm is None else comm
         self._blocks: Optional[Blocks] = None
         self._layout: Optional[BlockLayout] = None
 
     @classmethod
     def from_blocks(
-        cls, blocks: Blocks, axis: int, layout: BlockLayout, backend: Any, comm: Any = None
+        cls, blocks: Blocks, axis: int, layout: BlockLayout, backend: Any, comm: Optional[Communicator] = None
     ) -> ShardedTensor:
         """A ShardedTensor whose shards are views into per-device ``blocks`` laid out as ``layout``."""
         first = next(iter(blocks.values()))

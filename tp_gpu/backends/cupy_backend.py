@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError
-from .base import Backend, from_dlpack, host_array, is_cupy_array, is_dlpack_array
+from .base import Backend, Device, from_dlpack, host_array, is_cupy_array, is_dlpack_array
 
 __all__ = ["CupyBackend", "cupy_unavailable_reason", "enable_peer_access", "import_cupy", "probe_cupy"]
 
@@ -181,13 +181,13 @@ def enable_peer_access(cupy, devices) -> None:
 
 
 #: One copy stream per (CuPy module, GPU), shared by every backend of the process.
-_copy_streams: dict[tuple[int, int], Any] = {}
+_copy_streams: dict[tuple[int, Device], Any] = {}
 
 #: ``(event, buffers)`` of the peer copies that may still be reading ``buffers``.
 _in_flight: list[tuple[Any, Any]] = []
 
 
-def _copy_stream(cupy, device: int):
+def _copy_stream(cupy, device: Device):
     """The copy stream of GPU ``device`` (created on first use; non-blocking, so it
     does not synchronise with the legacy default stream)."""
     key = (id(cupy), device)
@@ -238,13 +238,13 @@ class CupyBackend(Backend):
         self.devices: tuple[int, ...] = tuple(devices)
         enable_peer_access(cupy, self.devices)
 
-    def device(self, device: int):
+    def device(self, device: Device):
         return self.xp.cuda.Device(device)
 
     def device_of(self, arr):
         return arr.device.id if is_cupy_array(arr) else "host"
 
-    def asarray(self, x, dtype, device: int):
+    def asarray(self, x, dtype, device: Device):
         cupy = self.xp
         if is_dlpack_array(x):  # a GPU tensor becomes a CuPy array on its GPU, a host one a NumPy array
             x = from_dlpack(x)
@@ -257,7 +257,7 @@ class CupyBackend(Backend):
         with cupy.cuda.Device(device):
             return cupy.asarray(host_array(x), dtype=dtype)
 
-    def to_device(self, arr, device: int):
+    def to_device(self, arr, device: Device):
         """``arr`` on GPU ``device``: itself if already there, else a peer copy (see the module docstring).
 
         Returns at once; work queued on ``device``'s current stream after this

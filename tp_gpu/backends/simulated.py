@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import normalize_devices
 from ..errors import DeviceMismatchError
-from .base import Backend, host_array
+from .base import Backend, Device, host_array
 
 __all__ = ["SimArray", "SimulatedBackend", "DEFAULT_SIMULATED_DEVICES", "current_device"]
 
@@ -107,7 +107,7 @@ class SimArray(np.ndarray):
     _sim_device: int = 0
 
     @property
-    def device(self) -> int:
+    def device(self) -> int:  # type: ignore[override]  # a simulated device id; ndarray's is always "cpu"
         """The simulated device id this array lives on."""
         return self._sim_device
 
@@ -179,7 +179,7 @@ class SimulatedBackend(Backend):
         self.transfers: Dict[Tuple[object, int], Tuple[int, int]] = {}
 
     @contextlib.contextmanager
-    def device(self, device: int):
+    def device(self, device: Device):
         if device not in self.devices:
             raise DeviceMismatchError(
                 f"device {device!r} is not one of this backend's devices {list(self.devices)}"
@@ -203,7 +203,7 @@ class SimulatedBackend(Backend):
         out._sim_device = device
         return out
 
-    def asarray(self, x, dtype, device: int):
+    def asarray(self, x, dtype, device: Device):
         if device not in self.devices:
             raise DeviceMismatchError(
                 f"device {device!r} is not one of this backend's devices {list(self.devices)}"
@@ -216,7 +216,7 @@ class SimulatedBackend(Backend):
             self._record(src, device, host.nbytes)
         return self._place(host, dtype, device)
 
-    def to_device(self, arr, device: int):
+    def to_device(self, arr, device: Device):
         if isinstance(arr, SimArray) and arr.device == device:
             return arr
         return self.asarray(arr, arr.dtype, device)

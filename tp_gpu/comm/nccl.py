@@ -118,7 +118,7 @@ class NcclComm(Communicator):
         except Exception as exc:
             raise BackendUnavailableError(f"comm='nccl' needs cupyx.distributed with NCCL ({exc})") from exc
         self._cupy = cupy
-        self._nccl = None
+        self._nccl: Any = None  # cupyx.distributed's NCCL process group, once initialised
         try:
             from .mpi import MpiComm
 
@@ -129,7 +129,7 @@ class NcclComm(Communicator):
         # Processes started without mpirun (TP_GPU_RANK/TP_GPU_WORLD_SIZE) each see an MPI
         # singleton of size 1 when mpi4py is installed: their ranks come from the environment.
         use_mpi = mpi is not None and (mpi.size > 1 or launched[1] == 1)
-        if use_mpi:
+        if use_mpi and mpi is not None:  # use_mpi implies mpi is not None
             self.rank, self.size = mpi.rank, mpi.size
             local_rank = _first_env(_LOCAL_RANK_VARS, self.rank)
         else:

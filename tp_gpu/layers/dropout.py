@@ -134,10 +134,10 @@ class Dropout(ParallelModule):
         super().__init__(config)
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
             raise ConfigError(f"dropout p must be a number in [0, 1), got {p!r}")
-        self.p = float(p)
-        self.seed = check_seed(seed)
+        self.p: float = float(p)
+        self.seed: int = check_seed(seed)
         self._join_group(p=self.p, seed=self.seed)
-        self.step = 0
+        self.step: int = 0
 
     def extra_repr(self) -> str:
         return f"p={self.p}, seed={self.seed}, step={self.step}"

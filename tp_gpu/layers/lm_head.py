@@ -11,10 +11,11 @@ gradient is the sum of both uses (``dE = dE_lookup + dZ^T X``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ConfigError
 from ..module import Module
+from ..parameter import ShardedParameter
 from ..regions import (
     SEQUENCE_AXIS,
     copy_to_region,
@@ -58,7 +59,9 @@ class TiedLMHead(Module):
         self.embedding_layout = embedding.layout
         self.group = embedding.group
         self.dtype = embedding.dtype
-        self.weight = embedding.weight  # the same ShardedParameter: one tensor, gradients summed
+        # The same ShardedParameter: one tensor, gradients summed. ParallelEmbedding registers
+        # ``weight`` through ``_add_parameter`` and does not declare it, hence the cast.
+        self.weight: ShardedParameter = cast(Any, embedding).weight
 
     def forward(self, x: Any) -> ShardedTensor:
         """Logits ``(..., V)`` as a ShardedTensor split like the embedding's table, for ``x`` ``(..., H)``."""
