@@ -91,10 +91,6 @@ class LayerSpec:
         """The tensor-parallel layer for ``shape``."""
         raise NotImplementedError
 
-    def split_size(self, shape: Shape) -> int:
-        """The dimension the workers split."""
-        return getattr(shape, self.split)
-
     def parts(self, layer: Any) -> list[Any]:
         """The primitive layers inside ``layer``; the last one produces the output."""
         return [layer]

@@ -154,11 +154,7 @@ def run_group(group: Group, options: Any, torch: Any, progress: Progress) -> lis
         return []
     data, shared, backend = group.data(), {}, None
     records: list[Record] = []
-    for n in options.workers:
-        if spec.split_size(group.shape) % n:
-            progress.note(f"skip: {label}, {n} workers do not divide {spec.split_size(group.shape)}")
-            progress.tick(f"{spec.name} workers={n}: skipped")
-            continue
+    for n in options.workers:  # any size splits over any worker count
         config = TensorParallelConfig(
             n_workers=n, backend=options.backend, devices=options.devices, dtype=group.dtype
         )
