@@ -164,14 +164,7 @@ def _nonfinite_cases():
     for value in ("inf", "nan"):
         for place in PLACES:
             for norm_type in NORM_TYPES:
-                marks = ()
-                if value == "nan" and math.isinf(norm_type):
-                    marks = pytest.mark.xfail(
-                        strict=True,
-                        reason="BUG: clip_grad_norm's inf norm drops a NaN gradient (Python max() "
-                        "ignores NaN unless first); torch returns NaN and makes every gradient NaN",
-                    )
-                cases.append(pytest.param(value, place, norm_type, marks=marks))
+                cases.append(pytest.param(value, place, norm_type))
     return cases
 
 

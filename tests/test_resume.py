@@ -356,11 +356,6 @@ def test_optimizer_load_state_dict_refuses_what_is_not_a_state_dict():
     _assert_unchanged(optimizer, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Optimizer.load_state_dict keeps the old state of parameters the loaded state dict has "
-    "no entry for; torch.optim replaces the whole state",
-)
 def test_optimizer_load_state_dict_replaces_the_whole_state_as_torch():
     """Parameters without state in the loaded dict (never stepped) have none after loading."""
     model = make_model(2)

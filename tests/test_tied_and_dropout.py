@@ -322,12 +322,6 @@ def test_dropout_changes_the_training(dropout_reference):
     assert not np.allclose(losses, ref_losses[:3], rtol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TensorParallelError,
-    reason="BUG: Dropout(p=0.0) in training mode keeps nothing in forward, so its backward raises "
-    "'called without a preceding forward'; torch.nn.Dropout(0.0) is the identity both ways",
-)
 def test_dropout_with_p_zero_is_the_identity_forward_and_backward():
     drop = Dropout(0.0, config_for("sim3", 2), seed=1)
     x = np.random.default_rng(0).standard_normal((BATCH, SEQ, HIDDEN))

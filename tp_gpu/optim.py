@@ -139,6 +139,7 @@ class Optimizer:
         for key, value in (settings[0] if settings else {}).items():
             if key in self.hyperparameters():
                 setattr(self, key, tuple(value) if isinstance(value, list) else value)
+        self._state = [{d: {} for d in p.blocks} for p in self.params]  # replaced whole, as torch.optim
         for i, blocks in staged.items():
             self._state[i] = blocks
 
@@ -361,14 +362,19 @@ def _global_norm(params: List[ShardedParameter], norm_type: float) -> float:
         block_norm = partial(_block_norm, p.backend.xp, norm_type)
         partial_norms = collectives.on_devices(p.backend, block_norm, p.grad_blocks, keys=keys)
         values = [float(collectives.to_host(p.backend, v)) for v in partial_norms.values()]
-        local = max(values) if infinite else sum(values)
+        local = _nan_max(*values) if infinite else sum(values)
         if p.layout is None:
-            whole_part = max(whole_part, local) if infinite else whole_part + local
+            whole_part = _nan_max(whole_part, local) if infinite else whole_part + local
         else:
-            split_part = max(split_part, local) if infinite else split_part + local
+            split_part = _nan_max(split_part, local) if infinite else split_part + local
     comm = params[0].comm
     if comm.size > 1:
         split_part = float(collectives.all_reduce_host_scalar(comm, split_part, "max" if infinite else "sum"))
     if infinite:
-        return max(split_part, whole_part)
+        return _nan_max(split_part, whole_part)
     return (split_part + whole_part) ** (1.0 / norm_type)
+
+
+def _nan_max(*values: float) -> float:
+    """The largest of ``values``, NaN if any is NaN (Python's ``max`` drops a NaN that is not first)."""
+    return float(np.max(values))

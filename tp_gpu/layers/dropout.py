@@ -144,7 +144,10 @@ class Dropout(ParallelModule):
 
     def forward(self, x: Any) -> Any:
         """Drop elements of ``x`` (any shape, on the output device) at random; the identity in eval mode."""
-        if not self.training or self.p == 0.0:
+        if not self.training:
+            return x
+        if self.p == 0.0:  # the identity both ways; backward still needs a forward first
+            self._keep({"identity": True})
             return x
         if isinstance(x, ShardedTensor):
             return self._forward_sharded(x)
@@ -174,6 +177,8 @@ class Dropout(ParallelModule):
     def backward(self, grad_output: Any) -> Any:
         """``dx = dy * keep / (1 - p)`` (split like the forward input for a ShardedTensor input)."""
         saved = self._take_saved()
+        if "identity" in saved:
+            return grad_output
         if "sharded" in saved:
             shape, axis, layout, comm = saved["sharded"]
             grad = self._check_grad_shape(grad_output, shape, "Dropout", sharded=True)
