@@ -149,7 +149,7 @@ def _little_endian(a: np.ndarray) -> np.ndarray:
 
 
 def _sha256(a: np.ndarray) -> str:
-    return hashlib.sha256(_little_endian(a).reshape(-1).view(np.uint8)).hexdigest()
+    return hashlib.sha256(_little_endian(a).reshape(-1).view(np.uint8).tobytes()).hexdigest()
 
 
 def _summary(values) -> str:
@@ -170,8 +170,8 @@ def _metadata(
     partition = {
         name: {
             "axis": p.axis,
-            "sizes": None if p.axis is None else list(p.layout.sizes),
-            "devices": [d if isinstance(d, str) else int(d) for d in p.devices],
+            "sizes": None if p.layout is None else list(p.layout.sizes),
+            "devices": [d if isinstance(d, str) else int(d) for d in p.devices],  # type: ignore[call-overload]
         }
         for name, p in named
     }

@@ -187,7 +187,7 @@ class SGD(Optimizer):
     ``v <- momentum * v + g`` (``v = g`` on the first step), ``w <- w - lr * v``.
     """
 
-    STATE_KEYS = ("momentum_buffer",)
+    STATE_KEYS: Tuple[str, ...] = ("momentum_buffer",)
 
     def __init__(self, params: Iterable[ShardedParameter], lr: float, momentum: float = 0.0) -> None:
         self.lr = _check_number(lr, "lr", 0.0, math.inf, low_open=True)

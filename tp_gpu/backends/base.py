@@ -15,7 +15,15 @@ import numpy as np
 
 from ..errors import ShapeError, TensorParallelError
 
-__all__ = ["Backend", "is_cupy_array", "is_dlpack_array", "from_dlpack", "as_array", "host_array", "erf_function"]
+__all__ = [
+    "Backend",
+    "is_cupy_array",
+    "is_dlpack_array",
+    "from_dlpack",
+    "as_array",
+    "host_array",
+    "erf_function",
+]
 
 Device = Hashable
 
@@ -71,7 +79,9 @@ def from_dlpack(x: Any) -> Any:
     try:
         device_type, device_id = (int(v) for v in x.__dlpack_device__())
     except Exception as exc:  # a broken or unusual __dlpack_device__
-        raise ShapeError(f"could not read the DLPack device of a {kind} ({type(exc).__name__}: {exc})") from exc
+        raise ShapeError(
+            f"could not read the DLPack device of a {kind} ({type(exc).__name__}: {exc})"
+        ) from exc
     if device_type in DLPACK_HOST_TYPES:
         importer, importer_name = np.from_dlpack, "NumPy"
     elif device_type in DLPACK_GPU_TYPES:
@@ -155,7 +165,9 @@ def erf_function(xp: Any) -> Any:
     try:
         import scipy.special
     except ImportError as exc:  # pragma: no cover - scipy is a dependency
-        raise TensorParallelError(f"the exact GELU needs scipy.special.erf ({exc}); pip install scipy") from exc
+        raise TensorParallelError(
+            f"the exact GELU needs scipy.special.erf ({exc}); pip install scipy"
+        ) from exc
     return scipy.special.erf
 
 

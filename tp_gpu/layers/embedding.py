@@ -10,6 +10,8 @@ from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import IndexOutOfRangeError, ShapeError
 from ..initializers import embedding_uniform
+from ..parameter import ShardedParameter
+from ..partition import BlockLayout
 from ..regions import Blocks, copy_to_region, reduce_from_region
 from .base import ParallelModule, as_array_like, check_seed
 
@@ -48,6 +50,9 @@ class ParallelEmbedding(ParallelModule):
         rows are zero and never looked up; ``full_weight()``, state dicts and
         checkpoints hold the ``vocab_size`` logical rows only.
     """
+
+    weight: ShardedParameter
+    layout: BlockLayout
 
     def __init__(
         self,

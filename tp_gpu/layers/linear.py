@@ -115,6 +115,7 @@ class _ParallelLinear(ParallelModule):
 
     weight: ShardedParameter
     bias: ShardedParameter
+    layout: BlockLayout
 
     def __init__(
         self,

@@ -89,9 +89,9 @@ class VocabParallelCrossEntropy(Module):
         if reduction not in REDUCTIONS:
             raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.class_weight: np.ndarray | None = None if weight is None else _check_weight(weight)
-        self.ignore_index = int(ignore_index)
-        self.label_smoothing = float(label_smoothing)
-        self.reduction = reduction
+        self.ignore_index: int = int(ignore_index)
+        self.label_smoothing: float = float(label_smoothing)
+        self.reduction: str = reduction
 
     def extra_repr(self) -> str:
         weighted = ", weight=..." if self.class_weight is not None else ""
