@@ -7,16 +7,8 @@ from .backends import get_backend
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .comm import get_communicator
 from .config import TensorParallelConfig
-from .errors import (
-    BackendUnavailableError,
-    CheckpointError,
-    CommError,
-    ConfigError,
-    DeviceMismatchError,
-    IndexOutOfRangeError,
-    ShapeError,
-    TensorParallelError,
-)
+from .errors import *  # noqa: F403  (every exception, as listed in errors.__all__)
+from .errors import __all__ as _error_names
 from .grad_scaler import GradScaler
 from .group import TensorParallelGroup, get_group
 from .layers import (
@@ -69,14 +61,7 @@ __all__ = [
     "clip_grad_norm",
     "GradScaler",
     "Dropout",
-    "TensorParallelError",
-    "ConfigError",
-    "ShapeError",
-    "IndexOutOfRangeError",
-    "BackendUnavailableError",
-    "DeviceMismatchError",
-    "CheckpointError",
-    "CommError",
+    *_error_names,
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint",

@@ -145,19 +145,11 @@ class _GatherFromSequenceParallelRegion:
 class _ReduceScatterToSequenceParallelRegion:
     """Forward: each device's partial ``Y_d`` (a row layer's ``X_d A_d``) summed and split along the
     sequence: device ``d`` gets its slices of ``sum_e Y_e`` (reduce-scatter). Backward: the
-    slices of ``dY`` all-gathered, whole on every device."""
+    slices of ``dY`` all-gathered, whole on every device. The conjugate of the all-gather region:
+    its forward is that region's backward, and the other way round."""
 
-    @staticmethod
-    def forward(
-        group: TensorParallelGroup, partials: Blocks, layout: BlockLayout, axis: int = SEQUENCE_AXIS
-    ) -> Blocks:
-        return collectives.reduce_scatter_blocks(group.backend, partials, axis, layout, group.comm)
-
-    @staticmethod
-    def backward(
-        group: TensorParallelGroup, grads: Blocks, layout: BlockLayout, axis: int = SEQUENCE_AXIS
-    ) -> Blocks:
-        return collectives.all_gather_blocks(group.backend, grads, axis, layout, group.comm)
+    forward = staticmethod(_GatherFromSequenceParallelRegion.backward)
+    backward = staticmethod(_GatherFromSequenceParallelRegion.forward)
 
 
 class _ScatterToSequenceParallelRegion:
