@@ -41,103 +41,19 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
+if str(Path(__file__).resolve().parent.parent) not in sys.path:  # run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.machine import cpu_model  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH_SIZE = 32
 TARGET = 1.3
 
-#: Real sentences: captions as in STS-B, openings of public-domain novels, and technical prose.
-CORPUS = [
-    "A man is playing a guitar.",
-    "A woman is slicing an onion.",
-    "Two dogs are running through a field of tall grass.",
-    "A child is riding a red bicycle down the street.",
-    "The cat sat on the windowsill watching the rain.",
-    "A group of people are dancing at a wedding.",
-    "The train was late again this morning.",
-    "She bought fresh bread and cheese at the market.",
-    "Stock markets fell sharply after the announcement.",
-    "The committee will meet again next Tuesday to review the budget.",
-    "Heavy rain caused flooding in several coastal towns overnight.",
-    "The museum reopened after a two-year renovation.",
-    "He forgot his umbrella and got soaked on the way home.",
-    "Scientists have discovered a new species of frog in the rainforest.",
-    "The recipe calls for two cups of flour and a pinch of salt.",
-    "Please remember to switch off the lights when you leave the office.",
-    "Call me Ishmael.",
-    "It was a bright cold day in April, and the clocks were striking thirteen.",
-    "All happy families are alike; each unhappy family is unhappy in its own way.",
-    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-    "must be in want of a wife.",
-    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
-    "it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had "
-    "everything before us, we had nothing before us.",
-    "Happy families are all alike, but the Bennets were not a happy family in any sense of the word.",
-    "Whether I shall turn out to be the hero of my own life, or whether that station will be held by "
-    "anybody else, these pages must show.",
-    "In my younger and more vulnerable years my father gave me some advice that I've been turning over "
-    "in my mind ever since.",
-    "The sun shone, having no alternative, on the nothing new.",
-    "Mr. and Mrs. Dursley, of number four, Privet Drive, were proud to say that they were perfectly "
-    "normal, thank you very much.",
-    "There was no possibility of taking a walk that day.",
-    "Marley was dead: to begin with.",
-    "Far out in the uncharted backwaters of the unfashionable end of the western spiral arm of the "
-    "Galaxy lies a small unregarded yellow sun.",
-    "It was a dark and stormy night; the rain fell in torrents, except at occasional intervals, when it "
-    "was checked by a violent gust of wind which swept up the streets.",
-    "The studio was filled with the rich odour of roses, and when the light summer wind stirred amidst "
-    "the trees of the garden, there came through the open door the heavy scent of the lilac.",
-    "Tensor parallelism splits each weight matrix of a transformer over several devices.",
-    "The column-parallel layer computes its share of the output without any communication.",
-    "A row-parallel layer sums the partial products of all workers with one all-reduce.",
-    "Mean pooling averages the token embeddings, ignoring the padding positions.",
-    "The tokenizer truncates every sentence to at most the maximum sequence length.",
-    "Each attention head attends to every token of the sequence with its own queries and keys.",
-    "Layer normalisation rescales each activation vector to zero mean and unit variance.",
-    "Gradients are accumulated on the device that holds the corresponding shard of the parameter.",
-    "When the vocabulary does not divide evenly, the first workers receive one more row of the table.",
-    "The benchmark compares the median time of many repetitions, and reports the spread as well.",
-    "A checkpoint stores the logical weights, so it loads into any number of workers on any backend.",
-    "Where is the nearest train station?",
-    "How much does a ticket to the city centre cost?",
-    "Could you recommend a good restaurant nearby?",
-    "The weather forecast predicts sunshine for the whole weekend.",
-    "Our flight was delayed by three hours because of a storm over the Atlantic.",
-    "The children built a sandcastle on the beach and watched the tide wash it away.",
-    "He has been learning to play the piano for nearly ten years, and he still practises every evening "
-    "before dinner.",
-    "The old lighthouse keeper climbed the spiral staircase every night to light the lamp, even after the "
-    "ships had stopped coming.",
-    "Researchers found that people who sleep less than six hours a night are more likely to catch a cold "
-    "when exposed to the virus.",
-    "The new library has a reading room on the top floor with a view over the river and the hills beyond it.",
-    "After the concert, the orchestra was given a standing ovation that lasted almost ten minutes.",
-    "Volunteers planted more than two thousand trees along the river bank last spring.",
-    "The software update fixes a bug that caused the application to crash when saving large files.",
-    "A spokesperson said the company would not comment on rumours of a merger.",
-    "The mountain road was closed for several days after a landslide blocked it completely.",
-    "She finished the marathon in just under four hours, despite a painful blister on her left foot.",
-    "The bakery on the corner sells the best croissants in town, but they are usually gone by nine.",
-    "The city council approved plans for a new cycle lane connecting the university with the station.",
-    "The garden was overgrown with weeds, and nobody had opened the gate for years.",
-    "He read the letter twice before folding it carefully and putting it back in the envelope.",
-    "Good morning!",
-    "Thank you very much.",
-]
+#: Real sentences (captions as in STS-B, openings of public-domain novels, technical prose), one a line.
+CORPUS = (Path(__file__).resolve().parent / "encode_sentences.txt").read_text(encoding="utf-8").splitlines()
 
 
 # --- the machine -------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(threads: int) -> Dict[str, Any]:
