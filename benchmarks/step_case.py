@@ -54,6 +54,8 @@ PHASES = (
 #: The parameters, in the order every side lists them.
 PARAM_NAMES = ("embed", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "head.weight", "head.bias")
 LR, BETAS, EPS = 1e-4, (0.9, 0.999), 1e-8
+#: The side that runs the loss in its default mode (the logits kept, a logits-sized array allocated).
+KEPT = "tp logits kept"
 
 
 class StepMismatch(RuntimeError):
@@ -138,9 +140,10 @@ class Side:
 
 
 class TpStep(Side):
-    """The tp_gpu model at ``n_workers`` on the numpy backend, with :class:`tp_gpu.Adam`."""
+    """The tp_gpu model at ``n_workers`` on the numpy backend, with :class:`tp_gpu.Adam`; the loss
+    computes in the logits' memory (``inplace``), as dense does, unless ``inplace=False``."""
 
-    def __init__(self, shape: StepShape, n_workers: int, dtype: str) -> None:
+    def __init__(self, shape: StepShape, n_workers: int, dtype: str, inplace: bool = True) -> None:
         super().__init__()
         config = TensorParallelConfig(n_workers=n_workers, backend="numpy", dtype=dtype)
         self.embedding = ParallelEmbedding(shape.vocab, shape.dim, config, seed=1)
@@ -148,7 +151,7 @@ class TpStep(Side):
         self.head = ColumnParallelLinear(
             shape.dim, shape.vocab, dataclasses.replace(config, gather_output=False), seed=3
         )
-        self.loss = VocabParallelCrossEntropy()
+        self.loss = VocabParallelCrossEntropy(inplace=inplace)
         layers = (self.embedding, self.mlp, self.head)
         params = [p for layer in layers for p in layer.parameters()]
         self.params = dict(zip(PARAM_NAMES, params))
@@ -375,6 +378,7 @@ def build_sides(
     """``{"dense", "torch" (if given), "tp p=N" ...}`` on one set of weight arrays and one batch of
     random ids and targets (both ends of the vocabulary among them); and those weight arrays."""
     tps = {f"tp p={n}": TpStep(shape, n, dtype) for n in workers}
+    tps[KEPT] = TpStep(shape, min(workers), dtype, inplace=False)
     weights = next(iter(tps.values())).logical_weights()
     for tp in tps.values():
         tp.share(weights)

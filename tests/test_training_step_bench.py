@@ -21,6 +21,7 @@ from tp_gpu import (  # noqa: E402
     SGD,
     Adam,
     ColumnParallelLinear,
+    ConfigError,
     ShardedTensor,
     TensorParallelConfig,
     VocabParallelCrossEntropy,
@@ -69,6 +70,7 @@ def test_every_side_and_phase_is_recorded(run, torch_or_none):
     data, _ = run
     (step,) = [r for r in data["results"] if r["case"] == "training step"]
     expected = ["dense"] + (["torch"] if torch_or_none is not None else []) + [f"tp p={n}" for n in WORKERS]
+    expected.append(step_case.KEPT)  # the loss in its default mode, at the fewest workers
     assert list(step["sides"]) == expected
     for name, side in step["sides"].items():
         assert len(side["times_s"]) >= 3, name
@@ -80,7 +82,8 @@ def test_every_side_and_phase_is_recorded(run, torch_or_none):
             parts = sum(times[k] for times in side["phases_s"].values())
             assert parts <= total * 1.001 + 1e-6 and parts >= 0.5 * total, (name, k)
     errors = step["check"]["errors"]
-    assert all(errors[f"tp p={n}"]["error"] <= step["check"]["allowed_relative_error"] for n in WORKERS)
+    tps = [f"tp p={n}" for n in WORKERS] + [step_case.KEPT]
+    assert all(errors[name]["error"] <= step["check"]["allowed_relative_error"] for name in tps)
 
 
 def test_targets_and_micro_benchmarks_are_recorded(run, torch_or_none):
@@ -227,3 +230,55 @@ def test_loss_allocates_no_more_than_one_logits_buffer(n_workers):
     assert forward_peak <= 1.1 * logits_host.nbytes
     assert backward_peak <= 0.1 * logits_host.nbytes
     assert grad.dtype == np.float32
+
+
+def _logits(n_workers: int, dtype: str, pad: int | None, rows: int = 64, vocab: int = 1000):
+    config = TensorParallelConfig(n_workers=n_workers, backend="numpy", dtype=dtype)
+    layout = ColumnParallelLinear(3, vocab, config, pad_to_multiple_of=pad).layout
+    block = np.random.default_rng(2).standard_normal((rows, layout.block_lengths["cpu"])).astype(dtype)
+    targets = np.random.default_rng(3).integers(0, vocab, size=rows)
+    targets[::7] = -100  # some rows ignored
+    return ShardedTensor.from_blocks({"cpu": block}, -1, layout, get_backend("numpy")), targets
+
+
+@pytest.mark.parametrize("pad", [None, 64])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_inplace_loss_equals_the_default(pad, dtype, smoothing):
+    """``inplace=True`` gives the default's loss and dZ; it overwrites float32/float64 logits (and
+    returns dZ in their memory), and leaves float16 logits alone (they are widened into a copy)."""
+    kept, targets = _logits(3, dtype, pad)
+    original = kept.device_blocks()["cpu"].copy()
+    default = VocabParallelCrossEntropy(label_smoothing=smoothing)
+    expected_loss = default(kept, targets)
+    expected = default.backward().device_blocks()["cpu"]
+    np.testing.assert_array_equal(kept.device_blocks()["cpu"], original)  # the default only reads
+    logits, _ = _logits(3, dtype, pad)
+    inplace = VocabParallelCrossEntropy(label_smoothing=smoothing, inplace=True)
+    assert inplace(logits, targets) == pytest.approx(expected_loss, rel=1e-12)
+    grad = inplace.backward().device_blocks()["cpu"]
+    np.testing.assert_array_equal(grad, expected)
+    block = logits.device_blocks()["cpu"]
+    assert np.shares_memory(grad, block) == (dtype != "float16")
+    if dtype == "float16":
+        np.testing.assert_array_equal(block, original)
+
+
+def test_inplace_loss_allocates_no_logits_sized_array():
+    logits, targets = _logits(4, "float32", None, rows=256, vocab=4000)
+    loss = VocabParallelCrossEntropy(inplace=True)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        loss(logits, targets)
+        loss.backward()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak <= 0.1 * logits.device_blocks()["cpu"].nbytes
+
+
+def test_inplace_must_be_a_bool():
+    with pytest.raises(ConfigError, match="inplace must be True or False"):
+        VocabParallelCrossEntropy(inplace="yes")

@@ -64,12 +64,20 @@ class VocabParallelCrossEntropy(Module):
     reduction : {"mean", "sum", "none"}
         ``"mean"`` over non-ignored rows, weighted by ``w_t`` (NaN when every row
         is ignored, as in PyTorch), ``"sum"``, or ``"none"`` for the per-row losses.
+    inplace : bool
+        Compute in the logits' own memory (float32 and float64 logits): forward
+        overwrites them with ``exp(Z - max)`` and backward returns ``dZ`` there,
+        as Megatron-LM's ``vocab_parallel_cross_entropy`` does. This saves one
+        logits-sized allocation per step (on the host, where a fresh one is
+        paid in page faults, 0.75 s of a 6 s step at 4096 x 50,000 float32 on
+        a small VM). Default False: the caller's logits are never modified.
 
     Notes
     -----
     Arithmetic runs in float32 for float16 logits, else in the logits' dtype;
-    each device keeps one accumulator-dtype copy of its logits for backward
-    (none in eval mode). The caller's logits are never modified.
+    unless ``inplace``, each device keeps one accumulator-dtype array the size
+    of its logits for backward, written in one pass from them (none in eval
+    mode), and the caller's logits are never modified.
     """
 
     def __init__(
@@ -79,8 +87,11 @@ class VocabParallelCrossEntropy(Module):
         ignore_index: int = -100,
         label_smoothing: float = 0.0,
         reduction: str = "mean",
+        inplace: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(inplace, (bool, np.bool_)):
+            raise ConfigError(f"inplace must be True or False, got {inplace!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
             raise ConfigError(f"ignore_index must be an integer, got {ignore_index!r}")
         smoothing_ok = isinstance(label_smoothing, numbers.Real) and not isinstance(label_smoothing, bool)
@@ -92,12 +103,13 @@ class VocabParallelCrossEntropy(Module):
         self.ignore_index: int = int(ignore_index)
         self.label_smoothing: float = float(label_smoothing)
         self.reduction: str = reduction
+        self.inplace: bool = bool(inplace)
 
     def extra_repr(self) -> str:
         weighted = ", weight=..." if self.class_weight is not None else ""
         return (
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"reduction={self.reduction!r}{weighted}"
+            f"reduction={self.reduction!r}{weighted}" + (", inplace=True" if self.inplace else "")
         )
 
     # ------------------------------------------------------------------ inputs
@@ -157,7 +169,7 @@ class VocabParallelCrossEntropy(Module):
         if self.class_weight is not None:
             weights = collectives.scatter_blocks(backend, self.class_weight, 0, layout, acc)
         blocks = logits.device_blocks()
-        prepare = partial(_prepare_shard, backend.xp, layout, acc)
+        prepare = partial(_prepare_shard, backend.xp, layout, acc, self.inplace)
         return collectives.on_devices(
             backend,
             prepare,
@@ -205,13 +217,13 @@ class VocabParallelCrossEntropy(Module):
         return loss
 
     def _shard_terms(self, xp: Any, shard: dict[str, Any], m: Any) -> dict[str, Any]:
-        """On one device: ``z = Z_d - m`` (one pass into the device's one logits-sized array), then
-        ``z`` becomes ``exp(z)`` in place; the row sums of it, and the target's ``z_t`` and ``w_t`` where
-        this device owns the target, and ``sum_j w_j z_j``."""
+        """On one device: ``z = Z_d - m`` (in place where ``z`` may be written, else one pass into the
+        device's one logits-sized array), then ``z`` becomes ``exp(z)`` in place; the row sums of it, and
+        the target's ``z_t`` and ``w_t`` where this device owns the target, and ``sum_j w_j z_j``."""
         shard = dict(shard)
         z, w, owned, local = shard.pop("z"), shard["w"], shard["owned"], shard["local"]
-        if shard["copied"]:
-            z -= m[..., None]  # the masked copy, shifted in place
+        if shard["writable"]:
+            z -= m[..., None]  # a masked copy, or the logits themselves (inplace)
         else:
             z = xp.subtract(z, m[..., None], dtype=m.dtype)  # the caller's logits, shifted into a new array
         if z.shape[-1]:
@@ -348,15 +360,17 @@ def _check_weight(weight: Any) -> np.ndarray:
 
 
 def _prepare_shard(
-    xp: Any, layout: Any, acc: Any, block: Any, t: Any, device: Hashable, w: Any
+    xp: Any, layout: Any, acc: Any, inplace: bool, block: Any, t: Any, device: Hashable, w: Any
 ) -> dict[str, Any]:
-    """One device's state: ``z`` (its logits; with padding a copy in ``acc``, padded columns at -inf,
-    and ``copied``), its class weights ``w``, padding ``mask``, the row ``max`` (in ``acc``) and, for
-    each row, whether it ``owned`` the target and where (``local``). The caller's logits are only read."""
+    """One device's state: ``z`` (its logits, or with padding a copy in ``acc``; padded columns at
+    -inf) and whether it is ``writable`` (a copy, or the logits with ``inplace``), its class weights
+    ``w``, padding ``mask``, the row ``max`` (in ``acc``) and, for each row, whether it ``owned`` the
+    target and where (``local``). Without ``inplace`` the caller's logits are only read."""
     mask = layout.logical_mask(xp, device)
-    z, copied = block, mask is not None
-    if copied:
-        z = block.astype(acc)  # the forward shifts it in place
+    z, writable = block, inplace and block.dtype == acc
+    if mask is not None:
+        if not writable:
+            z, writable = block.astype(acc), True  # the forward shifts it in place
         xp.copyto(z, -np.inf, where=~mask)  # padded columns: no probability
     owned, local = layout.owned_local(xp, t, device)
     if owned is None:  # this device holds the whole vocabulary: only ignored rows are not owned
@@ -366,7 +380,8 @@ def _prepare_shard(
         row_max = z.max(axis=-1).astype(acc, copy=False)
     else:
         row_max = xp.full(z.shape[:-1], -np.inf, dtype=acc)
-    return {"z": z, "copied": copied, "w": w, "mask": mask, "owned": owned, "local": local, "max": row_max}
+    state = {"z": z, "writable": writable, "w": w, "mask": mask, "owned": owned, "local": local}
+    return {**state, "max": row_max}
 
 
 def matmul_vector(x: Any, v: Any) -> Any:
