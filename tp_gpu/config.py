@@ -45,6 +45,12 @@ def _normalize_dtype(dtype) -> str:
         name = np.dtype(dtype).name
     except TypeError:
         name = None
+    if name is None and str(dtype).lower() in ("bfloat16", "bf16"):
+        raise ConfigError(
+            f"dtype {dtype!r} is not supported: NumPy has no bfloat16 and tp_gpu does not emulate it; "
+            f"expected one of {SUPPORTED_DTYPES} (for mixed precision: 'float16', which trains with "
+            "float32 master weights and GradScaler)"
+        )
     if name not in SUPPORTED_DTYPES:
         raise ConfigError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype!r}")
     return name
