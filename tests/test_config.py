@@ -182,3 +182,9 @@ def test_single_process_comm_reports_rank_and_world_size():
 def test_unknown_comm_is_a_config_error():
     with pytest.raises(ConfigError, match=r"comm must be one of \('local', 'mpi', 'nccl'\), got 'gloo'"):
         TensorParallelConfig(comm="gloo")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "bf16"])
+def test_bfloat16_is_refused_saying_what_to_use(dtype):
+    with pytest.raises(ConfigError, match=rf"dtype '{dtype}' is not supported.*'float16'.*master weights"):
+        TensorParallelConfig(dtype=dtype)
