@@ -28,9 +28,16 @@ from .layers.loss import VocabParallelCrossEntropy
 from .placement import worker_devices
 from .testing import compare
 
-#: Self-check sizes, odd on purpose: leading axes, in and out features; the split dim is SPLIT * n_workers.
+#: Self-check sizes, odd on purpose: leading axes, in and out features; the split dim is split_dim(n).
 LEAD, IN, OUT, SPLIT = (3, 5), 13, 11, 7
 ROWS = math.prod(LEAD)
+
+
+def split_dim(n_workers: int) -> int:
+    """The split dimension for ``n_workers``: ``SPLIT * n + 1``, uneven on every count from 2."""
+    return SPLIT * n_workers + 1
+
+
 BENCHMARK_HINT = "timings: python benchmarks/bench_layers.py --quick   (or python -m benchmarks)"
 
 Stage = dict[str, tuple[Any, np.ndarray, int]]  # quantity -> (actual, float64 reference, summed terms)
@@ -145,18 +152,18 @@ def linear_case(layer, rng: np.random.Generator) -> Case:
 
 
 def column_case(config: TensorParallelConfig, n: int, rng: np.random.Generator) -> Case:
-    """ColumnParallelLinear ``IN -> SPLIT * n``, output gathered."""
-    yield from linear_case(ColumnParallelLinear(IN, SPLIT * n, config=config, seed=n), rng)
+    """ColumnParallelLinear ``IN -> split_dim(n)``, output gathered."""
+    yield from linear_case(ColumnParallelLinear(IN, split_dim(n), config=config, seed=n), rng)
 
 
 def row_case(config: TensorParallelConfig, n: int, rng: np.random.Generator) -> Case:
-    """RowParallelLinear ``SPLIT * n -> OUT``, its dense input split by the layer."""
-    yield from linear_case(RowParallelLinear(SPLIT * n, OUT, config=config, seed=n), rng)
+    """RowParallelLinear ``split_dim(n) -> OUT``, its dense input split by the layer."""
+    yield from linear_case(RowParallelLinear(split_dim(n), OUT, config=config, seed=n), rng)
 
 
 def mlp_case(config: TensorParallelConfig, n: int, rng: np.random.Generator) -> Case:
-    """ParallelMLP ``IN -> SPLIT * n -> OUT``: column, GELU on each shard, row."""
-    hidden = SPLIT * n
+    """ParallelMLP ``IN -> split_dim(n) -> OUT``: column, GELU on each shard, row."""
+    hidden = split_dim(n)
     mlp = random_biases(ParallelMLP(IN, hidden, OUT, config=config, seed=n, activation="gelu"), rng)
     a, a_bias = mlp.fc1.full_weight(), mlp.fc1.full_bias()  # (IN, hidden), (hidden,)
     w, w_bias = mlp.fc2.full_weight(), mlp.fc2.full_bias()  # (hidden, OUT), (OUT,)
@@ -172,10 +179,10 @@ def mlp_case(config: TensorParallelConfig, n: int, rng: np.random.Generator) -> 
 
 
 def embedding_case(config: TensorParallelConfig, n: int, rng: np.random.Generator) -> Case:
-    """ParallelEmbedding of ``SPLIT * n`` rows of ``IN`` features, looked up by random ids."""
-    layer = ParallelEmbedding(SPLIT * n, IN, config=config, seed=n)
+    """ParallelEmbedding of ``split_dim(n)`` rows of ``IN`` features, looked up by random ids."""
+    layer = ParallelEmbedding(split_dim(n), IN, config=config, seed=n)
     table = layer.full_weight()
-    ids, dy = token_ids(rng, SPLIT * n), sample(rng, (*LEAD, IN), config.dtype)
+    ids, dy = token_ids(rng, split_dim(n)), sample(rng, (*LEAD, IN), config.dtype)
     yield "forward", {"Y": (output(layer, layer(ids)), table[ids], 1)}  # (vocab, IN)[ids] -> (*LEAD, IN)
     layer.backward(dy)
     expected = np.zeros(table.shape)  # float64
@@ -184,8 +191,8 @@ def embedding_case(config: TensorParallelConfig, n: int, rng: np.random.Generato
 
 
 def loss_case(config: TensorParallelConfig, n: int, rng: np.random.Generator) -> Case:
-    """A column head ``IN -> V = SPLIT * n`` whose split logits go into VocabParallelCrossEntropy."""
-    vocab, split = SPLIT * n, dataclasses.replace(config, gather_output=False)
+    """A column head ``IN -> V = split_dim(n)`` whose split logits go into VocabParallelCrossEntropy."""
+    vocab, split = split_dim(n), dataclasses.replace(config, gather_output=False)
     head = random_biases(ColumnParallelLinear(IN, vocab, config=split, seed=n), rng)
     w, b = head.full_weight(), head.full_bias()
     x, targets = sample(rng, (*LEAD, IN), config.dtype), token_ids(rng, vocab)
