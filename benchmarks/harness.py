@@ -284,11 +284,14 @@ def set_blas_threads(n: int) -> bool:
 
 
 def pin_threads(threads: int | None, torch: Any, on_gpu: bool) -> str | None:
-    """Pin NumPy's BLAS to ``threads`` (None: leave it) and CPU torch to as many threads as that BLAS.
+    """Pin NumPy's BLAS to ``threads`` (None: leave it), tp_gpu's own host kernels (the embedding
+    backward's scatter, ``$TP_GPU_NUM_THREADS``) too, and CPU torch to as many threads as that BLAS.
 
     Returns a note when BLAS cannot be pinned.
     """
     note = None
+    if threads is not None:
+        os.environ["TP_GPU_NUM_THREADS"] = str(threads)
     if threads is not None and not set_blas_threads(threads):
         note = (
             f"note: could not set NumPy's BLAS threads to {threads} (not OpenBLAS?); "

@@ -9,8 +9,9 @@
 * **The embedding backward**, ``dE = 0; dE[ids] += dY``: the library's kernel
   (``backend.scatter_add_rows``), the layer's whole backward, and the NumPy alternatives (sorting the
   ids and ``np.add.reduceat``, the library's kernel before issue 17; ``np.add.at``; one ``np.bincount``
-  per column), against ``torch.zeros(...).index_add_`` and ``aten.embedding_dense_backward`` (what
-  ``F.embedding``'s backward runs).
+  per column; the sparse product in compressed-row form, where the library's compressed-column one
+  reads the rows in order), against ``torch.zeros(...).index_add_`` and
+  ``aten.embedding_dense_backward`` (what ``F.embedding``'s backward runs).
 """
 
 from __future__ import annotations
@@ -118,6 +119,15 @@ def bincount_columns(shape: tuple[int, int], ids: np.ndarray, rows: np.ndarray) 
     return out
 
 
+def csr_product(shape: tuple[int, int], ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``S @ rows`` with ``S`` in compressed-row form (SciPy sorts the entries by id to build it; the
+    product then gathers the rows of each id): the library's first sparse kernel of issue 17."""
+    import scipy.sparse
+
+    ones = np.ones(ids.size, dtype=rows.dtype)
+    return scipy.sparse.csr_matrix((ones, (ids, np.arange(ids.size))), shape=(shape[0], ids.size)) @ rows
+
+
 def layer_backward(layer: ParallelEmbedding, ids: np.ndarray, dy: np.ndarray) -> Callable[[], None]:
     """``layer.backward(dY)`` alone: the forward runs once here, and each run restores what it kept."""
     layer(ids)
@@ -146,6 +156,7 @@ def embedding_functions(
         "tp_gpu layer": layer_backward(layer, ids, dy),
         "np.add.at": lambda: add_at(shape, ids, dy),
         "bincount per column": lambda: bincount_columns(shape, ids, dy),
+        "scipy CSR product": lambda: csr_product(shape, ids, dy),
     }
     notes = []
     if dy.nbytes <= COPYING_VARIANT_MAX_BYTES:

@@ -40,6 +40,7 @@ TINY = [
 @pytest.fixture(autouse=True)
 def quick_harness(monkeypatch):
     """No busy loop before timing, no 50 ms of warm-up per function, and a tiny Adam set."""
+    monkeypatch.setenv("TP_GPU_NUM_THREADS", "1")  # --threads sets it; restored after each test
     monkeypatch.setattr(harness, "warm_up_machine", lambda: None)
     monkeypatch.setattr(harness, "MIN_WARMUP_S", 0.0)
     tiny = ("a 5->7->5 MLP", lambda c: [step_micro.ParallelMLP(5, 7, 5, c)])
@@ -195,6 +196,43 @@ def test_host_scatter_add_rows_sums_like_add_at(n, masked, dtype):
         np.testing.assert_allclose(got, exact, atol=0.25)
     else:  # in the order of k, as np.add.at: bit for bit
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_threaded_host_scatter_is_the_single_threaded_one(monkeypatch, threads, masked):
+    """Split over threads by id ranges (skewed ids: most land in a few rows), the sums are the same,
+    bit for bit, as on one thread and as ``np.add.at``."""
+    from tp_gpu.backends import base
+
+    rng = np.random.default_rng(4)
+    index = np.minimum(rng.zipf(1.3, size=5000) - 1, 59)  # 0 most often, a long tail up to 59
+    mask = rng.random(5000) < 0.7 if masked else None
+    rows = rng.standard_normal((5000, 4)).astype(np.float32)
+    backend = get_backend("numpy")
+    monkeypatch.setenv("TP_GPU_NUM_THREADS", "1")
+    single = backend.scatter_add_rows((60, 4), index, rows, mask)
+    monkeypatch.setenv("TP_GPU_NUM_THREADS", str(threads))
+    monkeypatch.setattr(base, "SCATTER_ELEMENTS_PER_THREAD", 100)
+    threaded = backend.scatter_add_rows((60, 4), index, rows, mask)
+    keep = slice(None) if mask is None else mask
+    expected = np.zeros((60, 4), np.float32)
+    np.add.at(expected, index[keep], rows[keep])
+    np.testing.assert_array_equal(single, expected)
+    np.testing.assert_array_equal(threaded, expected)
+
+
+def test_host_threads_reads_the_environment(monkeypatch):
+    from tp_gpu.backends.base import host_threads
+
+    monkeypatch.delenv("TP_GPU_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert host_threads() == 3
+    monkeypatch.setenv("TP_GPU_NUM_THREADS", "5")
+    assert host_threads() == 5
+    monkeypatch.setenv("TP_GPU_NUM_THREADS", "zero")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert host_threads() >= 1
 
 
 def test_host_scatter_add_rows_edge_cases():

@@ -9,6 +9,8 @@ only :mod:`tp_gpu.collectives` moves arrays between devices.
 from __future__ import annotations
 
 import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ContextManager, Hashable, Sequence, Tuple
 
 import numpy as np
@@ -175,6 +177,19 @@ def erf_function(xp: Any) -> Any:
 SPARSE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Up to this many numbers of ``rows``, the host scatter is ``np.add.at`` (the same sums, in the same order).
 SMALL_SCATTER_ELEMENTS = 4096
+#: The host scatter takes one more thread per this many numbers of ``rows`` (up to :func:`host_threads`):
+#: threads write the whole result, where one thread touches only the pages of the rows ids land on.
+SCATTER_ELEMENTS_PER_THREAD = 2**24
+
+
+def host_threads() -> int:
+    """How many threads tp_gpu's own host kernels may use: ``$TP_GPU_NUM_THREADS``, else
+    ``$OMP_NUM_THREADS``, else every core (as NumPy's BLAS and PyTorch do by default)."""
+    for name in ("TP_GPU_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return os.cpu_count() or 1
 
 
 def host_scatter_add_rows(
@@ -183,28 +198,59 @@ def host_scatter_add_rows(
     """:meth:`Backend.scatter_add_rows` on host arrays: ``S @ rows``, ``S`` the ``(shape[0], n)`` sparse
     matrix with a one at ``(index[k], k)`` for each selected ``k``.
 
-    SciPy builds ``S`` by a counting sort of the indices (no comparison sort) and its product adds each
-    row into its place in index order, so repeated indices accumulate in the order of ``k``, as
-    ``np.add.at`` does. The rows ``mask`` leaves out are never read (``S`` has no entry in their
-    columns). The result is a new C-contiguous array, which NumPy allocates with ``calloc``: its pages
-    are not touched until something writes them, so a few ids in a large table cost little. Of the
-    NumPy ways timed by ``python -m benchmarks.training_step`` (sorting and ``np.add.reduceat``,
-    ``np.add.at``, one ``np.bincount`` per column) it is the fastest from a few thousand ids on, 3-18x
-    at 16,384 to 1M ids into a 50,000 x 512 table (benchmarks/README.md).
+    ``S`` is built in compressed-column form as it stands (column ``k`` holds its one entry; a column
+    ``mask`` leaves out holds none): no sort, no conversion. SciPy's product then walks the columns in
+    order, adding each row of ``rows`` into its place, so the rows are read once, in order, and
+    repeated indices accumulate in the order of ``k``, as ``np.add.at`` does (bit for bit). The
+    result is a new C-contiguous array that NumPy allocates with ``calloc``: pages no row lands on
+    are never touched. Large scatters run on :func:`host_threads` threads (SciPy's product releases
+    the GIL), each over a range of ids holding as many of them as the others, so the sums do not
+    depend on the thread count. Of the NumPy ways timed by ``python -m benchmarks.training_step``
+    (sorting and ``np.add.reduceat``, ``np.add.at``, one ``np.bincount`` per column, the product in
+    compressed-row form) it is the fastest from a few thousand ids on (benchmarks/README.md).
     """
+    if rows.size <= SMALL_SCATTER_ELEMENTS or shape[0] == 0:  # SciPy's fixed cost (~70 us) would dominate
+        out = np.zeros(shape, dtype=rows.dtype)
+        keep = slice(None) if mask is None else np.flatnonzero(mask)
+        np.add.at(out, index[keep], rows[keep])
+        return out
+    threads = max(1, min(host_threads(), rows.size // SCATTER_ELEMENTS_PER_THREAD))
+    kept = index if mask is None else index[mask]
+    if threads == 1 or kept.size == 0:
+        return _scatter_ids(index, rows, mask, 0, shape[0], whole=True)
+    cuts = np.quantile(kept, np.arange(1, threads) / threads, method="lower").astype(np.int64)
+    bounds = np.unique(np.concatenate(([0], cuts, [shape[0]])))
+    out = np.zeros(shape, dtype=rows.dtype)
+
+    def part(first: int, last: int) -> None:
+        out[first:last] = _scatter_ids(index, rows, mask, first, last)
+
+    with ThreadPoolExecutor(len(bounds) - 1) as pool:
+        list(pool.map(part, bounds[:-1], bounds[1:]))
+    return out
+
+
+def _scatter_ids(
+    index: np.ndarray, rows: np.ndarray, mask: Any, first: int, last: int, whole: bool = False
+) -> np.ndarray:
+    """``G[index[k] - first] += rows[k]`` for the selected ``k`` whose index lies in ``[first, last)``
+    (every index, when ``whole``): a new ``(last - first, dim)`` array, one sparse product (see
+    :func:`host_scatter_add_rows`)."""
     import scipy.sparse
 
     n = rows.shape[0]
-    columns = np.arange(n) if mask is None else np.flatnonzero(mask)
-    if mask is not None:
-        index = index[columns]
-    if rows.size <= SMALL_SCATTER_ELEMENTS or shape[0] == 0:  # SciPy's fixed cost (~70 us) would dominate
-        out = np.zeros(shape, dtype=rows.dtype)
-        np.add.at(out, index, rows if mask is None else rows[columns])
-        return out
-    ones = np.ones(columns.size, dtype=rows.dtype)
-    selection = scipy.sparse.csr_matrix((ones, (index, columns)), shape=(shape[0], n))
-    return np.ascontiguousarray(selection @ rows)  # (V, n) @ (n, dim) -> (V, dim)
+    if whole and mask is None:
+        indptr, local = np.arange(n + 1), index  # every column holds its one entry
+    else:
+        selected = (index >= first) & (index < last)
+        if mask is not None:
+            selected &= mask
+        indptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(selected, out=indptr[1:])
+        local = index[selected] - first
+    ones = np.ones(local.size, dtype=rows.dtype)
+    selection = scipy.sparse.csc_matrix((ones, local, indptr), shape=(last - first, n))
+    return np.ascontiguousarray(selection @ rows)  # (ids, n) @ (n, dim) -> (ids, dim)
 
 
 class Backend:
