@@ -181,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return render(args.render)
     torch = machine.import_torch(not args.no_torch)
     meta = machine.machine_info(get_backend("numpy"), torch)
+    pinned = "/".join(map(str, args.threads)) + " (pinned per table)"
+    meta["blas"]["threads"] = pinned  # BLAS, torch and tp_gpu's own host threads, set for each table
+    meta["torch_threads"] = pinned if torch is not None else None
     stem = args.out / ("step-" + file_stem(meta, args.quick))
     if (
         not args.force
