@@ -11,3 +11,12 @@
 * :mod:`benchmarks.scaling_model` and :mod:`benchmarks.transfers`: the multi-GPU model and its
   transfer counts.
 """
+
+import sys as _sys
+from pathlib import Path as _Path
+
+# Run from a checkout without ``pip install -e .`` (as on a lent GPU machine with PYTHONPATH=.):
+# the package lives in src/ (the src layout), so the checkout's copy comes first, as it did before.
+_SRC = str(_Path(__file__).resolve().parent.parent / "src")
+if _SRC not in _sys.path:
+    _sys.path.insert(0, _SRC)

@@ -40,6 +40,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: import tp_gpu from the checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import benchmarks  # noqa: F401  (puts the checkout's src/ on the path)
 
 from tp_gpu import ParallelTransformerLayer, ShardedTensor, TensorParallelConfig
 from tp_gpu.layers import ColumnParallelLinear, Dropout, LayerNorm

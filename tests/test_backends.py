@@ -459,7 +459,7 @@ def test_cupy_never_imported(tmp_path, check):
         """
     )
     env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "PYTHONPATH")}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO_ROOT)])
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO_ROOT / "src")])
     if check == "numpy from env":
         env[ENV_VAR] = "numpy"
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)

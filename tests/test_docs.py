@@ -130,7 +130,7 @@ def test_python_block_runs_as_written(block: Block, tmp_path: pathlib.Path):
     script = tmp_path / f"{pathlib.Path(block.doc).stem}_line{block.line}.py"
     script.write_text(block.source, encoding="utf-8")
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
     )
     env.setdefault("MPLBACKEND", "Agg")
     result = subprocess.run(

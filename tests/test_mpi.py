@@ -36,7 +36,7 @@ def mpirun(n: int, program: str, *args: str, timeout: float = 240, env=None):
     path = PROGRAMS / program if (PROGRAMS / program).exists() else ROOT / program
     command = ["mpirun", "--oversubscribe", "-n", str(n), sys.executable, str(path), *args]
     environment = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                       OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=str(ROOT), **(env or {}))
+                       OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")]), **(env or {}))
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
 
 

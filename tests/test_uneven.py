@@ -539,6 +539,6 @@ def test_sizes_the_issue_saw_refused_are_accepted(n_workers):
 
 
 def test_no_nearest_valid_sizes_hint_is_left_in_the_library():
-    package = pathlib.Path(__file__).resolve().parents[1] / "tp_gpu"
+    package = pathlib.Path(__file__).resolve().parents[1] / "src" / "tp_gpu"
     offenders = [str(p) for p in package.rglob("*.py") if "nearest valid" in p.read_text(encoding="utf-8")]
     assert offenders == []
