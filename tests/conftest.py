@@ -44,6 +44,7 @@ def make_config(backend_spec):
     name, devices = backend_spec
 
     def make(n_workers: int, **kwargs) -> TensorParallelConfig:
+        kwargs.setdefault("dtype", "float64")  # the dense references are float64: the tests say so
         return TensorParallelConfig(n_workers=n_workers, backend=name, devices=devices, **kwargs)
 
     return make

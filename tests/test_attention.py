@@ -131,7 +131,7 @@ def test_fewer_heads_than_workers(make_config, rng, n_workers):
 
 def test_each_worker_holds_whole_heads_with_their_q_k_v(rng):
     hidden, n_heads, hd = 36, 12, 3
-    config = TensorParallelConfig(n_workers=7, backend="simulated", devices=3)
+    config = TensorParallelConfig(n_workers=7, backend="simulated", devices=3, dtype="float64")
     attention = ParallelSelfAttention(hidden, n_heads, config)
     w = random_weights(rng, hidden)
     load(attention, w)
@@ -165,7 +165,7 @@ def test_fuse_and_split_qkv_round_trip_in_both_layouts(rng):
     np.testing.assert_array_equal(weight2, weight)
     np.testing.assert_array_equal(bias2, bias)
     attention = ParallelSelfAttention(
-        hidden, n_heads, TensorParallelConfig(n_workers=3, backend="simulated", devices=2)
+        hidden, n_heads, TensorParallelConfig(n_workers=3, backend="simulated", devices=2, dtype="float64")
     )
     attention.load_qkv(*out_in, layout="out_in")
     np.testing.assert_array_equal(attention.qkv.full_weight(), weight)
@@ -180,7 +180,7 @@ def test_mask_forms_agree(rng, n_workers):
     """A (B, S) keep mask of any dtype equals its additive forms (B, 1, 1, S) and (B, 1, S, S)."""
     batch, seq, hidden = 2, 5, 24
     attention = ParallelSelfAttention(
-        hidden, 12, TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3)
+        hidden, 12, TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3, dtype="float64")
     )
     attention.eval()
     x = rng.standard_normal((batch, seq, hidden))
@@ -308,7 +308,7 @@ def test_lower_precision_softmax_and_no_float64_temporaries(rng, monkeypatch, dt
 
 
 def test_one_reduction_forward_and_one_backward(rng, monkeypatch):
-    config = TensorParallelConfig(n_workers=7, backend="simulated", devices=3)
+    config = TensorParallelConfig(n_workers=7, backend="simulated", devices=3, dtype="float64")
     attention = ParallelSelfAttention(24, 12, config, causal=True)
     x = rng.standard_normal((2, 5, 24))
     calls = []
@@ -327,7 +327,7 @@ def test_one_reduction_forward_and_one_backward(rng, monkeypatch):
 
 def test_eval_keeps_nothing(rng):
     attention = ParallelSelfAttention(
-        24, 12, TensorParallelConfig(n_workers=5, backend="simulated", devices=3)
+        24, 12, TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
     )
     x = rng.standard_normal((2, 5, 24))
     attention(x)
@@ -353,11 +353,11 @@ def test_eval_keeps_nothing(rng):
 )
 def test_bad_constructor_arguments(args, kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        ParallelSelfAttention(*args, TensorParallelConfig(n_workers=2, backend="numpy"), **kwargs)
+        ParallelSelfAttention(*args, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"), **kwargs)
 
 
 def test_bad_input_raises_before_anything_changes(rng):
-    config = TensorParallelConfig(n_workers=5, backend="simulated", devices=3)
+    config = TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
     attention = ParallelSelfAttention(24, 12, config)
     x = rng.standard_normal((2, 5, 24))
     keep = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
@@ -387,14 +387,14 @@ def test_bad_input_raises_before_anything_changes(rng):
         attention.load_dense(*(w[n] for n in NAMES[:6]), w["out_weight"][:3], w["out_bias"])
     g = rng.standard_normal((2, 5, 24))
     dx = to_host(attention, attention.backward(g))  # the first forward's state, the weights unchanged
-    fresh = ParallelSelfAttention(24, 12, TensorParallelConfig(n_workers=1, backend="numpy"))
+    fresh = ParallelSelfAttention(24, 12, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
     np.testing.assert_allclose(to_host(fresh, fresh(x, keep)), y, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(to_host(fresh, fresh.backward(g)), dx, rtol=1e-12, atol=1e-12)
 
 
 def test_state_dict_names_and_repr():
     attention = ParallelSelfAttention(
-        24, 12, TensorParallelConfig(n_workers=8, backend="simulated", devices=8)
+        24, 12, TensorParallelConfig(n_workers=8, backend="simulated", devices=8, dtype="float64")
     )
     assert list(attention.state_dict()) == ["qkv.weight", "qkv.bias", "out.weight", "out.bias"]
     assert attention.heads == [2, 2, 2, 2, 1, 1, 1, 1]

@@ -68,7 +68,7 @@ def test_env_beats_auto(monkeypatch, env):
     assert resolve_backend_name() == env
     assert get_backend().name == env
     # A config that names no backend follows the environment too.
-    layer = ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2))
+    layer = ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2, dtype="float64"))
     assert layer.backend.name == env
 
 
@@ -78,7 +78,7 @@ def test_explicit_beats_env(monkeypatch, env, explicit):
     monkeypatch.setenv(ENV_VAR, env)
     assert resolve_backend_name(explicit) == explicit
     assert get_backend(explicit).name == explicit
-    layer = ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2, backend=explicit))
+    layer = ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2, backend=explicit, dtype="float64"))
     assert layer.backend.name == explicit
 
 
@@ -90,7 +90,7 @@ def test_bad_env_raises_config_error(monkeypatch, env):
     assert repr(env) in str(info.value)
     assert ENV_VAR in str(info.value)
     with pytest.raises(ConfigError):
-        ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2))
+        ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2, dtype="float64"))
 
 
 @pytest.mark.parametrize("name", ["torch", "", "CUPY"])
@@ -107,7 +107,7 @@ def test_cupy_unavailable_raises_with_reason(no_env):
     assert reason
     for make in (
         lambda: get_backend("cupy"),
-        lambda: ColumnParallelLinear(3, 4, TensorParallelConfig(backend="cupy")),
+        lambda: ColumnParallelLinear(3, 4, TensorParallelConfig(backend="cupy", dtype="float64")),
     ):
         with pytest.raises(BackendUnavailableError) as info:
             make()
@@ -188,7 +188,7 @@ def test_numpy_backend_rejects_devices(devices):
 
 def test_numpy_backend_rejects_devices_from_config():
     with pytest.raises(ConfigError, match="devices=3"):
-        ColumnParallelLinear(3, 4, TensorParallelConfig(backend="numpy", devices=3))
+        ColumnParallelLinear(3, 4, TensorParallelConfig(backend="numpy", devices=3, dtype="float64"))
 
 
 def test_numpy_backend_arrays():

@@ -84,7 +84,7 @@ def test_embedding_gradient_accumulates_repeated_ids(make_config, rng, n_workers
 @pytest.mark.parametrize("devices", [2, 3, 8])
 def test_embedding_backward_scatters_each_id_once(rng, devices):
     """Each device scatters only the ids it owns: n_ids row additions in all, not n_ids per device."""
-    emb = ParallelEmbedding(24, 5, config=TensorParallelConfig(n_workers=8, backend="simulated", devices=devices))
+    emb = ParallelEmbedding(24, 5, config=TensorParallelConfig(n_workers=8, backend="simulated", devices=devices, dtype="float64"))
     ids = rng.integers(0, 24, size=(3, 7))
     emb(ids)
     scattered = {}
@@ -143,7 +143,7 @@ def test_activation_derivatives_by_finite_differences(rng, activation):
 def test_mlp_weight_gradient_by_finite_differences(backend_spec, rng, n_workers):
     """Perturb single entries of the logical weights and compare with the analytic gradient."""
     name, devices = backend_spec
-    cfg = TensorParallelConfig(n_workers=n_workers, backend=name, devices=devices)
+    cfg = TensorParallelConfig(n_workers=n_workers, backend=name, devices=devices, dtype="float64")
     mlp = ParallelMLP(4, 2 * n_workers, 3, cfg, seed=5)
     x = rng.standard_normal((5, 4))
     g = rng.standard_normal((5, 3))
@@ -189,7 +189,7 @@ def test_gradients_accumulate_until_zero_grad(make_config, rng):
 def test_mlp_needs_one_reduction_each_way(rng, n_workers):
     """Forward: only the row layer's partial sums cross devices; backward: only fc1's dX partials
     (besides the input copies and the dY broadcast). Nothing moves between fc1 and fc2."""
-    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=n_workers)
+    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=n_workers, dtype="float64")
     mlp = ParallelMLP(6, 3 * n_workers, 5, cfg, seed=0)
     x = rng.standard_normal((4, 6))
     assert mlp.fc1.backend is mlp.fc2.backend  # layers built from equal configs share one backend
@@ -261,4 +261,4 @@ def test_mlp_rejects_bad_activation():
     from tp_gpu import ConfigError
 
     with pytest.raises(ConfigError, match="'tanh'"):
-        ParallelMLP(4, 4, 4, TensorParallelConfig(backend="numpy"), activation="tanh")
+        ParallelMLP(4, 4, 4, TensorParallelConfig(backend="numpy", dtype="float64"), activation="tanh")

@@ -103,7 +103,7 @@ def test_round_trip(make_config, rng, tmp_path, kind, n_workers):
 @pytest.mark.parametrize("n_source", WORKER_COUNTS)
 def test_load_reshards_to_any_worker_count_and_backend(backend_spec, rng, tmp_path, n_source):
     name, devices = backend_spec
-    source = model(TensorParallelConfig(n_workers=n_source, backend=name, devices=devices), seed=1)
+    source = model(TensorParallelConfig(n_workers=n_source, backend=name, devices=devices, dtype="float64"), seed=1)
     for m in source.values():
         randomize(m, rng)
     path = tmp_path / "model.safetensors"
@@ -113,7 +113,7 @@ def test_load_reshards_to_any_worker_count_and_backend(backend_spec, rng, tmp_pa
     expected_embed, expected_mlp = output(source["embed"], ids), output(source["mlp"], x)
     for n_target in WORKER_COUNTS:
         for target_backend, target_devices in (("numpy", None), ("simulated", 3)):
-            config = TensorParallelConfig(n_workers=n_target, backend=target_backend, devices=target_devices)
+            config = TensorParallelConfig(n_workers=n_target, backend=target_backend, devices=target_devices, dtype="float64")
             target = model(config, seed=2)
             load_checkpoint(path, target)
             for key in ("embed", "mlp"):
@@ -138,7 +138,7 @@ def test_load_reshards_to_any_worker_count_and_backend(backend_spec, rng, tmp_pa
 def test_issue_example_four_simulated_workers_to_three_and_one_on_numpy(rng, tmp_path):
     """Save with 4 workers on 3 simulated devices; load with 3 and 1 workers on NumPy."""
     path = tmp_path / "mlp.safetensors"
-    source = ParallelMLP(12, 24, 6, TensorParallelConfig(n_workers=4, backend="simulated", devices=3), seed=7)
+    source = ParallelMLP(12, 24, 6, TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"), seed=7)
     randomize(source, rng)
     save_checkpoint(path, source)
     x = rng.standard_normal((5, 12))
@@ -147,7 +147,7 @@ def test_issue_example_four_simulated_workers_to_three_and_one_on_numpy(rng, tmp
     reference = hidden @ dense["fc2.weight"] + dense["fc2.bias"]  # dense float64
     assert_close(output(source, x), reference)
     for n in (3, 1):
-        target = ParallelMLP(12, 24, 6, TensorParallelConfig(n_workers=n, backend="numpy"), seed=0)
+        target = ParallelMLP(12, 24, 6, TensorParallelConfig(n_workers=n, backend="numpy", dtype="float64"), seed=0)
         load_checkpoint(path, target)
         for key, value in target.state_dict().items():
             np.testing.assert_array_equal(value, dense[key], err_msg=key)  # the weights: bit for bit
@@ -155,7 +155,7 @@ def test_issue_example_four_simulated_workers_to_three_and_one_on_numpy(rng, tmp
 
 
 def test_dict_of_modules_and_nesting(rng, tmp_path):
-    config = TensorParallelConfig(n_workers=2, backend="simulated", devices=2)
+    config = TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64")
     modules = {
         "embed": ParallelEmbedding(8, 4, seed=0, config=config),
         "blocks": {"0": ParallelMLP(4, 6, 4, config), "1": ParallelMLP(4, 6, 4, config, seed=3)},
@@ -170,10 +170,10 @@ def test_dict_of_modules_and_nesting(rng, tmp_path):
     )
     np.testing.assert_array_equal(tensors["blocks.1.fc2.weight"], modules["blocks"]["1"].fc2.full_weight())
     fresh = {
-        "embed": ParallelEmbedding(8, 4, config=TensorParallelConfig(n_workers=4, backend="numpy")),
+        "embed": ParallelEmbedding(8, 4, config=TensorParallelConfig(n_workers=4, backend="numpy", dtype="float64")),
         "blocks": {
-            "0": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=1)),
-            "1": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=3)),
+            "0": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=1, dtype="float64")),
+            "1": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=3, dtype="float64")),
         },
     }
     load_checkpoint(path, fresh)
@@ -208,7 +208,7 @@ def test_metadata_records_the_partition(tmp_path):
 def test_mixed_modules_summarise_metadata(tmp_path):
     path = tmp_path / "mixed.safetensors"
     auto = ColumnParallelLinear(
-        2, 4, TensorParallelConfig(n_workers=4)
+        2, 4, TensorParallelConfig(n_workers=4, dtype="float64")
     )  # numpy, cupy with a GPU, or $TP_GPU_BACKEND
     save_checkpoint(
         path,
@@ -230,7 +230,7 @@ def test_mixed_modules_summarise_metadata(tmp_path):
 
 def test_read_checkpoint_then_load_state_dict_converts_dtype(rng, tmp_path):
     """The documented way to load a float64 checkpoint into a float32 module."""
-    source = ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2), seed=0)
+    source = ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2, dtype="float64"), seed=0)
     randomize(source, rng)
     path = tmp_path / "f64.safetensors"
     save_checkpoint(path, source)
@@ -240,19 +240,19 @@ def test_read_checkpoint_then_load_state_dict_converts_dtype(rng, tmp_path):
 
 
 def test_path_like_and_overwrite(rng, tmp_path):
-    layer = RowParallelLinear(4, 3, TensorParallelConfig(n_workers=2))
+    layer = RowParallelLinear(4, 3, TensorParallelConfig(n_workers=2, dtype="float64"))
     path = tmp_path / "w.safetensors"
     save_checkpoint(str(path), layer)
     randomize(layer, rng)
     save_checkpoint(path, layer)  # replaces the first
-    fresh = RowParallelLinear(4, 3, TensorParallelConfig(n_workers=4))
+    fresh = RowParallelLinear(4, 3, TensorParallelConfig(n_workers=4, dtype="float64"))
     load_checkpoint(str(path), fresh)
     np.testing.assert_array_equal(fresh.full_weight(), layer.full_weight())
     assert leftovers(tmp_path) == []
 
 
 def test_permissions(tmp_path):
-    layer = ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1))
+    layer = ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1, dtype="float64"))
     path = tmp_path / "p.safetensors"
     umask = os.umask(0)
     os.umask(umask)
@@ -284,11 +284,11 @@ def test_bad_modules(tmp_path, module, message):
 
 
 def test_duplicate_names_rejected(tmp_path):
-    mlp = ParallelMLP(2, 2, 2, TensorParallelConfig(n_workers=1))
+    mlp = ParallelMLP(2, 2, 2, TensorParallelConfig(n_workers=1, dtype="float64"))
     with pytest.raises(ConfigError, match="keys must be non-empty strings without dots, got 'a.fc1'"):
         save_checkpoint(
             tmp_path / "d.safetensors",
-            {"a": mlp, "a.fc1": ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1))},
+            {"a": mlp, "a.fc1": ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1, dtype="float64"))},
         )
 
 
@@ -299,10 +299,10 @@ def test_duplicate_names_rejected(tmp_path):
 def saved(tmp_path, rng):
     """A saved 3-worker MLP checkpoint and a differently initialised MLP to load it into."""
     path = tmp_path / "mlp.safetensors"
-    source = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=3, backend="simulated", devices=2), seed=1)
+    source = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=3, backend="simulated", devices=2, dtype="float64"), seed=1)
     randomize(source, rng)
     save_checkpoint(path, source)
-    target = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=2, backend="simulated", devices=3), seed=2)
+    target = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=2, backend="simulated", devices=3, dtype="float64"), seed=2)
     return path, source, target
 
 
@@ -324,8 +324,8 @@ def test_checkpoint_error_types():
 
 def test_wrong_shape(tmp_path):
     path = tmp_path / "c.safetensors"
-    save_checkpoint(path, ColumnParallelLinear(7, 12, TensorParallelConfig(n_workers=4)))
-    target = ColumnParallelLinear(7, 8, TensorParallelConfig(n_workers=2, backend="simulated", devices=2))
+    save_checkpoint(path, ColumnParallelLinear(7, 12, TensorParallelConfig(n_workers=4, dtype="float64")))
+    target = ColumnParallelLinear(7, 8, TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64"))
     expect_checkpoint_error(
         path,
         target,
@@ -338,7 +338,7 @@ def test_wrong_shape(tmp_path):
 def test_wrong_dtype(tmp_path):
     path = tmp_path / "f32.safetensors"
     save_checkpoint(path, RowParallelLinear(6, 3, TensorParallelConfig(n_workers=3, dtype="float32")))
-    target = RowParallelLinear(6, 3, TensorParallelConfig(n_workers=2, backend="simulated"))
+    target = RowParallelLinear(6, 3, TensorParallelConfig(n_workers=2, backend="simulated", dtype="float64"))
     expect_checkpoint_error(
         path,
         target,
@@ -351,7 +351,7 @@ def test_wrong_tensors(saved, tmp_path):
     path, _, target = saved
     expect_checkpoint_error(
         path,
-        ColumnParallelLinear(5, 6, TensorParallelConfig(n_workers=3)),
+        ColumnParallelLinear(5, 6, TensorParallelConfig(n_workers=3, dtype="float64")),
         "tensor 'weight' is missing",
         "tensor 'fc1.weight' is in the checkpoint but not in the module",
     )
@@ -360,7 +360,7 @@ def test_wrong_tensors(saved, tmp_path):
 
 def test_dict_load_is_all_or_nothing(tmp_path, rng):
     """One module of a dict fits, the other does not: neither changes."""
-    config = TensorParallelConfig(n_workers=2)
+    config = TensorParallelConfig(n_workers=2, dtype="float64")
     path = tmp_path / "pair.safetensors"
     save_checkpoint(path, {"a": ColumnParallelLinear(3, 4, config), "b": ColumnParallelLinear(3, 4, config)})
     target = {
@@ -418,7 +418,7 @@ def test_foreign_safetensors_file(tmp_path):
     """A plain safetensors file (e.g. a PyTorch state dict) is refused, not misread."""
     path = tmp_path / "torch.safetensors"
     safetensors.numpy.save_file({"weight": np.zeros((6, 6)), "bias": np.zeros(6)}, str(path))
-    target = ColumnParallelLinear(6, 6, TensorParallelConfig(n_workers=2))
+    target = ColumnParallelLinear(6, 6, TensorParallelConfig(n_workers=2, dtype="float64"))
     expect_checkpoint_error(path, target, "not a tp_gpu checkpoint", "layout='out_in'")
 
 
@@ -509,7 +509,7 @@ def test_metadata_that_lies_about_a_shape(saved):
 
 
 def test_missing_file_is_an_os_error(tmp_path):
-    layer = ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1))
+    layer = ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1, dtype="float64"))
     before = snapshot(layer)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.safetensors", layer)
@@ -520,7 +520,7 @@ def test_missing_file_is_an_os_error(tmp_path):
 
 
 def assert_old_checkpoint_intact(path, source) -> None:
-    target = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=1), seed=9)
+    target = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=1, dtype="float64"), seed=9)
     load_checkpoint(path, target)
     for name, value in source.state_dict().items():
         np.testing.assert_array_equal(target.state_dict()[name], value, err_msg=name)
@@ -532,7 +532,7 @@ def assert_old_checkpoint_intact(path, source) -> None:
 def test_save_interrupted_midway_keeps_old_checkpoint(saved, rng, monkeypatch, error):
     path, source, _ = saved
     old_bytes = path.read_bytes()
-    changed = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=3), seed=4)
+    changed = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=3, dtype="float64"), seed=4)
     randomize(changed, rng)
     real_write = checkpoint_module._write_all
 
@@ -552,7 +552,7 @@ def test_save_interrupted_midway_keeps_old_checkpoint(saved, rng, monkeypatch, e
 @pytest.mark.parametrize("failing", ["fsync", "replace"])
 def test_save_failing_at_fsync_or_rename_keeps_old_checkpoint(saved, rng, monkeypatch, failing):
     path, source, _ = saved
-    changed = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=3), seed=4)
+    changed = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=3, dtype="float64"), seed=4)
     randomize(changed, rng)
 
     def fail(*args, **kwargs):
@@ -570,7 +570,7 @@ def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_module.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
     path = tmp_path / "new.safetensors"
     with pytest.raises(OSError, match="boom"):
-        save_checkpoint(path, ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1)))
+        save_checkpoint(path, ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1, dtype="float64")))
     assert os.listdir(tmp_path) == []
 
 

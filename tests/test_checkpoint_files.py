@@ -30,7 +30,7 @@ from tp_gpu import (
 from tp_gpu.checkpoint import LoadedCheckpoint
 from tp_gpu.errors import CheckpointFileError, CheckpointNotFoundError
 
-CONFIG = TensorParallelConfig(n_workers=2, backend="numpy")
+CONFIG = TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")
 
 
 def layer(seed: int = 0) -> ColumnParallelLinear:
@@ -192,7 +192,7 @@ def two_modules(tmp_path, rng):
 
 def test_one_module_of_a_two_module_file(two_modules):
     path, source = two_modules
-    mlp = ParallelMLP(5, 7, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=2), seed=9)
+    mlp = ParallelMLP(5, 7, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=2, dtype="float64"), seed=9)
     result = load_checkpoint(path, {"mlp": mlp}, strict=False)
     assert isinstance(result, LoadedCheckpoint)
     missing, unexpected, metadata = result

@@ -47,7 +47,7 @@ WORKERS = [1, 2, 3, 5, 8]
 def make_params(backend: str, p: int):
     """Column-split weight and bias, row-split weight, whole row bias, padded vocabulary table."""
     name, devices = BACKENDS[backend]
-    config = TensorParallelConfig(n_workers=p, backend=name, devices=devices)
+    config = TensorParallelConfig(n_workers=p, backend=name, devices=devices, dtype="float64")
     column = ColumnParallelLinear(5, 7, config, seed=1)
     row = RowParallelLinear(7, 4, config, seed=2)
     embedding = ParallelEmbedding(11, 4, config, seed=3, pad_to_multiple_of=4)
@@ -280,7 +280,7 @@ class TorchRun:
 class TpRun:
     def __init__(self, backend, p, lr, **scaler_args):
         name, devices = BACKENDS[backend]
-        config = TensorParallelConfig(n_workers=p, backend=name, devices=devices)
+        config = TensorParallelConfig(n_workers=p, backend=name, devices=devices, dtype="float64")
         self.row = RowParallelLinear(6, 3, config, seed=4)
         self.params = self.row.parameters()
         self.optimizer = SGD(self.params, lr=lr)

@@ -12,7 +12,7 @@ from tp_gpu.config import BACKEND_NAMES, SUPPORTED_DTYPES, check_positive_int
 
 
 def test_defaults():
-    cfg = TensorParallelConfig()
+    cfg = TensorParallelConfig(dtype="float64")
     assert cfg.n_workers == 2
     assert cfg.gather_output is True
     assert cfg.backend is None
@@ -31,7 +31,7 @@ def test_supported_names():
     [("n_workers", 3), ("gather_output", False), ("backend", "numpy"), ("devices", 2), ("dtype", "float32")],
 )
 def test_frozen(field, value):
-    cfg = TensorParallelConfig()
+    cfg = TensorParallelConfig(dtype="float64")
     before = getattr(cfg, field)
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(cfg, field, value)
@@ -72,21 +72,21 @@ def test_dtype_normalised_to_name(dtype, expected):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 64, np.int64(5), np.int32(3)])
 def test_n_workers_accepts_integers(n):
-    cfg = TensorParallelConfig(n_workers=n)
+    cfg = TensorParallelConfig(n_workers=n, dtype="float64")
     assert cfg.n_workers == int(n)
     assert type(cfg.n_workers) is int
 
 
 @pytest.mark.parametrize("flag", [True, False, np.bool_(True), np.bool_(False)])
 def test_gather_output_accepts_bools(flag):
-    cfg = TensorParallelConfig(gather_output=flag)
+    cfg = TensorParallelConfig(gather_output=flag, dtype="float64")
     assert cfg.gather_output is bool(flag)
 
 
 @pytest.mark.parametrize("backend", [None, "numpy", "cupy", "simulated"])
 def test_backend_names_accepted(backend):
     # Naming "cupy" in a config is valid anywhere; only building the backend needs a GPU.
-    assert TensorParallelConfig(backend=backend).backend == backend
+    assert TensorParallelConfig(backend=backend, dtype="float64").backend == backend
 
 
 @pytest.mark.parametrize(
@@ -94,12 +94,12 @@ def test_backend_names_accepted(backend):
     [(None, None), (1, 1), (3, 3), (np.int64(2), 2), ([0], (0,)), ([0, 1, 2], (0, 1, 2)), ((3, 1), (3, 1)), (range(2), (0, 1))],
 )
 def test_devices_normalised(devices, expected):
-    assert TensorParallelConfig(devices=devices).devices == expected
+    assert TensorParallelConfig(devices=devices, dtype="float64").devices == expected
 
 
 @pytest.mark.parametrize("od", [None, 0, 3, "cpu", np.int64(1)])
 def test_output_device_accepted(od):
-    assert TensorParallelConfig(output_device=od).output_device == od
+    assert TensorParallelConfig(output_device=od, dtype="float64").output_device == od
 
 
 BAD_VALUES = [
@@ -175,13 +175,13 @@ def test_check_positive_int_accepts(value):
 
 def test_single_process_comm_reports_rank_and_world_size():
     for comm in (None, "local"):
-        cfg = TensorParallelConfig(n_workers=3, comm=comm)
+        cfg = TensorParallelConfig(n_workers=3, comm=comm, dtype="float64")
         assert (cfg.rank, cfg.world_size) == (0, 1)
 
 
 def test_unknown_comm_is_a_config_error():
     with pytest.raises(ConfigError, match=r"comm must be one of \('local', 'mpi', 'nccl'\), got 'gloo'"):
-        TensorParallelConfig(comm="gloo")
+        TensorParallelConfig(comm="gloo", dtype="float64")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "bf16"])

@@ -359,7 +359,7 @@ def test_a_layer_on_the_cupy_backend_sends_only_numpy_arrays_through_host_array(
     seen = []
     to_host = cupy_backend.host_array
     monkeypatch.setattr(cupy_backend, "host_array", lambda x: seen.append(type(x)) or to_host(x))
-    layer = ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2, backend="cupy"))
+    layer = ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2, backend="cupy", dtype="float64"))
     assert [w.device.id for w in layer.weight_shards] == [0, 1]
     assert seen and set(seen) == {np.ndarray}
 

@@ -80,7 +80,7 @@ def test_properties_and_shards(make_config):
 
 def test_worker_count_comes_from_the_config():
     assert ParallelEmbedding(8, 2).n_workers == 2
-    cfg = TensorParallelConfig(n_workers=4, backend="numpy")
+    cfg = TensorParallelConfig(n_workers=4, backend="numpy", dtype="float64")
     assert ParallelEmbedding(8, 2, cfg).n_workers == 4
     assert ParallelEmbedding(8, 2, config=cfg).n_workers == 4
     with pytest.raises(ConfigError, match=r"config must be a TensorParallelConfig or None, got int"):
@@ -89,7 +89,7 @@ def test_worker_count_comes_from_the_config():
 
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
 def test_ids_copied_once_per_device(rng, n_workers):
-    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3)
+    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3, dtype="float64")
     emb = ParallelEmbedding(2 * n_workers, 4, config=cfg)
     emb.backend.reset_transfers()
     emb(rng.integers(0, 2 * n_workers, size=10))

@@ -137,7 +137,7 @@ def test_inputs_of_other_kinds(make_config, rng):
 
 
 def test_output_device_from_config():
-    cfg = TensorParallelConfig(n_workers=2, backend="simulated", devices=3, output_device=2)
+    cfg = TensorParallelConfig(n_workers=2, backend="simulated", devices=3, output_device=2, dtype="float64")
     col = ColumnParallelLinear(4, 4, cfg)
     row = RowParallelLinear(4, 4, cfg)
     x = np.ones((2, 4))
@@ -148,7 +148,7 @@ def test_output_device_from_config():
 
 def test_input_on_another_simulated_device(rng):
     """A device array on a device no worker uses is moved, and the result is right."""
-    cfg = TensorParallelConfig(n_workers=2, backend="simulated", devices=[0, 1, 5])
+    cfg = TensorParallelConfig(n_workers=2, backend="simulated", devices=[0, 1, 5], dtype="float64")
     layer = ColumnParallelLinear(3, 4, cfg, seed=0)
     x = rng.standard_normal((2, 3))
     on_5 = SimulatedBackend([5]).asarray(x, np.float64, 5)
@@ -157,7 +157,7 @@ def test_input_on_another_simulated_device(rng):
 
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
 def test_column_copies_input_once_per_device(rng, n_workers):
-    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3)
+    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3, dtype="float64")
     layer = ColumnParallelLinear(13, 2 * n_workers, cfg, seed=0)
     layer.backend.reset_transfers()
     x = rng.standard_normal((5, 13))
@@ -172,7 +172,7 @@ def test_column_copies_input_once_per_device(rng, n_workers):
 
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
 def test_row_sends_each_worker_only_its_slice(rng, n_workers):
-    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3)
+    cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3, dtype="float64")
     layer = RowParallelLinear(13 * n_workers, 5, cfg, seed=0)
     layer.backend.reset_transfers()
     x = rng.standard_normal((4, 13 * n_workers))
@@ -222,7 +222,7 @@ def test_row_rejects_sharded_tensor_of_other_split(make_config, rng):
 @pytest.mark.parametrize("layer_cls, split", [(ColumnParallelLinear, "n_out"), (RowParallelLinear, "n_in")])
 def test_uneven_split_dimension_is_balanced(layer_cls, split):
     """10 features on 4 workers: 3, 3, 2, 2 (np.array_split), and the layer still equals dense."""
-    cfg = TensorParallelConfig(n_workers=4, backend="numpy")
+    cfg = TensorParallelConfig(n_workers=4, backend="numpy", dtype="float64")
     layer = layer_cls(10, 10, cfg, seed=1)
     assert layer.partition == [(0, 3), (3, 6), (6, 8), (8, 10)]
     x = np.random.default_rng(0).standard_normal((3, 10))
@@ -242,14 +242,14 @@ def test_uneven_split_dimension_is_balanced(layer_cls, split):
     ],
 )
 def test_bad_constructor_arguments(layer_cls, kwargs, match):
-    args = {"n_in": 4, "n_out": 4, "config": TensorParallelConfig(backend="numpy"), "seed": 0}
+    args = {"n_in": 4, "n_out": 4, "config": TensorParallelConfig(backend="numpy", dtype="float64"), "seed": 0}
     args.update(kwargs)
     with pytest.raises(ConfigError, match=match):
         layer_cls(**args)
 
 
 def test_output_device_must_exist():
-    cfg = TensorParallelConfig(n_workers=2, backend="simulated", devices=2, output_device=7)
+    cfg = TensorParallelConfig(n_workers=2, backend="simulated", devices=2, output_device=7, dtype="float64")
     with pytest.raises(ConfigError, match=r"output_device 7.*\[0, 1\]"):
         ColumnParallelLinear(4, 4, cfg)
 

@@ -160,7 +160,7 @@ def test_gradient_by_finite_differences(backend_spec, rng, n_workers):
 def test_after_column_parallel_linear(backend_spec, rng, n_workers):
     """Logits from ColumnParallelLinear(gather_output=False) go in without a gather; dZ goes back into it."""
     name, devices = backend_spec
-    cfg = TensorParallelConfig(n_workers=n_workers, backend=name, devices=devices, gather_output=False)
+    cfg = TensorParallelConfig(n_workers=n_workers, backend=name, devices=devices, gather_output=False, dtype="float64")
     vocab = 13 * n_workers
     head = ColumnParallelLinear(6, vocab, cfg, seed=3)
     x = rng.standard_normal((2, 3, 6))

@@ -92,7 +92,7 @@ def test_matches_dense_forward_and_backward(make_config, rng, n_workers):
 
 
 def test_gradients_accumulate_over_backward_calls(rng):
-    norm = LayerNorm(6, TensorParallelConfig(n_workers=3, backend="simulated", devices=3))
+    norm = LayerNorm(6, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64"))
     x, g = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
     norm(x)
     norm.backward(g)
@@ -155,7 +155,7 @@ def test_matches_torch_layer_norm(rng, n_workers, dtype):
 
 
 def test_parameters_and_output_on_the_output_device(rng):
-    config = TensorParallelConfig(n_workers=4, backend="simulated", devices=3, output_device=2)
+    config = TensorParallelConfig(n_workers=4, backend="simulated", devices=3, output_device=2, dtype="float64")
     norm = LayerNorm(5, config)
     assert [name for name, _ in norm.named_parameters()] == ["weight", "bias"]
     assert {d for p in norm.parameters() for d in p.blocks} == {2}
@@ -165,7 +165,7 @@ def test_parameters_and_output_on_the_output_device(rng):
 
 
 def test_eval_keeps_nothing(rng):
-    norm = LayerNorm(4, TensorParallelConfig(n_workers=2, backend="simulated", devices=2))
+    norm = LayerNorm(4, TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64"))
     norm(rng.standard_normal((3, 4)))
     norm.eval()
     assert norm._saved is None
@@ -190,7 +190,7 @@ def test_bad_constructor_arguments(kwargs, match):
 
 
 def test_bad_input_raises_and_changes_nothing(rng):
-    norm = LayerNorm(6, TensorParallelConfig(n_workers=2, backend="simulated", devices=2))
+    norm = LayerNorm(6, TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64"))
     x = rng.standard_normal((2, 6))
     norm(x)
     with pytest.raises(ShapeError, match=r"\(\.\.\., 6\), got \(2, 5\)"):
@@ -205,6 +205,6 @@ def test_bad_input_raises_and_changes_nothing(rng):
         norm.backward(rng.standard_normal((3, 6)))
     norm(x)
     dx = to_host(norm, norm.backward(g))  # the layer still works after every error
-    expected = LayerNorm(6, TensorParallelConfig(n_workers=1, backend="numpy"))
+    expected = LayerNorm(6, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
     expected(x)
     np.testing.assert_allclose(dx, to_host(expected, expected.backward(g)), rtol=1e-12, atol=1e-14)

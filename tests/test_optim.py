@@ -362,7 +362,7 @@ def params():
 def _numpy_config():
     from tp_gpu import TensorParallelConfig
 
-    return TensorParallelConfig(n_workers=2, backend="numpy")
+    return TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")
 
 
 BAD_LR = [(0, "lr.*got 0"), (0.0, "lr.*got 0.0"), (-1, "lr.*got -1"), ("x", "lr.*got 'x'"),

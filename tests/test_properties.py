@@ -54,7 +54,7 @@ def assert_close(actual, expected):
 def config(n_workers, n_devices, out_index, **kwargs):
     out_device = None if out_index is None else out_index % n_devices
     return TensorParallelConfig(
-        n_workers=n_workers, backend="simulated", devices=n_devices, output_device=out_device, **kwargs
+        n_workers=n_workers, backend="simulated", devices=n_devices, output_device=out_device, **{"dtype": "float64", **kwargs}
     )
 
 

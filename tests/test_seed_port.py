@@ -28,7 +28,7 @@ def ramp(batch: int, n_in: int) -> np.ndarray:
 
 
 def test_doc_example():
-    cfg = TensorParallelConfig()
+    cfg = TensorParallelConfig(dtype="float64")
     assert cfg.n_workers == 2
     col = ColumnParallelLinear(8, 4, cfg, seed=0)
     assert col.forward(np.ones((3, 8))).shape == (3, 4)
@@ -38,7 +38,7 @@ def test_doc_example():
 
 
 def test_default_config_n_workers_2():
-    cfg = TensorParallelConfig()
+    cfg = TensorParallelConfig(dtype="float64")
     assert cfg.n_workers == 2, "default n_workers must be 2"
     assert cfg.gather_output is True, "default gather_output must be true"
 
@@ -47,20 +47,20 @@ def test_default_config_n_workers_2():
 
 
 def test_column_parallel_output_shape():
-    layer = ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2, gather_output=True), seed=0)
+    layer = ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0)
     out = layer.forward(np.ones((5, 8)))
     assert out.shape == (5, 4), "output shape should be [batch, n_out]"
 
 
 def test_column_parallel_n_out():
-    layer = ColumnParallelLinear(6, 8, TensorParallelConfig(n_workers=4, gather_output=True), seed=1)
+    layer = ColumnParallelLinear(6, 8, TensorParallelConfig(n_workers=4, gather_output=True, dtype="float64"), seed=1)
     assert layer.n_out == 8
     assert layer.n_workers == 4
 
 
 def test_column_parallel_n_workers_1_equivalent_to_linear():
     n_in, n_out = 4, 6
-    layer = ColumnParallelLinear(n_in, n_out, TensorParallelConfig(n_workers=1, gather_output=True), seed=42)
+    layer = ColumnParallelLinear(n_in, n_out, TensorParallelConfig(n_workers=1, gather_output=True, dtype="float64"), seed=42)
     x = ramp(3, n_in)
     out = to_host(layer, layer.forward(x))
     expected = x @ to_host(layer, layer.weight_shards[0]) + to_host(layer, layer.bias_shards[0])
@@ -70,7 +70,7 @@ def test_column_parallel_n_workers_1_equivalent_to_linear():
 
 def test_column_parallel_uneven_n_out_is_split_like_array_split():
     """The original refused n_out=7 on 3 workers; it now splits 3, 2, 2."""
-    layer = ColumnParallelLinear(4, 7, TensorParallelConfig(n_workers=3, gather_output=True), seed=0)
+    layer = ColumnParallelLinear(4, 7, TensorParallelConfig(n_workers=3, gather_output=True, dtype="float64"), seed=0)
     assert [w.shape for w in layer.weight_shards] == [(4, 3), (4, 2), (4, 2)]
     assert layer.partition == [(0, 3), (3, 5), (5, 7)]
     x = ramp(2, 4)
@@ -81,19 +81,19 @@ def test_column_parallel_uneven_n_out_is_split_like_array_split():
 
 
 def test_row_parallel_output_shape():
-    layer = RowParallelLinear(8, 4, TensorParallelConfig(n_workers=2, gather_output=True), seed=0)
+    layer = RowParallelLinear(8, 4, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0)
     out = layer.forward(np.ones((5, 8)))
     assert out.shape == (5, 4), "output shape should be [batch, n_out]"
 
 
 def test_row_parallel_n_in():
-    layer = RowParallelLinear(6, 3, TensorParallelConfig(n_workers=2, gather_output=True), seed=0)
+    layer = RowParallelLinear(6, 3, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0)
     assert layer.n_in == 6
 
 
 def test_row_parallel_all_reduce_equals_full_matmul():
     n_in, n_out = 8, 4
-    layer = RowParallelLinear(n_in, n_out, TensorParallelConfig(n_workers=2, gather_output=True), seed=7)
+    layer = RowParallelLinear(n_in, n_out, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=7)
     x = ramp(3, n_in)
     out_parallel = to_host(layer, layer.forward(x))
     full_w = np.concatenate([to_host(layer, w) for w in layer.weight_shards], axis=0)
@@ -104,8 +104,8 @@ def test_row_parallel_all_reduce_equals_full_matmul():
 
 def test_col_row_composition_shape():
     n_in, hidden, n_out = 8, 16, 4
-    col = ColumnParallelLinear(n_in, hidden, TensorParallelConfig(n_workers=2, gather_output=True), seed=0)
-    row = RowParallelLinear(hidden, n_out, TensorParallelConfig(n_workers=2, gather_output=True), seed=1)
+    col = ColumnParallelLinear(n_in, hidden, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0)
+    row = RowParallelLinear(hidden, n_out, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=1)
     mid = col.forward(np.ones((5, n_in)))
     out = row.forward(mid)
     assert out.shape == (5, n_out)
@@ -115,32 +115,32 @@ def test_col_row_composition_shape():
 
 
 def test_parallel_embedding_output_shape():
-    emb = ParallelEmbedding(8, 16, TensorParallelConfig(n_workers=2), seed=0)
+    emb = ParallelEmbedding(8, 16, TensorParallelConfig(n_workers=2, dtype="float64"), seed=0)
     out = emb.forward([0, 1, 3, 7])
     assert out.shape == (4, 16), "shape should be [n_indices, embed_dim]"
 
 
 def test_parallel_embedding_vocab_and_dim():
-    emb = ParallelEmbedding(100, 32, TensorParallelConfig(n_workers=4), seed=0)
+    emb = ParallelEmbedding(100, 32, TensorParallelConfig(n_workers=4, dtype="float64"), seed=0)
     assert emb.vocab_size == 100
     assert emb.embed_dim == 32
 
 
 def test_parallel_embedding_same_index_same_vector():
-    emb = ParallelEmbedding(8, 4, TensorParallelConfig(n_workers=2), seed=99)
+    emb = ParallelEmbedding(8, 4, TensorParallelConfig(n_workers=2, dtype="float64"), seed=99)
     out1 = to_host(emb, emb.forward([3]))
     out2 = to_host(emb, emb.forward([3]))
     assert np.abs(out1 - out2).sum() < 1e-15, "same index must always return same embedding"
 
 
 def test_parallel_embedding_out_of_range_error():
-    emb = ParallelEmbedding(8, 4, TensorParallelConfig(n_workers=2), seed=0)
+    emb = ParallelEmbedding(8, 4, TensorParallelConfig(n_workers=2, dtype="float64"), seed=0)
     with pytest.raises(IndexOutOfRangeError, match="8"):
         emb.forward([8])
 
 
 def test_parallel_embedding_uneven_vocab_is_split_like_array_split():
     """The original refused vocab 7 on 2 workers; it now splits 4, 3."""
-    emb = ParallelEmbedding(7, 4, TensorParallelConfig(n_workers=2), seed=0)
+    emb = ParallelEmbedding(7, 4, TensorParallelConfig(n_workers=2, dtype="float64"), seed=0)
     assert emb.partition == [(0, 4), (4, 7)]
     np.testing.assert_array_equal(to_host(emb, emb([6, 0, 3, 4])), emb.full_weight()[[6, 0, 3, 4]])

@@ -169,7 +169,7 @@ def test_three_simulated_devices(minilm_dir, reference, n_workers, dtype, atol):
 
 @pytest.fixture(scope="module")
 def encoder(minilm_dir) -> SentenceEncoder:
-    return SentenceEncoder.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=3, backend="numpy"))
+    return SentenceEncoder.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"))
 
 
 def test_settings_come_from_the_folder(encoder):
@@ -311,11 +311,11 @@ def test_a_folder_pointing_at_the_model_loads(tmp_path, minilm_dir):
 def test_missing_tokenizers_library_is_named(minilm_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'tp_gpu\[models\]'"):
-        SentenceEncoder.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy"))
+        SentenceEncoder.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
 
 
 def test_bert_model_loads_the_same_folder(minilm_dir, encoder):
-    bert = BertModel.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy"))
+    bert = BertModel.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
     expected = encoder.bert.state_dict()
     for name, value in bert.state_dict().items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)

@@ -52,7 +52,7 @@ def spec(request):
 def config(spec, p: int, sequence_parallel: bool = False, **kwargs) -> TensorParallelConfig:
     name, devices = spec
     return TensorParallelConfig(
-        n_workers=p, backend=name, devices=devices, sequence_parallel=sequence_parallel, **kwargs
+        n_workers=p, backend=name, devices=devices, sequence_parallel=sequence_parallel, **{"dtype": "float64", **kwargs}
     )
 
 
@@ -82,15 +82,15 @@ def check_sequence_split(tensor, group, shape) -> None:
 
 
 def test_config_sequence_parallel_defaults_off_and_is_validated():
-    assert TensorParallelConfig().sequence_parallel is False
-    assert TensorParallelConfig(sequence_parallel=np.bool_(True)).sequence_parallel is True
+    assert TensorParallelConfig(dtype="float64").sequence_parallel is False
+    assert TensorParallelConfig(sequence_parallel=np.bool_(True), dtype="float64").sequence_parallel is True
     for bad in ("yes", 1, None):
         with pytest.raises(ConfigError, match="sequence_parallel must be True or False"):
-            TensorParallelConfig(sequence_parallel=bad)
+            TensorParallelConfig(sequence_parallel=bad, dtype="float64")
 
 
 def test_sp_and_non_sp_layers_share_one_group():
-    a = TensorParallelConfig(n_workers=3, backend="simulated", devices=3)
+    a = TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64")
     assert get_group(a) is get_group(dataclasses.replace(a, sequence_parallel=True))
 
 
@@ -129,7 +129,7 @@ def test_reduce_scatter_blocks_gives_each_device_its_slices_of_the_sum(spec, p, 
 
 
 def test_reduce_scatter_blocks_refuses_a_padded_layout():
-    backend = get_group(TensorParallelConfig(n_workers=2, backend="simulated", devices=2)).backend
+    backend = get_group(TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64")).backend
     layout = BlockLayout.split(5, [0, 1], pad_to_multiple_of=4)
     partials = {d: backend.asarray(np.ones((8, 2)), np.float64, d) for d in (0, 1)}
     with pytest.raises(ConfigError, match="without padding"):
@@ -138,7 +138,7 @@ def test_reduce_scatter_blocks_refuses_a_padded_layout():
 
 @pytest.mark.parametrize("d", [2, 3, 4, 8])
 def test_reduce_scatter_and_all_gather_move_d_minus_1_over_d_of_the_whole_per_device(d, rng):
-    group = get_group(TensorParallelConfig(n_workers=d, backend="simulated", devices=d))
+    group = get_group(TensorParallelConfig(n_workers=d, backend="simulated", devices=d, dtype="float64"))
     backend = group.backend
     seq = 8 * d
     layout = regions.sequence_layout(group, seq)
@@ -258,7 +258,7 @@ def test_row_layer_reduce_scatters_its_output_along_the_sequence(spec, p, rng):
 
 
 def test_row_layer_with_sequence_parallelism_needs_a_sequence_axis():
-    row = RowParallelLinear(4, 3, TensorParallelConfig(n_workers=2, backend="numpy", sequence_parallel=True))
+    row = RowParallelLinear(4, 3, TensorParallelConfig(n_workers=2, backend="numpy", sequence_parallel=True, dtype="float64"))
     with pytest.raises(ShapeError, match="sequence axis"):
         row(np.ones(4))
 
@@ -362,7 +362,7 @@ def test_tied_lm_head_all_gathers_a_sequence_split_input(spec, p, rng):
 
 
 def test_sharded_inputs_split_on_the_wrong_axis_are_refused(rng):
-    cfg = TensorParallelConfig(n_workers=2, backend="simulated", devices=2)
+    cfg = TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64")
     column = ColumnParallelLinear(4, 6, dataclasses.replace(cfg, gather_output=False))
     by_feature = column(rng.standard_normal((3, 5, 4)))  # split on the last axis
     with pytest.raises(ShapeError, match="split along the sequence"):
@@ -479,7 +479,7 @@ def test_activation_memory_per_device_falls_as_one_over_p(rng):
     x = rng.standard_normal((2, 16, 16))
     kept = {}
     for p in (1, 2, 4, 8):
-        cfg = TensorParallelConfig(n_workers=p, backend="simulated", devices=8, sequence_parallel=True)
+        cfg = TensorParallelConfig(n_workers=p, backend="simulated", devices=8, sequence_parallel=True, dtype="float64")
         layer = ParallelTransformerLayer(16, 8, 32, cfg, seed=0, dropout=0.1)
         layer(x)
         kept[p] = max(_saved_bytes(layer, d) for d in range(8))

@@ -110,13 +110,13 @@ def test_state_dict_is_dense_host_copies(make_config, kind):
 @pytest.mark.parametrize("n_source", [1, 2, 4, 8])
 def test_state_dict_reshards_across_worker_counts_and_backends(backend_spec, rng, n_source):
     name, devices = backend_spec
-    source = ParallelMLP(6, 840, 5, TensorParallelConfig(n_workers=n_source, backend=name, devices=devices), seed=3)
+    source = ParallelMLP(6, 840, 5, TensorParallelConfig(n_workers=n_source, backend=name, devices=devices, dtype="float64"), seed=3)
     x = rng.standard_normal((4, 6))
     expected = output(source, x)
     state = source.state_dict()
     for n_target in WORKER_COUNTS:
         for target_backend, target_devices in (("numpy", None), ("simulated", 3)):
-            config = TensorParallelConfig(n_workers=n_target, backend=target_backend, devices=target_devices)
+            config = TensorParallelConfig(n_workers=n_target, backend=target_backend, devices=target_devices, dtype="float64")
             target = ParallelMLP(6, 840, 5, config, seed=9)
             target.load_state_dict(state)
             for key, value in target.state_dict().items():
@@ -237,7 +237,7 @@ def test_from_dense_uses_the_config(rng):
     np.testing.assert_array_equal(layer.full_weight(), weight.astype(np.float64))
     layer = ColumnParallelLinear.from_dense(weight, config=TensorParallelConfig(n_workers=3, dtype="float16"))
     assert layer.dtype == np.float16 and layer.n_workers == 3
-    row = RowParallelLinear.from_dense(weight.T, config=TensorParallelConfig(n_workers=3), input_is_parallel=True)
+    row = RowParallelLinear.from_dense(weight.T, config=TensorParallelConfig(n_workers=3, dtype="float64"), input_is_parallel=True)
     assert row.input_is_parallel and (row.n_in, row.n_out) == (6, 4)
 
 
@@ -256,7 +256,7 @@ def test_load_dense_none_bias_means_no_bias(make_config, rng, cls):
 
 def test_load_dense_from_device_array_moves_device_to_device(rng):
     """A full array on a simulated device is split there: only blocks cross, none via the host."""
-    config = TensorParallelConfig(n_workers=5, backend="simulated", devices=3)
+    config = TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
     layer = ColumnParallelLinear(4, 10, config, seed=0)
     weight, bias = rng.standard_normal((4, 10)), rng.standard_normal(10)
     on_device = SimulatedBackend(3)
@@ -322,7 +322,7 @@ def test_mlp_load_dense_is_all_or_nothing(make_config, rng):
         (lambda w: ColumnParallelLinear.from_dense(w, layout="in-out"), "layout must be"),
         (lambda w: ColumnParallelLinear.from_dense(w, np.zeros(5)), "bias must have shape (6,)"),
         (lambda w: ParallelMLP.from_dense(w, None, w, None), "fc1_weight has 6 outputs but fc2_weight has 4 inputs"),
-        (lambda w: ColumnParallelLinear.from_dense(w, config=TensorParallelConfig(n_workers=0)), "n_workers"),
+        (lambda w: ColumnParallelLinear.from_dense(w, config=TensorParallelConfig(n_workers=0, dtype="float64")), "n_workers"),
     ],
     ids=["column-1d", "row-3d", "embedding-1d", "layout", "bias", "mlp-hidden", "bad-config"],
 )

@@ -57,7 +57,7 @@ def host(x) -> np.ndarray:
 
 def config_for(backend: str, p: int, **kwargs) -> TensorParallelConfig:
     name, devices = BACKENDS[backend]
-    return TensorParallelConfig(n_workers=p, backend=name, devices=devices, **kwargs)
+    return TensorParallelConfig(n_workers=p, backend=name, devices=devices, **{"dtype": "float64", **kwargs})
 
 
 # --- tied embeddings ---------------------------------------------------------------------------

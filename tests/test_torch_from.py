@@ -56,14 +56,14 @@ def test_square_linear_without_layout_is_refused(torch):
     linear = torch.nn.Linear(32, 32, dtype=torch.float64)
     with pytest.raises(ConfigError, match=r"torch.Tensor of shape \(32, 32\).*layout='out_in'.*from_torch"):
         ColumnParallelLinear.from_dense(linear.weight, linear.bias)
-    layer = RowParallelLinear(32, 32, TensorParallelConfig(n_workers=2, backend="numpy"))
+    layer = RowParallelLinear(32, 32, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"))
     before = layer.full_weight()
     with pytest.raises(ConfigError, match="say which layout"):
         layer.load_dense(linear.weight, linear.bias)
     np.testing.assert_array_equal(layer.full_weight(), before)
     # Either layout, given, loads the tensor.
     x = torch.randn(5, 32, dtype=torch.float64)
-    config = TensorParallelConfig(n_workers=3, backend="numpy")
+    config = TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64")
     expected = linear(x).detach().numpy()
     out_in = ColumnParallelLinear.from_dense(linear.weight, linear.bias, config, layout="out_in")
     in_out = ColumnParallelLinear.from_dense(linear.weight.T, linear.bias, config, layout="in_out")
@@ -76,7 +76,7 @@ def test_square_linear_without_layout_is_refused(torch):
 
 def test_weight_that_fits_the_other_layout_says_so(rng):
     torch_layout = rng.standard_normal((6, 4))  # nn.Linear(4, 6).weight as an array: (n_out, n_in)
-    layer = ColumnParallelLinear(4, 6, TensorParallelConfig(n_workers=2, backend="numpy"))
+    layer = ColumnParallelLinear(4, 6, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"))
     with pytest.raises(ShapeError, match=r"got \(6, 4\); it would fit layout='out_in' \(PyTorch nn.Linear's"):
         layer.load_dense(torch_layout)
     with pytest.raises(ShapeError, match=r"for layout='out_in', got \(4, 6\); it would fit layout='in_out'"):
@@ -90,8 +90,8 @@ def test_from_dense_of_a_torch_layout_array_points_at_the_layout(rng):
     """Non-square: the weight builds a (6, 4) layer, and then the (6,) bias is the wrong size."""
     weight, bias = rng.standard_normal((6, 4)), rng.standard_normal(6)
     with pytest.raises(ShapeError, match=r"bias has n_in=6 entries.*pass layout='out_in'"):
-        ColumnParallelLinear.from_dense(weight, bias, TensorParallelConfig(n_workers=2, backend="numpy"))
-    layer = ColumnParallelLinear.from_dense(weight, bias, TensorParallelConfig(n_workers=2), layout="out_in")
+        ColumnParallelLinear.from_dense(weight, bias, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"))
+    layer = ColumnParallelLinear.from_dense(weight, bias, TensorParallelConfig(n_workers=2, dtype="float64"), layout="out_in")
     np.testing.assert_array_equal(layer.full_weight(), weight.T)
 
 
@@ -117,7 +117,7 @@ def test_linear(torch, kind, cls, n_in, n_out, dtype):
 
 def test_linear_without_bias_and_layer_arguments(torch):
     linear = torch.nn.Linear(6, 12, bias=False, dtype=torch.float64)
-    layer = from_torch(linear, TensorParallelConfig(n_workers=4, backend="simulated", devices=3), unit=3)
+    layer = from_torch(linear, TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"), unit=3)
     assert layer.unit == 3 and layer.n_workers == 4 and layer.backend.name == "simulated"
     np.testing.assert_array_equal(layer.full_bias(), np.zeros(12))
     x = torch.randn(5, 6, dtype=torch.float64)
@@ -126,7 +126,7 @@ def test_linear_without_bias_and_layer_arguments(torch):
 
 def test_a_config_given_is_used_as_it_is(torch):
     linear = torch.nn.Linear(5, 5)  # float32
-    layer = from_torch(linear, TensorParallelConfig(n_workers=3, backend="numpy"))  # float64: cast
+    layer = from_torch(linear, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"))  # float64: cast
     assert layer.dtype == np.float64 and layer.n_workers == 3
     np.testing.assert_array_equal(layer.full_weight(), linear.weight.detach().numpy().T.astype(np.float64))
 
@@ -134,7 +134,7 @@ def test_a_config_given_is_used_as_it_is(torch):
 @pytest.mark.parametrize("n_workers", [1, 3])
 def test_embedding(torch, n_workers):
     embedding = torch.nn.Embedding(13, 7, padding_idx=0, dtype=torch.float64)
-    layer = from_torch(embedding, TensorParallelConfig(n_workers=n_workers, backend="numpy"))
+    layer = from_torch(embedding, TensorParallelConfig(n_workers=n_workers, backend="numpy", dtype="float64"))
     assert isinstance(layer, ParallelEmbedding) and (layer.vocab_size, layer.embed_dim) == (13, 7)
     ids = torch.randint(0, 13, (4, 5))
     np.testing.assert_array_equal(to_host(layer, layer(ids)), embedding(ids).detach().numpy())
@@ -158,7 +158,7 @@ def test_sequential_mlp(torch, make_activation, name):
     mlp = nn.Sequential(
         nn.Linear(6, 10, dtype=torch.float64), make_activation(nn), nn.Linear(10, 6, dtype=torch.float64)
     )
-    ours = from_torch(mlp, TensorParallelConfig(n_workers=3, backend="numpy"))
+    ours = from_torch(mlp, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"))
     assert isinstance(ours, ParallelMLP) and ours.activation.name == (name or ours.activation.name)
     x = torch.randn(4, 6, dtype=torch.float64)
     assert_close(to_host(ours, ours(x)), mlp(x).detach().numpy())

@@ -177,11 +177,11 @@ def test_torch_weights_through_a_checkpoint(tmp_path):
     source = ColumnParallelLinear.from_dense(
         linear.weight,
         linear.bias,
-        TensorParallelConfig(n_workers=4, backend="simulated", devices=3),
+        TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"),
         layout="out_in",
     )
     save_checkpoint(tmp_path / "linear.safetensors", source)
-    target = ColumnParallelLinear(5, 12, TensorParallelConfig(n_workers=3, backend="numpy"))
+    target = ColumnParallelLinear(5, 12, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"))
     load_checkpoint(tmp_path / "linear.safetensors", target)
     x = torch.randn(2, 5, dtype=torch.float64)
     assert_close(to_host(target, target(x)), linear(x).detach().numpy())
@@ -236,7 +236,7 @@ def test_cuda_tensors_reach_the_cupy_backend_without_the_host(cuda, n_workers):
     torch.manual_seed(0)
     linear = torch.nn.Linear(8, 4 * n_workers, dtype=torch.float64, device=cuda)
     layer = ColumnParallelLinear.from_dense(
-        linear.weight, linear.bias, TensorParallelConfig(n_workers=n_workers, backend="cupy"), layout="out_in"
+        linear.weight, linear.bias, TensorParallelConfig(n_workers=n_workers, backend="cupy", dtype="float64"), layout="out_in"
     )
     x = torch.randn(3, 8, dtype=torch.float64, device=cuda)
     y = layer(x)
@@ -248,7 +248,7 @@ def test_cuda_tensors_reach_the_cupy_backend_without_the_host(cuda, n_workers):
 def test_cuda_tensor_on_the_numpy_backend_is_copied_through_cupy(cuda):
     embedding = torch.nn.Embedding(6, 3, dtype=torch.float64, device=cuda)
     layer = ParallelEmbedding.from_dense(
-        embedding.weight, config=TensorParallelConfig(n_workers=3, backend="numpy")
+        embedding.weight, config=TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64")
     )
     ids = torch.tensor([[0, 5, 2]], device=cuda)
     np.testing.assert_array_equal(layer(ids), embedding(ids).detach().cpu().numpy())

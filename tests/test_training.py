@@ -30,7 +30,7 @@ def example():
 
 @pytest.fixture(scope="module")
 def dense_losses(example):
-    config = TensorParallelConfig(n_workers=1, backend="numpy")
+    config = TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64")
     weights = example.TinyLM(SIZES["vocab"], SIZES["dim"], SIZES["hidden"], config, seed=SEED).dense_weights()
     batches = [example.make_batch(SIZES["vocab"], SIZES["batch"], SIZES["seq_len"], SEED, s) for s in range(STEPS)]
     return train_dense(weights, batches, LR)

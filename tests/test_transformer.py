@@ -146,7 +146,7 @@ def test_matches_hugging_face_bert_layer(rng, n_workers):
             if "LayerNorm" in name or name.endswith("bias"):  # away from ones and zeros
                 param.add_(torch.from_numpy(0.3 * rng.standard_normal(tuple(param.shape))))
     sd = {k: v.detach() for k, v in hf.state_dict().items()}
-    config = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3)
+    config = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3, dtype="float64")
     layer = ParallelTransformerLayer(hidden, n_heads, intermediate, config, eps=EPS)
     qkv = [sd[f"attention.self.{n}.{kind}"] for n in ("query", "key", "value") for kind in ("weight", "bias")]
     layer.attention.load_qkv(*qkv, layout="out_in")
@@ -204,7 +204,7 @@ def test_matches_hugging_face_bert_layer(rng, n_workers):
 
 
 def test_submodule_names_and_one_group():
-    config = TensorParallelConfig(n_workers=5, backend="simulated", devices=3)
+    config = TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
     layer = ParallelTransformerLayer(24, 12, 20, config)
     assert [name for name, _ in layer.named_children()] == ["attention", "attention_norm", "mlp", "mlp_norm"]
     assert list(layer.state_dict()) == [
@@ -227,7 +227,7 @@ def test_submodule_names_and_one_group():
 
 def test_eval_keeps_nothing(rng):
     layer = ParallelTransformerLayer(
-        24, 12, 20, TensorParallelConfig(n_workers=7, backend="simulated", devices=3)
+        24, 12, 20, TensorParallelConfig(n_workers=7, backend="simulated", devices=3, dtype="float64")
     )
     x = rng.standard_normal((2, 5, 24))
     layer(x)
@@ -252,12 +252,12 @@ def test_eval_keeps_nothing(rng):
 def test_bad_constructor_arguments(kwargs, match):
     args = {"hidden": 24, "n_heads": 12, "intermediate": 20, **kwargs}
     with pytest.raises(ConfigError, match=match):
-        ParallelTransformerLayer(config=TensorParallelConfig(n_workers=2, backend="numpy"), **args)
+        ParallelTransformerLayer(config=TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"), **args)
 
 
 def test_bad_input_raises_before_anything_changes(rng):
     layer = ParallelTransformerLayer(
-        24, 12, 20, TensorParallelConfig(n_workers=5, backend="simulated", devices=3)
+        24, 12, 20, TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
     )
     x = rng.standard_normal((2, 5, 24))
     layer(x)

@@ -471,10 +471,10 @@ def test_reshard_round_trip_through_checkpoints(make_config, rng, tmp_path: path
 
 def test_state_dict_reshards_without_a_file(rng):
     """load_state_dict between worker counts of uneven splits keeps every weight bit for bit."""
-    source = tiny_model(TensorParallelConfig(n_workers=7, backend="numpy"), seed=0)
+    source = tiny_model(TensorParallelConfig(n_workers=7, backend="numpy", dtype="float64"), seed=0)
     saved = source.state_dict()
     for n_workers in (2, 5, 16):
-        target = tiny_model(TensorParallelConfig(n_workers=n_workers, backend="numpy"), seed=n_workers)
+        target = tiny_model(TensorParallelConfig(n_workers=n_workers, backend="numpy", dtype="float64"), seed=n_workers)
         assert any(not np.array_equal(target.state_dict()[k], saved[k]) for k in saved)  # seeds differ
         target.load_state_dict(saved)
         for key, value in target.state_dict().items():
@@ -500,7 +500,7 @@ FACTORIES = {
 @pytest.mark.parametrize("what", list(FACTORIES))
 def test_bad_size_raises_config_error_naming_it(what, value):
     with pytest.raises(ConfigError) as info:
-        FACTORIES[what](value, TensorParallelConfig(n_workers=3, backend="numpy"))
+        FACTORIES[what](value, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"))
     message = str(info.value)
     assert repr(value) in message, message
     assert "nearest" not in message
@@ -509,7 +509,7 @@ def test_bad_size_raises_config_error_naming_it(what, value):
 @pytest.mark.parametrize("value", [0, -3, 1.5, "3"], ids=repr)
 def test_bad_unit_raises_config_error_naming_it(value):
     with pytest.raises(ConfigError, match="unit") as info:
-        ColumnParallelLinear(4, 36, TensorParallelConfig(n_workers=3, backend="numpy"), unit=value)
+        ColumnParallelLinear(4, 36, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"), unit=value)
     assert repr(value) in str(info.value)
 
 
@@ -524,7 +524,7 @@ def test_bad_unit_raises_config_error_naming_it(value):
 )
 def test_unit_that_does_not_divide_its_dimension(make, size, unit):
     with pytest.raises(ConfigError) as info:
-        make(TensorParallelConfig(n_workers=4, backend="numpy"))
+        make(TensorParallelConfig(n_workers=4, backend="numpy", dtype="float64"))
     message = str(info.value)
     assert f"({size})" in message and str(unit) in message, message
     assert "nearest" not in message

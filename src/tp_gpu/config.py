@@ -93,7 +93,7 @@ class TensorParallelConfig:
     gather_output: bool = True  # column layer: concatenate the shards (True) or return a ShardedTensor
     backend: Optional[str] = None  # "numpy" | "cupy" | "simulated"; None: $TP_GPU_BACKEND, then auto
     devices: Union[None, int, Sequence[int]] = None  # device count or ids; None: every visible device
-    dtype: str = "float64"  # compute and storage dtype: float64, float32 or float16
+    dtype: str = "float32"  # compute and storage dtype: float32 (as PyTorch), float64 or float16
     output_device: Union[None, int, str] = None  # where gathered/reduced outputs land; None: worker 0's
     comm: Optional[str] = None  # between processes: None/"local" (one process), "mpi" or "nccl"
     sequence_parallel: bool = False  # between TP regions, each worker holds a slice of the sequence axis

@@ -127,7 +127,7 @@ def check_loss_pair(name, make_head, loss_kwargs, x, targets, checks):
 def check_uneven(args, world, rng, checks):
     """Sizes no worker count divides: processes hold spans of different lengths, or none."""
     for n_workers in (world, 2 * world, 3 * world):
-        base = dict(n_workers=n_workers, backend=args.backend, devices=args.devices)
+        base = dict(n_workers=n_workers, backend=args.backend, devices=args.devices, dtype="float64")
 
         def config(comm, base=base, **kw):
             return TensorParallelConfig(comm=comm, **base, **kw)
@@ -156,7 +156,7 @@ def check_uneven(args, world, rng, checks):
                         dict(weight=weight, label_smoothing=0.1), x, targets, checks)
 
     # Processes that hold nothing: 1 column, 2 vocabulary rows over more workers than that.
-    base = dict(backend=args.backend, devices=args.devices)
+    base = dict(backend=args.backend, devices=args.devices, dtype="float64")
     p = 2 * world
     cfg = lambda c, **kw: TensorParallelConfig(comm=c, n_workers=p, **base, **kw)  # noqa: E731
     x = rng.standard_normal((5, 13))
@@ -190,7 +190,7 @@ def main() -> int:
     rng = np.random.default_rng(1234)  # same stream on every rank: same data everywhere
     checks = []
     for n_workers in (world, 2 * world):
-        base = dict(n_workers=n_workers, backend=args.backend, devices=args.devices)
+        base = dict(n_workers=n_workers, backend=args.backend, devices=args.devices, dtype="float64")
 
         def config(comm, **kw):
             return TensorParallelConfig(comm=comm, **base, **kw)

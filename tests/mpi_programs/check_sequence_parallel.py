@@ -76,7 +76,7 @@ def check_collectives(config: TensorParallelConfig, rng, checks: list) -> None:
 
 
 def check_layer(args, p: int, pre_norm: bool, seq: int, sharded_input: bool, rng, checks: list) -> None:
-    base = dict(n_workers=p, backend=args.backend, devices=args.devices)
+    base = dict(n_workers=p, backend=args.backend, devices=args.devices, dtype="float64")
     kwargs = dict(seed=7, pre_norm=pre_norm, causal=pre_norm, eps=1e-5, dropout=0.1)
     sp = ParallelTransformerLayer(
         12, 4, 18, TensorParallelConfig(**base, comm="mpi", sequence_parallel=True), **kwargs
@@ -122,7 +122,7 @@ def main() -> None:
     rng = np.random.default_rng(1234)  # the same stream on every rank
     checks: list = []
     check_collectives(
-        TensorParallelConfig(n_workers=2 * comm.size, backend=args.backend, devices=args.devices, comm="mpi"),
+        TensorParallelConfig(n_workers=2 * comm.size, backend=args.backend, devices=args.devices, comm="mpi", dtype="float64"),
         rng,
         checks,
     )

@@ -10,13 +10,13 @@ from tp_gpu import ColumnParallelLinear, ConfigError, TensorParallelConfig, get_
 
 world = get_communicator("mpi")
 try:  # the config is only validated; the world size is checked when the first layer is built
-    ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2 * world.size + 1, backend="numpy", comm="mpi"))
+    ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2 * world.size + 1, backend="numpy", comm="mpi", dtype="float64"))
 except ConfigError as exc:
     print(f"rank {world.rank}: n_workers ConfigError: {exc}", flush=True)
 else:
     raise SystemExit(f"rank {world.rank}: indivisible n_workers accepted")
 
-config = TensorParallelConfig(n_workers=2 * world.size, backend="numpy", comm="mpi")
+config = TensorParallelConfig(n_workers=2 * world.size, backend="numpy", comm="mpi", dtype="float64")
 seed = 7 if config.rank == 1 else 3
 try:
     ColumnParallelLinear(8, 4 * config.n_workers, config, seed=seed)

@@ -8,7 +8,7 @@ import numpy as np
 
 from tp_gpu import CommError, RowParallelLinear, TensorParallelConfig, get_communicator
 
-config = TensorParallelConfig(n_workers=get_communicator("mpi").size, backend="numpy", comm="mpi")
+config = TensorParallelConfig(n_workers=get_communicator("mpi").size, backend="numpy", comm="mpi", dtype="float64")
 layer = RowParallelLinear(4 * config.n_workers, 3, config, seed=0)
 if config.rank == 1:
     time.sleep(60)  # alive but stuck elsewhere: no launcher will notice
