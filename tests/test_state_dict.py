@@ -231,10 +231,10 @@ def test_mlp_from_dense(make_config, rng, n_workers, layout, activation):
 
 
 def test_from_dense_uses_the_config(rng):
-    weight = rng.standard_normal((4, 6)).astype(np.float32)
+    weight = rng.standard_normal((4, 6))  # float64: the layer takes the config's dtype, not the array's
     layer = ColumnParallelLinear.from_dense(weight)
-    assert layer.n_workers == 2 and layer.dtype == np.float64  # TensorParallelConfig() defaults
-    np.testing.assert_array_equal(layer.full_weight(), weight.astype(np.float64))
+    assert layer.n_workers == 2 and layer.dtype == np.float32  # TensorParallelConfig() defaults
+    np.testing.assert_array_equal(layer.full_weight(), weight.astype(np.float32))
     layer = ColumnParallelLinear.from_dense(weight, config=TensorParallelConfig(n_workers=3, dtype="float16"))
     assert layer.dtype == np.float16 and layer.n_workers == 3
     row = RowParallelLinear.from_dense(weight.T, config=TensorParallelConfig(n_workers=3, dtype="float64"), input_is_parallel=True)
