@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.util
 import json
 import sys
 import time
@@ -164,22 +165,60 @@ def train(
     return {"losses": losses, "seconds_per_step": float(np.median(times[1:] or times))}
 
 
+#: The optional libraries an option needs: option -> (module, pip command).
+OPTIONAL_DEPENDENCIES = {
+    "torch": ("torch", "pip install torch"),
+    "plot": ("matplotlib", "pip install matplotlib"),
+}
+
+
+def missing_dependencies(args: argparse.Namespace) -> list[str]:
+    """One line per optional library that a chosen option needs and that is not installed.
+
+    Checked before any training, so a missing library costs no wasted run.
+    """
+    lines = []
+    for option, (module, command) in OPTIONAL_DEPENDENCIES.items():
+        if getattr(args, option) and importlib.util.find_spec(module) is None:
+            lines.append(f"--{option} needs {module}, which is not installed: {command}")
+    return lines
+
+
+BACKEND_HELP = "default: auto ($TP_GPU_BACKEND, else CuPy with a GPU, else NumPy)"
+
+
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except for flags and options whose default is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
     parser.add_argument(
         "--workers", type=int, nargs="+", default=[1, 2, 4], help="worker counts to train with"
     )
     parser.add_argument(
-        "--backend", choices=["numpy", "cupy", "simulated"], default=None, help="default: auto"
+        "--backend",
+        choices=["numpy", "cupy", "simulated"],
+        default=None,
+        help=BACKEND_HELP,
     )
     parser.add_argument("--devices", type=int, default=None, help="device count (cupy, simulated)")
-    parser.add_argument("--dtype", default="float64", choices=["float64", "float32", "float16"])
-    parser.add_argument("--sequence-parallel", action="store_true")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "float16"], help="compute dtype"
+    )
+    parser.add_argument(
+        "--sequence-parallel", action="store_true", help="split the activations along the sequence"
+    )
+    parser.add_argument("--steps", type=int, default=100, help="training steps per run")
+    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate")
     parser.add_argument("--clip", type=float, default=1.0, help="global gradient norm limit")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, batches and dropout")
     parser.add_argument("--torch", action="store_true", help="also train a PyTorch twin (needs torch)")
     parser.add_argument("--plot", default=None, help="write the loss curves to this PNG (needs matplotlib)")
     parser.add_argument("--json", default=None, help="write the losses and timings to this JSON file")
@@ -188,6 +227,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    missing = missing_dependencies(args)
+    if missing:
+        print("\n".join(f"train_gpt.py: error: {line}" for line in missing), file=sys.stderr)
+        return 2
     text = load_corpus()
     chars = sorted(set(text))
     data = np.array([chars.index(c) for c in text], dtype=np.int64)

@@ -99,7 +99,7 @@ def train(
     seed: int = 0,
     backend: Optional[str] = None,
     devices=None,
-    dtype: str = "float64",
+    dtype: str = "float32",
     progress: bool = False,
 ) -> List[float]:
     """Train for ``steps`` Adam steps on fresh batches; return the loss of every step."""
@@ -117,8 +117,8 @@ def train(
         losses.append(model.loss_and_backward(inputs, targets))
         optimizer.step()
         if bar is not None:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)  # drawn with the next update
             bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
         elif progress and (step % max(1, steps // 20) == 0 or step == steps - 1):
             print(f"step {step + 1:4d}/{steps}  loss {losses[-1]:.4f}", flush=True)
     if bar is not None:
@@ -127,30 +127,53 @@ def train(
 
 
 def _progress_bar(steps: int):
-    """A tqdm bar when tqdm is installed (the ``bench`` extra), else None (plain prints)."""
+    """A tqdm bar on a terminal when tqdm is installed (the ``bench`` extra), else None (plain prints).
+
+    The bar redraws at most once a second, and never into a log file or a pipe,
+    where every redraw would be one more line.
+    """
+    if not sys.stderr.isatty():
+        return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=steps, desc="training", unit="step")
+    return tqdm(total=steps, desc="training", unit="step", mininterval=1.0)
+
+
+BACKEND_HELP = "default: auto ($TP_GPU_BACKEND, else CuPy with a GPU, else NumPy)"
+
+
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except for flags and options whose default is None."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", type=int, default=2, help="tensor-parallel workers (default 2)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsShown)
+    parser.add_argument("--workers", type=int, default=2, help="tensor-parallel workers")
     parser.add_argument(
-        "--backend", choices=["numpy", "cupy", "simulated"], default=None, help="default: auto"
+        "--backend",
+        choices=["numpy", "cupy", "simulated"],
+        default=None,
+        help=BACKEND_HELP,
     )
     parser.add_argument("--devices", type=int, default=None, help="device count (cupy, simulated)")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200, help="Adam steps")
     parser.add_argument(
         "--vocab", type=int, default=32, help="vocabulary size (any size splits over any --workers)"
     )
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--dtype", default="float64", choices=["float64", "float32", "float16"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dim", type=int, default=16, help="embedding width")
+    parser.add_argument("--hidden", type=int, default=32, help="MLP hidden width")
+    parser.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "float16"], help="compute dtype"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and batches")
     args = parser.parse_args(argv)
     try:
         losses = train(

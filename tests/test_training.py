@@ -40,7 +40,8 @@ def dense_losses(example):
 @pytest.mark.parametrize("backend, devices", [("numpy", None), ("simulated", 3)], ids=["numpy", "sim3"])
 def test_losses_match_dense_twin_every_step(example, dense_losses, n_workers, backend, devices):
     losses = example.train(
-        n_workers=n_workers, steps=STEPS, lr=LR, seed=SEED, backend=backend, devices=devices, **SIZES
+        n_workers=n_workers, steps=STEPS, lr=LR, seed=SEED, backend=backend, devices=devices,
+        dtype="float64", **SIZES,
     )
     np.testing.assert_allclose(losses, dense_losses, rtol=1e-6)
 
