@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,7 +16,7 @@ from helpers import skip_unless_cupy
 
 import tp_gpu
 from tp_gpu import ParallelEmbedding, RowParallelLinear, VocabParallelCrossEntropy, testing
-from tp_gpu.__main__ import BENCHMARK_HINT, cupy_lines, main
+from tp_gpu.__main__ import benchmark_hint, cupy_lines, main
 
 LAYERS = ("column", "row", "mlp", "embedding", "loss")
 STAGES = ("forward", "backward")
@@ -43,7 +45,7 @@ def test_numpy_self_check_passes_for_every_layer_and_worker_count(capsys, dtype)
     assert sorted((layer, stage, n) for _, layer, stage, n in lines) == every_check(workers)
     assert {verdict for verdict, *_ in lines} == {"PASS"}
     assert f"self-check: all {len(lines)} checks PASS" in out
-    assert out.rstrip().splitlines()[-1] == BENCHMARK_HINT  # points to the benchmark ...
+    assert out.rstrip().splitlines()[-1] == benchmark_hint()  # points to the benchmark ...
     assert " ms" not in out and "TP/dense" not in out  # ... instead of printing a timing table
 
 
@@ -201,3 +203,25 @@ def test_closed_stdout_ends_quietly():
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1
     assert "Traceback" not in stderr, stderr
+
+
+def test_the_hint_names_the_checkouts_quick_benchmark_by_absolute_path():
+    """The hint's command runs from any folder: it names this interpreter and the script's full path."""
+    words = shlex.split(benchmark_hint().split(": ", 1)[1])
+    assert words[0] == sys.executable and words[2:] == ["--quick"]
+    script = Path(words[1])
+    assert script.is_absolute() and script.is_file() and script.name == "bench_layers.py"
+
+
+def test_the_hint_without_a_checkout_says_where_the_benchmarks_are(tmp_path):
+    hint = benchmark_hint(tmp_path / "site-packages" / "tp_gpu")
+    assert "source checkout" in hint and "bench_layers.py --quick" in hint
+
+
+def test_help_is_plain_text_with_the_defaults():
+    out = subprocess.run(
+        [sys.executable, "-m", "tp_gpu", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "``" not in out and ":func:" not in out and ":mod:" not in out  # no reStructuredText
+    for default in ("(default: 1 2 4)", "default: float32", "(default: 0)"):
+        assert default in out

@@ -13,8 +13,10 @@ import dataclasses
 import math
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,20 +40,60 @@ def split_dim(n_workers: int) -> int:
     return SPLIT * n_workers + 1
 
 
-BENCHMARK_HINT = "timings: python benchmarks/bench_layers.py --quick   (or python -m benchmarks)"
+#: The quick layer benchmark, relative to a source checkout (it is not part of the installed package).
+QUICK_BENCHMARK = Path("benchmarks", "bench_layers.py")
+
+
+def benchmark_hint(package_dir: Path | None = None) -> str:
+    """The command that times the layers in under a minute, runnable from any folder.
+
+    The benchmarks live in the source checkout beside ``src/``; an install
+    without one (a wheel) is told where to get them.
+    """
+    package_dir = Path(__file__).resolve().parent if package_dir is None else package_dir
+    script = package_dir.parent.parent / QUICK_BENCHMARK  # <checkout>/src/tp_gpu -> <checkout>/benchmarks
+    if script.is_file():
+        return f"timings (under a minute): {shlex.quote(sys.executable)} {shlex.quote(str(script))} --quick"
+    return (
+        f"timings: the benchmarks come with the source checkout ({QUICK_BENCHMARK} --quick, under a "
+        "minute); this tp_gpu was installed without one"
+    )
+
 
 Stage = dict[str, tuple[Any, np.ndarray, int]]  # quantity -> (actual, float64 reference, summed terms)
 Case = Iterator[tuple[str, Stage]]
 
 
+#: ``--help``'s description: the module docstring's first two paragraphs, as plain text.
+DESCRIPTION = (
+    "The environment, the backend and why, the placement of workers on devices, and a self-check of "
+    "every layer at every worker count, forward then backward, against a dense float64 NumPy reference. "
+    "Exit status: 1 when a check fails, 2 on a bad option, else 0."
+)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; argparse exits with status 2 on a bad option."""
-    parser = argparse.ArgumentParser(prog="python -m tp_gpu", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tp_gpu",
+        description=DESCRIPTION,
+    )
     parser.add_argument("--backend", choices=BACKEND_NAMES, help=f"default: ${ENV_VAR}, else auto")
     parser.add_argument("--devices", type=int, help="device count (simulated: 4, cupy: every GPU)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4], metavar="N")
-    parser.add_argument("--dtype", choices=SUPPORTED_DTYPES, default="float32", help="default: float32")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random data and weights")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4],
+        metavar="N",
+        help="worker counts to check (default: 1 2 4)",
+    )
+    parser.add_argument(
+        "--dtype", choices=SUPPORTED_DTYPES, default="float32", help="compute dtype (default: float32)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random data and weights (default: 0)"
+    )
     args = parser.parse_args(argv)
     if min(args.workers) < 1 or (args.devices is not None and args.devices < 1):
         parser.error("--workers and --devices take positive integers")
@@ -239,7 +281,9 @@ def check_case(case, n: int, config: TensorParallelConfig, rng: np.random.Genera
 def print_self_check(args: argparse.Namespace, backend: str) -> bool:
     """Check every case at every worker count; True when every check passes."""
     print(f"== Self-check against a dense float64 NumPy reference ({args.dtype}, seed {args.seed})")
-    print(f"   sizes: leading {LEAD}, features {IN}/{OUT}, split {SPLIT} x workers; tp_gpu.testing allows")
+    print(
+        f"   sizes: leading {LEAD}, features {IN}/{OUT}, split {SPLIT}n+1 at n workers; tp_gpu.testing allows"
+    )
     print("   error <= TOLERANCE[dtype] * sqrt(terms) * max(1, max |reference|)")
     rng, verdicts = np.random.default_rng(args.seed), []
     for n in args.workers:
@@ -264,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_environment(backend, backend_reason(args.backend, name))
     print_placement(backend, args.workers)
     ok = print_self_check(args, name)
-    print(BENCHMARK_HINT)
+    print(benchmark_hint())
     return 0 if ok else 1
 
 
