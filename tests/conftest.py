@@ -13,11 +13,13 @@ Backends, as ``(name, devices)``:
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
+from helpers import skip_unless_cupy
 
 from tp_gpu import TensorParallelConfig
-from helpers import skip_unless_cupy
 
 BACKEND_SPECS = [
     pytest.param(("numpy", None), id="numpy"),
@@ -55,3 +57,21 @@ def rng(request):
     """A NumPy generator seeded from the test's name, so failures reproduce."""
     seed = sum(map(ord, request.node.nodeid)) % (2**32)
     return np.random.default_rng(seed)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """What did not run and why: each skip reason once, with its count (pytest's ``-rs`` lists one line
+    per skipping place, so one missing library fills a screen)."""
+    reasons = Counter(skip_reason(report) for report in terminalreporter.stats.get("skipped", []))
+    if not reasons:
+        return
+    terminalreporter.section(f"what did not run: {sum(reasons.values())} skipped tests, by reason")
+    for reason, count in reasons.most_common():
+        terminalreporter.write_line(f"{count:6d} {'test ' if count == 1 else 'tests'}  {reason}")
+
+
+def skip_reason(report) -> str:
+    """The reason a test was skipped, without pytest's ``Skipped:`` prefix or its place."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    return reason.removeprefix("Skipped: ")

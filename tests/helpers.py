@@ -14,9 +14,22 @@ TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2}
 def skip_unless_cupy() -> None:
     """Skip the calling test, saying why, when CuPy cannot run here."""
     if not cupy_available():
-        from tp_gpu.backends.cupy_backend import cupy_unavailable_reason
+        pytest.skip(_no_cupy())
 
-        pytest.skip(f"CuPy backend unavailable: {cupy_unavailable_reason()}")
+
+def skip_unless_cupy_imports() -> None:
+    """Skip the calling test when CuPy does not import (it may still have no GPU), in the same words as
+    :func:`skip_unless_cupy`, so the test summary counts every test that CuPy's absence stops on one line."""
+    try:
+        import cupy  # noqa: F401
+    except Exception:  # not installed, or failing to import
+        pytest.skip(_no_cupy())
+
+
+def _no_cupy() -> str:
+    from tp_gpu.backends.cupy_backend import cupy_unavailable_reason
+
+    return f"CuPy backend unavailable: {cupy_unavailable_reason()}"
 
 
 def to_host(layer, array) -> np.ndarray:

@@ -211,7 +211,7 @@ def test_mask_forms_agree(rng, n_workers):
 @pytest.mark.parametrize("n_workers", [1, 4, 7])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_matches_torch_multihead_attention(rng, n_workers, dtype):
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed; pip install torch")
+    torch = pytest.importorskip("torch")
     batch, seq, hidden, n_heads = 3, 6, 36, 12
     torch.manual_seed(n_workers)
     mha = torch.nn.MultiheadAttention(hidden, n_heads, batch_first=True, dtype=getattr(torch, dtype))
@@ -250,7 +250,7 @@ def test_matches_torch_multihead_attention(rng, n_workers, dtype):
 
 
 def test_matches_torch_scaled_dot_product_attention_in_float32(rng):
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed; pip install torch")
+    torch = pytest.importorskip("torch")
     batch, seq, hidden, n_heads = 2, 7, 24, 12
     config = TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float32")
     attention = ParallelSelfAttention(hidden, n_heads, config, causal=True)

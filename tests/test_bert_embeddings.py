@@ -136,11 +136,9 @@ def test_bert_sizes(make_config, rng, n_workers):
 
 @pytest.mark.parametrize("n_workers", [1, 5, 8])
 def test_matches_hugging_face_bert_embeddings(rng, n_workers):
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed; pip install torch")
-    bert = pytest.importorskip(
-        "transformers.models.bert.modeling_bert",
-        reason="transformers is not installed; pip install transformers",
-    )
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers.models.bert import modeling_bert as bert
     vocab, hidden, max_position, types = 53, 10, 12, 2
     hf_config = bert.BertConfig(
         vocab_size=vocab,

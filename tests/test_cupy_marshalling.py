@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import skip_unless_cupy_imports
 
 from tp_gpu import ColumnParallelLinear, TensorParallelConfig
 from tp_gpu.backends import cupy_backend, host_array
@@ -389,11 +390,10 @@ def test_peer_access_uses_cupys_ensure_from_cupy_backends(fake_ensure):
 def test_cupy_defines_ensure_peer_access_where_it_is_looked_up():
     """Against the installed CuPy (no GPU needed): the private function is in cupy_backends, and the
     module ``cupy.cuda.runtime`` does not re-export it (its ``import *`` skips ``_`` names)."""
-    try:
-        import cupy.cuda.runtime as public_runtime
-        from cupy_backends.cuda.api import runtime as backend_runtime
-    except Exception as exc:  # CuPy not installed, or failing to import
-        pytest.skip(f"CuPy does not import here ({type(exc).__name__}: {exc})")
+    skip_unless_cupy_imports()
+    import cupy.cuda.runtime as public_runtime
+    from cupy_backends.cuda.api import runtime as backend_runtime
+
     assert cupy_backend._ensure_peer_access_function() is backend_runtime._deviceEnsurePeerAccess
     assert not hasattr(public_runtime, "_deviceEnsurePeerAccess")
 
@@ -805,9 +805,10 @@ print("done", flush=True)
 @pytest.mark.parametrize("fail", [False, True], ids=["started", "init failed after the store started"])
 def test_a_process_with_a_real_cupyx_tcp_store_exits(tmp_path, fail):
     """With cupyx's own TCPStore (CPU only): the process exits instead of hanging in the store's join."""
+    skip_unless_cupy_imports()
     try:
         from cupyx.distributed import _store  # noqa: F401
-    except Exception as exc:
+    except Exception as exc:  # CuPy imports, but not its distributed part
         pytest.skip(f"cupyx.distributed does not import here ({type(exc).__name__}: {exc})")
     script = tmp_path / "store.py"
     code = _TCP_STORE_SCRIPT.format(tests=str(REPO / "tests"), port=_free_port(), fail=fail)

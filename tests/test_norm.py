@@ -134,7 +134,7 @@ def test_lower_precision_stays_in_its_dtype(make_config, rng, dtype):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("n_workers", [1, 3, 8])
 def test_matches_torch_layer_norm(rng, n_workers, dtype):
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed; pip install torch")
+    torch = pytest.importorskip("torch")
     h, eps = 11, 1e-12
     ref = torch.nn.LayerNorm(h, eps=eps, dtype=getattr(torch, dtype))
     with torch.no_grad():

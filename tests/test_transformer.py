@@ -123,11 +123,9 @@ def test_matches_dense_forward_and_backward(make_config, rng, n_workers, pre_nor
 
 @pytest.mark.parametrize("n_workers", [1, 5, 8])
 def test_matches_hugging_face_bert_layer(rng, n_workers):
-    torch = pytest.importorskip("torch", reason="PyTorch is not installed; pip install torch")
-    bert = pytest.importorskip(
-        "transformers.models.bert.modeling_bert",
-        reason="transformers is not installed; pip install transformers",
-    )
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers.models.bert import modeling_bert as bert
     batch, seq, hidden, n_heads, intermediate = 3, 6, 24, 12, 20
     hf_config = bert.BertConfig(
         hidden_size=hidden,
