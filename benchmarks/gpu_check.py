@@ -11,7 +11,8 @@ installed; no internet needed)::
 Each check runs in its own process group under a time limit (a process that
 hangs, at exit or anywhere, is killed and reported as FAIL), with its output
 in ``<check>.log``. Everything goes to ``benchmarks/results/<gpu>-<date>/``
-(``--out`` to change; a folder that exists gets the time appended): the logs,
+(``--out`` to change; a folder that exists gets the time appended; with no GPU,
+a temporary folder, so a CPU-only run leaves nothing in the checkout): the logs,
 the benchmark's JSON/Markdown/plots, ``environment.json``, ``linear-3d.json``,
 ``pytest-gpu.xml``, and ``summary.md`` / ``summary.json``.
 
@@ -28,6 +29,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -216,6 +218,14 @@ def results_folder(base: Path, label: str, now: datetime.datetime) -> Path:
     return folder
 
 
+def default_folder(label: str, now: datetime.datetime) -> Path:
+    """Where results go without ``--out``: ``benchmarks/results/<gpu>-<date>/``, or, on a machine with no
+    GPU, a temporary folder (nothing to commit, so nothing is left in the source tree)."""
+    if label == "no-gpu":
+        return Path(tempfile.mkdtemp(prefix=f"tp_gpu-gpu_check-no-gpu-{now:%Y-%m-%d}-"))
+    return results_folder(RESULTS, label, now)
+
+
 def run_checks(checks: Sequence[Check], out: Path, args: argparse.Namespace) -> list[Result]:
     """Run ``checks`` in order, printing a line for each; GPU checks SKIP once ``environment`` has failed."""
     results: list[Result] = []
@@ -308,7 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "environment" not in args.skip and checks and checks[0].name != "environment":
         checks.insert(0, CHECKS[0])  # the environment decides whether the others can run
     started = datetime.datetime.now()
-    out = args.out if args.out is not None else results_folder(RESULTS, gpu_label(), started)
+    out = args.out if args.out is not None else default_folder(gpu_label(), started)
     out.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check: {len(checks)} checks, results in {out}", flush=True)
     results = run_checks(checks, out, args)

@@ -111,6 +111,20 @@ def test_selfcheck_and_bench_judges():
     assert gpu_check.judge_bench(_run("table\nwrote a.json, a.md\n")) == ("PASS", "wrote a.json, a.md")
 
 
+def test_without_a_gpu_the_default_folder_is_temporary(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_check, "RESULTS", tmp_path / "results")
+    now = datetime.datetime(2026, 12, 6, 14, 30, 0)
+    folder = gpu_check.default_folder("no-gpu", now)
+    try:
+        assert folder.is_dir() and not folder.is_relative_to(REPO) and "no-gpu-2026-12-06" in folder.name
+        assert not (tmp_path / "results").exists()
+        assert gpu_check.default_folder("nvidia-h100-80gb-hbm3", now) == tmp_path / "results" / (
+            "nvidia-h100-80gb-hbm3-2026-12-06"
+        )
+    finally:
+        folder.rmdir()
+
+
 def test_results_folder_never_overwrites(tmp_path):
     now = datetime.datetime(2026, 11, 26, 14, 5, 9)
     first = gpu_check.results_folder(tmp_path, "nvidia-h100-80gb-hbm3", now)
