@@ -70,7 +70,9 @@ class Check:
 def child_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment of every check: this one, the checkout first on PYTHONPATH, unbuffered output."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(REPO / "src"), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), str(REPO / "src"), env.get("PYTHONPATH", "")) if p
+    )
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
