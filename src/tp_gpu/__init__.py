@@ -11,6 +11,7 @@ from .errors import *  # noqa: F403  (every exception, as listed in errors.__all
 from .errors import __all__ as _error_names
 from .grad_scaler import GradScaler
 from .group import TensorParallelGroup, get_group
+from .host import to_numpy
 from .layers import (
     BertEmbeddings,
     ColumnParallelLinear,
@@ -66,6 +67,7 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint",
     "from_torch",
+    "to_numpy",
     "get_backend",
     "get_communicator",
     "worker_devices",
