@@ -46,7 +46,11 @@ __all__ = ["ColumnParallelLinear", "RowParallelLinear", "matmul", "weight_grad",
 
 
 def as_rows(x: Any) -> Any:
-    """``x`` as a 2-D view ``(N, n)``, ``N`` the product of its leading axes (``n`` may be 0)."""
+    """``x`` as 2-D ``(N, n)``, ``N`` the product of its leading axes (``n`` may be 0), to be read.
+
+    A view when ``x``'s strides allow it (C-contiguous, say), else a copy: never write into it
+    expecting ``x`` to change (the simulated backend makes such a copy read-only, so a write raises).
+    """
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 

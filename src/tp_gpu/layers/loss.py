@@ -129,6 +129,14 @@ class VocabParallelCrossEntropy(Module):
                 f"class weight has shape {self.class_weight.shape}; expected ({logits.shape[-1]},), one per "
                 "vocabulary entry of the logits"
             )
+        if self.inplace:
+            for device, block in logits.device_blocks().items():
+                if not getattr(getattr(block, "flags", None), "writeable", True):
+                    raise ConfigError(
+                        f"VocabParallelCrossEntropy(inplace=True) writes exp(Z - max) and then dZ into the "
+                        f"logits, but the logits' block on device {device!r} is read-only (writeable=False); "
+                        "expected writable logits: pass a writable copy, or use inplace=False"
+                    )
 
     def _check_targets(self, logits: ShardedTensor, targets: Any) -> Blocks:
         """Targets as int64 on every device of the logits, checked against their shape and vocabulary."""
@@ -141,26 +149,37 @@ class VocabParallelCrossEntropy(Module):
                 f"{tuple(targets.shape)}"
             )
         backend, vocab = logits.backend, logits.shape[-1]
+        unsigned = np.dtype(targets.dtype).kind == "u"
         copies = collectives.broadcast(backend, targets, list(logits.device_blocks()), np.int64)
         first = next(iter(copies))
         bad = collectives.on_devices(
-            backend, lambda t: self._first_bad(backend.xp, t, vocab), copies, keys=[first]
+            backend, lambda t: self._first_bad(backend.xp, t, vocab, unsigned), copies, keys=[first]
         )
         found = collectives.to_host(backend, bad[first])  # one device-to-host copy per call
         if found[0]:
+            value = int(found[1])
+            if unsigned and value < 0:
+                value += 2**64  # a uint64 target >= 2**63 reads as a negative int64: report what was passed
             raise IndexOutOfRangeError(
-                f"target {int(found[1])} out of range; expected 0 <= target < vocab={vocab} "
+                f"target {value} out of range; expected 0 <= target < vocab={vocab} "
                 f"or ignore_index={self.ignore_index}"
             )
         return copies
 
-    def _first_bad(self, xp: Any, targets: Any, vocab: int) -> Any:
-        """``[any bad, first bad value]`` of ``targets`` as one array."""
-        bad = ((targets != self.ignore_index) & ((targets < 0) | (targets >= vocab))).reshape(-1)
+    def _first_bad(self, xp: Any, targets: Any, vocab: int, unsigned: bool = False) -> Any:
+        """``[any bad, first bad value]`` of the int64 ``targets`` as one array.
+
+        With ``unsigned`` (the caller's targets were unsigned), a negative value is a uint64 target
+        ``>= 2**63`` that wrapped: always out of range, never ``ignore_index``.
+        """
+        targets = targets.reshape(-1)  # (N,), read only
+        bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= vocab))
+        if unsigned:
+            bad |= targets < 0
         if bad.size == 0:
             return xp.zeros(2, dtype=np.int64)
         first = xp.argmax(bad)
-        return xp.stack((bad[first].astype(np.int64), targets.reshape(-1)[first]))
+        return xp.stack((bad[first].astype(np.int64), targets[first]))
 
     def _shards(self, logits: ShardedTensor, targets: Blocks, acc: Any) -> Blocks:
         """Per device: the logits' block as ``acc`` (padding at -inf), its class weights, targets, layout."""
@@ -333,9 +352,7 @@ class VocabParallelCrossEntropy(Module):
             hit *= scale
         g *= factor.astype(g.dtype, copy=False)[..., None]
         if g.shape[-1]:
-            flat = as_rows(g)  # (rows, V_d), a view
-            hit = hit.reshape(-1) * terms["owned"].reshape(-1)
-            flat[xp.arange(flat.shape[0]), terms["local"].reshape(-1)] -= hit  # only at each row's target
+            subtract_at_targets(xp, g, terms["local"], hit * terms["owned"])  # only at each row's target
         if eps:
             spread = terms["w"] if terms["w"] is not None else terms["mask"]
             g -= (eps / vocab) * (1.0 if spread is None else spread)
@@ -382,6 +399,18 @@ def _prepare_shard(
         row_max = xp.full(z.shape[:-1], -np.inf, dtype=acc)
     state = {"z": z, "writable": writable, "w": w, "mask": mask, "owned": owned, "local": local}
     return {**state, "max": row_max}
+
+
+def subtract_at_targets(xp: Any, g: Any, local: Any, hit: Any) -> None:
+    """``g[r, local[r]] -= hit[r]`` for every row ``r`` of ``g`` ``(..., V_d)``, written into ``g`` itself.
+
+    ``local`` and ``hit`` have ``g``'s leading shape ``(...)``. The rows are indexed with an open
+    mesh over the leading axes (``ix_``), not through a 2-D reshape: reshaping a strided ``g``
+    (logits built from ``moveaxis`` views, or written in place with ``inplace=True``) makes a
+    copy, and the subtraction would land in that copy. Each row is hit once, so ``-=`` is exact.
+    """
+    rows = xp.ix_(*(xp.arange(n) for n in g.shape[:-1]))  # broadcasts to (...): one index per row
+    g[rows + (local,)] -= hit.astype(g.dtype, copy=False)  # (...) entries, one per row
 
 
 def matmul_vector(x: Any, v: Any) -> Any:
