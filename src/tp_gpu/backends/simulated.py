@@ -11,7 +11,11 @@ than CuPy: any NumPy operation (ufunc, matmul, reduction, concatenate, take,
 * its operands live on a device other than the current one.
 
 The second rule catches what CuPy's ``matmul`` lets through silently
-(cupy/cupy#1389). Moves between devices happen only through
+(cupy/cupy#1389). A reshape (``a.reshape``, ``np.reshape``, ``ravel``) that
+cannot be a view of a strided array returns its copy read-only, so code that
+writes into a reshaped array expecting the original to change raises
+(``ValueError: assignment destination is read-only``) instead of losing the
+write, as NumPy and CuPy silently do. Moves between devices happen only through
 :meth:`SimulatedBackend.to_device`, which counts them in ``transfers``, so tests
 can check how often data crosses devices.
 """
@@ -101,8 +105,26 @@ def _wrap(result, device: int):
     return result
 
 
+#: The NumPy functions whose result is a view of their argument when its strides allow, else a copy.
+_RESHAPES = frozenset({"reshape", "ravel"})
+
+
+def _read_only_if_copied(result: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``result`` of reshaping ``source``, made read-only when it is a copy (shares no memory).
+
+    A write into such a copy is lost on NumPy and CuPy; here it raises. ``may_share_memory``
+    compares bounds only, so the check costs the same for any size.
+    """
+    if result.size and not np.may_share_memory(result.view(np.ndarray), source.view(np.ndarray)):
+        result.flags.writeable = False
+    return result
+
+
 class SimArray(np.ndarray):
-    """A NumPy array that lives on simulated device ``.device``."""
+    """A NumPy array that lives on simulated device ``.device``.
+
+    A reshape that has to copy (a strided array) returns the copy read-only: see the module docstring.
+    """
 
     _sim_device: int = 0
 
@@ -127,7 +149,17 @@ class SimArray(np.ndarray):
     def __array_function__(self, func, types, args, kwargs):
         dev = _check_operands(func.__name__, list(args) + list(kwargs.values()))
         result = func(*_plain(args), **{k: _plain(v) for k, v in kwargs.items()})
+        if func.__name__ in _RESHAPES and args and isinstance(args[0], np.ndarray):
+            result = _read_only_if_copied(result, args[0])
         return _wrap(result, dev)
+
+    def reshape(self, *shape, **kwargs):
+        """``ndarray.reshape``; a copy (strides that allow no view) comes back read-only."""
+        return _read_only_if_copied(super().reshape(*shape, **kwargs), self)
+
+    def ravel(self, order="C"):
+        """``ndarray.ravel``; a copy (strides that allow no view) comes back read-only."""
+        return _read_only_if_copied(super().ravel(order), self)
 
     def __setitem__(self, key, value) -> None:
         _check_operands("__setitem__", [self, value])
