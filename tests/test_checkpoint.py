@@ -22,6 +22,7 @@ import safetensors.numpy
 
 import tp_gpu
 import tp_gpu.checkpoint as checkpoint_module
+import tp_gpu.checkpoint_io as checkpoint_io
 from conftest import WORKER_COUNTS
 from helpers import TOLERANCE
 from tp_gpu import (
@@ -534,14 +535,14 @@ def test_save_interrupted_midway_keeps_old_checkpoint(saved, rng, monkeypatch, e
     old_bytes = path.read_bytes()
     changed = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=3, dtype="float64"), seed=4)
     randomize(changed, rng)
-    real_write = checkpoint_module._write_all
+    real_write = checkpoint_io._write_all
 
     def write_half_then_fail(fh, data):
         real_write(fh, data[: len(data) // 2])
         fh.flush()
         raise error
 
-    monkeypatch.setattr(checkpoint_module, "_write_all", write_half_then_fail)
+    monkeypatch.setattr(checkpoint_io, "_write_all", write_half_then_fail)
     with pytest.raises(type(error)):
         save_checkpoint(path, changed)
     assert path.read_bytes() == old_bytes
@@ -558,7 +559,7 @@ def test_save_failing_at_fsync_or_rename_keeps_old_checkpoint(saved, rng, monkey
     def fail(*args, **kwargs):
         raise OSError(f"simulated {failing} failure")
 
-    monkeypatch.setattr(checkpoint_module.os, failing, fail)
+    monkeypatch.setattr(os, failing, fail)
     with pytest.raises(OSError, match=f"simulated {failing} failure"):
         save_checkpoint(path, changed)
     monkeypatch.undo()
@@ -567,7 +568,7 @@ def test_save_failing_at_fsync_or_rename_keeps_old_checkpoint(saved, rng, monkey
 
 
 def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint_module.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError("boom")))
     path = tmp_path / "new.safetensors"
     with pytest.raises(OSError, match="boom"):
         save_checkpoint(path, ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1, dtype="float64")))
@@ -581,14 +582,14 @@ def test_process_killed_midway_keeps_old_checkpoint(saved, tmp_path):
     script = textwrap.dedent(
         f"""
         import os
-        import tp_gpu, tp_gpu.checkpoint as ck
-        real = ck._write_all
+        import tp_gpu, tp_gpu.checkpoint as ck, tp_gpu.checkpoint_io as io
+        real = io._write_all
         def die(fh, data):
             real(fh, data[: len(data) // 3])
             fh.flush()
             os._exit(9)  # like SIGKILL or a power cut: no except, no finally
-        ck._write_all = die
-        mlp = tp_gpu.ParallelMLP(5, 6, 4, tp_gpu.TensorParallelConfig(n_workers=2), seed=11)
+        io._write_all = die
+        mlp = tp_gpu.ParallelMLP(5, 6, 4, tp_gpu.TensorParallelConfig(n_workers=2, dtype="float64"), seed=11)
         ck.save_checkpoint({str(path)!r}, mlp)
         """
     )

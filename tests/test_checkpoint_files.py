@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from test_checkpoint import assert_unchanged, leftovers, randomize, snapshot
 
-import tp_gpu.checkpoint as checkpoint_module
+import tp_gpu.checkpoint_format as checkpoint_format
+import tp_gpu.checkpoint_io as checkpoint_io
 from tp_gpu import (
     CheckpointError,
     ColumnParallelLinear,
@@ -95,7 +96,7 @@ def test_load_without_permission(tmp_path, monkeypatch):
     """An unreadable file (simulated: as root, chmod 000 still reads) names the path and EACCES."""
     path = tmp_path / "secret.safetensors"
     save_checkpoint(path, layer())
-    real = checkpoint_module._safetensors
+    real = checkpoint_format._safetensors
 
     def refusing_safetensors():
         _, st_numpy = real()
@@ -105,7 +106,7 @@ def test_load_without_permission(tmp_path, monkeypatch):
 
         return safe_open, st_numpy
 
-    monkeypatch.setattr(checkpoint_module, "_safetensors", refusing_safetensors)
+    monkeypatch.setattr(checkpoint_format, "_safetensors", refusing_safetensors)
     target = layer(seed=5)
     error = expect_file_error(lambda: load_checkpoint(path, target), path, "(EACCES)", module=target)
     assert error.errno == errno.EACCES
@@ -160,7 +161,7 @@ def test_save_failing_midway_names_the_path_and_leaves_no_temporary_file(
     old = layer(seed=1)
     save_checkpoint(path, old)
     old_bytes = path.read_bytes()
-    target = checkpoint_module if step == "_write_all" else checkpoint_module.os
+    target = checkpoint_io if step == "_write_all" else os
 
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code), str(tmp_path / ".model.safetensors.0123456789ab.tmp"))

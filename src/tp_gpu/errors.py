@@ -8,6 +8,8 @@ not know about tp_gpu. Messages name the value received and the value expected.
 
 from __future__ import annotations
 
+from typing import Iterable, List, Sequence, Type, TypeVar
+
 __all__ = [
     "TensorParallelError",
     "ConfigError",
@@ -19,11 +21,52 @@ __all__ = [
     "CheckpointError",
     "CheckpointFileError",
     "CheckpointNotFoundError",
+    "SHOWN_PROBLEMS",
+    "summarize_problems",
+    "error_with_problems",
 ]
+
+#: How many problems an error message lists before it says how many more there are.
+SHOWN_PROBLEMS = 5
+
+E = TypeVar("E", bound="TensorParallelError")
 
 
 class TensorParallelError(Exception):
-    """Base class of every error raised by tp_gpu."""
+    """Base class of every error raised by tp_gpu.
+
+    ``problems`` lists every problem an error found, one string each: an error about many things
+    (a checkpoint whose 77 tensors have the wrong dtype) names a count and the first
+    :data:`SHOWN_PROBLEMS` in its message and carries the full list here. It is ``[]`` for an
+    error about one thing.
+    """
+
+    problems: List[str] = []
+
+
+def summarize_problems(problems: Sequence[str], shown: int = SHOWN_PROBLEMS) -> str:
+    """``"N problems: p1; ...; p5; and N-5 more; all N are in the exception's .problems"``.
+
+    One problem reads ``"1 problem: p1"``.
+
+    The count comes first, then the first ``shown`` problems in order; the text stays short however
+    many there are.
+    """
+    n = len(problems)
+    if n == 1:
+        return f"1 problem: {problems[0]}"
+    text = f"{n} problems: " + "; ".join(problems[:shown])
+    if n > shown:
+        text += f"; and {n - shown} more; all {n} are in the exception's .problems"
+    return text
+
+
+def error_with_problems(cls: Type[E], head: str, problems: Iterable[str], tail: str = "") -> E:
+    """A ``cls`` whose message is ``head (summary)tail`` and whose ``problems`` is the full list."""
+    listed = list(problems)
+    error = cls(f"{head} ({summarize_problems(listed)}){tail}")
+    error.problems = listed
+    return error
 
 
 class ConfigError(TensorParallelError, ValueError):
