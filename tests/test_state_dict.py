@@ -148,8 +148,8 @@ def test_load_state_dict_keeps_blocks_in_place(make_config, rng):
 @pytest.mark.parametrize(
     "state, message",
     [
-        ({"weight": "W"}, "missing keys ['bias']"),
-        ({"weight": "W", "bias": "b", "extra": "b"}, "unexpected keys ['extra']"),
+        ({"weight": "W"}, "1 missing and 0 unexpected keys (1 problem: missing key 'bias')"),
+        ({"weight": "W", "bias": "b", "extra": "b"}, "(1 problem: unexpected key 'extra')"),
         ({"weight": "W", "bias": np.zeros(7)}, "'bias' must have shape (6,), got (7,)"),
         ({"weight": "W", "bias": np.zeros((6, 1))}, "'bias' must have shape (6,), got (6, 1)"),
         ({"weight": "W.T", "bias": "b"}, "'weight' must have shape (5, 6), got (6, 5)"),
@@ -330,3 +330,19 @@ def test_from_dense_errors(rng, factory, message):
     with pytest.raises((ShapeError, ConfigError)) as info:
         factory(rng.standard_normal((4, 6)))
     assert message in str(info.value)
+
+
+def test_load_state_dict_with_many_bad_keys_gives_a_count_and_the_first_five(rng):
+    """A strict load with 40 unexpected keys names the count and five of them; .problems holds all."""
+    layer = ColumnParallelLinear(5, 6, TensorParallelConfig(n_workers=2, dtype="float64"), seed=0)
+    state = {f"extra{i}": np.zeros(1) for i in range(40)}
+    before = snapshot(layer)
+    with pytest.raises(ShapeError) as info:
+        layer.load_state_dict(state)
+    message = str(info.value)
+    assert "2 missing and 40 unexpected keys (42 problems: missing key 'weight'; missing key 'bias'; " in message
+    assert "unexpected key 'extra2'; and 37 more; all 42 are in the exception's .problems" in message
+    assert "extra3'" not in message and len(message) < 400
+    assert info.value.problems[-1] == "unexpected key 'extra39'" and len(info.value.problems) == 42
+    assert message.endswith("expected exactly 2 keys: ['weight', 'bias']")
+    assert_unchanged(layer, before)

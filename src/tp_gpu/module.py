@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Set
 
 import numpy as np
 
-from .errors import ShapeError, TensorParallelError
+from .errors import ShapeError, TensorParallelError, error_with_problems
 from .parameter import ShardedParameter
 
 __all__ = ["Module", "Sequential", "ModuleDict", "IncompatibleKeys"]
@@ -159,9 +159,12 @@ class Module:
         Values may be host, device or DLPack arrays (a ``torch.Tensor``) and
         are cast to each parameter's dtype. With ``strict`` every key must be
         present and no other; with ``strict=False`` the keys that match are
-        loaded and the missing and unexpected ones are returned. Everything is
-        checked, and staged on the devices, before anything is written: on a
-        ShapeError the module is left exactly as it was.
+        loaded and the missing and unexpected ones are returned (strict: a
+        ShapeError gives their count and the first five, and its ``problems``
+        lists them all). Everything is checked, and staged on the devices, before
+        anything is written: on a ShapeError the module is left exactly as it
+        was. Not atomic with respect to a forward running in another thread (see
+        :func:`tp_gpu.load_checkpoint`).
         """
         what = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state_dict, Mapping):
@@ -172,9 +175,15 @@ class Module:
         missing = [name for name in params if name not in state_dict]
         unexpected = [key for key in state_dict if key not in params]
         if strict and (missing or unexpected):
-            raise ShapeError(
-                f"{what}: missing keys {missing}, unexpected keys {unexpected}; expected exactly "
-                f"{list(params)}"
+            problems = [f"missing key {name!r}" for name in missing]
+            problems += [f"unexpected key {key!r}" for key in unexpected]
+            expected = list(params)
+            shown = expected if len(expected) <= 5 else f"{expected[:5]} and {len(expected) - 5} more"
+            raise error_with_problems(
+                ShapeError,
+                f"{what}: {len(missing)} missing and {len(unexpected)} unexpected keys",
+                problems,
+                f"; expected exactly {len(expected)} keys: {shown}",
             )
         staged = [
             (p, p.stage(state_dict[name], f"{what}: {name!r}"))
