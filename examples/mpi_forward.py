@@ -28,6 +28,7 @@ import numpy as np
 
 from tp_gpu import ConfigError, ParallelMLP, TensorParallelConfig, TensorParallelError, get_communicator
 from tp_gpu.comm import Communicator
+from tp_gpu.testing import tolerance
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -39,7 +40,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--backend", choices=["numpy", "simulated", "cupy"], default=None, help="default: auto"
     )
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--features", type=int, default=512)
+    parser.add_argument("--features", type=int, default=512, help="input and output width (any size)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
     args = parser.parse_args(argv)
     rank = 0
     try:
@@ -58,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def run(args: argparse.Namespace, comm: Communicator) -> int:
     """The forward pass and, on rank 0, the check against dense; returns the exit status."""
     n_workers = 2 * comm.size if args.workers is None else args.workers
-    config = TensorParallelConfig(n_workers=n_workers, backend=args.backend, comm=args.comm)
+    config = TensorParallelConfig(n_workers=n_workers, backend=args.backend, comm=args.comm, dtype=args.dtype)
     hidden = 4 * args.features  # any size splits over any worker count
     mlp = ParallelMLP(args.features, hidden, args.features, config, seed=0, activation="gelu_tanh").eval()
     x = np.random.default_rng(0).standard_normal((args.batch, args.features))  # the same on every rank
@@ -71,8 +73,10 @@ def run(args: argparse.Namespace, comm: Communicator) -> int:
         dense = gelu @ state["fc2.weight"] + state["fc2.bias"]
         error = float(np.abs(y - dense).max())
         layout = f"{comm.size} {comm.name} ranks x {n_workers // comm.size} workers each"
-        print(f"{layout} ({mlp.backend.name} backend): output {y.shape}, max abs error vs dense {error:.2e}")
-        return 0 if error < 1e-6 * max(1.0, float(np.abs(dense).max())) else 1
+        sizes = [last - first for first, last in mlp.fc1.partition]  # rank 0's workers' hidden columns
+        print(f"{layout} ({mlp.backend.name} backend, {args.dtype}): rank 0 holds {sizes} of {hidden} hidden")
+        print(f"output {y.shape}, max abs error vs dense {error:.2e}")
+        return 0 if error <= tolerance(args.dtype, terms=hidden) * max(1.0, float(np.abs(dense).max())) else 1
     return 0
 
 

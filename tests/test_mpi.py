@@ -86,4 +86,15 @@ def test_a_stalled_rank_raises_comm_error_after_the_timeout():
 def test_mpi_forward_example():
     result = mpirun(2, "examples/mpi_forward.py", "--workers", "4", "--backend", "numpy")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 mpi ranks x 2 workers each (numpy backend): output (8, 512), max abs error vs dense" in result.stdout
+    assert "2 mpi ranks x 2 workers each (numpy backend, float32): rank 0 holds [512, 512] of 2048" in result.stdout
+    assert "output (8, 512), max abs error vs dense" in result.stdout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_processes_hold_spans_of_different_lengths(dtype):
+    """The README's claim: 3 processes of 2 workers split 52 hidden columns 9, 9 | 9, 9 | 8, 8, so the
+    processes hold 18, 18 and 16, and the output equals the dense one (the example exits 1 if not)."""
+    args = ("--workers", "6", "--features", "13", "--backend", "numpy", "--dtype", dtype)
+    result = mpirun(3, "examples/mpi_forward.py", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"3 mpi ranks x 2 workers each (numpy backend, {dtype}): rank 0 holds [9, 9] of 52" in result.stdout

@@ -123,5 +123,8 @@ def test_mpi_forward_bad_worker_count_is_reported_once():
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
-    expected = "mpi_forward.py: error: n_workers (3) must be a multiple of the world size (2) with comm='mpi'"
+    expected = (
+        "mpi_forward.py: error: n_workers (3) must be a multiple of the world size (2) with comm='mpi': "
+        "every process holds n_workers / 2 workers; expected one of [2, 4, 6], ..."
+    )
     assert [line for line in output.splitlines() if "error:" in line] == [expected], output

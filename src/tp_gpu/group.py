@@ -37,7 +37,8 @@ class TensorParallelGroup:
         if config.n_workers % self.comm.size:
             raise ConfigError(
                 f"n_workers ({config.n_workers}) must be a multiple of the world size ({self.comm.size}) "
-                f"with comm={config.comm!r}"
+                f"with comm={config.comm!r}: every process holds n_workers / {self.comm.size} workers; "
+                f"expected one of {[self.comm.size * k for k in (1, 2, 3)]}, ..."
             )
         devices = config.devices
         if devices is None and self.comm.name == "nccl":
