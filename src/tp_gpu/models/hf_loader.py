@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -73,15 +74,35 @@ def read_json(path: PathLike, what: str) -> Any:
         raise CheckpointError(f"{what}: {path} is not valid JSON ({exc})") from exc
 
 
+#: ``owner/name``, as a Hugging Face Hub model id is written.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _hub_hint(given: Any) -> str:
+    """For a string shaped as a Hub id (``owner/name``), how to get that folder; else ``""``."""
+    if not isinstance(given, str) or not _HUB_ID.fullmatch(given):
+        return ""
+    local = given.rsplit("/", 1)[1]
+    return (
+        f"; {given!r} looks like a Hugging Face Hub id, and tp_gpu reads only local folders: download it "
+        f"first with `huggingface-cli download {given} --local-dir {local}` (or `hf download {given} "
+        f"--local-dir {local}`) and pass that folder ({local!r})"
+    )
+
+
 def check_model_dir(model_dir: Any, what: str = "BertModel.from_pretrained") -> str:
-    """``model_dir`` as a path string, if it is an existing folder; else CheckpointError naming it."""
+    """``model_dir`` as a path string, if it is an existing folder; else CheckpointError naming it.
+
+    A missing ``owner/name`` (a Hub id, not a path here) gets the command that downloads it.
+    """
     if not isinstance(model_dir, (str, os.PathLike)):
         raise CheckpointError(
             f"{what}: model_dir must be a path (str or os.PathLike), got {type(model_dir).__name__}"
         )
-    path = os.path.abspath(os.fspath(model_dir))
+    given = os.fspath(model_dir)
+    path = os.path.abspath(given)
     if not os.path.exists(path):
-        raise CheckpointError(f"{what}: model folder {path} does not exist")
+        raise CheckpointError(f"{what}: model folder {path} does not exist{_hub_hint(given)}")
     if not os.path.isdir(path):
         raise CheckpointError(f"{what}: {path} is not a folder; expected a Hugging Face model folder")
     return path
