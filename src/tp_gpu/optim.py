@@ -48,6 +48,8 @@ def _check_params(params: Iterable[ShardedParameter]) -> List[ShardedParameter]:
 
 
 def _check_number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
+    """``value`` as a float when it is a finite real number in ``[low, high)`` (``(low, high)`` with
+    ``low_open``), else ConfigError naming the value and the interval."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > low if low_open else value >= low) and value < high
@@ -97,11 +99,42 @@ class Optimizer:
     def _update(self, weight: Any, grad: Any, state: BlockState, xp: Any) -> None:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ state dicts
+    # ------------------------------------------------------------------ settings
+
+    @classmethod
+    def check_hyperparameters(cls, **settings: Any) -> Dict[str, Any]:
+        """The settings (``lr``, ...) checked and normalised, or ConfigError naming the bad one.
+
+        The constructor and :meth:`load_state_dict` both go through this one check.
+        """
+        raise NotImplementedError
+
+    def _set_hyperparameters(self, settings: Mapping[str, Any]) -> None:
+        """Install settings returned by :meth:`check_hyperparameters`."""
+        for key, value in settings.items():
+            setattr(self, key, value)
 
     def hyperparameters(self) -> Dict[str, Any]:
         """The optimizer's settings (``lr``, ...), as ``param_groups[0]`` of a state dict."""
         raise NotImplementedError
+
+    def _settings_of(self, state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+        """``state_dict``'s ``param_groups[0]`` over the current settings, checked as the constructor
+        checks them (keys this optimizer does not have are ignored, as torch keeps them unused)."""
+        groups = state_dict.get("param_groups", [{}])
+        if not isinstance(groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in groups):
+            raise ShapeError(
+                f"optimizer state dict 'param_groups' must be a list of dicts of settings, got {groups!r}"
+            )
+        given = dict(groups[0]) if groups else {}
+        current = self.hyperparameters()
+        merged = {**current, **{k: v for k, v in given.items() if k in current}}
+        try:
+            return self.check_hyperparameters(**merged)
+        except ConfigError as exc:
+            raise ConfigError(f"optimizer state dict param_groups[0]: {exc}") from None
+
+    # ------------------------------------------------------------------ state dicts
 
     def state_dict(self) -> Dict[str, Any]:
         """``{"state": {i: {"step": int, key: logical array}}, "param_groups": [settings]}``, as torch.
@@ -126,8 +159,9 @@ class Optimizer:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (from this or any other split of the same model).
 
-        Everything is checked (indices, keys, shapes) and staged on the devices
-        before anything changes: on an error the optimizer is left as it was.
+        Everything is checked (indices, keys, shapes, and the settings with the
+        constructor's own check) and staged on the devices before anything
+        changes: on an error the optimizer is left as it was.
         """
         self.commit_state_dict(state_dict, self.stage_state_dict(state_dict))
 
@@ -135,10 +169,7 @@ class Optimizer:
         self, state_dict: Mapping[str, Any], staged: Dict[int, Dict[Hashable, BlockState]]
     ) -> None:
         """Install state made by :meth:`stage_state_dict` (and ``state_dict``'s settings)."""
-        settings = state_dict.get("param_groups", [{}])
-        for key, value in (settings[0] if settings else {}).items():
-            if key in self.hyperparameters():
-                setattr(self, key, tuple(value) if isinstance(value, list) else value)
+        self._set_hyperparameters(self._settings_of(state_dict))  # checked by the stage already
         self._state = [{d: {} for d in p.blocks} for p in self.params]  # replaced whole, as torch.optim
         for i, blocks in staged.items():
             self._state[i] = blocks
@@ -148,6 +179,10 @@ class Optimizer:
         if not isinstance(state_dict, Mapping) or "state" not in state_dict:
             kind = type(state_dict).__name__
             raise ShapeError(f"optimizer state dict must be a mapping with a 'state' entry, got {kind}")
+        self._settings_of(state_dict)  # ConfigError before anything changes
+        if not isinstance(state_dict["state"], Mapping):
+            kind = type(state_dict["state"]).__name__
+            raise ShapeError(f"optimizer state dict 'state' must map parameter index to state, got {kind}")
         staged: Dict[int, Dict[Hashable, BlockState]] = {}
         for i, entry in state_dict["state"].items():
             if not isinstance(i, (int, np.integer)) or not 0 <= int(i) < len(self.params):
@@ -188,13 +223,24 @@ class SGD(Optimizer):
     """
 
     STATE_KEYS: Tuple[str, ...] = ("momentum_buffer",)
+    lr: float
+    momentum: float
 
     def __init__(self, params: Iterable[ShardedParameter], lr: float, momentum: float = 0.0) -> None:
-        self.lr = _check_number(lr, "lr", 0.0, math.inf, low_open=True)
-        self.momentum = _check_number(momentum, "momentum", 0.0, 1.0)
-        if not self.momentum:
-            self.STATE_KEYS = ()
+        self._set_hyperparameters(self.check_hyperparameters(lr=lr, momentum=momentum))
         super().__init__(params)
+
+    @classmethod
+    def check_hyperparameters(cls, **settings: Any) -> Dict[str, Any]:
+        """``lr`` in (0, inf), ``momentum`` in [0, 1)."""
+        return {
+            "lr": _check_number(settings.get("lr"), "lr", 0.0, math.inf, low_open=True),
+            "momentum": _check_number(settings.get("momentum", 0.0), "momentum", 0.0, 1.0),
+        }
+
+    def _set_hyperparameters(self, settings: Mapping[str, Any]) -> None:
+        super()._set_hyperparameters(settings)
+        self.STATE_KEYS = ("momentum_buffer",) if self.momentum else ()
 
     def hyperparameters(self) -> Dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum}
@@ -225,6 +271,9 @@ class Adam(Optimizer):
     """
 
     STATE_KEYS = ("exp_avg", "exp_avg_sq")
+    lr: float
+    betas: Tuple[float, float]
+    eps: float
 
     def __init__(
         self,
@@ -233,15 +282,23 @@ class Adam(Optimizer):
         betas: Tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
-        self.lr = _check_number(lr, "lr", 0.0, math.inf, low_open=True)
+        self._set_hyperparameters(self.check_hyperparameters(lr=lr, betas=betas, eps=eps))
+        super().__init__(params)
+
+    @classmethod
+    def check_hyperparameters(cls, **settings: Any) -> Dict[str, Any]:
+        """``lr`` in (0, inf), ``betas`` a pair in [0, 1), ``eps`` in (0, inf)."""
+        betas = settings.get("betas", (0.9, 0.999))
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ConfigError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        self.betas = (
-            _check_number(betas[0], "betas[0]", 0.0, 1.0),
-            _check_number(betas[1], "betas[1]", 0.0, 1.0),
-        )
-        self.eps = _check_number(eps, "eps", 0.0, math.inf, low_open=True)
-        super().__init__(params)
+        return {
+            "lr": _check_number(settings.get("lr"), "lr", 0.0, math.inf, low_open=True),
+            "betas": (
+                _check_number(betas[0], "betas[0]", 0.0, 1.0),
+                _check_number(betas[1], "betas[1]", 0.0, 1.0),
+            ),
+            "eps": _check_number(settings.get("eps", 1e-8), "eps", 0.0, math.inf, low_open=True),
+        }
 
     def hyperparameters(self) -> Dict[str, Any]:
         return {"lr": self.lr, "betas": self.betas, "eps": self.eps}
@@ -322,10 +379,16 @@ def clip_grad_norm(parameters: Iterable[ShardedParameter], max_norm: float, norm
     is, and the gradients are scaled by the resulting NaN, as torch does.
     Parameters without a gradient are skipped. A parameter kept whole (the
     row-parallel bias) is the same on every process and counts once.
+
+    ``parameters`` is one :class:`ShardedParameter` or an iterable of them,
+    ``max_norm`` a number in ``[0, inf]`` and ``norm_type`` one in ``(0, inf]``
+    (or ``"inf"``); anything else raises ConfigError before any gradient changes
+    (torch lets a NaN ``max_norm`` make every gradient NaN and a negative one
+    flip their signs).
     """
-    params = [p for p in parameters if any(g is not None for g in p.grad_blocks.values())]
-    max_norm = float(max_norm)
-    norm_type = float(norm_type)
+    params = [p for p in _clip_parameters(parameters) if any(g is not None for g in p.grad_blocks.values())]
+    max_norm = _clip_number(max_norm, "max_norm", 0.0, allow_zero=True)
+    norm_type = _clip_number(norm_type, "norm_type", 0.0, allow_zero=False)
     if not params:
         return 0.0
     total = _global_norm(params, norm_type)
@@ -335,6 +398,39 @@ def clip_grad_norm(parameters: Iterable[ShardedParameter], max_norm: float, norm
             keys = [d for d, g in p.grad_blocks.items() if g is not None]
             collectives.on_devices(p.backend, partial(_scale_in_place, coefficient), p.grad_blocks, keys=keys)
     return total
+
+
+def _clip_parameters(parameters: Any) -> List[ShardedParameter]:
+    """``parameters`` (one ShardedParameter or an iterable of them) as a list, or ConfigError."""
+    if isinstance(parameters, ShardedParameter):
+        return [parameters]
+    try:
+        params = list(parameters)
+    except TypeError:
+        raise ConfigError(
+            f"clip_grad_norm takes a ShardedParameter or an iterable of them (model.parameters()), "
+            f"got {type(parameters).__name__}"
+        ) from None
+    for i, p in enumerate(params):
+        if not isinstance(p, ShardedParameter):
+            raise ConfigError(
+                f"clip_grad_norm parameters must be ShardedParameter objects (model.parameters()), "
+                f"got {type(p).__name__} at position {i}"
+            )
+    return params
+
+
+def _clip_number(value: Any, name: str, low: float, allow_zero: bool) -> float:
+    """``value`` as a float in ``[low, inf]`` (``(low, inf]`` unless ``allow_zero``); ``"inf"`` is inf."""
+    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
+        return math.inf
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = value >= low if allow_zero else value > low
+    if not ok:
+        bound = f"[{low:g}, inf]" if allow_zero else f"({low:g}, inf]"
+        raise ConfigError(f"clip_grad_norm {name} must be a number in {bound} or 'inf', got {value!r}")
+    return float(value)
 
 
 def _scale_in_place(factor: float, grad: Any) -> None:
