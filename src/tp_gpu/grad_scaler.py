@@ -43,6 +43,31 @@ def _positive(value: Any, name: str, above_one: Optional[bool] = None) -> float:
     return float(value)
 
 
+def _interval(value: Any, name: str = "growth_interval") -> int:
+    """``value`` as an int >= 1, or ConfigError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _tracker(value: Any, interval: int) -> int:
+    """``value`` as the count of clean steps since the scale last changed: an int in [0, interval)."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or not 0 <= int(value) < interval:
+        raise ConfigError(
+            f"_growth_tracker must be an integer in [0, growth_interval={interval}), got {value!r}"
+        )
+    return int(value)
+
+
+def _check_optimizer(optimizer: Any, what: str) -> Optimizer:
+    if not isinstance(optimizer, Optimizer):
+        raise ConfigError(
+            f"GradScaler.{what} takes a tp_gpu Optimizer (SGD, Adam), got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
 def _unscale_block(xp: Any, inverse: float, grad: Any) -> Any:
     """``grad *= inverse`` in place; returns whether every element stayed finite (a 0-d array)."""
     grad *= inverse
@@ -63,13 +88,7 @@ class GradScaler:
         self._scale: float = _positive(init_scale, "init_scale")
         self._growth_factor: float = _positive(growth_factor, "growth_factor", above_one=True)
         self._backoff_factor: float = _positive(backoff_factor, "backoff_factor", above_one=False)
-        if (
-            isinstance(growth_interval, bool)
-            or not isinstance(growth_interval, numbers.Integral)
-            or growth_interval < 1
-        ):
-            raise ConfigError(f"growth_interval must be a positive integer, got {growth_interval!r}")
-        self._growth_interval: int = int(growth_interval)
+        self._growth_interval: int = _interval(growth_interval)
         self._growth_tracker: int = 0
         self.enabled: bool = bool(enabled)
         self._found_inf: Dict[int, bool] = {}  # per optimizer unscaled since the last update
@@ -79,7 +98,16 @@ class GradScaler:
         return self._scale if self.enabled else 1.0
 
     def scale(self, grad_loss: float = 1.0) -> float:
-        """The loss gradient to start backward with: ``grad_loss * scale``."""
+        """The loss gradient to start backward with: ``grad_loss * scale``.
+
+        ``grad_loss`` is a real number (a Python or NumPy scalar); anything else raises ConfigError.
+        """
+        ok = isinstance(grad_loss, numbers.Real) and not isinstance(grad_loss, bool)
+        if not ok:
+            raise ConfigError(
+                f"GradScaler.scale takes the loss gradient as a real number (e.g. 1.0), got "
+                f"{type(grad_loss).__name__} {grad_loss!r}"
+            )
         return float(grad_loss) * self.get_scale()
 
     def unscale_(self, optimizer: Optimizer) -> bool:
@@ -87,6 +115,7 @@ class GradScaler:
 
         Calling it twice before :meth:`update` raises, as in PyTorch.
         """
+        _check_optimizer(optimizer, "unscale_")
         if not self.enabled:
             return False
         if id(optimizer) in self._found_inf:
@@ -107,6 +136,7 @@ class GradScaler:
         """Unscale (if not done yet), then step ``optimizer`` unless a gradient was inf/NaN.
 
         Returns whether it stepped."""
+        _check_optimizer(optimizer, "step")
         if not self.enabled:
             optimizer.step()
             return True
@@ -146,16 +176,23 @@ class GradScaler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; every value is checked before any is set."""
+        """Restore :meth:`state_dict`; every value is checked, by the constructor's checks, before any
+        is set (ConfigError naming the bad one; the scaler is left as it was)."""
+        if not isinstance(state, Mapping):
+            raise ShapeError(
+                f"GradScaler.load_state_dict takes a dict (GradScaler.state_dict()), got "
+                f"{type(state).__name__}"
+            )
         if not state:
             return
         try:
+            interval = _interval(state["growth_interval"])
             values = (
                 _positive(state["scale"], "scale"),
                 _positive(state["growth_factor"], "growth_factor", above_one=True),
                 _positive(state["backoff_factor"], "backoff_factor", above_one=False),
-                int(state["growth_interval"]),
-                int(state["_growth_tracker"]),
+                interval,
+                _tracker(state["_growth_tracker"], interval),
             )
         except KeyError as exc:
             raise ShapeError(
