@@ -106,6 +106,22 @@ def _apply(mask: Any, scale: float, x: Any) -> Any:
     return x * mask * scale
 
 
+def _check_input(x: Any, what: str) -> Any:
+    """``x`` (an array, or anything :func:`as_array_like` reads) if it holds real numbers, else
+    ShapeError naming what it holds; a ShardedTensor passes through after its dtype check."""
+    if isinstance(x, ShardedTensor):
+        dtype = np.dtype(x.dtype)
+    else:
+        x = as_array_like(x, what)
+        dtype = np.dtype(x.dtype)
+    if dtype.kind not in "biuf":
+        raise ShapeError(
+            f"{what} must hold real numbers (float, integer or bool), got dtype {dtype} "
+            f"of {type(x).__name__}" + (" (None was passed)" if dtype.kind == "O" and x.shape == () else "")
+        )
+    return x
+
+
 class Dropout(ParallelModule):
     """``y = x * keep / (1 - p)`` in training mode, ``y = x`` in eval mode, on the output device.
 
@@ -121,8 +137,13 @@ class Dropout(ParallelModule):
 
     Parameters
     ----------
-    p : float in [0, 1)
-        Probability of dropping an element.
+    p : float in [0, 1]
+        Probability of dropping an element. ``p = 1`` drops every element: the
+        output is ``x * 0`` and the input gradient zeros (as ``torch.nn.Dropout(1.0)``).
+
+    An input that does not hold real numbers (None, strings, complex numbers)
+    raises :class:`~tp_gpu.errors.ShapeError` before the step advances, in
+    training and in eval mode.
     config : TensorParallelConfig, optional
         Where the dense activations live (the group's output device).
     seed : int
@@ -132,18 +153,25 @@ class Dropout(ParallelModule):
         self, p: float = 0.1, config: Optional[TensorParallelConfig] = None, *, seed: int = 0
     ) -> None:
         super().__init__(config)
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-            raise ConfigError(f"dropout p must be a number in [0, 1), got {p!r}")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
+            raise ConfigError(f"dropout p must be a number in [0, 1], got {p!r}")
         self.p: float = float(p)
         self.seed: int = check_seed(seed)
         self._join_group(p=self.p, seed=self.seed)
         self.step: int = 0
+
+    @property
+    def _scale(self) -> float:
+        """``1 / (1 - p)``, the factor of a kept element; 0 when ``p = 1`` (nothing is kept, and
+        ``y = x * 0``, as torch: zeros, NaN where ``x`` is not finite)."""
+        return 1.0 / (1.0 - self.p) if self.p < 1.0 else 0.0
 
     def extra_repr(self) -> str:
         return f"p={self.p}, seed={self.seed}, step={self.step}"
 
     def forward(self, x: Any) -> Any:
         """Drop elements of ``x`` (any shape, on the output device) at random; the identity in eval mode."""
+        checked = _check_input(x, "Dropout input")
         if not self.training:
             return x
         if self.p == 0.0:  # the identity both ways; backward still needs a forward first
@@ -152,16 +180,14 @@ class Dropout(ParallelModule):
         if isinstance(x, ShardedTensor):
             return self._forward_sharded(x)
         out, xp = self.output_device, self.backend.xp
-        x = collectives.to_devices(self.backend, [as_array_like(x, "Dropout input")], [out], self.dtype)[0]
+        x = collectives.to_devices(self.backend, [checked], [out], self.dtype)[0]
         mask = self.group.on_device(out, keep_mask, xp, self.p, self.seed, self.step, x.shape, (Ellipsis,))
         self.step += 1
         self._keep({"mask": mask})
-        return self.group.on_device(out, _apply, mask, 1.0 / (1.0 - self.p), x)
+        return self.group.on_device(out, _apply, mask, self._scale, x)
 
     def _forward_sharded(self, x: ShardedTensor) -> ShardedTensor:
         """Each device drops the elements of its block, with its slices of the logical mask."""
-        if np.dtype(x.dtype).kind not in "iuf":
-            raise ShapeError(f"Dropout input must hold real numbers, got dtype {x.dtype}")
         xp, shape, axis, layout = self.backend.xp, x.shape, x.axis, x.layout
         blocks = x.blocks_for(layout, self.dtype, None, "Dropout input", axis)  # {d: (..., S_d, H)}
         masks = {
@@ -170,7 +196,7 @@ class Dropout(ParallelModule):
         }  # {d: (..., S_d, H)} bool
         self.step += 1
         self._keep({"masks": masks, "sharded": (shape, axis, layout, x.comm)})
-        scale = 1.0 / (1.0 - self.p)
+        scale = self._scale
         ys = self.group.on_devices(lambda m, b: _apply(m, scale, b), masks, blocks)
         return ShardedTensor.from_blocks(ys, axis, layout, self.backend, x.comm)
 
@@ -186,10 +212,10 @@ class Dropout(ParallelModule):
                 grads = grad.blocks_for(layout, self.dtype, None, "Dropout grad_output", axis)
             else:
                 grads = collectives.scatter_blocks(self.backend, grad, axis, layout, self.dtype)
-            scale = 1.0 / (1.0 - self.p)
+            scale = self._scale
             dxs = self.group.on_devices(lambda m, g: _apply(m, scale, g), saved["masks"], grads)
             return ShardedTensor.from_blocks(dxs, axis, layout, self.backend, comm)
         mask = saved["mask"]
         grad = self._check_grad_shape(grad_output, mask.shape, "Dropout")
         grad = collectives.to_devices(self.backend, [grad], [self.output_device], self.dtype)[0]
-        return self.group.on_device(self.output_device, _apply, mask, 1.0 / (1.0 - self.p), grad)
+        return self.group.on_device(self.output_device, _apply, mask, self._scale, grad)
