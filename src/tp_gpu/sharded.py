@@ -6,6 +6,7 @@ import numbers
 from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
 from . import collectives
+from .backends.base import from_dlpack, is_dlpack_array
 from .collectives import Blocks
 from .comm import Communicator, LocalComm
 from .errors import ShapeError
@@ -24,7 +25,9 @@ class ShardedTensor:
     Parameters
     ----------
     shards : sequence of arrays
-        One per worker, all of the same rank and dtype, equal on every axis but ``axis``.
+        One per worker, all of the same rank and dtype, equal on every axis but ``axis``,
+        of any strides. DLPack arrays (PyTorch tensors) are imported without a copy
+        (:func:`~tp_gpu.backends.from_dlpack`): host memory as NumPy, GPU memory as CuPy.
     axis : int
         The split axis (negative values count from the end; stored non-negative).
     devices : sequence
@@ -45,7 +48,7 @@ class ShardedTensor:
         backend: Any,
         comm: Optional[Communicator] = None,
     ) -> None:
-        shards = list(shards)
+        shards = [from_dlpack(s) if is_dlpack_array(s) else s for s in shards]
         if not shards:
             raise ShapeError("a ShardedTensor needs at least one shard, got none")
         if len(devices) != len(shards):
