@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from tp_gpu import ConfigError, ShapeError, TensorParallelConfig, TensorParallelError
-from tp_gpu.models import BertModel, MissingDependencyError, SentenceEncoder
+from tp_gpu.models import BertModel, MissingDependencyError, PoolingConfig, SentenceEncoder
 
 DATA = Path(__file__).resolve().parent / "data"
 SENTENCES = json.loads((DATA / "minilm_sentences.json").read_text(encoding="utf-8"))
@@ -169,13 +169,16 @@ def test_three_simulated_devices(minilm_dir, reference, n_workers, dtype, atol):
 
 @pytest.fixture(scope="module")
 def encoder(minilm_dir) -> SentenceEncoder:
-    return SentenceEncoder.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"))
+    return SentenceEncoder.from_pretrained(
+        minilm_dir, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64")
+    )
 
 
 def test_settings_come_from_the_folder(encoder):
     assert encoder.max_seq_length == 256  # sentence_bert_config.json, not tokenizer.json's 128
-    assert encoder.settings.pooling == "mean" and encoder.settings.normalize
-    assert encoder.embedding_dim == 384 and not encoder.bert.training
+    assert encoder.settings.pooling.modes == ("mean",) and encoder.settings.normalize
+    assert encoder.embedding_dim == encoder.get_sentence_embedding_dimension() == 384
+    assert not encoder.settings.dense and not encoder.bert.training
 
 
 def test_truncation_at_256_and_padding_to_the_longest(encoder):
@@ -207,9 +210,13 @@ def test_order_batch_size_and_single_sentences(encoder):
     np.testing.assert_allclose(encoder(subset), base, rtol=0, atol=1e-12)
 
 
-def test_normalize_false_gives_the_mean_pooled_vectors(encoder):
+def test_without_normalize_module_encode_gives_the_mean_pooled_vectors(encoder):
+    """The folder's Normalize module decides; normalize_embeddings=True scales afterwards."""
+    unnormalized = SentenceEncoder(
+        encoder.bert, encoder.tokenizer, dataclasses.replace(encoder.settings, normalize=False)
+    )
     subset = SENTENCES[:6]
-    raw = encoder.encode(subset, normalize=False)
+    raw = unnormalized.encode(subset)
     ids, mask, types = encoder.tokenize(subset)
     hidden = encoder.bert.to_numpy(encoder.bert(ids, mask, types))  # (n, S, H)
     expected = (hidden * mask[:, :, None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
@@ -217,13 +224,16 @@ def test_normalize_false_gives_the_mean_pooled_vectors(encoder):
     assert not np.allclose(np.linalg.norm(raw, axis=1), 1.0)
     unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     np.testing.assert_allclose(encoder.encode(subset), unit, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(
+        unnormalized.encode(subset, normalize_embeddings=True), unit, rtol=0, atol=1e-12
+    )
+    np.testing.assert_allclose(encoder.encode(subset, normalize_embeddings=True), unit, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("mode", ["cls", "max"])
 def test_cls_and_max_pooling(encoder, mode):
-    other = SentenceEncoder(
-        encoder.bert, encoder.tokenizer, dataclasses.replace(encoder.settings, pooling=mode)
-    )
+    settings = dataclasses.replace(encoder.settings, pooling=PoolingConfig(384, (mode,)), normalize=False)
+    other = SentenceEncoder(encoder.bert, encoder.tokenizer, settings)
     subset = SENTENCES[:5]
     ids, mask, types = encoder.tokenize(subset)
     hidden = encoder.bert.to_numpy(encoder.bert(ids, mask, types))  # (n, S, H)
@@ -231,7 +241,7 @@ def test_cls_and_max_pooling(encoder, mode):
         expected = hidden[:, 0]
     else:
         expected = np.where(mask[:, :, None] > 0, hidden, -1e9).max(axis=1)
-    np.testing.assert_allclose(other.encode(subset, normalize=False), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(other.encode(subset), expected, rtol=0, atol=1e-12)
 
 
 def test_progress_bar(encoder, capsys):
@@ -245,8 +255,9 @@ def test_progress_bar(encoder, capsys):
 
 
 def test_bad_sentences_and_batch_sizes(encoder):
-    with pytest.raises(ShapeError, match="at least one string, got an empty sequence"):
-        encoder.encode([])
+    assert encoder.encode([]).shape == (0,) and encoder.encode([], convert_to_numpy=False) == []
+    with pytest.raises(ShapeError, match=r"sentences\[2\] is not valid Unicode: lone surrogate '\\ud800'"):
+        encoder.encode(["fine", "also fine", "bad \ud800"])
     with pytest.raises(ShapeError, match=r"sentences\[1\] must be a str, got int"):
         encoder.encode(["fine", 3])
     with pytest.raises(ShapeError, match=r"sentences\[0\] must be a str, got NoneType"):
@@ -281,17 +292,14 @@ def test_foreign_folders(tmp_path, minilm_dir):
         TensorParallelError, match="not a sentence-transformers folder: modules.json is missing"
     ):
         SentenceEncoder.from_pretrained(tmp_path)
-    dense = {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
-    folder = write_st_folder(tmp_path / "dense", minilm_dir)
-    modules = json.loads((folder / "modules.json").read_text()) + [dense]
+    lstm = {"idx": 2, "name": "2", "path": "2_LSTM", "type": "sentence_transformers.models.LSTM"}
+    folder = write_st_folder(tmp_path / "lstm", minilm_dir)
+    modules = json.loads((folder / "modules.json").read_text()) + [lstm]
     (folder / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(
-        ConfigError, match=r"modules must be Transformer, Pooling\[, Normalize\]; got .*Dense"
-    ):
+    with pytest.raises(ConfigError, match=r"modules\.json: module 2 has unsupported type '.*LSTM'"):
         SentenceEncoder.from_pretrained(folder)
-    both = {"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}
-    folder = write_st_folder(tmp_path / "two_poolings", minilm_dir, pooling=both)
-    with pytest.raises(ConfigError, match="exactly one pooling mode"):
+    folder = write_st_folder(tmp_path / "bad_pooling", minilm_dir, pooling={"pooling_mode": "median"})
+    with pytest.raises(ConfigError, match=r"1_Pooling/config\.json: unknown pooling mode 'median'"):
         SentenceEncoder.from_pretrained(folder)
     folder = write_st_folder(tmp_path / "no_bert", str(tmp_path / "empty_transformer"))
     (tmp_path / "empty_transformer").mkdir()
@@ -299,23 +307,28 @@ def test_foreign_folders(tmp_path, minilm_dir):
         SentenceEncoder.from_pretrained(folder)
 
 
-def test_a_folder_pointing_at_the_model_loads(tmp_path, minilm_dir):
-    """Without a Normalize module the pipeline says so; encode still normalises by default."""
-    encoder = SentenceEncoder.from_pretrained(write_st_folder(tmp_path / "ok", minilm_dir))
-    assert (
-        not encoder.settings.normalize and encoder.max_seq_length == 256
-    )  # the Transformer folder's setting
-    assert np.isclose(np.linalg.norm(encoder.encode("hello")), 1.0)
+def test_a_folder_pointing_at_the_model_loads(tmp_path, minilm_dir, encoder):
+    """Without a Normalize module the pipeline says so, and encode does not normalise."""
+    config = TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64")
+    other = SentenceEncoder.from_pretrained(write_st_folder(tmp_path / "ok", minilm_dir), config)
+    assert not other.settings.normalize and other.max_seq_length == 256  # the Transformer folder's setting
+    raw = other.encode("hello")
+    assert not np.isclose(np.linalg.norm(raw), 1.0)
+    np.testing.assert_allclose(raw / np.linalg.norm(raw), encoder.encode("hello"), rtol=0, atol=1e-12)
 
 
 def test_missing_tokenizers_library_is_named(minilm_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'tp_gpu\[models\]'"):
-        SentenceEncoder.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
+        SentenceEncoder.from_pretrained(
+            minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64")
+        )
 
 
 def test_bert_model_loads_the_same_folder(minilm_dir, encoder):
-    bert = BertModel.from_pretrained(minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
+    bert = BertModel.from_pretrained(
+        minilm_dir, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64")
+    )
     expected = encoder.bert.state_dict()
     for name, value in bert.state_dict().items():
         np.testing.assert_array_equal(value, expected[name], err_msg=name)
