@@ -14,11 +14,16 @@ the layers are split along the sequence axis (axis -2): the column layer
 all-gathers such an input before its GEMM and reduce-scatters ``dX``; the row
 layer (``config.sequence_parallel``) reduce-scatters its output into sequence
 slices and all-gathers ``dY``.
+
+``bias=False`` builds either layer without a bias (``Y = X A``, as
+``nn.Linear(..., bias=False)``): no ``bias`` parameter is registered, so state
+dicts, checkpoints and optimizers never see one. The GEMMs live in
+:mod:`~tp_gpu.layers.gemm`, loading from dense weights in
+:mod:`~tp_gpu.layers.linear_loading`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -40,85 +45,35 @@ from ..regions import (
     sequence_layout,
 )
 from ..sharded import ShardedTensor
-from .base import ParallelModule, as_array_like, check_layout, check_seed
+from .base import ParallelModule, check_seed
+from .gemm import add_in_place, as_rows, bias_grad, matmul, matmul_bias, matmul_transposed, weight_grad
+from .linear_loading import DenseLoading, dense_weight
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "matmul", "weight_grad", "bias_grad", "dense_weight"]
-
-
-def as_rows(x: Any) -> Any:
-    """``x`` as 2-D ``(N, n)``, ``N`` the product of its leading axes (``n`` may be 0), to be read.
-
-    A view when ``x``'s strides allow it (C-contiguous, say), else a copy: never write into it
-    expecting ``x`` to change (the simulated backend makes such a copy read-only, so a write raises).
-    """
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-
-
-def matmul(x: Any, w: Any) -> Any:
-    """``x @ w`` over every leading axis of ``x``: (..., a) @ (a, b) -> (..., b), as one 2-D GEMM.
-
-    Reshaping to 2-D keeps CuPy on its cuBLAS ``gemmEx`` path (a 3-D operand
-    would take the batched path, without tensor cores for float16).
-    """
-    y = as_rows(x) @ w  # (N, a) @ (a, b) -> (N, b)
-    return y.reshape(*x.shape[:-1], w.shape[-1])
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "as_rows",
+    "matmul",
+    "weight_grad",
+    "bias_grad",
+    "dense_weight",
+    "check_bias_flag",
+]
 
 
-def matmul_bias(x: Any, w: Any, b: Any) -> Any:
-    """``x @ w + b``, the bias added in place: (..., a) @ (a, b) + (b,) -> (..., b)."""
-    y = matmul(x, w)
-    y += b
-    return y
+def check_bias_flag(bias: Any) -> bool:
+    """``bias`` if it is True or False (NumPy's too), else ConfigError."""
+    if not isinstance(bias, (bool, np.bool_)):
+        raise ConfigError(f"bias must be True or False, got {bias!r}")
+    return bool(bias)
 
 
-def matmul_transposed(g: Any, w: Any) -> Any:
-    """``g @ w^T``: (..., b) @ (b, a) -> (..., a), the input gradient of ``x @ w``."""
-    return matmul(g, w.T)
-
-
-def weight_grad(inp: Any, grad: Any) -> Any:
-    """``inp^T @ grad`` over every leading axis: (..., a), (..., b) -> (a, b)."""
-    inp2 = as_rows(inp)  # (N, a)
-    grad2 = as_rows(grad)  # (N, b)
-    return inp2.T @ grad2  # (a, N) @ (N, b) -> (a, b)
-
-
-def bias_grad(grad: Any) -> Any:
-    """``grad`` summed over every leading axis: (..., b) -> (b,)."""
-    return as_rows(grad).sum(axis=0)
-
-
-def dense_weight(weight: Any, layout: Optional[str], what: str) -> Any:
-    """``weight`` as an array in our ``(n_in, n_out)`` layout (a view, never a copy), checked to be 2-D.
-
-    ``layout=None`` means ``"in_out"``, except for a ``torch.Tensor``: PyTorch keeps
-    ``nn.Linear.weight`` as ``(n_out, n_in)``, and a square one would load transposed without a
-    word, so a tensor needs its layout spelt out (ConfigError otherwise). Torch is recognised by
-    the module of the weight's type, without importing it.
-    """
-    if layout is not None:
-        layout = check_layout(layout)
-    is_torch = any(c.__module__.partition(".")[0] == "torch" for c in type(weight).__mro__)
-    w = as_array_like(weight, what)
-    if layout is None:
-        if is_torch:
-            raise ConfigError(
-                f"{what} is a torch.Tensor of shape {tuple(w.shape)}: say which layout it is in, "
-                "layout='out_in' for nn.Linear.weight (n_out, n_in) or layout='in_out' for (n_in, n_out) "
-                "(or build the layer with tp_gpu.from_torch(linear), which reads it from the module)"
-            )
-        layout = "in_out"
-    if w.ndim != 2:
-        dims = "(n_in, n_out)" if layout == "in_out" else "(n_out, n_in)"
-        raise ShapeError(f"{what} must be 2-D {dims} for layout={layout!r}, got shape {tuple(w.shape)}")
-    return w if layout == "in_out" else w.T
-
-
-class _ParallelLinear(ParallelModule):
-    """What the two linear layers share: a logical ``(n_in, n_out)`` weight ``A`` and bias ``b``."""
+class _ParallelLinear(ParallelModule, DenseLoading):
+    """What the two linear layers share: a logical ``(n_in, n_out)`` weight ``A`` and bias ``b``
+    (``None`` when built with ``bias=False``)."""
 
     weight: ShardedParameter
-    bias: ShardedParameter
+    bias: Optional[ShardedParameter]
     layout: BlockLayout
 
     def __init__(
@@ -129,40 +84,25 @@ class _ParallelLinear(ParallelModule):
         seed: int,
         unit: int,
         pad: Optional[int],
+        bias: bool,
     ) -> None:
         super().__init__(config)
+        self.has_bias = check_bias_flag(bias)
         self.n_in = check_positive_int(n_in, "n_in")
         self.n_out = check_positive_int(n_out, "n_out")
         self.seed = check_seed(seed)
         self.unit = check_positive_int(unit, "unit")
         self.pad_to_multiple_of = None if pad is None else check_positive_int(pad, "pad_to_multiple_of")
-        self._join_group(n_in=self.n_in, n_out=self.n_out, seed=self.seed, unit=self.unit, pad=pad)
+        fingerprint = {"n_in": self.n_in, "n_out": self.n_out, "seed": self.seed, "unit": self.unit}
+        self._join_group(**fingerprint, pad=pad, bias=self.has_bias)
 
-    @classmethod
-    def from_dense(
-        cls,
-        weight: Any,
-        bias: Any = None,
-        config: Optional[TensorParallelConfig] = None,
-        *,
-        layout: Optional[str] = None,
-        **kwargs: Any,
-    ):
-        """A layer holding the dense ``weight`` (and ``bias``), split over ``config``'s workers.
-
-        ``n_in`` and ``n_out`` come from the weight's shape: ``(n_in, n_out)``
-        for ``layout="in_out"`` (the default for arrays), ``(n_out, n_in)`` for
-        ``layout="out_in"`` (PyTorch ``nn.Linear``, so ``from_dense(lin.weight,
-        lin.bias, layout="out_in")`` loads a torch layer; a ``torch.Tensor``
-        weight needs ``layout`` given, see :func:`tp_gpu.from_torch`). ``config`` defaults to
-        ``TensorParallelConfig()``; the weights are cast to its dtype. A
-        ``None`` bias is zero. Other keyword arguments go to the constructor
-        (``input_is_parallel`` of the row layer). See :meth:`load_dense`.
-        """
-        n_in, n_out = dense_weight(weight, layout, f"{cls.__name__}.from_dense weight").shape
-        layer = cls(n_in, n_out, config, **kwargs)
-        layer.load_dense(weight, bias, layout=layout)
-        return layer
+    def _add_bias(self, layout: Optional[BlockLayout] = None, axis: Optional[int] = None) -> None:
+        """Register the zero bias ``b`` ``(n_out,)`` (split as ``layout`` says, or whole), or with
+        ``bias=False`` set ``self.bias = None``: no parameter."""
+        if self.has_bias:
+            self._add_parameter("bias", np.zeros(self.n_out), layout, axis)
+        else:
+            self.bias = None
 
     @property
     def weight_shards(self) -> List[Any]:
@@ -170,9 +110,10 @@ class _ParallelLinear(ParallelModule):
         return self.weight.shards
 
     @property
-    def bias_shards(self) -> List[Any]:
-        """Worker i's slice of ``b`` on its device (column), or the whole ``b`` on the output device (row)."""
-        return self.bias.shards
+    def bias_shards(self) -> Optional[List[Any]]:
+        """Worker i's slice of ``b`` on its device (column), or the whole ``b`` on the output device
+        (row); None without a bias."""
+        return None if self.bias is None else self.bias.shards
 
     @property
     def partition(self) -> List[Tuple[int, int]]:
@@ -183,83 +124,16 @@ class _ParallelLinear(ParallelModule):
         """The logical weight ``A``, ``(n_in, n_out)``, as a host array."""
         return self.weight.full()
 
-    def full_bias(self) -> np.ndarray:
-        """The logical bias ``b``, ``(n_out,)``, as a host array."""
-        return self.bias.full()
+    def full_bias(self) -> Optional[np.ndarray]:
+        """The logical bias ``b``, ``(n_out,)``, as a host array; None without a bias."""
+        return None if self.bias is None else self.bias.full()
 
     def extra_repr(self) -> str:
         return (
             f"n_in={self.n_in}, n_out={self.n_out}, n_workers={self.n_workers}, "
             f"backend={self.backend.name!r}, devices={self.devices}, dtype={self.dtype.name!r}"
+            + ("" if self.has_bias else ", bias=False")
         )
-
-    def dense_state(
-        self, weight: Any, bias: Any, layout: Optional[str] = None, what: str = ""
-    ) -> Dict[str, Any]:
-        """The state dict ``{"weight": (n_in, n_out), "bias": (n_out,)}`` of dense ``weight`` and ``bias``.
-
-        Checks shapes with messages in the caller's layout (naming ``what``,
-        by default the layer's class), which point at the other layout when
-        the weight would have fit it; a ``None`` bias is zero. ``layout=None``
-        is ``"in_out"`` for arrays and refused for a ``torch.Tensor`` (see
-        :func:`dense_weight`). Nothing is written.
-        """
-        name = what or type(self).__name__
-        w = dense_weight(weight, layout, f"{name} weight")
-        layout = layout or "in_out"
-        other = "out_in" if layout == "in_out" else "in_out"
-        if tuple(w.shape) != (self.n_in, self.n_out):
-            found = tuple(w.shape) if layout == "in_out" else tuple(w.shape)[::-1]
-            expected = (self.n_in, self.n_out) if layout == "in_out" else (self.n_out, self.n_in)
-            dims = "(n_in, n_out)" if layout == "in_out" else "(n_out, n_in)"
-            hint = ""
-            if tuple(w.shape)[::-1] == (self.n_in, self.n_out):
-                torch_note = " (PyTorch nn.Linear's (n_out, n_in))" if other == "out_in" else ""
-                hint = f"; it would fit layout={other!r}{torch_note}: pass that if it is its layout"
-            raise ShapeError(
-                f"{name} weight must have shape {expected} {dims} for layout={layout!r}, got {found}{hint}"
-            )
-        if bias is None:
-            return {"weight": w, "bias": np.zeros(self.n_out, dtype=self.dtype)}
-        b = as_array_like(bias, f"{name} bias")
-        if tuple(b.shape) != (self.n_out,):
-            hint = ""
-            if self.n_in != self.n_out and tuple(b.shape) == (self.n_in,):
-                hint = (
-                    f"; the bias has n_in={self.n_in} entries, as if the weight were in layout={other!r}"
-                    + (" (PyTorch nn.Linear's (n_out, n_in))" if other == "out_in" else "")
-                    + f": pass layout={other!r} if it is"
-                )
-            raise ShapeError(
-                f"{name} bias must have shape ({self.n_out},) (n_out,), got {tuple(b.shape)}{hint}"
-            )
-        return {"weight": w, "bias": b}
-
-    def load_dense(self, weight: Any, bias: Any = None, *, layout: Optional[str] = None) -> None:
-        """Overwrite the weight and bias, in place, from dense (unsharded) arrays.
-
-        Parameters
-        ----------
-        weight : array
-            The full weight: ``(n_in, n_out)`` for ``layout="in_out"``, or
-            PyTorch ``nn.Linear``'s ``(n_out, n_in)`` for ``layout="out_in"``.
-            A host array, a device array (split where it lies, no host round
-            trip) or any DLPack array such as a ``torch.Tensor``.
-        bias : array or None
-            The full ``(n_out,)`` bias. ``None`` means *no bias*, as in
-            ``nn.Linear(..., bias=False)``: the bias is set to zero, so the
-            layer computes exactly ``X A``.
-        layout : {"in_out", "out_in"}, optional
-            ``None`` (the default) is ``"in_out"`` for arrays; a ``torch.Tensor``
-            weight needs it given (ConfigError otherwise), since a square
-            ``nn.Linear.weight`` would otherwise load transposed without a word.
-
-        Values are cast to the layer's dtype. Shapes are checked first
-        (:class:`ShapeError`, :class:`ConfigError` for a bad ``layout``), and
-        nothing changes unless everything is valid. ``full_weight()`` and
-        ``full_bias()`` give back exactly what was loaded (in ``in_out``).
-        """
-        self.load_state_dict(self.dense_state(weight, bias, layout))
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -275,6 +149,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     Backward: ``dA_i = X^T dY_i``, ``db_i = sum(dY_i)`` (each on worker ``i``'s
     device) and ``dX = sum_i dY_i A_i^T``, reduced onto the output device.
+    With ``bias=False``: ``Y_i = X A_i`` and no ``db_i``.
 
     Parameters
     ----------
@@ -285,6 +160,8 @@ class ColumnParallelLinear(_ParallelLinear):
     seed : int
         Seeds the logical weight, Xavier-uniform over the full ``(n_in, n_out)``;
         the bias starts at zero.
+    bias : bool
+        ``False``: no bias (``Y = X A``); no ``bias`` parameter is registered.
     unit : int
         Keep groups of ``unit`` consecutive outputs whole on one worker
         (attention heads of ``head_dim`` columns); ``n_out`` must be a multiple.
@@ -302,13 +179,14 @@ class ColumnParallelLinear(_ParallelLinear):
         config: Optional[TensorParallelConfig] = None,
         *,
         seed: int = 0,
+        bias: bool = True,
         unit: int = 1,
         pad_to_multiple_of: Optional[int] = None,
     ) -> None:
-        super().__init__(n_in, n_out, config, seed, unit, pad_to_multiple_of)
+        super().__init__(n_in, n_out, config, seed, unit, pad_to_multiple_of, bias)
         self.layout = self.group.split(self.n_out, self.unit, "n_out", self.pad_to_multiple_of)
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=1)
-        self._add_parameter("bias", np.zeros(self.n_out), self.layout, axis=0)
+        self._add_bias(self.layout, axis=0)
 
     def forward(self, x: Any) -> Union[Any, ShardedTensor]:
         """``Y = X A + b`` for ``x`` of shape ``(..., n_in)``.
@@ -334,9 +212,10 @@ class ColumnParallelLinear(_ParallelLinear):
             x = self._check_features(x, self.n_in, "ColumnParallelLinear input")
             inputs = copy_to_region.forward(self.group, x, self.dtype)  # {d: (..., n_in)}
             saved = {"inputs": inputs}
-        blocks = self.group.on_devices(
-            matmul_bias, inputs, self.weight.blocks, self.bias.blocks
-        )  # {d: (..., n_d)}
+        if self.bias is None:
+            blocks = self.group.on_devices(matmul, inputs, self.weight.blocks)  # {d: (..., n_d)}
+        else:
+            blocks = self.group.on_devices(matmul_bias, inputs, self.weight.blocks, self.bias.blocks)
         self._keep({**saved, "out_shape": tuple(x.shape[:-1]) + (self.n_out,)})
         if self.config.gather_output:
             return gather_from_region.forward(self.group, blocks, self.layout)
@@ -374,7 +253,8 @@ class ColumnParallelLinear(_ParallelLinear):
         else:
             inputs = saved["inputs"]
         self.weight.accumulate_blocks(self.group.on_devices(weight_grad, inputs, grads))
-        self.bias.accumulate_blocks(self.group.on_devices(bias_grad, grads))
+        if self.bias is not None:
+            self.bias.accumulate_blocks(self.group.on_devices(bias_grad, grads))  # {d: (n_d,)}
         partials = self.group.on_devices(matmul_transposed, grads, self.weight.blocks)  # {d: (..., n_in)}
         if "sequence" in saved:
             blocks = gather_from_sequence_parallel_region.backward(self.group, partials, layout)
@@ -416,6 +296,8 @@ class RowParallelLinear(_ParallelLinear):
     input_is_parallel : bool
         If True, ``forward`` requires a ShardedTensor input (as Megatron's flag):
         a dense input raises instead of being split silently.
+    bias : bool
+        ``False``: no bias (``Y = sum_i X_i A_i``); no ``bias`` parameter is registered.
     unit : int
         Keep groups of ``unit`` consecutive inputs whole on one worker, so the
         split matches a column layer's ``unit`` split; ``n_in`` must be a multiple.
@@ -432,14 +314,15 @@ class RowParallelLinear(_ParallelLinear):
         *,
         seed: int = 0,
         input_is_parallel: bool = False,
+        bias: bool = True,
         unit: int = 1,
         pad_to_multiple_of: Optional[int] = None,
     ) -> None:
-        super().__init__(n_in, n_out, config, seed, unit, pad_to_multiple_of)
+        super().__init__(n_in, n_out, config, seed, unit, pad_to_multiple_of, bias)
         self.input_is_parallel = bool(input_is_parallel)
         self.layout = self.group.split(self.n_in, self.unit, "n_in", self.pad_to_multiple_of)
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=0)
-        self._add_parameter("bias", np.zeros(self.n_out))
+        self._add_bias()  # whole, on the output device
 
     def _input_blocks(self, x: Any) -> Blocks:
         """Each device's block of ``X``: a dense ``x`` is split, a ShardedTensor is used as it lies."""
@@ -468,8 +351,11 @@ class RowParallelLinear(_ParallelLinear):
         partials = self.group.on_devices(matmul, inputs, self.weight.blocks)  # {d: (..., n_out)}
         if self.config.sequence_parallel:
             return self._reduce_scatter(partials, inputs, isinstance(x, ShardedTensor))
-        y = reduce_from_region.forward(self.group, partials)
-        y = self.group.on_device(self.output_device, add_in_place, y, self.bias.blocks[self.output_device])
+        y = reduce_from_region.forward(self.group, partials)  # (..., n_out), a new array
+        if self.bias is not None:
+            y = self.group.on_device(
+                self.output_device, add_in_place, y, self.bias.blocks[self.output_device]
+            )
         self._keep(
             {"inputs": inputs, "sharded_input": isinstance(x, ShardedTensor), "out_shape": tuple(y.shape)}
         )
@@ -485,8 +371,11 @@ class RowParallelLinear(_ParallelLinear):
             )
         layout = sequence_layout(self.group, out_shape[-2])
         blocks = reduce_scatter_to_sequence_parallel_region.forward(self.group, partials, layout)
-        biases = copy_to_region.forward(self.group, self.bias.blocks[self.output_device], self.dtype)
-        blocks = self.group.on_devices(add_in_place, blocks, biases, keys=blocks)  # {d: (..., S_d, n_out)}
+        if self.bias is not None:
+            biases = copy_to_region.forward(self.group, self.bias.blocks[self.output_device], self.dtype)
+            blocks = self.group.on_devices(
+                add_in_place, blocks, biases, keys=blocks
+            )  # {d: (..., S_d, n_out)}
         self._keep(
             {"inputs": inputs, "sharded_input": sharded_input, "out_shape": out_shape, "sequence": layout}
         )
@@ -507,21 +396,17 @@ class RowParallelLinear(_ParallelLinear):
                 layout, self.dtype, saved["out_shape"], "RowParallelLinear grad_output", SEQUENCE_AXIS
             )  # {d: (..., S_d, n_out)}
             copies = reduce_scatter_to_sequence_parallel_region.backward(self.group, grads, layout)
-            db = copy_to_region.backward(self.group, self.group.on_devices(bias_grad, grads))  # sum_d
-            self.bias.accumulate(out, db)
+            if self.bias is not None:
+                db = copy_to_region.backward(self.group, self.group.on_devices(bias_grad, grads))  # sum_d
+                self.bias.accumulate(out, db)
         else:
             grad = self._check_grad_shape(grad_output, saved["out_shape"], "RowParallelLinear")
             copies = reduce_from_region.backward(self.group, grad, self.dtype, also=[out])  # {d: (.., n_out)}
-            self.bias.accumulate(out, self.group.on_device(out, bias_grad, copies[out]))
+            if self.bias is not None:
+                self.bias.accumulate(out, self.group.on_device(out, bias_grad, copies[out]))
         inputs = saved["inputs"]
         self.weight.accumulate_blocks(self.group.on_devices(weight_grad, inputs, copies))
         grad_inputs = self.group.on_devices(matmul_transposed, copies, self.weight.blocks, keys=inputs)
         if saved["sharded_input"]:
             return ShardedTensor.from_blocks(grad_inputs, -1, self.layout, self.backend, self.comm)
         return scatter_to_region.backward(self.group, grad_inputs, self.layout)
-
-
-def add_in_place(y: Any, b: Any) -> Any:
-    """``y += b``, returning ``y``: (..., n) + (n,)."""
-    y += b
-    return y

@@ -24,7 +24,7 @@ from ..regions import (
 )
 from ..sharded import ShardedTensor
 from .embedding import ParallelEmbedding
-from .linear import matmul, weight_grad
+from .gemm import matmul, weight_grad
 
 __all__ = ["TiedLMHead"]
 

@@ -41,7 +41,7 @@ from ..errors import ConfigError, IndexOutOfRangeError, ShapeError, TensorParall
 from ..module import Module
 from ..sharded import ShardedTensor
 from .base import as_array_like
-from .linear import as_rows
+from .gemm import as_rows
 
 __all__ = ["VocabParallelCrossEntropy"]
 

@@ -1,0 +1,68 @@
+"""The GEMMs of the linear layers and their gradients, over any leading axes, as one 2-D product each.
+
+Activations of any rank ``(..., n)`` are reshaped to ``(N, n)`` before a GEMM, so that CuPy takes its
+cuBLAS ``gemmEx`` path (a 3-D operand would take the batched path, without tensor cores for
+float16). A reshape is a view only where the strides allow it: every function here reads its
+operands and returns a new array, so a strided input (a transposed view, a torch tensor with
+strides) gives the same numbers as a contiguous copy of it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = [
+    "as_rows",
+    "matmul",
+    "matmul_bias",
+    "matmul_transposed",
+    "weight_grad",
+    "bias_grad",
+    "add_in_place",
+]
+
+
+def as_rows(x: Any) -> Any:
+    """``x`` as 2-D ``(N, n)``, ``N`` the product of its leading axes (``n`` may be 0), to be read.
+
+    A view when ``x``'s strides allow it (C-contiguous, say), else a copy: never write into it
+    expecting ``x`` to change (the simulated backend makes such a copy read-only, so a write raises).
+    """
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (..., n) -> (N, n)
+
+
+def matmul(x: Any, w: Any) -> Any:
+    """``x @ w`` over every leading axis of ``x``: (..., a) @ (a, b) -> (..., b), as one 2-D GEMM."""
+    y = as_rows(x) @ w  # (N, a) @ (a, b) -> (N, b), a new array
+    return y.reshape(*x.shape[:-1], w.shape[-1])  # (N, b) -> (..., b), a view of it
+
+
+def matmul_bias(x: Any, w: Any, b: Any) -> Any:
+    """``x @ w + b``, the bias added in place into the new product: (..., a) @ (a, b) + (b,) -> (..., b)."""
+    y = matmul(x, w)
+    y += b
+    return y
+
+
+def matmul_transposed(g: Any, w: Any) -> Any:
+    """``g @ w^T``: (..., b) @ (b, a) -> (..., a), the input gradient of ``x @ w``."""
+    return matmul(g, w.T)
+
+
+def weight_grad(inp: Any, grad: Any) -> Any:
+    """``inp^T @ grad`` over every leading axis: (..., a), (..., b) -> (a, b)."""
+    inp2 = as_rows(inp)  # (N, a)
+    grad2 = as_rows(grad)  # (N, b)
+    return inp2.T @ grad2  # (a, N) @ (N, b) -> (a, b)
+
+
+def bias_grad(grad: Any) -> Any:
+    """``grad`` summed over every leading axis: (..., b) -> (b,)."""
+    return as_rows(grad).sum(axis=0)  # (N, b) -> (b,)
+
+
+def add_in_place(y: Any, b: Any) -> Any:
+    """``y += b``, returning ``y``: (..., n) + (n,). ``y`` is an array the layer made itself."""
+    y += b
+    return y
