@@ -119,7 +119,8 @@ def test_linear_without_bias_and_layer_arguments(torch):
     linear = torch.nn.Linear(6, 12, bias=False, dtype=torch.float64)
     layer = from_torch(linear, TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"), unit=3)
     assert layer.unit == 3 and layer.n_workers == 4 and layer.backend.name == "simulated"
-    np.testing.assert_array_equal(layer.full_bias(), np.zeros(12))
+    assert layer.full_bias() is None and layer.bias is None  # bias-free, as the module (issue 25, 9a)
+    assert [name for name, _ in layer.named_parameters()] == ["weight"]
     x = torch.randn(5, 6, dtype=torch.float64)
     assert_close(to_host(layer, layer(x)), linear(x).detach().numpy())
 

@@ -108,11 +108,13 @@ def from_torch(
     ===========================================  ==============================================
     ``nn.Linear``                                :class:`ColumnParallelLinear` (``kind="column"``,
                                                  the default) or :class:`RowParallelLinear`
-                                                 (``kind="row"``); no bias: a zero bias
+                                                 (``kind="row"``); ``bias=False``: a layer
+                                                 built with ``bias=False`` (no bias parameter)
     ``nn.Embedding``                             :class:`ParallelEmbedding`
     ``nn.Sequential(Linear, act, Linear)``       :class:`ParallelMLP`; ``act`` ``nn.GELU()`` ->
                                                  ``"gelu"``, ``nn.GELU("tanh")`` -> ``"gelu_tanh"``,
-                                                 ``nn.ReLU()`` -> ``"relu"``, ``nn.Identity()`` -> None
+                                                 ``nn.ReLU()`` -> ``"relu"``, ``nn.Identity()`` -> None;
+                                                 both linears ``bias=False``: ``bias=False``
     ===========================================  ==============================================
 
     Parameters
@@ -158,7 +160,8 @@ def from_torch(
         cls = LINEAR_KINDS["column" if kind is None else kind]
         tensors = [module.weight] + ([] if module.bias is None else [module.bias])
         cfg = _config(module, tensors, config)
-        layer = cls.from_dense(module.weight, module.bias, cfg, layout="out_in", **kwargs)
+        bias = False if module.bias is None else module.bias  # False: no bias parameter at all
+        layer = cls.from_dense(module.weight, bias, cfg, layout="out_in", **kwargs)
         return _with_mode(layer, module)
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None:
@@ -182,8 +185,15 @@ def from_torch(
         activation = _activation_name(torch, act)
         tensors = [t for lin in (fc1, fc2) for t in (lin.weight, lin.bias) if t is not None]
         cfg = _config(module, tensors, config)
+        if (fc1.bias is None) != (fc2.bias is None):
+            has = ["no bias" if lin.bias is None else "a bias" for lin in (fc1, fc2)]
+            raise ConfigError(
+                f"from_torch: the MLP's first nn.Linear has {has[0]} and its second {has[1]}; expected "
+                "both with a bias or both without (a ParallelMLP has biases in both linears or neither)"
+            )
+        biases = [False if lin.bias is None else lin.bias for lin in (fc1, fc2)]
         mlp = ParallelMLP.from_dense(
-            fc1.weight, fc1.bias, fc2.weight, fc2.bias, cfg, layout="out_in", activation=activation
+            fc1.weight, biases[0], fc2.weight, biases[1], cfg, layout="out_in", activation=activation
         )
         return _with_mode(mlp, module)
     raise ConfigError(f"from_torch: cannot convert {type(module).__name__}; supported: {_SUPPORTED}")

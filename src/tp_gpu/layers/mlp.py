@@ -12,7 +12,8 @@ from ..module import Module
 from ..sharded import ShardedTensor
 from .activations import get_activation
 from .base import check_seed
-from .linear import ColumnParallelLinear, RowParallelLinear, dense_weight
+from .linear import ColumnParallelLinear, RowParallelLinear, check_bias_flag, dense_weight
+from .linear_loading import is_no_bias
 
 __all__ = ["ParallelMLP"]
 
@@ -38,6 +39,10 @@ class ParallelMLP(Module):
     activation : {"gelu", "gelu_tanh", "relu", None}
         ``"gelu"`` is the exact erf form (PyTorch's default), ``"gelu_tanh"``
         the tanh approximation of GPT-2 and Megatron.
+    bias : bool
+        ``False`` builds both linears without a bias, ``Y = act(X A) B``
+        (Megatron's ``add_bias_linear=False``, Llama-style MLPs): no
+        ``fc1.bias`` / ``fc2.bias`` parameters.
     """
 
     def __init__(
@@ -49,9 +54,11 @@ class ParallelMLP(Module):
         *,
         seed: int = 0,
         activation: Optional[str] = "gelu",
+        bias: bool = True,
     ) -> None:
         super().__init__()
         self.activation = get_activation(activation)
+        bias = check_bias_flag(bias)
         seed = check_seed(seed)
         for value, name in ((n_in, "n_in"), (hidden, "hidden"), (n_out, "n_out")):
             check_positive_int(value, name)  # named as the MLP calls them, before either linear is built
@@ -59,9 +66,9 @@ class ParallelMLP(Module):
         if not isinstance(config, TensorParallelConfig):
             raise ConfigError(f"config must be a TensorParallelConfig or None, got {type(config).__name__}")
         self.fc1 = ColumnParallelLinear(
-            n_in, hidden, dataclasses.replace(config, gather_output=False), seed=seed
+            n_in, hidden, dataclasses.replace(config, gather_output=False), seed=seed, bias=bias
         )
-        self.fc2 = RowParallelLinear(hidden, n_out, config, seed=seed + 1, input_is_parallel=True)
+        self.fc2 = RowParallelLinear(hidden, n_out, config, seed=seed + 1, input_is_parallel=True, bias=bias)
         self.config = config
 
     @classmethod
@@ -82,7 +89,10 @@ class ParallelMLP(Module):
         for ``layout="in_out"`` (the default for arrays; a ``torch.Tensor`` needs its layout
         given); with ``layout="out_in"`` both are in PyTorch
         ``nn.Linear``'s layout, so ``nn.Sequential(Linear, GELU(), Linear)``
-        loads from its state dict. A ``None`` bias is zero. See :meth:`load_dense`.
+        loads from its state dict. A ``None`` bias is zero; ``False`` for both
+        biases builds the MLP with ``bias=False`` (one ``False`` and one bias
+        is a ConfigError: the MLP has biases in both linears or in neither).
+        See :meth:`load_dense`.
         """
         n_in, hidden = dense_weight(fc1_weight, layout, "ParallelMLP.from_dense fc1_weight").shape
         hidden2, n_out = dense_weight(fc2_weight, layout, "ParallelMLP.from_dense fc2_weight").shape
@@ -92,7 +102,14 @@ class ParallelMLP(Module):
                 f"{hidden2} inputs; "
                 f"expected equal (layout={layout!r})"
             )
-        mlp = cls(n_in, hidden, n_out, config, activation=activation)
+        no_bias = [is_no_bias(b) for b in (fc1_bias, fc2_bias)]
+        if no_bias[0] != no_bias[1]:
+            raise ConfigError(
+                f"ParallelMLP.from_dense: fc1_bias is {'False' if no_bias[0] else 'given'} but fc2_bias is "
+                f"{'False' if no_bias[1] else 'given'}; expected a bias (or None, zero) for both linears or "
+                "False for both (ParallelMLP(bias=False))"
+            )
+        mlp = cls(n_in, hidden, n_out, config, activation=activation, bias=not no_bias[0])
         mlp.load_dense(fc1_weight, fc1_bias, fc2_weight, fc2_bias, layout=layout)
         return mlp
 
@@ -147,4 +164,4 @@ class ParallelMLP(Module):
         )
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation.name!r}"
+        return f"activation={self.activation.name!r}" + ("" if self.fc1.has_bias else ", bias=False")
