@@ -178,7 +178,11 @@ class ShardedTensor:
         return [s.shape[self.axis] for s in self.shards]
 
     def gather(self, device: Optional[Hashable] = None) -> Any:
-        """The full array, a new array on ``device`` (default: the first shard's device).
+        """The full array on ``device`` (default: the first shard's device).
+
+        A new array, except where one device block already is the whole array in order
+        (one shard, or workers sharing one device): that block itself is returned, so copy it
+        before writing into it.
 
         With several processes this is collective: every process must call it.
         """
