@@ -20,6 +20,30 @@ installs a ``sys.excepthook`` that prints the traceback as usual, then calls
 ``MPI.COMM_WORLD.Abort(1)``. Without it the other ranks would wait in their
 next collective for the full timeout. Set ``TP_GPU_MPI_ABORT_ON_ERROR=0`` to
 leave ``sys.excepthook`` alone (for example to debug one rank post mortem).
+
+A rank whose program *ends* (exit status 0, ``sys.exit``, falling off the end)
+while the others still call collectives would likewise leave them waiting for
+the full timeout. So each rank, as its Python exits, sends every other rank a
+one-integer "leaving" message (tag :data:`EXIT_TAG`, point to point, on the
+same communicator), and each rank keeps one receive for it posted. A rank that
+is waiting in a collective and sees that a peer has left gives the collective
+:data:`EXIT_GRACE` more seconds (a collective the peer finished before leaving
+completes in that time), then raises :class:`~tp_gpu.errors.CommError` naming
+the rank that left; uncaught, that aborts the job. At a normal end every rank
+leaves after its last collective and nobody waits in one, so nothing is
+aborted: the notices are simply not read.
+
+Every array collective starts with one all-gather of a fixed-size buffer per
+rank: the array's shape and dtype (12 integers) and, for an array of at most
+:data:`SMALL_BYTES` bytes, its data. Ranks that pass different shapes (a
+different number of rows to a RowParallelLinear) therefore all raise
+:class:`~tp_gpu.errors.ShapeError` naming every rank's shape, instead of one
+rank failing inside MPI with ``MPI_ERR_TRUNCATE`` and the others waiting for
+the timeout. A small array needs no second collective: each rank sums (or
+concatenates) the gathered arrays itself, in rank order, so the check costs
+nothing at the small, latency-bound sizes; a larger one then goes through the
+MPI collective as before, one small all-gather later.
+``TP_GPU_MPI_CHECK_SHAPES=0`` skips the header (and the small-array path).
 """
 
 from __future__ import annotations
@@ -29,13 +53,14 @@ import os
 import pickle
 import sys
 import time
+from functools import partial
 from types import TracebackType
 from typing import Any, Callable, List, Optional, Type
 
 import numpy as np
 
 from ..backends.base import is_cupy_array
-from ..errors import BackendUnavailableError, CommError
+from ..errors import BackendUnavailableError, CommError, ShapeError
 from .base import Communicator
 
 __all__ = ["MpiComm", "import_mpi", "install_abort_on_uncaught_exception"]
@@ -45,6 +70,49 @@ DEFAULT_TIMEOUT = 120.0
 
 #: Environment variable; ``0`` keeps :class:`MpiComm` from installing its excepthook.
 ABORT_ON_ERROR_ENV = "TP_GPU_MPI_ABORT_ON_ERROR"
+
+#: Environment variable; ``0`` skips the shape header before each array collective.
+CHECK_SHAPES_ENV = "TP_GPU_MPI_CHECK_SHAPES"
+
+#: Tag of the point-to-point "this rank is leaving" message sent at exit.
+EXIT_TAG = 0x7470  # "tp"
+
+#: Seconds a collective may still take after a peer has left, before CommError.
+EXIT_GRACE = 2.0
+
+#: Integers in a shape header: ndim, dtype number, itemsize, then up to 9 sizes (more are folded).
+_HEADER = 12
+_HEADER_BYTES = 8 * _HEADER
+
+#: Arrays of at most this many bytes travel with their shape header, in one collective.
+SMALL_BYTES = 4096
+
+
+def shape_header(array: Any) -> np.ndarray:
+    """``array``'s shape and dtype as :data:`_HEADER` int64s: ``[ndim, dtype.num, itemsize, *shape]``,
+    padded with -1; a shape of more than 9 axes keeps 8 and folds the rest into their product."""
+    shape = [int(n) for n in array.shape]
+    if len(shape) > _HEADER - 3:
+        shape = shape[: _HEADER - 4] + [int(np.prod(shape[_HEADER - 4 :]))]
+    dtype = np.dtype(array.dtype)
+    header = np.full(_HEADER, -1, dtype=np.int64)
+    header[: 3 + len(shape)] = [len(array.shape), dtype.num, dtype.itemsize, *shape]
+    return header
+
+
+def describe_header(header: np.ndarray) -> str:
+    """``(2, 8) float64``: the shape and dtype a :func:`shape_header` describes."""
+    ndim, num, itemsize = (int(v) for v in header[:3])
+    sizes = tuple(int(v) for v in header[3:] if v >= 0)[:ndim]
+    name = next(
+        (
+            t.__name__
+            for t in np.sctypeDict.values()
+            if np.dtype(t).num == num and np.dtype(t).itemsize == itemsize
+        ),
+        f"dtype#{num}",
+    )
+    return f"{sizes} {name}"
 
 
 def import_mpi():
@@ -91,6 +159,35 @@ def install_abort_on_uncaught_exception(MPI: Any) -> bool:
     return True
 
 
+def _combine_reduce(op: str, pieces: List[np.ndarray]) -> np.ndarray:
+    """``sum`` or elementwise ``max`` of every rank's array, in rank order (the same on every rank)."""
+    out = pieces[0].copy()
+    for piece in pieces[1:]:
+        if op == "sum":
+            out += piece
+        else:
+            np.maximum(out, piece, out=out)
+    return out
+
+
+def _piece(total: np.ndarray, axis: int, sizes: List[int], rank: int) -> np.ndarray:
+    """Rank ``rank``'s piece of ``total`` along ``axis`` cut into ``sizes``, as a new array."""
+    first = sum(sizes[:rank])
+    return np.ascontiguousarray(total[(slice(None),) * axis + (slice(first, first + sizes[rank]),)])
+
+
+def _ranks(ranks: List[int]) -> str:
+    """``rank 3``, ``ranks 0-2, 5``: sorted ranks with consecutive runs as ranges."""
+    runs: List[List[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"rank{'s' * (len(ranks) > 1)} {text}"
+
+
 class MpiComm(Communicator):
     """The processes of ``MPI.COMM_WORLD`` (or ``comm``)."""
 
@@ -106,22 +203,74 @@ class MpiComm(Communicator):
             float(os.environ.get("TP_GPU_COMM_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else timeout
         )
         self.cuda_aware = os.environ.get("TP_GPU_MPI_CUDA_AWARE", "0") == "1"
+        self.check_shapes = os.environ.get(CHECK_SHAPES_ENV, "1") != "0"
         self.broken = False
-        atexit.register(self._abort_if_broken)
+        self.left: Optional[int] = None  # the first peer seen leaving the job
+        self._leaving = np.zeros(1, dtype=np.int64)
+        self._leaving_request: Any = None  # posted when a collective first has to wait
+        atexit.register(self._at_exit)
         if self.size > 1 and os.environ.get(ABORT_ON_ERROR_ENV, "1") != "0":
             install_abort_on_uncaught_exception(MPI)
 
-    def _abort_if_broken(self) -> None:
-        """At exit after a failed collective: abort the job rather than wait in MPI_Finalize."""
+    def _at_exit(self) -> None:
+        """At exit: after a failed collective, abort the job rather than wait in MPI_Finalize; else
+        tell every peer that this rank is leaving (see the module docstring) and withdraw the
+        receive of their notices. Never raises: the interpreter is ending."""
         if self.broken:
             self.comm.Abort(1)
+        if self.size == 1:
+            return
+        try:
+            if self._MPI.Is_finalized():
+                return
+            notice = np.array([self.rank], dtype=np.int64)
+            sends = [
+                self.comm.Isend(notice, dest=r, tag=EXIT_TAG) for r in range(self.size) if r != self.rank
+            ]
+            if self._leaving_request is not None and not self._leaving_request.Test():
+                self._leaving_request.Cancel()
+                self._leaving_request.Wait()
+            deadline = time.monotonic() + 1.0
+            while not self._MPI.Request.Testall(sends) and time.monotonic() < deadline:
+                time.sleep(1e-3)  # one-integer messages go eagerly: complete at once in practice
+        except Exception:  # a broken or stand-in MPI: leaving quietly is all that is left to do
+            pass
+
+    def _peer_left(self) -> bool:
+        """Whether a peer's "leaving" notice has arrived (its rank is then in ``self.left``).
+
+        The receive is posted on the first call; notices sent before wait for it in MPI.
+        """
+        if self.left is None:
+            if self._leaving_request is None:
+                self._leaving_request = self.comm.Irecv(
+                    self._leaving, source=self._MPI.ANY_SOURCE, tag=EXIT_TAG
+                )
+            if self._leaving_request.Test():
+                self.left = int(self._leaving[0])
+        return self.left is not None
 
     def _wait(self, request, what: str) -> None:
-        """Poll ``request`` until it completes, or raise CommError after the timeout."""
-        deadline = time.monotonic() + self.timeout
+        """Poll ``request`` until it completes, or raise CommError after the timeout, or
+        :data:`EXIT_GRACE` seconds after a peer has left the job."""
+        if request.Test():
+            return
+        start = time.monotonic()
+        deadline = start + self.timeout
+        left_at = None
         delay = 1e-5
         while not request.Test():
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if left_at is None and self._peer_left():
+                left_at = now
+            if left_at is not None and now - left_at > min(EXIT_GRACE, self.timeout):
+                self.broken = True
+                raise CommError(
+                    f"rank {self.rank}/{self.size}: rank {self.left} left the job (its program ended) "
+                    f"while this rank waited in MPI {what} for {now - start:.1f} s; every rank must make "
+                    "the same collective calls"
+                )
+            if now > deadline:
                 self.broken = True
                 raise CommError(
                     f"rank {self.rank}/{self.size}: MPI {what} did not complete within {self.timeout:g} s; "
@@ -130,14 +279,68 @@ class MpiComm(Communicator):
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
-    def _run(self, backend, array: Any, make_recv, start, post, what: str) -> Any:
+    def _exchange_header(self, backend: Any, array: Any, what: str) -> Optional[List[np.ndarray]]:
+        """Every rank's shape header, and for an array of at most :data:`SMALL_BYTES` its data too,
+        in one all-gather of a fixed :data:`_HEADER_BYTES` + :data:`SMALL_BYTES` per rank.
+
+        ShapeError on every rank unless all shapes and dtypes agree (the message names them). For a
+        small array, returns every rank's array (host, in rank order): the caller combines them and
+        needs no second collective. For a larger one, returns None: the data collective follows.
+        """
+        header = shape_header(array)
+        small = array.nbytes <= SMALL_BYTES
+        mine = np.zeros(_HEADER_BYTES + SMALL_BYTES, dtype=np.uint8)
+        mine[:_HEADER_BYTES] = header.view(np.uint8)
+        host = None
+        if small:
+            host = np.ascontiguousarray(backend.to_host(array))
+            mine[_HEADER_BYTES : _HEADER_BYTES + host.nbytes] = host.reshape(-1).view(np.uint8)
+        every = np.empty((self.size, mine.size), dtype=np.uint8)
+        self._wait(self.comm.Iallgather(mine, every), what)
+        headers = np.ascontiguousarray(every[:, :_HEADER_BYTES]).view(np.int64)  # (size, _HEADER)
+        if not (headers == header).all():
+            groups: dict = {}
+            for r in range(self.size):
+                groups.setdefault(describe_header(headers[r]), []).append(r)
+            shapes = "; ".join(f"{_ranks(ranks)}: {shape}" for shape, ranks in groups.items())
+            raise ShapeError(
+                f"rank {self.rank}/{self.size}: MPI {what} got arrays of different shapes or dtypes "
+                f"({shapes}); every rank must pass the same shape and dtype (the same number of rows, "
+                "e.g., to a RowParallelLinear)"
+            )
+        if host is None:
+            return None
+        data = every[:, _HEADER_BYTES : _HEADER_BYTES + host.nbytes]
+        return [np.ascontiguousarray(data[r]).view(host.dtype).reshape(host.shape) for r in range(self.size)]
+
+    def _run(
+        self,
+        backend: Any,
+        array: Any,
+        make_recv: Callable[..., Any],
+        start: Callable[..., Any],
+        post: Callable[..., Any],
+        what: str,
+        combine: Callable[[List[np.ndarray]], np.ndarray],
+        given: Any = None,
+    ) -> Any:
         """One MPI collective on ``array``; the result lives where ``array`` did.
 
         Host and simulated-device arrays go to MPI as host buffers. A CuPy array
         goes as a device buffer when MPI is CUDA-aware, else through the host.
         ``make_recv(xp, send)`` allocates the receive buffer, ``start(send, recv)``
         starts the non-blocking collective, ``post(xp, recv)`` shapes the result.
+        Every rank's shape and dtype (of ``given``, the caller's array, when ``array`` is a view
+        of it) are checked to agree first (see :meth:`_exchange_header`); a small array travels
+        with its header, and ``combine(every rank's array)`` makes the result on the host.
         """
+        if self.check_shapes and self.size > 1:
+            given = array if given is None else given
+            pieces = self._exchange_header(backend, given, what)
+            if pieces is not None:
+                device = backend.device_of(given)
+                result = combine(pieces)
+                return backend.asarray(result, result.dtype, device) if device in backend.devices else result
         if is_cupy_array(array) and self.cuda_aware:
             with backend.device(array.device.id):
                 send = backend.xp.ascontiguousarray(array)
@@ -161,6 +364,7 @@ class MpiComm(Communicator):
             lambda send, recv: self.comm.Iallreduce(send, recv, op=mpi_op),
             lambda xp, recv: recv,
             f"all_reduce({op})",
+            partial(_combine_reduce, op),
         )
 
     def all_gather(self, backend, array, axis):
@@ -172,6 +376,7 @@ class MpiComm(Communicator):
             lambda send, recv: self.comm.Iallgather(send, recv),
             lambda xp, recv: xp.concatenate([recv[r] for r in range(self.size)], axis=axis),
             "all_gather",
+            lambda pieces: np.concatenate(pieces, axis=axis),
         )
 
     def reduce_scatter(self, backend, array, axis, sizes):
@@ -188,6 +393,8 @@ class MpiComm(Communicator):
             ),
             lambda xp, recv: recv.swapaxes(0, axis),
             "reduce_scatter",
+            lambda pieces: _piece(_combine_reduce("sum", pieces), axis, sizes, self.rank),
+            given=array,
         )
 
     def all_gather_object(self, obj) -> List[Any]:
