@@ -20,6 +20,7 @@ from ..errors import ConfigError, ShapeError
 from ..regions import Blocks
 from ..sharded import ShardedTensor
 from .base import ParallelModule, as_array_like, check_layout, check_seed
+from .gemm import product
 from .linear import ColumnParallelLinear, RowParallelLinear, dense_weight
 from .norm import compute_dtype
 
@@ -358,13 +359,13 @@ class ParallelSelfAttention(ParallelModule):
         k = qkv[:, :, :, 1].transpose(0, 2, 1, 3)  # (B, nh, S, hd)
         v = qkv[:, :, :, 2].transpose(0, 2, 1, 3)  # (B, nh, S, hd)
         kt = k.transpose(0, 1, 3, 2)  # (B, nh, hd, S)
-        scores = xp.matmul(q, kt).astype(cdtype, copy=False)  # (B, nh, S, hd) @ (B, nh, hd, S)
+        scores = product(q, kt).astype(cdtype, copy=False)  # (B, nh, S, hd) @ (B, nh, hd, S)
         if mask is not None:
             scores += mask  # (B, nh, S, S) + (B|1, 1, S|1, S)
         scores -= scores.max(axis=-1, keepdims=True)  # softmax over the keys, in place
         xp.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)  # probs (B, nh, S, S)
-        context = xp.matmul(scores.astype(dtype, copy=False), v)  # (B, nh, S, S) @ (B, nh, S, hd)
+        context = product(scores.astype(dtype, copy=False), v)  # (B, nh, S, S) @ (B, nh, S, hd)
         context = context.transpose(0, 2, 1, 3).reshape(batch, seq, heads * hd)  # (B, S, nh * hd)
         return context, ((q, k, v, scores) if self.training else None)
 
@@ -388,14 +389,14 @@ class ParallelSelfAttention(ParallelModule):
         heads, hd = width // self.head_dim, self.head_dim
         dc = grad_context.reshape(batch, seq, heads, hd).transpose(0, 2, 1, 3)  # (B, nh, S, hd)
         p = probs.astype(dtype, copy=False)  # (B, nh, S, S)
-        dv = xp.matmul(p.transpose(0, 1, 3, 2), dc)  # (B, nh, S, S) @ (B, nh, S, hd) -> (B, nh, S, hd)
+        dv = product(p.transpose(0, 1, 3, 2), dc)  # (B, nh, S, S) @ (B, nh, S, hd) -> (B, nh, S, hd)
         vt = v.transpose(0, 1, 3, 2)  # (B, nh, hd, S)
-        dp = xp.matmul(dc, vt).astype(cdtype, copy=False)  # (B, nh, S, hd) @ (B, nh, hd, S) -> (B, nh, S, S)
+        dp = product(dc, vt).astype(cdtype, copy=False)  # (B, nh, S, hd) @ (B, nh, hd, S) -> (B, nh, S, S)
         dp -= (dp * probs).sum(axis=-1, keepdims=True)  # softmax backward, in place: (B, nh, S, S)
         dp *= probs
         ds = dp.astype(dtype, copy=False)  # dZ (B, nh, S, S)
-        dq = xp.matmul(ds, k) * dtype.type(1.0 / math.sqrt(hd))  # (B, nh, S, S) @ (B, nh, S, hd)
-        dk = xp.matmul(ds.transpose(0, 1, 3, 2), q)  # (B, nh, S, S) @ (B, nh, S, hd) -> (B, nh, S, hd)
+        dq = product(ds, k) * dtype.type(1.0 / math.sqrt(hd))  # (B, nh, S, S) @ (B, nh, S, hd)
+        dk = product(ds.transpose(0, 1, 3, 2), q)  # (B, nh, S, S) @ (B, nh, S, hd) -> (B, nh, S, hd)
         dqkv = xp.stack([dq, dk, dv], axis=-2)  # (B, nh, S, 3, hd)
         return dqkv.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads * 3 * hd)  # (B, S, nh * 3 * hd)
 

@@ -1,0 +1,37 @@
+"""layers.gemm.product: float16 on the host multiplies in float32 and rounds once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tp_gpu.backends import get_backend
+from tp_gpu.layers.gemm import product
+
+
+@pytest.mark.parametrize("shapes", [((7, 13), (13, 5)), ((2, 3, 7, 4), (2, 3, 4, 6)), ((1, 1), (1, 1))])
+def test_float16_is_the_float32_product_rounded_once(rng, shapes):
+    a, b = (rng.standard_normal(s).astype(np.float16) for s in shapes)
+    out = product(a, b)
+    expected = np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.float16)
+    assert out.dtype == np.float16 and out.shape == expected.shape
+    np.testing.assert_array_equal(out, expected)
+    exact = np.matmul(a.astype(np.float64), b.astype(np.float64))  # the float64 product of the inputs
+    assert np.abs(out - exact).max() <= np.abs(np.matmul(a, b) - exact).max() + 1e-3 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_other_dtypes_multiply_as_they_are(rng, dtype):
+    a, b = rng.standard_normal((5, 9)).astype(dtype), rng.standard_normal((9, 4)).astype(dtype)
+    np.testing.assert_array_equal(product(a, b), a @ b)
+    assert product(a, b).dtype == np.dtype(dtype)
+
+
+def test_simulated_device_arrays_stay_on_their_device(rng):
+    backend = get_backend("simulated", 2)
+    device = backend.devices[1]
+    a = backend.to_device(rng.standard_normal((4, 6)).astype(np.float16), device)
+    b = backend.to_device(rng.standard_normal((6, 3)).astype(np.float16), device)
+    with backend.device(device):
+        out = product(a, b)
+    assert out.dtype == np.float16 and backend.device_of(out) == device
