@@ -217,7 +217,10 @@ def resolve(name: str) -> Any:
         parts = parts[1:]
     obj: Any = tp_gpu
     for part in parts:
-        obj = getattr(obj, part)
+        if inspect.ismodule(obj) and not hasattr(obj, part):  # a subpackage: tp_gpu.models
+            obj = importlib.import_module(f"{obj.__name__}.{part}")
+        else:
+            obj = getattr(obj, part)
     return obj
 
 
@@ -311,11 +314,11 @@ def signature_problems(row: Row) -> List[str]:
 
 #: Parameter lists for ColumnParallelLinear that the checker must accept (True) or reject (False).
 CHECKER_CASES = [
-    ("n_in, n_out, config=None, *, seed=0, unit=1, pad_to_multiple_of=None", True),
+    ("n_in, n_out, config=None, *, seed=0, bias=True, unit=1, pad_to_multiple_of=None", True),
     ("n_in, n_out, config=None, *, seed=0, ...", True),
     ("n_in, n_out, config=None, seed=0", False),  # seed is keyword-only
     ("n_in, n_out, config=None, *, seed=1, ...", False),  # wrong default
-    ("n_in, n_out, config=None, *, seed=0", False),  # omits unit and pad_to_multiple_of without '...'
+    ("n_in, n_out, config=None, *, seed=0", False),  # omits bias, unit and pad_to_multiple_of without '...'
     ("n_in, config=None, ...", False),  # skips n_out
     ("n_in, n_out, n_workers=2, ...", False),  # no such parameter
 ]
