@@ -120,6 +120,7 @@ def encode(minilm_dir, backend, devices, n_workers, dtype, batch_size) -> np.nda
 # --- accuracy ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_committed_reference_equals_live_sentence_transformers(minilm_dir, committed):
     pytest.importorskip(
         "sentence_transformers",
@@ -130,6 +131,7 @@ def test_committed_reference_equals_live_sentence_transformers(minilm_dir, commi
         np.testing.assert_allclose(live[dtype], committed[dtype], rtol=0, atol=1e-6, err_msg=dtype)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_workers", range(1, 9))
 def test_float64_every_worker_count(minilm_dir, reference, n_workers):
     embeddings, source = reference
@@ -138,6 +140,7 @@ def test_float64_every_worker_count(minilm_dir, reference, n_workers):
     check_close(got, embeddings["float64"], 1e-6, source)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_workers", [1, 7])
 def test_float32(minilm_dir, reference, n_workers):
     """float32 within 2e-5 and every cosine >= 0.99999."""
@@ -147,6 +150,7 @@ def test_float32(minilm_dir, reference, n_workers):
     check_close(got, embeddings["float32"], 2e-5, source)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "n_workers, dtype, atol",
     [(2, "float64", 1e-6), (3, "float64", 1e-6), (7, "float64", 1e-6), (4, "float32", 2e-5)],
