@@ -122,10 +122,7 @@ def encode(minilm_dir, backend, devices, n_workers, dtype, batch_size) -> np.nda
 
 @pytest.mark.slow
 def test_committed_reference_equals_live_sentence_transformers(minilm_dir, committed):
-    pytest.importorskip(
-        "sentence_transformers",
-        reason="sentence-transformers not installed: the committed reference is used as is",
-    )
+    pytest.importorskip("sentence_transformers")
     live = live_embeddings(minilm_dir)
     for dtype in ("float32", "float64"):
         np.testing.assert_allclose(live[dtype], committed[dtype], rtol=0, atol=1e-6, err_msg=dtype)
@@ -194,7 +191,7 @@ def test_truncation_at_256_and_padding_to_the_longest(encoder):
 
 
 def test_tokens_equal_sentence_transformers(minilm_dir, encoder):
-    pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed (CI)")
+    pytest.importorskip("sentence_transformers")
     from sentence_transformers import SentenceTransformer
 
     features = SentenceTransformer(minilm_dir, device="cpu").tokenize(SENTENCES)

@@ -24,9 +24,7 @@ from tp_gpu.errors import CheckpointError
 from tp_gpu.models import BertModel, SentenceEncoder
 from tp_gpu.models.torch_bin import read_torch_bin
 
-pytest.importorskip(
-    "tokenizers", reason="the tokenizers library is not installed: pip install -e '.[models]'"
-)
+pytest.importorskip("tokenizers")
 
 DATA = Path(__file__).resolve().parent / "data" / "st_folders"
 META = json.loads((DATA / "reference.json").read_text(encoding="utf-8"))
@@ -408,9 +406,7 @@ def live_model(path: Any, dtype: str = "float32") -> Any:
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_committed_references_equal_live_sentence_transformers(folder):
-    pytest.importorskip(
-        "sentence_transformers", reason="sentence-transformers not installed: the committed files are used"
-    )
+    pytest.importorskip("sentence_transformers")
     for call in (c for c in CALLS if c.startswith(f"{folder}/")):
         for dtype in ("float32", "float64"):
             live = live_model(DATA / folder, dtype).encode(SENTENCES, batch_size=BATCH, **META["calls"][call])
@@ -431,7 +427,7 @@ def test_committed_references_equal_live_sentence_transformers(folder):
 @pytest.mark.parametrize("folder", ["v6_multi", "v6_lasttoken_short", "v6_prompts"])
 def test_left_padding_equals_live_sentence_transformers(tmp_path, folder):
     """padding_side='left' (tokenizer_config.json): cls, max, weightedmean, mean, lasttoken, prompts."""
-    pytest.importorskip("sentence_transformers", reason="sentence-transformers not installed (CI)")
+    pytest.importorskip("sentence_transformers")
     path = copy_folder(tmp_path, folder)
     edit_json(path / "tokenizer_config.json", put(padding_side="left"))
     ours = encoder(path, 3, "float64").encode(SENTENCES, batch_size=BATCH)
@@ -441,9 +437,7 @@ def test_left_padding_equals_live_sentence_transformers(tmp_path, folder):
 
 
 def test_pytorch_model_bin_equals_torch_load():
-    torch = pytest.importorskip(
-        "torch", reason="torch not installed: the v2_format references check the file"
-    )
+    torch = pytest.importorskip("torch")
     path = DATA / "v2_format" / "2_Dense" / "pytorch_model.bin"
     expected = torch.load(path, weights_only=True)
     got = read_torch_bin(str(path))

@@ -33,7 +33,7 @@ from tp_gpu import (
 
 @pytest.fixture
 def torch():
-    return pytest.importorskip("torch", reason="PyTorch is not installed; pip install torch to run this test")
+    return pytest.importorskip("torch")
 
 
 def assert_close(actual, expected, dtype="float64") -> None:

@@ -10,9 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip(
-    "torch", reason="PyTorch is not installed; pip install torch to run the interop tests"
-)
+torch = pytest.importorskip("torch")
 
 from conftest import WORKER_COUNTS  # noqa: E402
 from helpers import TOLERANCE, to_host  # noqa: E402
