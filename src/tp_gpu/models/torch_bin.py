@@ -46,6 +46,17 @@ def _rebuild_tensor(
     storage: np.ndarray, offset: int, size: Tuple[int, ...], stride: Tuple[int, ...], *_: Any
 ) -> np.ndarray:
     """The tensor ``storage[offset:]`` viewed with ``size`` and ``stride`` (in elements), as a new array."""
+    size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else offset - 1
+    if (
+        len(size) != len(stride)
+        or min((offset, *size, *stride), default=0) < 0
+        or last >= storage.size  # as_strided reads whatever memory the numbers name: check them first
+    ):
+        raise CheckpointError(
+            f"a tensor of size {size}, stride {stride} at offset {offset} does not fit its storage of "
+            f"{storage.size} elements; the file is damaged"
+        )
     item = storage.itemsize
     view = np.lib.stride_tricks.as_strided(
         storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride)
