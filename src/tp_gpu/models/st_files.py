@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, cast
 
 from ..errors import CheckpointError, ConfigError, TensorParallelError
 from .dense import DenseConfig, read_dense_config
@@ -273,7 +273,7 @@ def load_tokenizer(settings: SentenceConfig, max_length: int, pad_id: int) -> An
         raise CheckpointError(f"{path} is not a valid tokenizer file: {exc}") from exc
     if settings.do_lower_case:
         current: Any = tokenizer.normalizer
-        steps = list(current) if isinstance(current, normalizers.Sequence) else [current]  # type: ignore[call-overload]
+        steps = list(cast(Iterable[Any], current)) if isinstance(current, normalizers.Sequence) else [current]
         if not any(isinstance(n, normalizers.Lowercase) for n in steps):
             tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase()] + [n for n in steps if n])
     padding = tokenizer.padding or {}
