@@ -37,7 +37,9 @@ try:
 except ImportError:  # CI: the NumPy transcriptions stand in
     torch = None
 
-needs_torch = pytest.mark.skipif(torch is None, reason="needs torch (the NumPy references run without it)")
+# The NumPy transcriptions run without torch; the same words as pytest.importorskip("torch") gives, so
+# the test summary counts every test that torch's absence stops on one line.
+needs_torch = pytest.mark.skipif(torch is None, reason="could not import 'torch': No module named 'torch'")
 
 BACKENDS = {"numpy": ("numpy", None), "sim3": ("simulated", 3)}
 NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
