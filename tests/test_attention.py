@@ -353,7 +353,9 @@ def test_eval_keeps_nothing(rng):
 )
 def test_bad_constructor_arguments(args, kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        ParallelSelfAttention(*args, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"), **kwargs)
+        ParallelSelfAttention(
+            *args, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"), **kwargs
+        )
 
 
 def test_bad_input_raises_before_anything_changes(rng):

@@ -216,7 +216,9 @@ def test_simulated_default_devices():
     assert b.transfers == {}
 
 
-@pytest.mark.parametrize("devices, expected", [(1, (0,)), (3, (0, 1, 2)), (8, tuple(range(8))), ([2, 5], (2, 5)), ((4,), (4,))])
+@pytest.mark.parametrize(
+    "devices, expected", [(1, (0,)), (3, (0, 1, 2)), (8, tuple(range(8))), ([2, 5], (2, 5)), ((4,), (4,))]
+)
 def test_simulated_devices(devices, expected):
     assert SimulatedBackend(devices).devices == expected
     assert get_backend("simulated", devices).devices == expected
@@ -400,7 +402,11 @@ def test_to_device_records_transfers(sim, host):
     sim.to_device(a, 2)
     sim.to_device(b, 1)
     sim.to_device(a[:2], 1)  # a view moves only its own bytes
-    assert sim.transfers == {(0, 2): (2, 2 * host.nbytes), (2, 1): (1, host.nbytes), (0, 1): (1, host.nbytes // 2)}
+    assert sim.transfers == {
+        (0, 2): (2, 2 * host.nbytes),
+        (2, 1): (1, host.nbytes),
+        (0, 1): (1, host.nbytes // 2),
+    }
     f32 = sim.asarray(a, np.float32, 1)
     assert f32.device == 1 and f32.dtype == np.float32
     assert sim.transfers[(0, 1)] == (2, host.nbytes // 2 + host.nbytes)
@@ -427,7 +433,8 @@ _CHECKS = {
     """,
     "simulated layer": """
         from tp_gpu import ColumnParallelLinear, TensorParallelConfig
-        ColumnParallelLinear(3, 4, TensorParallelConfig(n_workers=2, backend="simulated", devices=2))(np.ones(3))
+        config = TensorParallelConfig(n_workers=2, backend="simulated", devices=2)
+        ColumnParallelLinear(3, 4, config)(np.ones(3))
     """,
     "numpy from env": """
         import os
@@ -444,23 +451,29 @@ def test_cupy_never_imported(tmp_path, check):
     fake = tmp_path / "cupy"
     fake.mkdir()
     (fake / "__init__.py").write_text("")
-    code = textwrap.dedent(
-        """
+    code = (
+        textwrap.dedent(
+            """
         import sys
         import numpy as np
         import tp_gpu
         assert "cupy" not in sys.modules, "import tp_gpu imported cupy"
         """
-    ) + textwrap.dedent(_CHECKS[check]) + textwrap.dedent(
-        f"""
+        )
+        + textwrap.dedent(_CHECKS[check])
+        + textwrap.dedent(
+            f"""
         assert "cupy" not in sys.modules, "building a layer imported cupy"
         import cupy  # the stand-in is importable: the checks above could have failed
         assert cupy.__file__.startswith({str(tmp_path)!r}), cupy.__file__
         """
+        )
     )
     env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "PYTHONPATH")}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO_ROOT / "src")])
     if check == "numpy from env":
         env[ENV_VAR] = "numpy"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr

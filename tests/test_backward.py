@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import WORKER_COUNTS
 from helpers import to_host
+
 from tp_gpu import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -30,7 +30,9 @@ def host(layer, value):
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
 @pytest.mark.parametrize("gather_output", [True, False])
 def test_column_gradients_match_dense(make_config, rng, n_workers, gather_output):
-    layer = ColumnParallelLinear(7, 3 * n_workers, make_config(n_workers, gather_output=gather_output), seed=1)
+    layer = ColumnParallelLinear(
+        7, 3 * n_workers, make_config(n_workers, gather_output=gather_output), seed=1
+    )
     x = rng.standard_normal((2, 5, 7))
     y = layer(x)
     g = rng.standard_normal((2, 5, 3 * n_workers))
@@ -38,7 +40,10 @@ def test_column_gradients_match_dense(make_config, rng, n_workers, gather_output
     if not gather_output:  # hand back a gradient split like the output
         pieces = np.split(g, n_workers, axis=-1)
         grad_output = ShardedTensor(
-            [layer.backend.asarray(p, layer.dtype, d) for p, d in zip(pieces, y.devices)], -1, y.devices, layer.backend
+            [layer.backend.asarray(p, layer.dtype, d) for p, d in zip(pieces, y.devices)],
+            -1,
+            y.devices,
+            layer.backend,
         )
     dx = layer.backward(grad_output)
     w = layer.full_weight()
@@ -47,7 +52,9 @@ def test_column_gradients_match_dense(make_config, rng, n_workers, gather_output
     np.testing.assert_allclose(grads["weight"], x.reshape(-1, 7).T @ g.reshape(-1, 3 * n_workers), **TOL)
     np.testing.assert_allclose(grads["bias"], g.sum(axis=(0, 1)), **TOL)
     for param in layer.parameters():  # each gradient block stays on its parameter block's device
-        assert {d: layer.backend.device_of(gr) for d, gr in param.grad_blocks.items()} == {d: d for d in param.blocks}
+        assert {d: layer.backend.device_of(gr) for d, gr in param.grad_blocks.items()} == {
+            d: d for d in param.blocks
+        }
         assert set(param.blocks) == set(layer.devices)
 
 
@@ -63,8 +70,12 @@ def test_row_gradients_match_dense(make_config, rng, n_workers):
     np.testing.assert_allclose(layer.grads()["weight"], x.T @ g, **TOL)
     np.testing.assert_allclose(layer.grads()["bias"], g.sum(axis=0), **TOL)
     weight, bias = layer.parameters()
-    assert {d: layer.backend.device_of(gr) for d, gr in weight.grad_blocks.items()} == {d: d for d in set(layer.devices)}
-    assert {d: layer.backend.device_of(gr) for d, gr in bias.grad_blocks.items()} == {layer.output_device: layer.output_device}
+    assert {d: layer.backend.device_of(gr) for d, gr in weight.grad_blocks.items()} == {
+        d: d for d in set(layer.devices)
+    }
+    assert {d: layer.backend.device_of(gr) for d, gr in bias.grad_blocks.items()} == {
+        layer.output_device: layer.output_device
+    }
 
 
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
@@ -84,7 +95,9 @@ def test_embedding_gradient_accumulates_repeated_ids(make_config, rng, n_workers
 @pytest.mark.parametrize("devices", [2, 3, 8])
 def test_embedding_backward_scatters_each_id_once(rng, devices):
     """Each device scatters only the ids it owns: n_ids row additions in all, not n_ids per device."""
-    emb = ParallelEmbedding(24, 5, config=TensorParallelConfig(n_workers=8, backend="simulated", devices=devices, dtype="float64"))
+    emb = ParallelEmbedding(
+        24, 5, config=TensorParallelConfig(n_workers=8, backend="simulated", devices=devices, dtype="float64")
+    )
     ids = rng.integers(0, 24, size=(3, 7))
     emb(ids)
     scattered = {}
@@ -101,7 +114,9 @@ def test_embedding_backward_scatters_each_id_once(rng, devices):
     finally:
         type(emb.backend).scatter_add_rows = real_scatter
     owner = {d: [w for w in range(8) if emb.devices[w] == d] for d in set(emb.devices)}
-    expected = {d: int(sum(((ids >= 3 * w) & (ids < 3 * w + 3)).sum() for w in ws)) for d, ws in owner.items()}
+    expected = {
+        d: int(sum(((ids >= 3 * w) & (ids < 3 * w + 3)).sum() for w in ws)) for d, ws in owner.items()
+    }
     assert scattered == expected
     assert sum(scattered.values()) == ids.size
 
@@ -210,12 +225,16 @@ def test_mlp_needs_one_reduction_each_way(rng, n_workers):
 # --- errors -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("factory", [
-    lambda cfg: ColumnParallelLinear(4, 4, cfg),
-    lambda cfg: RowParallelLinear(4, 4, cfg),
-    lambda cfg: ParallelEmbedding(4, 4, config=cfg),
-    lambda cfg: ParallelMLP(4, 4, 4, cfg),
-], ids=["column", "row", "embedding", "mlp"])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda cfg: ColumnParallelLinear(4, 4, cfg),
+        lambda cfg: RowParallelLinear(4, 4, cfg),
+        lambda cfg: ParallelEmbedding(4, 4, config=cfg),
+        lambda cfg: ParallelMLP(4, 4, 4, cfg),
+    ],
+    ids=["column", "row", "embedding", "mlp"],
+)
 def test_backward_before_forward(make_config, factory):
     layer = factory(make_config(2))
     with pytest.raises(TensorParallelError, match="backward called without a preceding forward"):
@@ -229,11 +248,30 @@ def test_backward_after_eval_forward_raises(make_config):
         layer.backward(np.ones((2, 4)))
 
 
-@pytest.mark.parametrize("factory, inp, bad_grad, expected", [
-    (lambda cfg: ColumnParallelLinear(4, 6, cfg), np.ones((2, 4)), np.ones((2, 5)), r"\(2, 6\), got \(2, 5\)"),
-    (lambda cfg: RowParallelLinear(4, 6, cfg), np.ones((2, 4)), np.ones((3, 6)), r"\(2, 6\), got \(3, 6\)"),
-    (lambda cfg: ParallelEmbedding(4, 6, config=cfg), np.array([1, 2]), np.ones((2, 5)), r"\(2, 6\), got \(2, 5\)"),
-], ids=["column", "row", "embedding"])
+@pytest.mark.parametrize(
+    "factory, inp, bad_grad, expected",
+    [
+        (
+            lambda cfg: ColumnParallelLinear(4, 6, cfg),
+            np.ones((2, 4)),
+            np.ones((2, 5)),
+            r"\(2, 6\), got \(2, 5\)",
+        ),
+        (
+            lambda cfg: RowParallelLinear(4, 6, cfg),
+            np.ones((2, 4)),
+            np.ones((3, 6)),
+            r"\(2, 6\), got \(3, 6\)",
+        ),
+        (
+            lambda cfg: ParallelEmbedding(4, 6, config=cfg),
+            np.array([1, 2]),
+            np.ones((2, 5)),
+            r"\(2, 6\), got \(2, 5\)",
+        ),
+    ],
+    ids=["column", "row", "embedding"],
+)
 def test_backward_rejects_wrong_grad_shape(make_config, factory, inp, bad_grad, expected):
     layer = factory(make_config(2))
     layer(inp)

@@ -99,7 +99,9 @@ def test_matches_dense_forward_and_backward(make_config, rng, n_workers):
     ],
 )
 def test_optional_id_shapes(rng, types, positions):
-    emb = BertEmbeddings(40, 6, 10, 3, TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64"))
+    emb = BertEmbeddings(
+        40, 6, 10, 3, TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
+    )
     p = random_tables(rng, 40, 6, 10, 3)
     load(emb, p)
     ids = rng.integers(0, 40, size=(2, 6))
@@ -139,6 +141,7 @@ def test_matches_hugging_face_bert_embeddings(rng, n_workers):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers.models.bert import modeling_bert as bert
+
     vocab, hidden, max_position, types = 53, 10, 12, 2
     hf_config = bert.BertConfig(
         vocab_size=vocab,
@@ -157,7 +160,12 @@ def test_matches_hugging_face_bert_embeddings(rng, n_workers):
     hf_state = hf.state_dict()
     ours = {k.replace("LayerNorm.", "norm."): v for k, v in hf_state.items()}  # the only renaming
     emb = BertEmbeddings(
-        vocab, hidden, max_position, types, TensorParallelConfig(n_workers=n_workers, dtype="float64"), eps=EPS
+        vocab,
+        hidden,
+        max_position,
+        types,
+        TensorParallelConfig(n_workers=n_workers, dtype="float64"),
+        eps=EPS,
     )
     emb.load_state_dict(ours)
     ids = torch.from_numpy(rng.integers(1, vocab, size=(3, 7)))  # not the padding id 0, whose row HF freezes
@@ -174,7 +182,9 @@ def test_matches_hugging_face_bert_embeddings(rng, n_workers):
 
 
 def test_submodule_names_match_hugging_face():
-    emb = BertEmbeddings(20, 4, 8, 2, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64"))
+    emb = BertEmbeddings(
+        20, 4, 8, 2, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64")
+    )
     assert list(emb.state_dict()) == [
         "word_embeddings.weight",
         "position_embeddings.weight",
@@ -185,7 +195,9 @@ def test_submodule_names_match_hugging_face():
 
 
 def test_eval_keeps_nothing(rng):
-    emb = BertEmbeddings(20, 4, 8, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64"))
+    emb = BertEmbeddings(
+        20, 4, 8, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64")
+    )
     ids = rng.integers(0, 20, size=(2, 5))
     emb(ids)
     emb.eval()
@@ -225,7 +237,9 @@ def test_eval_keeps_nothing(rng):
     ],
 )
 def test_bad_input(rng, call, error, match):
-    emb = BertEmbeddings(20, 4, 8, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64"))
+    emb = BertEmbeddings(
+        20, 4, 8, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64")
+    )
     with pytest.raises(error, match=match):
         call(emb)
     assert emb._saved is None  # the module itself kept nothing

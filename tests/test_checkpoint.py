@@ -19,12 +19,15 @@ import textwrap
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import WORKER_COUNTS
+from helpers import TOLERANCE
+from test_state_dict import KINDS, build, output, sample_input
+from test_state_dict import assert_unchanged as assert_module_unchanged
+from test_state_dict import snapshot as module_snapshot
 
 import tp_gpu
 import tp_gpu.checkpoint as checkpoint_module
 import tp_gpu.checkpoint_io as checkpoint_io
-from conftest import WORKER_COUNTS
-from helpers import TOLERANCE
 from tp_gpu import (
     CheckpointError,
     ColumnParallelLinear,
@@ -39,9 +42,6 @@ from tp_gpu import (
     read_checkpoint,
     save_checkpoint,
 )
-from test_state_dict import KINDS, build, output, sample_input
-from test_state_dict import assert_unchanged as assert_module_unchanged
-from test_state_dict import snapshot as module_snapshot
 
 
 def snapshot(module):
@@ -104,7 +104,9 @@ def test_round_trip(make_config, rng, tmp_path, kind, n_workers):
 @pytest.mark.parametrize("n_source", WORKER_COUNTS)
 def test_load_reshards_to_any_worker_count_and_backend(backend_spec, rng, tmp_path, n_source):
     name, devices = backend_spec
-    source = model(TensorParallelConfig(n_workers=n_source, backend=name, devices=devices, dtype="float64"), seed=1)
+    source = model(
+        TensorParallelConfig(n_workers=n_source, backend=name, devices=devices, dtype="float64"), seed=1
+    )
     for m in source.values():
         randomize(m, rng)
     path = tmp_path / "model.safetensors"
@@ -114,7 +116,9 @@ def test_load_reshards_to_any_worker_count_and_backend(backend_spec, rng, tmp_pa
     expected_embed, expected_mlp = output(source["embed"], ids), output(source["mlp"], x)
     for n_target in WORKER_COUNTS:
         for target_backend, target_devices in (("numpy", None), ("simulated", 3)):
-            config = TensorParallelConfig(n_workers=n_target, backend=target_backend, devices=target_devices, dtype="float64")
+            config = TensorParallelConfig(
+                n_workers=n_target, backend=target_backend, devices=target_devices, dtype="float64"
+            )
             target = model(config, seed=2)
             load_checkpoint(path, target)
             for key in ("embed", "mlp"):
@@ -139,7 +143,9 @@ def test_load_reshards_to_any_worker_count_and_backend(backend_spec, rng, tmp_pa
 def test_issue_example_four_simulated_workers_to_three_and_one_on_numpy(rng, tmp_path):
     """Save with 4 workers on 3 simulated devices; load with 3 and 1 workers on NumPy."""
     path = tmp_path / "mlp.safetensors"
-    source = ParallelMLP(12, 24, 6, TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"), seed=7)
+    source = ParallelMLP(
+        12, 24, 6, TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"), seed=7
+    )
     randomize(source, rng)
     save_checkpoint(path, source)
     x = rng.standard_normal((5, 12))
@@ -148,7 +154,9 @@ def test_issue_example_four_simulated_workers_to_three_and_one_on_numpy(rng, tmp
     reference = hidden @ dense["fc2.weight"] + dense["fc2.bias"]  # dense float64
     assert_close(output(source, x), reference)
     for n in (3, 1):
-        target = ParallelMLP(12, 24, 6, TensorParallelConfig(n_workers=n, backend="numpy", dtype="float64"), seed=0)
+        target = ParallelMLP(
+            12, 24, 6, TensorParallelConfig(n_workers=n, backend="numpy", dtype="float64"), seed=0
+        )
         load_checkpoint(path, target)
         for key, value in target.state_dict().items():
             np.testing.assert_array_equal(value, dense[key], err_msg=key)  # the weights: bit for bit
@@ -171,7 +179,9 @@ def test_dict_of_modules_and_nesting(rng, tmp_path):
     )
     np.testing.assert_array_equal(tensors["blocks.1.fc2.weight"], modules["blocks"]["1"].fc2.full_weight())
     fresh = {
-        "embed": ParallelEmbedding(8, 4, config=TensorParallelConfig(n_workers=4, backend="numpy", dtype="float64")),
+        "embed": ParallelEmbedding(
+            8, 4, config=TensorParallelConfig(n_workers=4, backend="numpy", dtype="float64")
+        ),
         "blocks": {
             "0": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=1, dtype="float64")),
             "1": ParallelMLP(4, 6, 4, TensorParallelConfig(n_workers=3, dtype="float64")),
@@ -289,7 +299,10 @@ def test_duplicate_names_rejected(tmp_path):
     with pytest.raises(ConfigError, match="keys must be non-empty strings without dots, got 'a.fc1'"):
         save_checkpoint(
             tmp_path / "d.safetensors",
-            {"a": mlp, "a.fc1": ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1, dtype="float64"))},
+            {
+                "a": mlp,
+                "a.fc1": ColumnParallelLinear(2, 2, TensorParallelConfig(n_workers=1, dtype="float64")),
+            },
         )
 
 
@@ -300,10 +313,14 @@ def test_duplicate_names_rejected(tmp_path):
 def saved(tmp_path, rng):
     """A saved 3-worker MLP checkpoint and a differently initialised MLP to load it into."""
     path = tmp_path / "mlp.safetensors"
-    source = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=3, backend="simulated", devices=2, dtype="float64"), seed=1)
+    source = ParallelMLP(
+        5, 6, 4, TensorParallelConfig(n_workers=3, backend="simulated", devices=2, dtype="float64"), seed=1
+    )
     randomize(source, rng)
     save_checkpoint(path, source)
-    target = ParallelMLP(5, 6, 4, TensorParallelConfig(n_workers=2, backend="simulated", devices=3, dtype="float64"), seed=2)
+    target = ParallelMLP(
+        5, 6, 4, TensorParallelConfig(n_workers=2, backend="simulated", devices=3, dtype="float64"), seed=2
+    )
     return path, source, target
 
 
@@ -326,7 +343,9 @@ def test_checkpoint_error_types():
 def test_wrong_shape(tmp_path):
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, ColumnParallelLinear(7, 12, TensorParallelConfig(n_workers=4, dtype="float64")))
-    target = ColumnParallelLinear(7, 8, TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64"))
+    target = ColumnParallelLinear(
+        7, 8, TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64")
+    )
     expect_checkpoint_error(
         path,
         target,

@@ -193,7 +193,9 @@ def two_modules(tmp_path, rng):
 
 def test_one_module_of_a_two_module_file(two_modules):
     path, source = two_modules
-    mlp = ParallelMLP(5, 7, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=2, dtype="float64"), seed=9)
+    mlp = ParallelMLP(
+        5, 7, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=2, dtype="float64"), seed=9
+    )
     result = load_checkpoint(path, {"mlp": mlp}, strict=False)
     assert isinstance(result, LoadedCheckpoint)
     missing, unexpected, metadata = result

@@ -73,7 +73,9 @@ def dense_cross_entropy(z, targets, weight=None, ignore_index=IGNORE, label_smoo
 
 def sharded_logits(z: np.ndarray, n_workers: int, backend_name: str, devices) -> ShardedTensor:
     """``z`` split on its last axis as ``np.array_split`` cuts it, each shard on its worker's device."""
-    group = get_group(TensorParallelConfig(n_workers=n_workers, backend=backend_name, devices=devices, dtype="float64"))
+    group = get_group(
+        TensorParallelConfig(n_workers=n_workers, backend=backend_name, devices=devices, dtype="float64")
+    )
     pieces = np.array_split(z, n_workers, axis=-1)
     shards = [group.backend.asarray(piece, z.dtype, device) for piece, device in zip(pieces, group.devices)]
     return ShardedTensor(shards, -1, group.devices, group.backend)
@@ -152,9 +154,9 @@ def test_weights_change_the_loss_and_the_mean_normalises_by_them(rng, backend):
     weighted = VocabParallelCrossEntropy(weight=weight)(sharded_logits(z, 4, *backend), targets)
     rows = VocabParallelCrossEntropy(reduction="none")(sharded_logits(z, 4, *backend), targets)
     rows = np.asarray(
-        get_group(TensorParallelConfig(n_workers=4, backend=backend[0], devices=backend[1], dtype="float64")).backend.to_host(
-            rows
-        )
+        get_group(
+            TensorParallelConfig(n_workers=4, backend=backend[0], devices=backend[1], dtype="float64")
+        ).backend.to_host(rows)
     )
     valid = targets != IGNORE
     w_t = weight[np.where(valid, targets, 0)] * valid

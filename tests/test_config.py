@@ -91,7 +91,16 @@ def test_backend_names_accepted(backend):
 
 @pytest.mark.parametrize(
     "devices, expected",
-    [(None, None), (1, 1), (3, 3), (np.int64(2), 2), ([0], (0,)), ([0, 1, 2], (0, 1, 2)), ((3, 1), (3, 1)), (range(2), (0, 1))],
+    [
+        (None, None),
+        (1, 1),
+        (3, 3),
+        (np.int64(2), 2),
+        ([0], (0,)),
+        ([0, 1, 2], (0, 1, 2)),
+        ((3, 1), (3, 1)),
+        (range(2), (0, 1)),
+    ],
 )
 def test_devices_normalised(devices, expected):
     assert TensorParallelConfig(devices=devices, dtype="float64").devices == expected
@@ -139,9 +148,7 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize(
-    "field, value, text", BAD_VALUES, ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES]
-)
+@pytest.mark.parametrize("field, value, text", BAD_VALUES, ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
 def test_bad_value_raises_config_error_naming_it(field, value, text):
     with pytest.raises(ConfigError) as info:
         TensorParallelConfig(**{field: value})

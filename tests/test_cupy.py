@@ -63,7 +63,9 @@ def test_peer_copy_round_trip_between_every_pair(cupy):
 
 
 def test_embedding_with_cupy_ids(cupy):
-    emb = ParallelEmbedding(32, 6, config=TensorParallelConfig(n_workers=4, backend="cupy", dtype="float64"), seed=4)
+    emb = ParallelEmbedding(
+        32, 6, config=TensorParallelConfig(n_workers=4, backend="cupy", dtype="float64"), seed=4
+    )
     ids = cupy.asarray(np.random.default_rng(2).integers(0, 32, size=(5, 7)))
     np.testing.assert_array_equal(cupy.asnumpy(emb(ids)), emb.full_weight()[cupy.asnumpy(ids)])
 
@@ -114,7 +116,9 @@ def test_in_process_nccl_reduction(cupy, nccl, monkeypatch):
     total = comm.reduce(parts, 1, "add")
     assert total.device.id == 1
     np.testing.assert_array_equal(cupy.asnumpy(total), np.full((5, 3), n_gpus * (n_gpus + 1) / 2))
-    layer = RowParallelLinear(8 * n_gpus, 5, TensorParallelConfig(n_workers=n_gpus, backend="cupy", dtype="float64"), seed=1)
+    layer = RowParallelLinear(
+        8 * n_gpus, 5, TensorParallelConfig(n_workers=n_gpus, backend="cupy", dtype="float64"), seed=1
+    )
     x = np.random.default_rng(3).standard_normal((4, 8 * n_gpus))
     expected = x @ layer.full_weight() + layer.full_bias()
     np.testing.assert_allclose(cupy.asnumpy(layer(x)), expected, rtol=1e-12, atol=1e-12)

@@ -813,7 +813,12 @@ def test_a_process_with_a_real_cupyx_tcp_store_exits(tmp_path, fail):
     script = tmp_path / "store.py"
     code = _TCP_STORE_SCRIPT.format(tests=str(REPO / "tests"), port=_free_port(), fail=fail)
     script.write_text(textwrap.dedent(code))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]), "TP_GPU_WORLD_SIZE": "1", "TP_GPU_RANK": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "src")]),
+        "TP_GPU_WORLD_SIZE": "1",
+        "TP_GPU_RANK": "0",
+    }
     try:
         done = subprocess.run(
             [sys.executable, "-W", "ignore", str(script)], env=env, capture_output=True, text=True, timeout=60

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import WORKER_COUNTS
+
 from tp_gpu import (
     ConfigError,
     IndexOutOfRangeError,
@@ -49,7 +49,14 @@ def test_every_id_of_every_shard(make_config, n_workers):
 
 @pytest.mark.parametrize(
     "ids",
-    [np.int64(3), np.array(3), np.zeros((0,), np.int64), np.zeros((2, 0, 3), np.int32), [[1, 2], [3, 0]], [5]],
+    [
+        np.int64(3),
+        np.array(3),
+        np.zeros((0,), np.int64),
+        np.zeros((2, 0, 3), np.int32),
+        [[1, 2], [3, 0]],
+        [5],
+    ],
     ids=["numpy-scalar", "0-d", "empty", "empty-3d", "nested-list", "list"],
 )
 def test_any_id_shape(make_config, ids):
@@ -94,7 +101,7 @@ def test_ids_copied_once_per_device(rng, n_workers):
     emb.backend.reset_transfers()
     emb(rng.integers(0, 2 * n_workers, size=10))
     into = {}
-    for (src, dst), (count, _) in emb.backend.transfers.items():
+    for (_src, dst), (count, _) in emb.backend.transfers.items():
         into[dst] = into.get(dst, 0) + count
     # Ids: host -> worker 0's device, then one copy to each other used device;
     # partial sums: one per other used device back to the output device.

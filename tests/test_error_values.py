@@ -33,7 +33,9 @@ VOCAB = 10
 @pytest.fixture(params=BACKENDS, ids=["numpy", "sim3"])
 def embedding(request):
     backend, devices = request.param
-    return ParallelEmbedding(VOCAB, 4, TensorParallelConfig(n_workers=3, backend=backend, devices=devices, dtype="float64"))
+    return ParallelEmbedding(
+        VOCAB, 4, TensorParallelConfig(n_workers=3, backend=backend, devices=devices, dtype="float64")
+    )
 
 
 @pytest.fixture
@@ -114,12 +116,21 @@ def test_object_arrays_of_ints_are_ids_and_anything_else_a_dtype_error(embedding
     "build, size",
     [
         (
-            lambda: ColumnParallelLinear(2**40, 8, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")),
+            lambda: ColumnParallelLinear(
+                2**40, 8, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")
+            ),
             "64.0 TiB",
         ),
-        (lambda: RowParallelLinear(8, 2**40, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")), "64.0 TiB"),
         (
-            lambda: ParallelEmbedding(2**40, 1024, TensorParallelConfig(n_workers=4, backend="numpy", dtype="float64")),
+            lambda: RowParallelLinear(
+                8, 2**40, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")
+            ),
+            "64.0 TiB",
+        ),
+        (
+            lambda: ParallelEmbedding(
+                2**40, 1024, TensorParallelConfig(n_workers=4, backend="numpy", dtype="float64")
+            ),
             "8.0 PiB",
         ),
     ],
@@ -146,6 +157,13 @@ def test_the_check_uses_the_host_memory_and_comes_before_drawing(monkeypatch):
     with pytest.raises(
         ConfigError, match=r"more than the 1.0 TiB limit used where the memory size is unknown"
     ):
-        ColumnParallelLinear(2**20, 2**18, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"))
+        ColumnParallelLinear(
+            2**20, 2**18, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")
+        )
     monkeypatch.undo()
-    assert ColumnParallelLinear(256, 1024, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")).n_in == 256
+    assert (
+        ColumnParallelLinear(
+            256, 1024, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")
+        ).n_in
+        == 256
+    )

@@ -31,7 +31,9 @@ def test_a_missing_optional_library_stops_before_training(train_gpt, monkeypatch
     monkeypatch.setattr(train_gpt, "load_corpus", no_training)
     assert train_gpt.main([*flags, "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"train_gpt.py: error: {flags[0]} needs {module}, which is not installed: pip install {module}"]
+    assert err == [
+        f"train_gpt.py: error: {flags[0]} needs {module}, which is not installed: pip install {module}"
+    ]
 
 
 def test_every_missing_library_is_named_at_once(train_gpt, monkeypatch, capsys):
@@ -63,7 +65,9 @@ def test_tiny_lm_prints_a_few_lines_into_a_log(tmp_path):
     """Into a pipe (a log), the progress is about 20 lines, not one redraw per step."""
     out = subprocess.run(
         [sys.executable, str(EXAMPLES / "train_tiny_lm.py"), "--steps", "200", "--backend", "numpy"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     lines = (out.stdout + out.stderr).count("\n") + (out.stdout + out.stderr).count("\r")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import WORKER_COUNTS
+
 from tp_gpu import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, TensorParallelConfig
 from tp_gpu.initializers import EMBEDDING_INIT_RANGE, embedding_uniform, xavier_uniform
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import WORKER_COUNTS
 from helpers import TOLERANCE, to_host
+
 from tp_gpu import (
     ColumnParallelLinear,
     ConfigError,
@@ -29,7 +29,9 @@ DTYPES = ["float64", "float32", "float16"]
 
 def dense_reference(layer, x: np.ndarray) -> np.ndarray:
     """``x @ W + b`` in float64 from the layer's own logical weight and bias."""
-    return np.asarray(x, np.float64) @ layer.full_weight().astype(np.float64) + layer.full_bias().astype(np.float64)
+    return np.asarray(x, np.float64) @ layer.full_weight().astype(np.float64) + layer.full_bias().astype(
+        np.float64
+    )
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, dtype: str) -> None:
@@ -226,7 +228,9 @@ def test_uneven_split_dimension_is_balanced(layer_cls, split):
     layer = layer_cls(10, 10, cfg, seed=1)
     assert layer.partition == [(0, 3), (3, 6), (6, 8), (8, 10)]
     x = np.random.default_rng(0).standard_normal((3, 10))
-    np.testing.assert_allclose(layer.backend.to_host(layer(x)), x @ layer.full_weight(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        layer.backend.to_host(layer(x)), x @ layer.full_weight(), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("layer_cls", [ColumnParallelLinear, RowParallelLinear])
@@ -242,7 +246,12 @@ def test_uneven_split_dimension_is_balanced(layer_cls, split):
     ],
 )
 def test_bad_constructor_arguments(layer_cls, kwargs, match):
-    args = {"n_in": 4, "n_out": 4, "config": TensorParallelConfig(backend="numpy", dtype="float64"), "seed": 0}
+    args = {
+        "n_in": 4,
+        "n_out": 4,
+        "config": TensorParallelConfig(backend="numpy", dtype="float64"),
+        "seed": 0,
+    }
     args.update(kwargs)
     with pytest.raises(ConfigError, match=match):
         layer_cls(**args)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import WORKER_COUNTS
+
 from tp_gpu import (
     ColumnParallelLinear,
     ConfigError,
@@ -39,7 +39,9 @@ def shard_logits(backend, n_workers: int, z: np.ndarray, dtype=np.float64) -> Sh
     """Split host logits ``z`` ``(..., V)`` into ``n_workers`` equal vocab pieces on the workers' devices."""
     placement = worker_devices(n_workers, backend.devices)
     pieces = np.split(z, n_workers, axis=-1)
-    return ShardedTensor([backend.asarray(p, dtype, d) for p, d in zip(pieces, placement)], -1, placement, backend)
+    return ShardedTensor(
+        [backend.asarray(p, dtype, d) for p, d in zip(pieces, placement)], -1, placement, backend
+    )
 
 
 def host(backend, array) -> np.ndarray:
@@ -151,7 +153,11 @@ def test_gradient_by_finite_differences(backend_spec, rng, n_workers):
         for sign in (1, -1):
             bumped = z.copy()
             bumped[index] += sign * h
-            values.append(VocabParallelCrossEntropy(label_smoothing=0.2)(shard_logits(backend, n_workers, bumped), targets))
+            values.append(
+                VocabParallelCrossEntropy(label_smoothing=0.2)(
+                    shard_logits(backend, n_workers, bumped), targets
+                )
+            )
         numeric = (values[0] - values[1]) / (2 * h)
         assert abs(numeric - analytic[index]) < 1e-7, (index, numeric, analytic[index])
 
@@ -160,7 +166,9 @@ def test_gradient_by_finite_differences(backend_spec, rng, n_workers):
 def test_after_column_parallel_linear(backend_spec, rng, n_workers):
     """Logits from ColumnParallelLinear(gather_output=False) go in without a gather; dZ goes back into it."""
     name, devices = backend_spec
-    cfg = TensorParallelConfig(n_workers=n_workers, backend=name, devices=devices, gather_output=False, dtype="float64")
+    cfg = TensorParallelConfig(
+        n_workers=n_workers, backend=name, devices=devices, gather_output=False, dtype="float64"
+    )
     vocab = 13 * n_workers
     head = ColumnParallelLinear(6, vocab, cfg, seed=3)
     x = rng.standard_normal((2, 3, 6))
@@ -176,9 +184,13 @@ def test_after_column_parallel_linear(backend_spec, rng, n_workers):
     dz = loss_fn.backward()
     np.testing.assert_allclose(host_grad(dz), expected_dz, **TOL64)
     dx = head.backward(dz)
-    np.testing.assert_allclose(host(head.backend, dx), expected_dz @ head.full_weight().T, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        host(head.backend, dx), expected_dz @ head.full_weight().T, rtol=1e-10, atol=1e-12
+    )
     grads = head.grads()
-    np.testing.assert_allclose(grads["weight"], x.reshape(-1, 6).T @ expected_dz.reshape(-1, vocab), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        grads["weight"], x.reshape(-1, 6).T @ expected_dz.reshape(-1, vocab), rtol=1e-10, atol=1e-12
+    )
     np.testing.assert_allclose(grads["bias"], expected_dz.sum(axis=(0, 1)), rtol=1e-10, atol=1e-12)
 
 
@@ -198,7 +210,9 @@ def test_ignored_rows_contribute_nothing(backend_spec, rng, n_workers, reduction
     loss_fn = VocabParallelCrossEntropy(ignore_index=ignore_index, reduction=reduction)
     loss = loss_value(backend, loss_fn(shard_logits(backend, n_workers, z), targets))
     grad_loss = rng.standard_normal((2, 3)) if reduction == "none" else 1.0
-    expected_loss, expected_grad = reduced_reference(z, targets, reduction, grad_loss, ignore_index=ignore_index)
+    expected_loss, expected_grad = reduced_reference(
+        z, targets, reduction, grad_loss, ignore_index=ignore_index
+    )
     np.testing.assert_allclose(loss, expected_loss, **TOL64)
     if reduction == "mean":  # the mean is over the 3 valid rows only
         kept = reference(z, targets, ignore_index)[0][~ignored]
@@ -238,7 +252,9 @@ def test_label_smoothing_differs_from_none(rng):
     plain = VocabParallelCrossEntropy()(shard_logits(backend, 3, z), targets)
     smooth = VocabParallelCrossEntropy(label_smoothing=0.3)(shard_logits(backend, 3, z), targets)
     rows, _, _ = reference(z, targets)
-    uniform = -(z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))).mean(-1)
+    uniform = -(
+        z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    ).mean(-1)
     np.testing.assert_allclose(smooth, 0.7 * plain + 0.3 * uniform.mean(), **TOL64)
     assert abs(smooth - plain) > 1e-3
     np.testing.assert_allclose(plain, rows.mean(), **TOL64)
@@ -247,9 +263,15 @@ def test_label_smoothing_differs_from_none(rng):
 # --- extreme values and precision ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype, rtol, grad_rtol", [
-    (np.float64, 1e-12, 1e-12), (np.float32, 1e-5, 1e-5), (np.float16, 1e-5, 2e-3),
-], ids=["float64", "float32", "float16"])
+@pytest.mark.parametrize(
+    "dtype, rtol, grad_rtol",
+    [
+        (np.float64, 1e-12, 1e-12),
+        (np.float32, 1e-5, 1e-5),
+        (np.float16, 1e-5, 2e-3),
+    ],
+    ids=["float64", "float32", "float16"],
+)
 @pytest.mark.parametrize("n_workers", [1, 3, 8])
 def test_extreme_logits_are_stable(backend_spec, rng, n_workers, dtype, rtol, grad_rtol):
     backend = make_backend(backend_spec)
@@ -298,7 +320,9 @@ def test_low_precision_logits(backend_spec, rng, n_workers, dtype, reduction):
     assert grad.dtype == np.dtype(dtype)
     assert all(s.dtype == np.dtype(dtype) for s in grad.shards)
     rtol = 1e-5 if dtype == np.float32 else 2e-3  # one rounding to the output dtype
-    np.testing.assert_allclose(host_grad(grad), expected_grad, rtol=rtol, atol=rtol * np.abs(expected_grad).max())
+    np.testing.assert_allclose(
+        host_grad(grad), expected_grad, rtol=rtol, atol=rtol * np.abs(expected_grad).max()
+    )
 
 
 # --- the caller's data, scaling, degenerate batches ---------------------------------------------------
@@ -375,7 +399,9 @@ def test_none_reduction_array_grad_loss(backend_spec, rng, n_workers):
         loss_fn(logits, targets)
         np.testing.assert_allclose(host_grad(loss_fn.backward(grad_loss)), expected, **TOL64)
     loss_fn(logits, targets)
-    np.testing.assert_allclose(host_grad(loss_fn.backward(0.5)), reduced_reference(z, targets, "none", 0.5)[1], **TOL64)
+    np.testing.assert_allclose(
+        host_grad(loss_fn.backward(0.5)), reduced_reference(z, targets, "none", 0.5)[1], **TOL64
+    )
 
 
 @pytest.mark.parametrize("n_workers", [1, 3, 8])
@@ -454,27 +480,37 @@ def test_dense_logits_rejected(rng):
 def test_logits_split_on_wrong_axis_rejected(rng):
     backend = get_backend("simulated", 2)
     pieces = np.split(rng.standard_normal((4, 6)), 2, axis=0)
-    logits = ShardedTensor([backend.asarray(p, np.float64, d) for p, d in zip(pieces, (0, 1))], 0, [0, 1], backend)
+    logits = ShardedTensor(
+        [backend.asarray(p, np.float64, d) for p, d in zip(pieces, (0, 1))], 0, [0, 1], backend
+    )
     with pytest.raises(ShapeError, match="last .*axis 1, got axis 0"):
         VocabParallelCrossEntropy()(logits, np.zeros(4, dtype=int))
 
 
-@pytest.mark.parametrize("bad, pattern", [
-    (np.zeros(4, dtype=int), r"\(5,\).*got \(4,\)"),
-    (np.zeros((5, 1), dtype=int), r"\(5,\).*got \(5, 1\)"),
-    (np.zeros((), dtype=int), r"\(5,\).*got \(\)"),
-], ids=["short", "extra-axis", "scalar"])
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        (np.zeros(4, dtype=int), r"\(5,\).*got \(4,\)"),
+        (np.zeros((5, 1), dtype=int), r"\(5,\).*got \(5, 1\)"),
+        (np.zeros((), dtype=int), r"\(5,\).*got \(\)"),
+    ],
+    ids=["short", "extra-axis", "scalar"],
+)
 def test_targets_of_wrong_shape(sharded, bad, pattern):
     logits, _ = sharded
     with pytest.raises(ShapeError, match=pattern):
         VocabParallelCrossEntropy()(logits, bad)
 
 
-@pytest.mark.parametrize("bad, pattern", [
-    (np.zeros(5), "float64"),
-    (np.zeros(5, dtype=np.float32), "float32"),
-    (np.zeros(5, dtype=bool), "bool"),
-], ids=["float64", "float32", "bool"])
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        (np.zeros(5), "float64"),
+        (np.zeros(5, dtype=np.float32), "float32"),
+        (np.zeros(5, dtype=bool), "bool"),
+    ],
+    ids=["float64", "float32", "bool"],
+)
 def test_non_integer_targets(sharded, bad, pattern):
     logits, _ = sharded
     with pytest.raises(ShapeError, match=f"integers.*{pattern}"):
@@ -498,17 +534,31 @@ def test_ignore_index_itself_is_not_out_of_range(sharded):
     assert np.isfinite(loss)
 
 
-@pytest.mark.parametrize("kwargs, pattern", [
-    (dict(ignore_index="a"), "ignore_index.*'a'"),
-    (dict(ignore_index=1.5), "ignore_index.*1.5"),
-    (dict(ignore_index=True), "ignore_index.*True"),
-    (dict(label_smoothing=1.0), r"label_smoothing.*\[0, 1\).*1\.0"),
-    (dict(label_smoothing=-0.1), r"label_smoothing.*-0\.1"),
-    (dict(label_smoothing="x"), "label_smoothing.*'x'"),
-    (dict(label_smoothing=float("nan")), "label_smoothing.*nan"),
-    (dict(reduction="avg"), "reduction.*'avg'"),
-    (dict(reduction=None), "reduction.*None"),
-], ids=["ignore-str", "ignore-float", "ignore-bool", "eps-1", "eps-neg", "eps-str", "eps-nan", "red-avg", "red-none"])
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(ignore_index="a"), "ignore_index.*'a'"),
+        (dict(ignore_index=1.5), "ignore_index.*1.5"),
+        (dict(ignore_index=True), "ignore_index.*True"),
+        (dict(label_smoothing=1.0), r"label_smoothing.*\[0, 1\).*1\.0"),
+        (dict(label_smoothing=-0.1), r"label_smoothing.*-0\.1"),
+        (dict(label_smoothing="x"), "label_smoothing.*'x'"),
+        (dict(label_smoothing=float("nan")), "label_smoothing.*nan"),
+        (dict(reduction="avg"), "reduction.*'avg'"),
+        (dict(reduction=None), "reduction.*None"),
+    ],
+    ids=[
+        "ignore-str",
+        "ignore-float",
+        "ignore-bool",
+        "eps-1",
+        "eps-neg",
+        "eps-str",
+        "eps-nan",
+        "red-avg",
+        "red-none",
+    ],
+)
 def test_bad_config(kwargs, pattern):
     with pytest.raises(ConfigError, match=pattern):
         VocabParallelCrossEntropy(**kwargs)
@@ -520,12 +570,16 @@ def test_backward_before_forward():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("bad, pattern", [
-    ("x", "'x'"),
-    (None, "None"),
-    (True, "True"),
-    (np.ones(5), "array"),
-], ids=["str", "None", "bool", "array"])
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        ("x", "'x'"),
+        (None, "None"),
+        (True, "True"),
+        (np.ones(5), "array"),
+    ],
+    ids=["str", "None", "bool", "array"],
+)
 def test_reduced_grad_loss_must_be_a_number(sharded, reduction, bad, pattern):
     logits, targets = sharded
     loss_fn = VocabParallelCrossEntropy(reduction=reduction)
@@ -534,11 +588,15 @@ def test_reduced_grad_loss_must_be_a_number(sharded, reduction, bad, pattern):
         loss_fn.backward(bad)
 
 
-@pytest.mark.parametrize("bad, pattern", [
-    (np.ones(4), r"\(5,\), got \(4,\)"),
-    (np.ones((5, 1)), r"\(5,\), got \(5, 1\)"),
-    (np.ones((5, 12)), r"\(5,\), got \(5, 12\)"),
-], ids=["short", "extra-axis", "logits-shaped"])
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        (np.ones(4), r"\(5,\), got \(4,\)"),
+        (np.ones((5, 1)), r"\(5,\), got \(5, 1\)"),
+        (np.ones((5, 12)), r"\(5,\), got \(5, 12\)"),
+    ],
+    ids=["short", "extra-axis", "logits-shaped"],
+)
 def test_none_grad_loss_of_wrong_shape(sharded, bad, pattern):
     logits, targets = sharded
     loss_fn = VocabParallelCrossEntropy(reduction="none")
@@ -547,7 +605,9 @@ def test_none_grad_loss_of_wrong_shape(sharded, bad, pattern):
         loss_fn.backward(bad)
 
 
-@pytest.mark.parametrize("bad, pattern", [("x", "'x'"), (None, "None"), (object(), "object")], ids=["str", "None", "object"])
+@pytest.mark.parametrize(
+    "bad, pattern", [("x", "'x'"), (None, "None"), (object(), "object")], ids=["str", "None", "object"]
+)
 def test_none_grad_loss_must_be_numeric(sharded, bad, pattern):
     logits, targets = sharded
     loss_fn = VocabParallelCrossEntropy(reduction="none")

@@ -34,7 +34,9 @@ VOCAB, DIM, HIDDEN = 29, 6, 13
 
 
 def cfg(n_workers: int, **kwargs) -> TensorParallelConfig:
-    return TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=3, **{"dtype": "float64", **kwargs})
+    return TensorParallelConfig(
+        n_workers=n_workers, backend="simulated", devices=3, **{"dtype": "float64", **kwargs}
+    )
 
 
 class TinyLM(Module):

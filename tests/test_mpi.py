@@ -24,7 +24,8 @@ def _mpi_missing():
         return "mpirun not found (install Open MPI: apt-get install openmpi-bin libopenmpi-dev)"
     probe = subprocess.run([sys.executable, "-c", "from mpi4py import MPI"], capture_output=True, text=True)
     if probe.returncode:
-        return f"mpi4py cannot load MPI: {probe.stderr.strip().splitlines()[-1] if probe.stderr else probe.returncode}"
+        why = probe.stderr.strip().splitlines()[-1] if probe.stderr else probe.returncode
+        return f"mpi4py cannot load MPI: {why}"
     return None
 
 
@@ -35,8 +36,14 @@ def mpirun(n: int, program: str, *args: str, timeout: float = 240, env=None):
     """Run ``program`` (under tests/mpi_programs, or a path from the repository root) on ``n`` ranks."""
     path = PROGRAMS / program if (PROGRAMS / program).exists() else ROOT / program
     command = ["mpirun", "--oversubscribe", "-n", str(n), sys.executable, str(path), *args]
-    environment = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                       OMPI_MCA_rmaps_base_oversubscribe="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")]), **(env or {}))
+    environment = dict(
+        os.environ,
+        OMPI_ALLOW_RUN_AS_ROOT="1",
+        OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+        OMPI_MCA_rmaps_base_oversubscribe="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "src")]),
+        **(env or {}),
+    )
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
@@ -55,9 +62,13 @@ def test_bad_multi_process_configs_are_reported_on_every_rank():
     result = mpirun(2, "mismatch.py")
     assert result.returncode == 0, result.stdout + result.stderr
     for rank in range(2):
-        assert f"rank {rank}: n_workers ConfigError: n_workers (5) must be a multiple of the world size (2)" in result.stdout
         assert (
-            f"rank {rank}: seed ConfigError: ColumnParallelLinear was built differently across the 2 mpi ranks "
+            f"rank {rank}: n_workers ConfigError: n_workers (5) must be a multiple of the world size (2)"
+            in result.stdout
+        )
+        assert (
+            f"rank {rank}: seed ConfigError: ColumnParallelLinear was built differently across the 2 "
+            "mpi ranks "
             "(rank 0: seed=3; rank 1: seed=7)" in result.stdout
         ), result.stdout
 
@@ -86,7 +97,10 @@ def test_a_stalled_rank_raises_comm_error_after_the_timeout():
 def test_mpi_forward_example():
     result = mpirun(2, "examples/mpi_forward.py", "--workers", "4", "--backend", "numpy")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 mpi ranks x 2 workers each (numpy backend, float32): rank 0 holds [512, 512] of 2048" in result.stdout
+    assert (
+        "2 mpi ranks x 2 workers each (numpy backend, float32): rank 0 holds [512, 512] of 2048"
+        in result.stdout
+    )
     assert "output (8, 512), max abs error vs dense" in result.stdout
 
 
@@ -97,4 +111,6 @@ def test_processes_hold_spans_of_different_lengths(dtype):
     args = ("--workers", "6", "--features", "13", "--backend", "numpy", "--dtype", dtype)
     result = mpirun(3, "examples/mpi_forward.py", *args)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"3 mpi ranks x 2 workers each (numpy backend, {dtype}): rank 0 holds [9, 9] of 52" in result.stdout
+    assert (
+        f"3 mpi ranks x 2 workers each (numpy backend, {dtype}): rank 0 holds [9, 9] of 52" in result.stdout
+    )

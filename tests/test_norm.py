@@ -155,7 +155,9 @@ def test_matches_torch_layer_norm(rng, n_workers, dtype):
 
 
 def test_parameters_and_output_on_the_output_device(rng):
-    config = TensorParallelConfig(n_workers=4, backend="simulated", devices=3, output_device=2, dtype="float64")
+    config = TensorParallelConfig(
+        n_workers=4, backend="simulated", devices=3, output_device=2, dtype="float64"
+    )
     norm = LayerNorm(5, config)
     assert [name for name, _ in norm.named_parameters()] == ["weight", "bias"]
     assert {d for p in norm.parameters() for d in p.blocks} == {2}

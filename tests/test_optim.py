@@ -43,7 +43,9 @@ class RefSGD:
             if g is None:
                 continue
             if self.momentum:
-                self.velocity[i] = g.copy() if self.velocity[i] is None else self.momentum * self.velocity[i] + g
+                self.velocity[i] = (
+                    g.copy() if self.velocity[i] is None else self.momentum * self.velocity[i] + g
+                )
                 g = self.velocity[i]
             self.weights[i] = self.weights[i] - self.lr * g
 
@@ -80,7 +82,10 @@ class RefAdam:
 
 OPTIMIZERS = {
     "sgd": (lambda params: SGD(params, lr=0.1), lambda w: RefSGD(w, lr=0.1)),
-    "sgd-momentum": (lambda params: SGD(params, lr=0.05, momentum=0.9), lambda w: RefSGD(w, lr=0.05, momentum=0.9)),
+    "sgd-momentum": (
+        lambda params: SGD(params, lr=0.05, momentum=0.9),
+        lambda w: RefSGD(w, lr=0.05, momentum=0.9),
+    ),
     "adam": (lambda params: Adam(params, lr=0.01), lambda w: RefAdam(w, lr=0.01)),
     "adam-custom": (
         lambda params: Adam(params, lr=0.003, betas=(0.8, 0.95), eps=1e-6),
@@ -295,10 +300,13 @@ def test_adam_bias_correction_counts_each_parameters_own_steps(make_config, rng,
         if with_late:
             late(rng.standard_normal((4, 2 * n_workers)))
             late.backward(rng.standard_normal((4, 3)))
-        grads = [p.full_grad() for p in a.parameters()] + [p.full_grad() if with_late else None for p in late.parameters()]
+        grads = [p.full_grad() for p in a.parameters()] + [
+            p.full_grad() if with_late else None for p in late.parameters()
+        ]
         opt.step()
         ref.step(grads)
-    # torch: late's first update is lr * g / (|g| + eps') ~ lr * sign(g); here it is damped by (1-b1)/(1-b1^2).
+    # torch: late's first update is lr * g / (|g| + eps') ~ lr * sign(g);
+    # here it is damped by (1-b1)/(1-b1^2).
     assert_matches(params, ref)
 
 
@@ -365,8 +373,16 @@ def _numpy_config():
     return TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")
 
 
-BAD_LR = [(0, "lr.*got 0"), (0.0, "lr.*got 0.0"), (-1, "lr.*got -1"), ("x", "lr.*got 'x'"),
-          (math.nan, "lr.*got nan"), (math.inf, "lr.*got inf"), (None, "lr.*got None"), (True, "lr.*got True")]
+BAD_LR = [
+    (0, "lr.*got 0"),
+    (0.0, "lr.*got 0.0"),
+    (-1, "lr.*got -1"),
+    ("x", "lr.*got 'x'"),
+    (math.nan, "lr.*got nan"),
+    (math.inf, "lr.*got inf"),
+    (None, "lr.*got None"),
+    (True, "lr.*got True"),
+]
 
 
 @pytest.mark.parametrize("cls", [SGD, Adam])
@@ -376,33 +392,42 @@ def test_bad_lr(params, cls, lr, pattern):
         cls(params, lr=lr)
 
 
-@pytest.mark.parametrize("momentum, pattern", [
-    (1.0, r"momentum.*\[0.0, 1.0\).*got 1.0"),
-    (-0.1, "momentum.*got -0.1"),
-    (1.5, "momentum.*got 1.5"),
-    (math.nan, "momentum.*got nan"),
-    ("0.9", "momentum.*got '0.9'"),
-])
+@pytest.mark.parametrize(
+    "momentum, pattern",
+    [
+        (1.0, r"momentum.*\[0.0, 1.0\).*got 1.0"),
+        (-0.1, "momentum.*got -0.1"),
+        (1.5, "momentum.*got 1.5"),
+        (math.nan, "momentum.*got nan"),
+        ("0.9", "momentum.*got '0.9'"),
+    ],
+)
 def test_bad_momentum(params, momentum, pattern):
     with pytest.raises(ConfigError, match=pattern):
         SGD(params, lr=0.1, momentum=momentum)
 
 
-@pytest.mark.parametrize("betas, pattern", [
-    ((0.9,), r"betas.*pair.*got \(0.9,\)"),
-    ((0.9, 0.99, 0.999), r"betas.*pair.*got \(0.9, 0.99, 0.999\)"),
-    (0.9, "betas.*pair.*got 0.9"),
-    ((1.0, 0.9), r"betas\[0\].*got 1.0"),
-    ((0.9, 1.0), r"betas\[1\].*got 1.0"),
-    ((-0.1, 0.9), r"betas\[0\].*got -0.1"),
-    ((0.9, "x"), r"betas\[1\].*got 'x'"),
-], ids=["one", "three", "scalar", "b1=1", "b2=1", "b1<0", "b2-str"])
+@pytest.mark.parametrize(
+    "betas, pattern",
+    [
+        ((0.9,), r"betas.*pair.*got \(0.9,\)"),
+        ((0.9, 0.99, 0.999), r"betas.*pair.*got \(0.9, 0.99, 0.999\)"),
+        (0.9, "betas.*pair.*got 0.9"),
+        ((1.0, 0.9), r"betas\[0\].*got 1.0"),
+        ((0.9, 1.0), r"betas\[1\].*got 1.0"),
+        ((-0.1, 0.9), r"betas\[0\].*got -0.1"),
+        ((0.9, "x"), r"betas\[1\].*got 'x'"),
+    ],
+    ids=["one", "three", "scalar", "b1=1", "b2=1", "b1<0", "b2-str"],
+)
 def test_bad_betas(params, betas, pattern):
     with pytest.raises(ConfigError, match=pattern):
         Adam(params, lr=0.1, betas=betas)
 
 
-@pytest.mark.parametrize("eps, pattern", [(0, "eps.*got 0"), (-1e-8, "eps.*got -1e-08"), (math.nan, "eps.*got nan")])
+@pytest.mark.parametrize(
+    "eps, pattern", [(0, "eps.*got 0"), (-1e-8, "eps.*got -1e-08"), (math.nan, "eps.*got nan")]
+)
 def test_bad_eps(params, eps, pattern):
     with pytest.raises(ConfigError, match=pattern):
         Adam(params, lr=0.1, eps=eps)
@@ -417,11 +442,15 @@ def test_empty_params(cls):
 
 
 @pytest.mark.parametrize("cls", [SGD, Adam])
-@pytest.mark.parametrize("bad, pattern", [
-    (np.zeros(3), "ShardedParameter.*got ndarray"),
-    ("weight", "ShardedParameter.*got str"),
-    (None, "ShardedParameter.*got NoneType"),
-], ids=["ndarray", "str", "None"])
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        (np.zeros(3), "ShardedParameter.*got ndarray"),
+        ("weight", "ShardedParameter.*got str"),
+        (None, "ShardedParameter.*got NoneType"),
+    ],
+    ids=["ndarray", "str", "None"],
+)
 def test_non_parameters(params, cls, bad, pattern):
     with pytest.raises(ConfigError, match=pattern):
         cls(params + [bad], lr=0.1)

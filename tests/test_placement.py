@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tp_gpu import ConfigError, TensorParallelError, worker_devices
+from tp_gpu import ConfigError, worker_devices
 from tp_gpu.partition import BlockLayout, split_ranges, split_sizes
 from tp_gpu.placement import workers_by_device
 
@@ -95,7 +95,9 @@ def test_worker_devices_empty_device_list(devices):
 def test_split_matches_array_split(size, n_workers):
     """Balanced, contiguous, covering: the pieces np.array_split makes, empty ones included."""
     ranges = split_ranges(size, n_workers)
-    expected = [(int(a[0]), int(a[-1]) + 1) if a.size else None for a in np.array_split(np.arange(size), n_workers)]
+    expected = [
+        (int(a[0]), int(a[-1]) + 1) if a.size else None for a in np.array_split(np.arange(size), n_workers)
+    ]
     sizes = split_sizes(size, n_workers)
     assert sizes == [len(a) for a in np.array_split(np.arange(size), n_workers)]
     assert len(ranges) == n_workers and ranges[0][0] == 0 and ranges[-1][1] == size
@@ -138,7 +140,8 @@ def test_partition_bad_worker_count(n_workers):
 
 
 def test_layout_of_several_processes_covers_the_dimension():
-    """13 columns over 2 processes of 3 workers each: spans (0, 7) and (7, 13), worker ranges as array_split."""
+    """13 columns over 2 processes of 3 workers each: spans (0, 7) and (7, 13); worker ranges as
+    array_split gives them."""
     layouts = [BlockLayout.split(13, [0, 1, 0], rank=r, world_size=2) for r in range(2)]
     assert [lay.spans for lay in layouts] == [[(0, 7), (7, 13)]] * 2
     assert layouts[0].ranges + layouts[1].ranges == split_ranges(13, 6)

@@ -33,7 +33,9 @@ batch_st = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
 
 
 def dense(layer, x):
-    return np.asarray(x, np.float64) @ layer.full_weight().astype(np.float64) + layer.full_bias().astype(np.float64)
+    return np.asarray(x, np.float64) @ layer.full_weight().astype(np.float64) + layer.full_bias().astype(
+        np.float64
+    )
 
 
 def perturb(layer, rng):
@@ -54,7 +56,11 @@ def assert_close(actual, expected):
 def config(n_workers, n_devices, out_index, **kwargs):
     out_device = None if out_index is None else out_index % n_devices
     return TensorParallelConfig(
-        n_workers=n_workers, backend="simulated", devices=n_devices, output_device=out_device, **{"dtype": "float64", **kwargs}
+        n_workers=n_workers,
+        backend="simulated",
+        devices=n_devices,
+        output_device=out_device,
+        **{"dtype": "float64", **kwargs},
     )
 
 
@@ -107,7 +113,9 @@ def test_column_matches_dense(n_workers, shard, n_in, batch, n_devices, gather, 
     trained=st.booleans(),
     seed=st.integers(0, 2**31),
 )
-def test_row_matches_dense(n_workers, shard, n_out, batch, n_devices, sharded_input, out_index, trained, seed):
+def test_row_matches_dense(
+    n_workers, shard, n_out, batch, n_devices, sharded_input, out_index, trained, seed
+):
     cfg = config(n_workers, n_devices, out_index)
     n_in = n_workers * shard
     layer = RowParallelLinear(n_in, n_out, cfg, seed=seed % 1000)
@@ -175,7 +183,9 @@ def test_embedding_matches_table(case, embed_dim, n_devices, out_index, as_list,
     n_workers, vocab, ids = case
     # An empty Python list reads as float64 ([] has no integer dtype) and is rejected; arrays only there.
     as_list = as_list and ids.size > 0
-    layer = ParallelEmbedding(vocab, embed_dim, seed=seed, config=config(n_workers, n_devices, out_index, dtype=dtype))
+    layer = ParallelEmbedding(
+        vocab, embed_dim, seed=seed, config=config(n_workers, n_devices, out_index, dtype=dtype)
+    )
     inp = ids.tolist() if as_list else ids
     out = layer(inp)
     assert tuple(out.shape) == ids.shape + (embed_dim,)
@@ -194,7 +204,7 @@ def test_embedding_matches_table(case, embed_dim, n_devices, out_index, as_list,
 def test_embedding_out_of_range(case, n_devices, data):
     n_workers, vocab, ids = case
     ids = ids.astype(np.int64)
-    bad = data.draw(st.integers(-10**6, -1) | st.integers(vocab, vocab + 10**6), label="bad id")
+    bad = data.draw(st.integers(-(10**6), -1) | st.integers(vocab, vocab + 10**6), label="bad id")
     position = data.draw(st.integers(0, ids.size - 1), label="position")
     ids.reshape(-1)[position] = bad
     layer = ParallelEmbedding(vocab, 3, config=config(n_workers, n_devices, None))

@@ -146,7 +146,9 @@ def test_reduce_from_region(make_config, rng, n_workers):
 
 def test_reduce_from_region_backward_reaches_an_output_device_without_workers(rng):
     """2 workers on devices 0 and 1, output on device 2: the bias gradient needs dY there too."""
-    group = get_group(TensorParallelConfig(n_workers=2, backend="simulated", devices=3, output_device=2, dtype="float64"))
+    group = get_group(
+        TensorParallelConfig(n_workers=2, backend="simulated", devices=3, output_device=2, dtype="float64")
+    )
     backend = group.backend
     assert group.devices == [0, 1] and group.output_device == 2
     partials_host = {0: rng.standard_normal(7), 1: rng.standard_normal(7)}

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import to_host
+
 from tp_gpu import (
     ColumnParallelLinear,
-    ConfigError,
     IndexOutOfRangeError,
     ParallelEmbedding,
     RowParallelLinear,
@@ -47,20 +46,26 @@ def test_default_config_n_workers_2():
 
 
 def test_column_parallel_output_shape():
-    layer = ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0)
+    layer = ColumnParallelLinear(
+        8, 4, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0
+    )
     out = layer.forward(np.ones((5, 8)))
     assert out.shape == (5, 4), "output shape should be [batch, n_out]"
 
 
 def test_column_parallel_n_out():
-    layer = ColumnParallelLinear(6, 8, TensorParallelConfig(n_workers=4, gather_output=True, dtype="float64"), seed=1)
+    layer = ColumnParallelLinear(
+        6, 8, TensorParallelConfig(n_workers=4, gather_output=True, dtype="float64"), seed=1
+    )
     assert layer.n_out == 8
     assert layer.n_workers == 4
 
 
 def test_column_parallel_n_workers_1_equivalent_to_linear():
     n_in, n_out = 4, 6
-    layer = ColumnParallelLinear(n_in, n_out, TensorParallelConfig(n_workers=1, gather_output=True, dtype="float64"), seed=42)
+    layer = ColumnParallelLinear(
+        n_in, n_out, TensorParallelConfig(n_workers=1, gather_output=True, dtype="float64"), seed=42
+    )
     x = ramp(3, n_in)
     out = to_host(layer, layer.forward(x))
     expected = x @ to_host(layer, layer.weight_shards[0]) + to_host(layer, layer.bias_shards[0])
@@ -70,7 +75,9 @@ def test_column_parallel_n_workers_1_equivalent_to_linear():
 
 def test_column_parallel_uneven_n_out_is_split_like_array_split():
     """The original refused n_out=7 on 3 workers; it now splits 3, 2, 2."""
-    layer = ColumnParallelLinear(4, 7, TensorParallelConfig(n_workers=3, gather_output=True, dtype="float64"), seed=0)
+    layer = ColumnParallelLinear(
+        4, 7, TensorParallelConfig(n_workers=3, gather_output=True, dtype="float64"), seed=0
+    )
     assert [w.shape for w in layer.weight_shards] == [(4, 3), (4, 2), (4, 2)]
     assert layer.partition == [(0, 3), (3, 5), (5, 7)]
     x = ramp(2, 4)
@@ -81,19 +88,25 @@ def test_column_parallel_uneven_n_out_is_split_like_array_split():
 
 
 def test_row_parallel_output_shape():
-    layer = RowParallelLinear(8, 4, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0)
+    layer = RowParallelLinear(
+        8, 4, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0
+    )
     out = layer.forward(np.ones((5, 8)))
     assert out.shape == (5, 4), "output shape should be [batch, n_out]"
 
 
 def test_row_parallel_n_in():
-    layer = RowParallelLinear(6, 3, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0)
+    layer = RowParallelLinear(
+        6, 3, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0
+    )
     assert layer.n_in == 6
 
 
 def test_row_parallel_all_reduce_equals_full_matmul():
     n_in, n_out = 8, 4
-    layer = RowParallelLinear(n_in, n_out, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=7)
+    layer = RowParallelLinear(
+        n_in, n_out, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=7
+    )
     x = ramp(3, n_in)
     out_parallel = to_host(layer, layer.forward(x))
     full_w = np.concatenate([to_host(layer, w) for w in layer.weight_shards], axis=0)
@@ -104,8 +117,12 @@ def test_row_parallel_all_reduce_equals_full_matmul():
 
 def test_col_row_composition_shape():
     n_in, hidden, n_out = 8, 16, 4
-    col = ColumnParallelLinear(n_in, hidden, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0)
-    row = RowParallelLinear(hidden, n_out, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=1)
+    col = ColumnParallelLinear(
+        n_in, hidden, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=0
+    )
+    row = RowParallelLinear(
+        hidden, n_out, TensorParallelConfig(n_workers=2, gather_output=True, dtype="float64"), seed=1
+    )
     mid = col.forward(np.ones((5, n_in)))
     out = row.forward(mid)
     assert out.shape == (5, n_out)

@@ -52,7 +52,11 @@ def spec(request):
 def config(spec, p: int, sequence_parallel: bool = False, **kwargs) -> TensorParallelConfig:
     name, devices = spec
     return TensorParallelConfig(
-        n_workers=p, backend=name, devices=devices, sequence_parallel=sequence_parallel, **{"dtype": "float64", **kwargs}
+        n_workers=p,
+        backend=name,
+        devices=devices,
+        sequence_parallel=sequence_parallel,
+        **{"dtype": "float64", **kwargs},
     )
 
 
@@ -129,7 +133,9 @@ def test_reduce_scatter_blocks_gives_each_device_its_slices_of_the_sum(spec, p, 
 
 
 def test_reduce_scatter_blocks_refuses_a_padded_layout():
-    backend = get_group(TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64")).backend
+    backend = get_group(
+        TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64")
+    ).backend
     layout = BlockLayout.split(5, [0, 1], pad_to_multiple_of=4)
     partials = {d: backend.asarray(np.ones((8, 2)), np.float64, d) for d in (0, 1)}
     with pytest.raises(ConfigError, match="without padding"):
@@ -258,7 +264,9 @@ def test_row_layer_reduce_scatters_its_output_along_the_sequence(spec, p, rng):
 
 
 def test_row_layer_with_sequence_parallelism_needs_a_sequence_axis():
-    row = RowParallelLinear(4, 3, TensorParallelConfig(n_workers=2, backend="numpy", sequence_parallel=True, dtype="float64"))
+    row = RowParallelLinear(
+        4, 3, TensorParallelConfig(n_workers=2, backend="numpy", sequence_parallel=True, dtype="float64")
+    )
     with pytest.raises(ShapeError, match="sequence axis"):
         row(np.ones(4))
 
@@ -479,7 +487,9 @@ def test_activation_memory_per_device_falls_as_one_over_p(rng):
     x = rng.standard_normal((2, 16, 16))
     kept = {}
     for p in (1, 2, 4, 8):
-        cfg = TensorParallelConfig(n_workers=p, backend="simulated", devices=8, sequence_parallel=True, dtype="float64")
+        cfg = TensorParallelConfig(
+            n_workers=p, backend="simulated", devices=8, sequence_parallel=True, dtype="float64"
+        )
         layer = ParallelTransformerLayer(16, 8, 32, cfg, seed=0, dropout=0.1)
         layer(x)
         kept[p] = max(_saved_bytes(layer, d) for d in range(8))

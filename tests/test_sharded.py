@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import WORKER_COUNTS
+
 from tp_gpu import ShapeError, ShardedTensor, TensorParallelError, worker_devices
 from tp_gpu.backends import NumpyBackend, SimulatedBackend
 from tp_gpu.backends.simulated import current_device
@@ -27,7 +27,9 @@ def host_shards_for(rng, n, axis, base=(2, 3, 4)):
 
 @pytest.fixture(params=["sim3", "sim8", "numpy"])
 def backend(request):
-    return {"sim3": lambda: SimulatedBackend(3), "sim8": lambda: SimulatedBackend(8), "numpy": NumpyBackend}[request.param]()
+    return {"sim3": lambda: SimulatedBackend(3), "sim8": lambda: SimulatedBackend(8), "numpy": NumpyBackend}[
+        request.param
+    ]()
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2, -1, -2, -3])
@@ -111,7 +113,9 @@ def test_no_shards(sim):
 @pytest.mark.parametrize("n_devices", [0, 1, 3])
 def test_device_count_mismatch(sim, n_devices):
     shards = [_on(sim, np.ones((2, 2)), 0), _on(sim, np.ones((2, 2)), 1)]
-    _raises_shape_error(lambda: ShardedTensor(shards, 0, [0, 1, 2][:n_devices], sim), "2 shards", f"{n_devices} devices")
+    _raises_shape_error(
+        lambda: ShardedTensor(shards, 0, [0, 1, 2][:n_devices], sim), "2 shards", f"{n_devices} devices"
+    )
 
 
 @pytest.mark.parametrize(

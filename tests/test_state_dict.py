@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import WORKER_COUNTS
 from helpers import TOLERANCE, to_host
+
 from tp_gpu import (
     ColumnParallelLinear,
     ConfigError,
@@ -110,13 +110,21 @@ def test_state_dict_is_dense_host_copies(make_config, kind):
 @pytest.mark.parametrize("n_source", [1, 2, 4, 8])
 def test_state_dict_reshards_across_worker_counts_and_backends(backend_spec, rng, n_source):
     name, devices = backend_spec
-    source = ParallelMLP(6, 840, 5, TensorParallelConfig(n_workers=n_source, backend=name, devices=devices, dtype="float64"), seed=3)
+    source = ParallelMLP(
+        6,
+        840,
+        5,
+        TensorParallelConfig(n_workers=n_source, backend=name, devices=devices, dtype="float64"),
+        seed=3,
+    )
     x = rng.standard_normal((4, 6))
     expected = output(source, x)
     state = source.state_dict()
     for n_target in WORKER_COUNTS:
         for target_backend, target_devices in (("numpy", None), ("simulated", 3)):
-            config = TensorParallelConfig(n_workers=n_target, backend=target_backend, devices=target_devices, dtype="float64")
+            config = TensorParallelConfig(
+                n_workers=n_target, backend=target_backend, devices=target_devices, dtype="float64"
+            )
             target = ParallelMLP(6, 840, 5, config, seed=9)
             target.load_state_dict(state)
             for key, value in target.state_dict().items():
@@ -142,7 +150,9 @@ def test_load_state_dict_keeps_blocks_in_place(make_config, rng):
     weight = rng.standard_normal((12, 5))
     layer.load_state_dict({"weight": weight, "bias": rng.standard_normal(5)})
     assert {name: {d: id(b) for d, b in p.blocks.items()} for name, p in layer.named_parameters()} == before
-    np.testing.assert_array_equal(np.concatenate([layer.backend.to_host(s) for s in layer.weight_shards]), weight)
+    np.testing.assert_array_equal(
+        np.concatenate([layer.backend.to_host(s) for s in layer.weight_shards]), weight
+    )
 
 
 @pytest.mark.parametrize(
@@ -158,7 +168,17 @@ def test_load_state_dict_keeps_blocks_in_place(make_config, rng):
         ({"weight": "W", "bias": [[1, 2], [3]]}, "could not be read as an array"),
         (["weight", "bias"], "expects a mapping"),
     ],
-    ids=["missing", "unexpected", "bias-size", "bias-rank", "transposed", "complex", "strings", "ragged", "not-a-mapping"],
+    ids=[
+        "missing",
+        "unexpected",
+        "bias-size",
+        "bias-rank",
+        "transposed",
+        "complex",
+        "strings",
+        "ragged",
+        "not-a-mapping",
+    ],
 )
 def test_load_state_dict_rejects_bad_state_without_changes(make_config, rng, state, message):
     layer = ColumnParallelLinear(5, 6, make_config(3), seed=0)
@@ -221,7 +241,9 @@ def test_mlp_from_dense(make_config, rng, n_workers, layout, activation):
     w1, b1 = rng.standard_normal((6, 5 * n_workers)), rng.standard_normal(5 * n_workers)
     w2, b2 = rng.standard_normal((5 * n_workers, 4)), rng.standard_normal(4)
     flip = (lambda w: w) if layout == "in_out" else (lambda w: np.ascontiguousarray(w.T))
-    mlp = ParallelMLP.from_dense(flip(w1), b1, flip(w2), b2, make_config(n_workers), layout=layout, activation=activation)
+    mlp = ParallelMLP.from_dense(
+        flip(w1), b1, flip(w2), b2, make_config(n_workers), layout=layout, activation=activation
+    )
     state = mlp.state_dict()
     for key, value in {"fc1.weight": w1, "fc1.bias": b1, "fc2.weight": w2, "fc2.bias": b2}.items():
         np.testing.assert_array_equal(state[key], value)
@@ -237,7 +259,9 @@ def test_from_dense_uses_the_config(rng):
     np.testing.assert_array_equal(layer.full_weight(), weight.astype(np.float32))
     layer = ColumnParallelLinear.from_dense(weight, config=TensorParallelConfig(n_workers=3, dtype="float16"))
     assert layer.dtype == np.float16 and layer.n_workers == 3
-    row = RowParallelLinear.from_dense(weight.T, config=TensorParallelConfig(n_workers=3, dtype="float64"), input_is_parallel=True)
+    row = RowParallelLinear.from_dense(
+        weight.T, config=TensorParallelConfig(n_workers=3, dtype="float64"), input_is_parallel=True
+    )
     assert row.input_is_parallel and (row.n_in, row.n_out) == (6, 4)
 
 
@@ -267,7 +291,9 @@ def test_load_dense_from_device_array_moves_device_to_device(rng):
     sources = {src for src, _ in layer.backend.transfers}
     assert sources == {2}, layer.backend.transfers  # from device 2 to devices 0 and 1; nothing from the host
     assert {dst for _, dst in layer.backend.transfers} == {0, 1}
-    again = ColumnParallelLinear.from_dense(on_device.asarray(weight.T, np.float64, 1), None, config, layout="out_in")
+    again = ColumnParallelLinear.from_dense(
+        on_device.asarray(weight.T, np.float64, 1), None, config, layout="out_in"
+    )
     np.testing.assert_array_equal(again.full_weight(), weight)
 
 
@@ -277,10 +303,26 @@ def test_load_dense_rejects_bad_input_without_changes(make_config, rng, cls):
     good_w, good_b = rng.standard_normal((6, 9)), rng.standard_normal(9)
     name = cls.__name__
     cases = [
-        (dict(weight=good_w.T), ShapeError, f"{name} weight must have shape (6, 9) (n_in, n_out) for layout='in_out', got (9, 6)"),
-        (dict(weight=good_w, layout="out_in"), ShapeError, f"{name} weight must have shape (9, 6) (n_out, n_in) for layout='out_in', got (6, 9)"),
-        (dict(weight=good_w[None]), ShapeError, "must be 2-D (n_in, n_out) for layout='in_out', got shape (1, 6, 9)"),
-        (dict(weight=good_w, bias=good_b[:8]), ShapeError, f"{name} bias must have shape (9,) (n_out,), got (8,)"),
+        (
+            dict(weight=good_w.T),
+            ShapeError,
+            f"{name} weight must have shape (6, 9) (n_in, n_out) for layout='in_out', got (9, 6)",
+        ),
+        (
+            dict(weight=good_w, layout="out_in"),
+            ShapeError,
+            f"{name} weight must have shape (9, 6) (n_out, n_in) for layout='out_in', got (6, 9)",
+        ),
+        (
+            dict(weight=good_w[None]),
+            ShapeError,
+            "must be 2-D (n_in, n_out) for layout='in_out', got shape (1, 6, 9)",
+        ),
+        (
+            dict(weight=good_w, bias=good_b[:8]),
+            ShapeError,
+            f"{name} bias must have shape (9,) (n_out,), got (8,)",
+        ),
         (dict(weight=good_w, bias=np.zeros(9, complex)), ShapeError, "must hold real numbers"),
         (dict(weight=good_w, layout="torch"), ConfigError, "layout must be 'in_out'"),
         (dict(weight=good_w, layout=1), ConfigError, "got 1"),  # None is the default: in_out for arrays
@@ -307,7 +349,9 @@ def test_mlp_load_dense_is_all_or_nothing(make_config, rng):
     mlp = ParallelMLP(4, 6, 3, make_config(3), seed=0)
     before = snapshot(mlp)
     with pytest.raises(ShapeError, match=r"ParallelMLP fc2 bias must have shape \(3,\)"):
-        mlp.load_dense(rng.standard_normal((4, 6)), rng.standard_normal(6), rng.standard_normal((6, 3)), np.zeros(5))
+        mlp.load_dense(
+            rng.standard_normal((4, 6)), rng.standard_normal(6), rng.standard_normal((6, 3)), np.zeros(5)
+        )
     with pytest.raises(ShapeError, match=r"ParallelMLP fc2 weight must have shape \(6, 3\)"):
         mlp.load_dense(rng.standard_normal((4, 6)), None, rng.standard_normal((3, 6)), None)
     assert_unchanged(mlp, before)
@@ -321,8 +365,16 @@ def test_mlp_load_dense_is_all_or_nothing(make_config, rng):
         (lambda w: ParallelEmbedding.from_dense(w[0]), "must be 2-D (vocab_size, embed_dim)"),
         (lambda w: ColumnParallelLinear.from_dense(w, layout="in-out"), "layout must be"),
         (lambda w: ColumnParallelLinear.from_dense(w, np.zeros(5)), "bias must have shape (6,)"),
-        (lambda w: ParallelMLP.from_dense(w, None, w, None), "fc1_weight has 6 outputs but fc2_weight has 4 inputs"),
-        (lambda w: ColumnParallelLinear.from_dense(w, config=TensorParallelConfig(n_workers=0, dtype="float64")), "n_workers"),
+        (
+            lambda w: ParallelMLP.from_dense(w, None, w, None),
+            "fc1_weight has 6 outputs but fc2_weight has 4 inputs",
+        ),
+        (
+            lambda w: ColumnParallelLinear.from_dense(
+                w, config=TensorParallelConfig(n_workers=0, dtype="float64")
+            ),
+            "n_workers",
+        ),
     ],
     ids=["column-1d", "row-3d", "embedding-1d", "layout", "bias", "mlp-hidden", "bad-config"],
 )

@@ -90,8 +90,12 @@ def test_from_dense_of_a_torch_layout_array_points_at_the_layout(rng):
     """Non-square: the weight builds a (6, 4) layer, and then the (6,) bias is the wrong size."""
     weight, bias = rng.standard_normal((6, 4)), rng.standard_normal(6)
     with pytest.raises(ShapeError, match=r"bias has n_in=6 entries.*pass layout='out_in'"):
-        ColumnParallelLinear.from_dense(weight, bias, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"))
-    layer = ColumnParallelLinear.from_dense(weight, bias, TensorParallelConfig(n_workers=2, dtype="float64"), layout="out_in")
+        ColumnParallelLinear.from_dense(
+            weight, bias, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64")
+        )
+    layer = ColumnParallelLinear.from_dense(
+        weight, bias, TensorParallelConfig(n_workers=2, dtype="float64"), layout="out_in"
+    )
     np.testing.assert_array_equal(layer.full_weight(), weight.T)
 
 
@@ -117,7 +121,9 @@ def test_linear(torch, kind, cls, n_in, n_out, dtype):
 
 def test_linear_without_bias_and_layer_arguments(torch):
     linear = torch.nn.Linear(6, 12, bias=False, dtype=torch.float64)
-    layer = from_torch(linear, TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"), unit=3)
+    layer = from_torch(
+        linear, TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"), unit=3
+    )
     assert layer.unit == 3 and layer.n_workers == 4 and layer.backend.name == "simulated"
     assert layer.full_bias() is None and layer.bias is None  # bias-free, as the module (issue 25, 9a)
     assert [name for name, _ in layer.named_parameters()] == ["weight"]
@@ -127,7 +133,9 @@ def test_linear_without_bias_and_layer_arguments(torch):
 
 def test_a_config_given_is_used_as_it_is(torch):
     linear = torch.nn.Linear(5, 5)  # float32
-    layer = from_torch(linear, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"))  # float64: cast
+    layer = from_torch(
+        linear, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64")
+    )  # float64: cast
     assert layer.dtype == np.float64 and layer.n_workers == 3
     np.testing.assert_array_equal(layer.full_weight(), linear.weight.detach().numpy().T.astype(np.float64))
 

@@ -234,7 +234,10 @@ def test_cuda_tensors_reach_the_cupy_backend_without_the_host(cuda, n_workers):
     torch.manual_seed(0)
     linear = torch.nn.Linear(8, 4 * n_workers, dtype=torch.float64, device=cuda)
     layer = ColumnParallelLinear.from_dense(
-        linear.weight, linear.bias, TensorParallelConfig(n_workers=n_workers, backend="cupy", dtype="float64"), layout="out_in"
+        linear.weight,
+        linear.bias,
+        TensorParallelConfig(n_workers=n_workers, backend="cupy", dtype="float64"),
+        layout="out_in",
     )
     x = torch.randn(3, 8, dtype=torch.float64, device=cuda)
     y = layer(x)

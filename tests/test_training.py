@@ -7,8 +7,8 @@ import pathlib
 
 import numpy as np
 import pytest
-
 from dense_tiny_lm import train_dense
+
 from tp_gpu import TensorParallelConfig
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "train_tiny_lm.py"
@@ -32,7 +32,9 @@ def example():
 def dense_losses(example):
     config = TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64")
     weights = example.TinyLM(SIZES["vocab"], SIZES["dim"], SIZES["hidden"], config, seed=SEED).dense_weights()
-    batches = [example.make_batch(SIZES["vocab"], SIZES["batch"], SIZES["seq_len"], SEED, s) for s in range(STEPS)]
+    batches = [
+        example.make_batch(SIZES["vocab"], SIZES["batch"], SIZES["seq_len"], SEED, s) for s in range(STEPS)
+    ]
     return train_dense(weights, batches, LR)
 
 
@@ -40,8 +42,14 @@ def dense_losses(example):
 @pytest.mark.parametrize("backend, devices", [("numpy", None), ("simulated", 3)], ids=["numpy", "sim3"])
 def test_losses_match_dense_twin_every_step(example, dense_losses, n_workers, backend, devices):
     losses = example.train(
-        n_workers=n_workers, steps=STEPS, lr=LR, seed=SEED, backend=backend, devices=devices,
-        dtype="float64", **SIZES,
+        n_workers=n_workers,
+        steps=STEPS,
+        lr=LR,
+        seed=SEED,
+        backend=backend,
+        devices=devices,
+        dtype="float64",
+        **SIZES,
     )
     np.testing.assert_allclose(losses, dense_losses, rtol=1e-6)
 

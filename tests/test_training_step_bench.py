@@ -163,7 +163,9 @@ def test_optimizers_in_pieces_match_whole_arrays(monkeypatch, make):
     results = []
     for piece_bytes in (10**9, 40):
         monkeypatch.setattr(optim, "HOST_PIECE_BYTES", piece_bytes)
-        layer = ColumnParallelLinear(7, 12, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"), seed=1)
+        layer = ColumnParallelLinear(
+            7, 12, TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"), seed=1
+        )
         opt = make(layer.parameters())
         x = np.random.default_rng(0).standard_normal((5, 7))
         for _ in range(3):

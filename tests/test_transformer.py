@@ -126,6 +126,7 @@ def test_matches_hugging_face_bert_layer(rng, n_workers):
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers.models.bert import modeling_bert as bert
+
     batch, seq, hidden, n_heads, intermediate = 3, 6, 24, 12, 20
     hf_config = bert.BertConfig(
         hidden_size=hidden,
@@ -250,7 +251,9 @@ def test_eval_keeps_nothing(rng):
 def test_bad_constructor_arguments(kwargs, match):
     args = {"hidden": 24, "n_heads": 12, "intermediate": 20, **kwargs}
     with pytest.raises(ConfigError, match=match):
-        ParallelTransformerLayer(config=TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"), **args)
+        ParallelTransformerLayer(
+            config=TensorParallelConfig(n_workers=2, backend="numpy", dtype="float64"), **args
+        )
 
 
 def test_bad_input_raises_before_anything_changes(rng):

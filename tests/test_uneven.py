@@ -474,7 +474,9 @@ def test_state_dict_reshards_without_a_file(rng):
     source = tiny_model(TensorParallelConfig(n_workers=7, backend="numpy", dtype="float64"), seed=0)
     saved = source.state_dict()
     for n_workers in (2, 5, 16):
-        target = tiny_model(TensorParallelConfig(n_workers=n_workers, backend="numpy", dtype="float64"), seed=n_workers)
+        target = tiny_model(
+            TensorParallelConfig(n_workers=n_workers, backend="numpy", dtype="float64"), seed=n_workers
+        )
         assert any(not np.array_equal(target.state_dict()[k], saved[k]) for k in saved)  # seeds differ
         target.load_state_dict(saved)
         for key, value in target.state_dict().items():
@@ -509,7 +511,9 @@ def test_bad_size_raises_config_error_naming_it(what, value):
 @pytest.mark.parametrize("value", [0, -3, 1.5, "3"], ids=repr)
 def test_bad_unit_raises_config_error_naming_it(value):
     with pytest.raises(ConfigError, match="unit") as info:
-        ColumnParallelLinear(4, 36, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"), unit=value)
+        ColumnParallelLinear(
+            4, 36, TensorParallelConfig(n_workers=3, backend="numpy", dtype="float64"), unit=value
+        )
     assert repr(value) in str(info.value)
 
 

@@ -63,7 +63,9 @@ def check_pair(name, make, inputs, grad_shape, rng, checks):
         Adam(layer.parameters(), lr=1e-2).step()
     for key, value in ref.state_dict().items():
         np.testing.assert_allclose(mpi.state_dict()[key], value, **TOL, err_msg=f"{name} state {key}")
-    np.testing.assert_allclose(host(mpi, mpi(inputs)), host(ref, ref(inputs)), **TOL, err_msg=f"{name} after step")
+    np.testing.assert_allclose(
+        host(mpi, mpi(inputs)), host(ref, ref(inputs)), **TOL, err_msg=f"{name} after step"
+    )
     check_checkpoints(name, make, mpi, ref)
     checks.append(name)
 
@@ -72,7 +74,10 @@ def check_checkpoints(name, make, mpi, ref):
     """A checkpoint saved over MPI loads into a single-process layer, and the other way round."""
     comm = get_communicator("mpi")
     directory = comm.broadcast_object(tempfile.mkdtemp() if comm.rank == 0 else None)
-    from_mpi, from_ref = os.path.join(directory, "mpi.safetensors"), os.path.join(directory, f"ref{comm.rank}.safetensors")
+    from_mpi, from_ref = (
+        os.path.join(directory, "mpi.safetensors"),
+        os.path.join(directory, f"ref{comm.rank}.safetensors"),
+    )
     save_checkpoint(from_mpi, mpi)  # collective: rank 0 writes
     save_checkpoint(from_ref, ref)  # each rank its own file, from its single-process layer
     fresh_ref, fresh_mpi = make("local"), make("mpi")
@@ -91,7 +96,7 @@ def array_split_spans(size, n_workers, world):
     ``n_workers`` workers, ``n_workers // world`` consecutive ones per process."""
     sizes = [len(p) for p in np.array_split(np.arange(size), n_workers)]
     local = n_workers // world
-    bounds = np.cumsum([0] + [sum(sizes[r * local:(r + 1) * local]) for r in range(world)])
+    bounds = np.cumsum([0] + [sum(sizes[r * local : (r + 1) * local]) for r in range(world)])
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
@@ -134,26 +139,55 @@ def check_uneven(args, world, rng, checks):
 
         x = rng.standard_normal((5, 13))
         check_spans("column 13", ColumnParallelLinear(13, 13, config("mpi"), seed=6), 13, n_workers, world)
-        check_pair(f"uneven column n_out=13 p={n_workers}",
-                   lambda c: ColumnParallelLinear(13, 13, config(c), seed=6), x, (5, 13), rng, checks)
+        check_pair(
+            f"uneven column n_out=13 p={n_workers}",
+            lambda c: ColumnParallelLinear(13, 13, config(c), seed=6),
+            x,
+            (5, 13),
+            rng,
+            checks,
+        )
         h = rng.standard_normal((5, 11))
         check_spans("row 11", RowParallelLinear(11, 4, config("mpi"), seed=7), 11, n_workers, world)
-        check_pair(f"uneven row n_in=11 p={n_workers}", lambda c: RowParallelLinear(11, 4, config(c), seed=7),
-                   h, (5, 4), rng, checks)
-        check_pair(f"uneven mlp hidden=7 p={n_workers}", lambda c: ParallelMLP(13, 7, 6, config(c), seed=8),
-                   x, (5, 6), rng, checks)
+        check_pair(
+            f"uneven row n_in=11 p={n_workers}",
+            lambda c: RowParallelLinear(11, 4, config(c), seed=7),
+            h,
+            (5, 4),
+            rng,
+            checks,
+        )
+        check_pair(
+            f"uneven mlp hidden=7 p={n_workers}",
+            lambda c: ParallelMLP(13, 7, 6, config(c), seed=8),
+            x,
+            (5, 6),
+            rng,
+            checks,
+        )
         ids = rng.integers(0, 31, size=(4, 6))
         ids[0, :2] = (0, 30)  # the first and the last row
         embedding = ParallelEmbedding(31, 3, config=config("mpi"), seed=9)
         check_spans("embedding 31", embedding, 31, n_workers, world)
-        check_pair(f"uneven embedding vocab=31 p={n_workers}",
-                   lambda c: ParallelEmbedding(31, 3, config=config(c), seed=9), ids, (4, 6, 3), rng, checks)
+        check_pair(
+            f"uneven embedding vocab=31 p={n_workers}",
+            lambda c: ParallelEmbedding(31, 3, config=config(c), seed=9),
+            ids,
+            (4, 6, 3),
+            rng,
+            checks,
+        )
         weight = rng.uniform(0.2, 2.0, size=31)
         targets = rng.integers(0, 31, size=5)
         targets[1] = -100
-        check_loss_pair(f"uneven weighted cross-entropy vocab=31 p={n_workers}",
-                        lambda c: ColumnParallelLinear(13, 31, config(c, gather_output=False), seed=10),
-                        dict(weight=weight, label_smoothing=0.1), x, targets, checks)
+        check_loss_pair(
+            f"uneven weighted cross-entropy vocab=31 p={n_workers}",
+            lambda c: ColumnParallelLinear(13, 31, config(c, gather_output=False), seed=10),
+            dict(weight=weight, label_smoothing=0.1),
+            x,
+            targets,
+            checks,
+        )
 
     # Processes that hold nothing: 1 column, 2 vocabulary rows over more workers than that.
     base = dict(backend=args.backend, devices=args.devices, dtype="float64")
@@ -163,20 +197,42 @@ def check_uneven(args, world, rng, checks):
     empty = ColumnParallelLinear(13, 1, cfg("mpi"), seed=11)
     check_spans("column 1", empty, 1, p, world)
     assert empty.layout.spans[-1] == (1, 1), empty.layout.spans
-    check_pair(f"empty spans column n_out=1 p={p}", lambda c: ColumnParallelLinear(13, 1, cfg(c), seed=11),
-               x, (5, 1), rng, checks)
+    check_pair(
+        f"empty spans column n_out=1 p={p}",
+        lambda c: ColumnParallelLinear(13, 1, cfg(c), seed=11),
+        x,
+        (5, 1),
+        rng,
+        checks,
+    )
     p3 = 3 * world
     ids = rng.integers(0, 2, size=(3, 4))
-    check_pair(f"empty spans embedding vocab=2 p={p3}",
-               lambda c: ParallelEmbedding(2, 3, config=TensorParallelConfig(comm=c, n_workers=p3, **base), seed=12),
-               ids, (3, 4, 3), rng, checks)
+    check_pair(
+        f"empty spans embedding vocab=2 p={p3}",
+        lambda c: ParallelEmbedding(2, 3, config=TensorParallelConfig(comm=c, n_workers=p3, **base), seed=12),
+        ids,
+        (3, 4, 3),
+        rng,
+        checks,
+    )
     # Padded: every worker's shard holds 8 columns, of which the last workers' are all padding.
     targets = rng.integers(0, 13, size=5)
-    check_loss_pair(f"padded cross-entropy vocab=13 k=8 p={p}",
-                    lambda c: ColumnParallelLinear(13, 13, cfg(c, gather_output=False), seed=13, pad_to_multiple_of=8),
-                    dict(label_smoothing=0.1), x, targets, checks)
-    check_pair(f"padded column n_out=13 k=8 p={p}",
-               lambda c: ColumnParallelLinear(13, 13, cfg(c), seed=13, pad_to_multiple_of=8), x, (5, 13), rng, checks)
+    check_loss_pair(
+        f"padded cross-entropy vocab=13 k=8 p={p}",
+        lambda c: ColumnParallelLinear(13, 13, cfg(c, gather_output=False), seed=13, pad_to_multiple_of=8),
+        dict(label_smoothing=0.1),
+        x,
+        targets,
+        checks,
+    )
+    check_pair(
+        f"padded column n_out=13 k=8 p={p}",
+        lambda c: ColumnParallelLinear(13, 13, cfg(c), seed=13, pad_to_multiple_of=8),
+        x,
+        (5, 13),
+        rng,
+        checks,
+    )
 
 
 def main() -> int:
@@ -192,20 +248,44 @@ def main() -> int:
     for n_workers in (world, 2 * world):
         base = dict(n_workers=n_workers, backend=args.backend, devices=args.devices, dtype="float64")
 
-        def config(comm, **kw):
+        def config(comm, base=base, **kw):  # bound now: the lambdas below must not see a later base
             return TensorParallelConfig(comm=comm, **base, **kw)
 
         x = rng.standard_normal((5, 13))
-        check_pair(f"column p={n_workers}", lambda c: ColumnParallelLinear(13, 7 * n_workers, config(c), seed=1),
-                   x, (5, 7 * n_workers), rng, checks)
+        check_pair(
+            f"column p={n_workers}",
+            lambda c, n=n_workers: ColumnParallelLinear(13, 7 * n, config(c), seed=1),
+            x,
+            (5, 7 * n_workers),
+            rng,
+            checks,
+        )
         h = rng.standard_normal((5, 3 * n_workers))
-        check_pair(f"row p={n_workers}", lambda c: RowParallelLinear(3 * n_workers, 4, config(c), seed=2),
-                   h, (5, 4), rng, checks)
-        check_pair(f"mlp p={n_workers}", lambda c: ParallelMLP(13, 2 * n_workers, 6, config(c), seed=3),
-                   x, (5, 6), rng, checks)
+        check_pair(
+            f"row p={n_workers}",
+            lambda c, n=n_workers: RowParallelLinear(3 * n, 4, config(c), seed=2),
+            h,
+            (5, 4),
+            rng,
+            checks,
+        )
+        check_pair(
+            f"mlp p={n_workers}",
+            lambda c, n=n_workers: ParallelMLP(13, 2 * n, 6, config(c), seed=3),
+            x,
+            (5, 6),
+            rng,
+            checks,
+        )
         ids = rng.integers(0, 5 * n_workers, size=(4, 6))
-        check_pair(f"embedding p={n_workers}", lambda c: ParallelEmbedding(5 * n_workers, 3, config=config(c), seed=4),
-                   ids, (4, 6, 3), rng, checks)
+        check_pair(
+            f"embedding p={n_workers}",
+            lambda c, n=n_workers: ParallelEmbedding(5 * n, 3, config=config(c), seed=4),
+            ids,
+            (4, 6, 3),
+            rng,
+            checks,
+        )
 
         # Column (gather_output=False) -> vocab-parallel cross-entropy, never gathering the logits.
         targets = rng.integers(0, 7 * n_workers, size=5)
@@ -218,7 +298,9 @@ def main() -> int:
             losses[comm + " grads"] = head.grads()
         np.testing.assert_allclose(losses["mpi"], losses["local"], **TOL, err_msg="cross-entropy")
         for key in losses["local grads"]:
-            np.testing.assert_allclose(losses["mpi grads"][key], losses["local grads"][key], **TOL, err_msg=key)
+            np.testing.assert_allclose(
+                losses["mpi grads"][key], losses["local grads"][key], **TOL, err_msg=key
+            )
         checks.append(f"cross-entropy p={n_workers}")
     check_uneven(args, world, rng, checks)
     print(f"rank {rank}: {len(checks)} checks passed", flush=True)

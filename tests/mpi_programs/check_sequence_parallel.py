@@ -122,7 +122,9 @@ def main() -> None:
     rng = np.random.default_rng(1234)  # the same stream on every rank
     checks: list = []
     check_collectives(
-        TensorParallelConfig(n_workers=2 * comm.size, backend=args.backend, devices=args.devices, comm="mpi", dtype="float64"),
+        TensorParallelConfig(
+            n_workers=2 * comm.size, backend=args.backend, devices=args.devices, comm="mpi", dtype="float64"
+        ),
         rng,
         checks,
     )

@@ -9,7 +9,9 @@ import numpy as np
 
 from tp_gpu import RowParallelLinear, TensorParallelConfig, get_communicator
 
-config = TensorParallelConfig(n_workers=get_communicator("mpi").size, backend="numpy", comm="mpi", dtype="float64")
+config = TensorParallelConfig(
+    n_workers=get_communicator("mpi").size, backend="numpy", comm="mpi", dtype="float64"
+)
 layer = RowParallelLinear(4 * config.n_workers, 3, config, seed=0)
 if config.rank == 1:
     os.kill(os.getpid(), signal.SIGKILL)

@@ -10,7 +10,9 @@ from tp_gpu import ColumnParallelLinear, ConfigError, TensorParallelConfig, get_
 
 world = get_communicator("mpi")
 try:  # the config is only validated; the world size is checked when the first layer is built
-    ColumnParallelLinear(8, 4, TensorParallelConfig(n_workers=2 * world.size + 1, backend="numpy", comm="mpi", dtype="float64"))
+    ColumnParallelLinear(
+        8, 4, TensorParallelConfig(n_workers=2 * world.size + 1, backend="numpy", comm="mpi", dtype="float64")
+    )
 except ConfigError as exc:
     print(f"rank {world.rank}: n_workers ConfigError: {exc}", flush=True)
 else:
@@ -22,5 +24,5 @@ try:
     ColumnParallelLinear(8, 4 * config.n_workers, config, seed=seed)
 except ConfigError as exc:
     print(f"rank {config.rank}: seed ConfigError: {exc}", flush=True)
-    raise SystemExit(0)
+    raise SystemExit(0) from None
 raise SystemExit(f"rank {config.rank}: different seeds accepted")

@@ -19,7 +19,9 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--raising-rank", type=int, default=1)
 args = parser.parse_args()
 
-config = TensorParallelConfig(n_workers=get_communicator("mpi").size, backend="numpy", comm="mpi", dtype="float64")
+config = TensorParallelConfig(
+    n_workers=get_communicator("mpi").size, backend="numpy", comm="mpi", dtype="float64"
+)
 layer = RowParallelLinear(4 * config.n_workers, 3, config, seed=0)
 x = np.ones((2, 4 * config.n_workers))
 layer(x)
