@@ -140,13 +140,13 @@ class Dropout(ParallelModule):
     p : float in [0, 1]
         Probability of dropping an element. ``p = 1`` drops every element: the
         output is ``x * 0`` and the input gradient zeros (as ``torch.nn.Dropout(1.0)``).
+    config : TensorParallelConfig, optional
+        Where the dense activations live (the group's output device).
+    seed : int
 
     An input that does not hold real numbers (None, strings, complex numbers)
     raises :class:`~tp_gpu.errors.ShapeError` before the step advances, in
     training and in eval mode.
-    config : TensorParallelConfig, optional
-        Where the dense activations live (the group's output device).
-    seed : int
     """
 
     def __init__(
