@@ -14,7 +14,7 @@ import numpy as np
 
 from . import training_state
 from .checkpoint_io import PathLike, check_path, file_error, open_checked
-from .errors import CheckpointError, TensorParallelError, error_with_problems
+from .errors import SHOWN_PROBLEMS, CheckpointError, TensorParallelError, error_with_problems, short_list
 from .parameter import ShardedParameter
 
 #: ``format`` metadata value of every tp_gpu checkpoint.
@@ -128,12 +128,10 @@ def _prefix_hint(described: Mapping[str, Any], names: List[str]) -> str:
     )
 
 
-def name_list(names: List[str], shown: int = 5) -> str:
+def name_list(names: List[str]) -> str:
     """``names`` as a short text: ``N: ['a', 'b', ...] and N-5 more`` (the list itself when short)."""
-    names = list(names)
-    if len(names) <= shown:
-        return str(names)
-    return f"{len(names)}: {names[:shown]} and {len(names) - shown} more"
+    text = short_list(names)
+    return text if len(names) <= SHOWN_PROBLEMS else f"{len(names)}: {text}"
 
 
 def _dtype_problem(name: str, found: np.dtype, expected: np.dtype, dtype_cast: bool) -> Optional[str]:

@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "SHOWN_PROBLEMS",
     "summarize_problems",
+    "short_list",
     "error_with_problems",
 ]
 
@@ -59,6 +60,14 @@ def summarize_problems(problems: Sequence[str], shown: int = SHOWN_PROBLEMS) -> 
     if n > shown:
         text += f"; and {n - shown} more; all {n} are in the exception's .problems"
     return text
+
+
+def short_list(items: Sequence[str], shown: int = SHOWN_PROBLEMS) -> str:
+    """``items`` as ``['a', 'b', ...]``, or past ``shown`` items ``['a', ..., 'e'] and N more``."""
+    items = list(items)
+    if len(items) <= shown:
+        return str(items)
+    return f"{items[:shown]} and {len(items) - shown} more"
 
 
 def error_with_problems(cls: Type[E], head: str, problems: Iterable[str], tail: str = "") -> E:

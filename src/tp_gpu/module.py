@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Set
 
 import numpy as np
 
-from .errors import ShapeError, TensorParallelError, error_with_problems
+from .errors import ShapeError, TensorParallelError, error_with_problems, short_list
 from .parameter import ShardedParameter
 
 __all__ = ["Module", "Sequential", "ModuleDict", "IncompatibleKeys"]
@@ -177,13 +177,11 @@ class Module:
         if strict and (missing or unexpected):
             problems = [f"missing key {name!r}" for name in missing]
             problems += [f"unexpected key {key!r}" for key in unexpected]
-            expected = list(params)
-            shown = expected if len(expected) <= 5 else f"{expected[:5]} and {len(expected) - 5} more"
             raise error_with_problems(
                 ShapeError,
                 f"{what}: {len(missing)} missing and {len(unexpected)} unexpected keys",
                 problems,
-                f"; expected exactly {len(expected)} keys: {shown}",
+                f"; expected exactly {len(params)} keys: {short_list(list(params))}",
             )
         staged = [
             (p, p.stage(state_dict[name], f"{what}: {name!r}"))
