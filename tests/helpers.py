@@ -34,4 +34,19 @@ def _no_cupy() -> str:
 
 def to_host(layer, array) -> np.ndarray:
     """An output of ``layer`` as a host float64 NumPy array."""
-    return np.asarray(layer.backend.to_host(array), dtype=np.float64)
+    import tp_gpu
+
+    return np.asarray(tp_gpu.to_numpy(array), dtype=np.float64)
+
+
+def forward_backward(module, x, grad, *args, **kwargs):
+    """``(y, dx)``: ``module``'s output for ``x`` and, after ``y.backward(grad)``, the gradient of ``x``.
+
+    ``x`` may be an array (made a leaf that requires grad) or a Tensor (a ShardedTensor, say), marked so.
+    """
+    import tp_gpu
+
+    leaf = x.requires_grad_() if isinstance(x, tp_gpu.Tensor) else tp_gpu.tensor(x, requires_grad=True)
+    y = module(leaf, *args, **kwargs)
+    y.backward(grad)
+    return y, leaf.grad

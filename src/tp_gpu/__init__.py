@@ -3,6 +3,7 @@
 Importing tp_gpu never imports CuPy; the backend is chosen when a layer is built.
 """
 
+from .autograd import Function, FunctionContext, enable_grad, is_grad_enabled, no_grad
 from .backends import get_backend
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .comm import get_communicator
@@ -31,11 +32,19 @@ from .optim import SGD, Adam, Optimizer, clip_grad_norm
 from .parameter import ShardedParameter
 from .placement import worker_devices
 from .sharded import ShardedTensor
+from .tensor import Tensor, tensor
 from .torch_interop import from_torch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Tensor",
+    "tensor",
+    "Function",
+    "FunctionContext",
+    "no_grad",
+    "enable_grad",
+    "is_grad_enabled",
     "TensorParallelConfig",
     "TensorParallelGroup",
     "get_group",

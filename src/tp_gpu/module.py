@@ -5,20 +5,39 @@ Submodules and parameters register by attribute assignment
 and are named with dots (``"fc1.weight"``). A parameter reachable by two
 names (tied weights) is listed once, under its first name.
 
-There is no autograd: each module's ``backward(grad_output)`` takes the
-gradient of its output and returns that of its input, accumulating its
-parameters' gradients. ``forward`` in training mode keeps what ``backward``
-needs; ``eval()`` turns that off and drops what was kept.
+A module writes only ``forward``: the functions it calls record themselves
+on the tape (:mod:`tp_gpu.autograd`), and ``loss.backward()`` accumulates
+every parameter's gradient. A module called several times in one step gets
+the sum of its gradients. ``train()`` / ``eval()`` switch what depends on
+the mode (dropout); ``with tp_gpu.no_grad():`` is what keeps no activation.
+A module knows its group (:attr:`Module.group`): that of its tensor-parallel
+layers, so a composite declares no backend or devices of its own.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Set, Tuple
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    Hashable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+)
 
 import numpy as np
 
 from .errors import ShapeError, TensorParallelError, error_with_problems, short_list
 from .parameter import ShardedParameter
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
+    from .group import TensorParallelGroup
 
 __all__ = ["Module", "Sequential", "ModuleDict", "IncompatibleKeys"]
 
@@ -36,13 +55,11 @@ class Module:
     training: bool
     _modules: Dict[str, Module]
     _parameters: Dict[str, ShardedParameter]
-    _saved: Optional[Dict[str, Any]]
 
     def __init__(self) -> None:
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "_parameters", {})
         object.__setattr__(self, "training", True)
-        object.__setattr__(self, "_saved", None)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if "_modules" not in self.__dict__:
@@ -108,16 +125,45 @@ class Module:
     # ------------------------------------------------------------------ modes and gradients
 
     def train(self, mode: bool = True) -> Module:
-        """Keep (``True``) or drop (``False``) what ``backward`` needs, in every module of the tree."""
+        """Set training (``True``: dropout active) or evaluation mode in every module of the tree."""
         for _, module in self.named_modules():
             object.__setattr__(module, "training", bool(mode))
-            if not mode:
-                object.__setattr__(module, "_saved", None)
         return self
 
     def eval(self) -> Module:
-        """Inference mode: ``forward`` keeps nothing for ``backward``."""
+        """Evaluation mode (dropout off); pair it with ``tp_gpu.no_grad()`` to keep no activation."""
         return self.train(False)
+
+    # ------------------------------------------------------------------ where it runs
+
+    @property
+    def group(self) -> TensorParallelGroup:
+        """The devices, backend and communicator this module runs on: its own (a tensor-parallel
+        layer's) or else its first submodule's that has one."""
+        own = self.__dict__.get("_group")
+        if own is not None:
+            return own  # type: ignore[no-any-return]
+        for child in self._modules.values():
+            try:
+                return child.group
+            except TensorParallelError:
+                continue
+        raise TensorParallelError(f"{type(self).__name__} has no tensor-parallel layer, so no group")
+
+    @property
+    def backend(self) -> Backend:
+        """The backend that owns this module's arrays."""
+        return self.group.backend
+
+    @property
+    def output_device(self) -> Hashable:
+        """Where gathered and reduced outputs land."""
+        return self.group.output_device
+
+    @property
+    def n_workers(self) -> int:
+        """Number of tensor-parallel workers."""
+        return self.group.n_workers
 
     def zero_grad(self) -> None:
         """Reset the accumulated gradients of every parameter."""
@@ -127,21 +173,6 @@ class Module:
     def grads(self) -> Dict[str, np.ndarray]:
         """The accumulated gradients as dense host arrays, keyed like the state dict."""
         return {name: p.full_grad() for name, p in self.named_parameters()}
-
-    def _keep(self, saved: Optional[Dict[str, Any]]) -> None:
-        """Keep ``saved`` for ``backward`` in training mode; keep nothing in eval mode."""
-        object.__setattr__(self, "_saved", saved if self.training else None)
-
-    def _take_saved(self) -> Dict[str, Any]:
-        """What the last training-mode ``forward`` kept, consumed: a second ``backward`` raises."""
-        saved = self._saved
-        if saved is None:
-            raise TensorParallelError(
-                f"{type(self).__name__}.backward called without a preceding forward in training mode "
-                "(or twice after one forward); call forward (with module.training True) first"
-            )
-        object.__setattr__(self, "_saved", None)
-        return saved
 
     # ------------------------------------------------------------------ state dicts
 
@@ -195,13 +226,8 @@ class Module:
     # ------------------------------------------------------------------ calling
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The module's output; in training mode it keeps what :meth:`backward` needs."""
+        """The module's output (its gradient comes from the tape: ``loss.backward()``)."""
         raise NotImplementedError(f"{type(self).__name__} has no forward")
-
-    def backward(self, grad_output: Any) -> Any:
-        """Accumulate the parameters' gradients from ``grad_output`` (the gradient of the output
-        of the last ``forward``) and return the gradient of its input."""
-        raise NotImplementedError(f"{type(self).__name__} has no backward")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
@@ -217,7 +243,7 @@ class Module:
 
 
 class Sequential(Module):
-    """Modules applied in order: ``forward`` feeds each output to the next, ``backward`` runs them in reverse.
+    """Modules applied in order: ``forward`` feeds each output to the next.
 
     Submodules are named ``"0"``, ``"1"``, ... as in ``torch.nn.Sequential``.
     """
@@ -241,11 +267,6 @@ class Sequential(Module):
         for module in self._modules.values():
             x = module(x)
         return x
-
-    def backward(self, grad_output: Any) -> Any:
-        for module in reversed(list(self._modules.values())):
-            grad_output = module.backward(grad_output)
-        return grad_output
 
 
 class ModuleDict(Module):

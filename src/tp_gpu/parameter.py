@@ -12,15 +12,18 @@ array, on the host.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Dict, Hashable, List, Optional, Tuple
 
 import numpy as np
 
 from . import collectives
-from .backends.base import as_array
+from .backends.base import Backend, as_array
 from .comm.base import Communicator, LocalComm
 from .errors import ShapeError
 from .partition import BlockLayout
+from .placements import Dense, Partial, Placement, Split
+from .tensor import Tensor, new_tensor
 
 __all__ = ["ShardedParameter"]
 
@@ -29,8 +32,11 @@ def _along(axis: int, index: slice) -> Tuple[slice, ...]:
     return (slice(None),) * axis + (index,)
 
 
-class ShardedParameter:
+class ShardedParameter(Tensor):
     """A logical parameter of shape ``shape``, split along ``axis`` (or whole) over devices.
+
+    A leaf :class:`~tp_gpu.Tensor` that requires grad: layers pass it to their
+    functions, and ``backward`` accumulates its gradient in ``grad_blocks``.
 
     Parameters
     ----------
@@ -55,7 +61,7 @@ class ShardedParameter:
         self,
         name: str,
         full: np.ndarray,
-        backend: Any,
+        backend: Backend,
         dtype: Any,
         layout: Optional[BlockLayout] = None,
         axis: Optional[int] = None,
@@ -63,15 +69,14 @@ class ShardedParameter:
         comm: Optional[Communicator] = None,
     ) -> None:
         self.name = name
-        self.comm: Communicator = LocalComm() if comm is None else comm
         self.axis = axis
         self.layout = layout
-        self.backend = backend
-        self.dtype = np.dtype(dtype)
-        self.shape: Tuple[int, ...] = tuple(full.shape)
         self.block_devices: List[Hashable] = [device] if layout is None else list(layout.groups)
-        self.blocks: Dict[Hashable, Any] = self._place(np.array(full))  # a copy: never the caller's array
+        placement: Placement = Dense(device) if layout is None or axis is None else Split(axis, layout)
+        Tensor.__init__(self, {}, placement, tuple(full.shape), dtype, backend, comm or LocalComm(), True)
+        self.blocks = self._place(np.array(full))  # a copy: never the caller's array
         self.grad_blocks: Dict[Hashable, Optional[Any]] = dict.fromkeys(self.blocks)
+        self._grad_lock = threading.Lock()
 
     def _place(self, full: Any, dtype: Any = None) -> Dict[Hashable, Any]:
         """Each device's block of the logical value ``full`` (host or device array), on its device,
@@ -129,8 +134,49 @@ class ShardedParameter:
 
     def accumulate_blocks(self, grads: Dict[Hashable, Any]) -> None:
         """Add each device's gradient block ``grads[d]`` (on ``d``) to the gradient."""
-        for device, grad in grads.items():
-            self.accumulate(device, grad)
+        with self._grad_lock:
+            for device, grad in grads.items():
+                self.accumulate(device, grad)
+
+    def accumulate_grad(self, grad: Tensor) -> None:
+        """Add a gradient from the tape: placed like the parameter (``Partial`` parts summed first)."""
+        if isinstance(grad.placement, Partial):
+            device = self.block_devices[0]
+            grad = new_tensor(
+                {device: collectives.reduce_sum(self.backend, dict(grad.blocks), device, None)},  # type: ignore[arg-type]
+                Dense(device),
+                grad.shape,
+                grad.dtype,
+                grad.backend,
+            )
+        if isinstance(self.placement, Dense) and list(grad.blocks) != self.block_devices:
+            (block,) = grad.blocks.values()
+            grad = new_tensor(
+                {self.block_devices[0]: self.backend.asarray(block, self.dtype, self.block_devices[0])},  # type: ignore[union-attr]
+                self.placement,
+                grad.shape,
+                self.dtype,
+                self.backend,
+            )
+        self.accumulate_blocks(grad.blocks)
+
+    @property  # type: ignore[override]
+    def grad(self) -> Optional[Tensor]:
+        """The accumulated gradient as a Tensor placed like the parameter (None before any backward)."""
+        if self.__dict__.get("grad_blocks") is None or all(g is None for g in self.grad_blocks.values()):
+            return None
+        blocks = {
+            d: self.backend.xp.zeros(self.blocks[d].shape, self.dtype) if g is None else g  # type: ignore[union-attr]
+            for d, g in self.grad_blocks.items()
+        }
+        return new_tensor(blocks, self.placement, self.shape, self.dtype, self.backend, self.comm)
+
+    @grad.setter
+    def grad(self, value: Optional[Tensor]) -> None:
+        if value is not None:
+            raise ShapeError("a parameter's gradient is accumulated by backward; set it to None to forget it")
+        if "grad_blocks" in self.__dict__:
+            self.zero_grad()
 
     def zero_grad(self) -> None:
         """Forget the accumulated gradients."""

@@ -1,32 +1,37 @@
-"""The communication regions of Megatron's tensor parallelism, each forward beside its backward twin.
+"""The communication regions of Megatron's tensor parallelism, as tape functions that change a placement.
 
-A layer enters and leaves a tensor-parallel region through one of four
-conjugate pairs (Shoeybi et al., 2019; the names are Megatron-core's):
+A layer enters and leaves a tensor-parallel region through conjugate pairs
+(Shoeybi et al., 2019; the names are Megatron-core's). Each is a
+:class:`~tp_gpu.Function` from one placement (:mod:`tp_gpu.placements`) to
+another, its backward the conjugate move:
 
-==============================================  =======================  ==========================
-region                                          forward                  backward
-==============================================  =======================  ==========================
-``copy_to_region``                              copy X to every device   sum the partial dX
-``reduce_from_region``                          sum the partial Y        copy dY to every device
-``scatter_to_region``                           split X by columns       gather dX
-``gather_from_region``                          gather Y                 split dY by columns
-``gather_from_sequence_parallel_region``        all-gather X's rows      reduce-scatter partial dX
-``reduce_scatter_to_sequence_parallel_region``  reduce-scatter partial   all-gather dY's rows
-                                                Y into rows
-``scatter_to_sequence_parallel_region``         split X by rows          gather dX
-==============================================  =======================  ==========================
+==============================================  ==================================  ==========================
+region                                          forward                             backward
+==============================================  ==================================  ==========================
+``copy_to_region``                              ``Dense`` -> ``Replicated``         sum the ``Partial`` dX
+``reduce_from_region``                          ``Partial`` -> ``Dense`` (sum)      copy dY to every device
+``scatter_to_region``                           ``Dense`` -> ``Split(axis)``        gather dX
+``gather_from_region``                          ``Split(axis)`` -> ``Dense``        split dY
+``gather_from_sequence_parallel_region``        ``Split(S)`` -> ``Replicated``      reduce-scatter the
+                                                (all-gather)                        ``Partial`` dX
+``reduce_scatter_to_sequence_parallel_region``  ``Partial`` -> ``Split(S)``         all-gather dY
+``scatter_to_sequence_parallel_region``         ``Dense`` -> ``Split(S)``           gather dX
+==============================================  ==================================  ==========================
 
-Inside a region each device holds one *block* (``{device: array}``): its
-workers' slices side by side. Column-parallel then row-parallel needs no
-region in between: that is the point of the scheme.
+``Dense`` is whole on the group's output device; ``Split(S)`` is split along
+the sequence axis (-2 of ``(B, S, H)``). Inside a region each device holds
+one block: its workers' slices side by side. Column-parallel then
+row-parallel needs no region in between: that is the point of the scheme.
 
 With sequence parallelism (Korthikanti et al., 2022) the activations between
-the tensor-parallel regions are split along the sequence axis (axis -2 of
-``(B, S, H)``; "rows" above), one slice per worker, and the all-reduce of the
-row-parallel layer becomes a reduce-scatter into those slices, with the
-all-gather moved in front of the next column-parallel layer. Each moves half
-of what an all-reduce moves, so the communication volume is unchanged while
-LayerNorm, dropout and the residuals hold ``1/p`` of the activations.
+the regions are ``Split(S)``, the all-reduce of the row-parallel layer becomes
+a reduce-scatter into those slices, and the all-gather moves in front of the
+next column-parallel layer. Each moves half of what an all-reduce moves, so
+the communication volume is unchanged while LayerNorm, dropout and the
+residuals hold ``1/p`` of the activations. A layer does not ask which
+placement its input has: :func:`replicate` and :func:`split` pick the region
+for it, and the all-gather's output remembers its slices, so a consumer that
+saves it for backward keeps ``1/p`` of it and gathers again there.
 
 Every region takes the layers' :class:`~tp_gpu.group.TensorParallelGroup`
 and moves arrays only through :mod:`tp_gpu.collectives`.
@@ -34,12 +39,17 @@ and moves arrays only through :mod:`tp_gpu.collectives`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Tuple
+
+import numpy as np
 
 from . import collectives
-from .collectives import Blocks
+from .autograd import Context, Function, is_grad_enabled
+from .errors import ShapeError
 from .group import TensorParallelGroup
 from .partition import BlockLayout
+from .placements import Dense, Partial, Replicated, Split
+from .tensor import Blocks, Tensor, new_tensor, tensor
 
 __all__ = [
     "Blocks",
@@ -51,71 +61,13 @@ __all__ = [
     "gather_from_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
+    "replicate",
+    "split",
     "sequence_layout",
 ]
 
 #: The sequence axis of activations, ``(B, S, H)`` or ``(S, H)``.
 SEQUENCE_AXIS = -2
-
-
-class _CopyToRegion:
-    """Forward: ``X`` copied once to each device. Backward: ``dX = sum_d dX_d`` on the output device."""
-
-    @staticmethod
-    def forward(group: TensorParallelGroup, x: Any, dtype: Any) -> Blocks:
-        return collectives.broadcast(group.backend, x, group.devices, dtype)
-
-    @staticmethod
-    def backward(group: TensorParallelGroup, partials: Blocks) -> Any:
-        return collectives.reduce_sum(group.backend, partials, group.output_device, group.comm)
-
-
-class _ReduceFromRegion:
-    """Forward: ``Y = sum_d Y_d`` on the output device. Backward: ``dY`` copied to each device."""
-
-    @staticmethod
-    def forward(group: TensorParallelGroup, partials: Blocks) -> Any:
-        return collectives.reduce_sum(group.backend, partials, group.output_device, group.comm)
-
-    @staticmethod
-    def backward(group: TensorParallelGroup, grad: Any, dtype: Any, also: Sequence[Any] = ()) -> Blocks:
-        """``dY`` on every worker's device, and on the devices ``also`` (the output device for a bias)."""
-        return collectives.broadcast(group.backend, grad, [*group.devices, *also], dtype)
-
-
-class _ScatterToRegion:
-    """Forward: ``X`` split along ``axis`` into each device's block. Backward: the blocks of ``dX``
-    gathered."""
-
-    @staticmethod
-    def forward(
-        group: TensorParallelGroup, x: Any, layout: BlockLayout, dtype: Any, axis: int = -1
-    ) -> Blocks:
-        return collectives.scatter_blocks(group.backend, x, axis, layout, dtype)
-
-    @staticmethod
-    def backward(group: TensorParallelGroup, grads: Blocks, layout: BlockLayout, axis: int = -1) -> Any:
-        return collectives.gather_blocks(group.backend, grads, axis, layout, group.output_device, group.comm)
-
-
-class _GatherFromRegion:
-    """Forward: the blocks of ``Y`` gathered on the output device. Backward: ``dY`` split into blocks."""
-
-    @staticmethod
-    def forward(group: TensorParallelGroup, blocks: Blocks, layout: BlockLayout, axis: int = -1) -> Any:
-        return collectives.gather_blocks(group.backend, blocks, axis, layout, group.output_device, group.comm)
-
-    @staticmethod
-    def backward(
-        group: TensorParallelGroup, grad: Any, layout: BlockLayout, dtype: Any, axis: int = -1
-    ) -> Blocks:
-        return collectives.scatter_blocks(group.backend, grad, axis, layout, dtype)
-
-
-copy_to_region = _CopyToRegion()
-reduce_from_region = _ReduceFromRegion()
-scatter_to_region = _ScatterToRegion()
-gather_from_region = _GatherFromRegion()
 
 
 def sequence_layout(group: TensorParallelGroup, seq: int) -> BlockLayout:
@@ -124,51 +76,298 @@ def sequence_layout(group: TensorParallelGroup, seq: int) -> BlockLayout:
     return group.split(seq, what="sequence length")
 
 
-class _GatherFromSequenceParallelRegion:
-    """Forward: ``X = concat_w X_w`` along the sequence, whole on every device (all-gather).
-    Backward: each device's partial ``dX_d`` (a column layer's ``dY_d A_d^T``) summed and split:
-    device ``d`` gets its slices of ``sum_e dX_e`` (reduce-scatter)."""
+def _devices(group: TensorParallelGroup) -> Tuple[Any, ...]:
+    return tuple(dict.fromkeys(group.devices))
+
+
+def _dense_value(x: Any) -> Any:
+    """The one block of a Dense tensor, or a raw array as it is."""
+    return next(iter(x.blocks.values())) if isinstance(x, Tensor) else x
+
+
+class _RegionContext(Context):
+    __slots__ = ("group", "layout", "axis", "placement", "dtype")
+
+
+def _dense(group: TensorParallelGroup, array: Any, shape: Tuple[int, ...]) -> Tensor:
+    out = group.output_device
+    return new_tensor({out: array}, Dense(out), shape, array.dtype, group.backend, group.comm)
+
+
+class CopyToRegion(Function):
+    """``Dense X -> Replicated``: ``X`` copied once to each device. Backward: ``dX = sum_d dX_d``."""
+
+    ctx_class = _RegionContext
+
+    @staticmethod
+    def forward(ctx: _RegionContext, x: Any, group: TensorParallelGroup, dtype: Any) -> Tensor:
+        ctx.group = group
+        devices = _devices(group)
+        blocks = collectives.broadcast(group.backend, _dense_value(x), devices, dtype)
+        return new_tensor(blocks, Replicated(devices), tuple(x.shape), dtype, group.backend, group.comm)
+
+    @staticmethod
+    def backward(ctx: _RegionContext, grad: Tensor) -> Tuple[Tensor, None, None]:
+        group = ctx.group
+        total = collectives.reduce_sum(group.backend, dict(grad.blocks), group.output_device, group.comm)
+        return _dense(group, total, grad.shape), None, None
+
+
+class ReduceFromRegion(Function):
+    """``Partial -> Dense``: ``Y = sum_d Y_d`` on the output device (all-reduce). Backward: ``dY`` to
+    every device (``Replicated``)."""
+
+    ctx_class = _RegionContext
+
+    @staticmethod
+    def forward(ctx: _RegionContext, x: Tensor, group: TensorParallelGroup) -> Tensor:
+        ctx.group, ctx.placement = group, x.placement
+        total = collectives.reduce_sum(group.backend, dict(x.blocks), group.output_device, group.comm)
+        return _dense(group, total, x.shape)
+
+    @staticmethod
+    def backward(ctx: _RegionContext, grad: Tensor) -> Tuple[Tensor, None]:
+        group, devices = ctx.group, ctx.placement.devices
+        blocks = collectives.broadcast(group.backend, _dense_value(grad), devices, grad.dtype)
+        return new_tensor(
+            blocks, Replicated(devices), grad.shape, grad.dtype, group.backend, group.comm
+        ), None
+
+
+class ScatterToRegion(Function):
+    """``Dense X -> Split(axis)``: each device receives its workers' slices. Backward: the blocks of
+    ``dX`` gathered on the output device."""
+
+    ctx_class = _RegionContext
 
     @staticmethod
     def forward(
-        group: TensorParallelGroup, blocks: Blocks, layout: BlockLayout, axis: int = SEQUENCE_AXIS
-    ) -> Blocks:
-        return collectives.all_gather_blocks(group.backend, blocks, axis, layout, group.comm)
+        ctx: _RegionContext, x: Any, group: TensorParallelGroup, layout: BlockLayout, axis: int, dtype: Any
+    ) -> Tensor:
+        array = _dense_value(x)
+        ctx.group, ctx.layout, ctx.axis = group, layout, axis % array.ndim
+        blocks = collectives.scatter_blocks(group.backend, array, ctx.axis, layout, dtype)
+        return new_tensor(
+            blocks, Split(ctx.axis, layout), tuple(array.shape), dtype, group.backend, group.comm
+        )
 
     @staticmethod
-    def backward(
-        group: TensorParallelGroup, partials: Blocks, layout: BlockLayout, axis: int = SEQUENCE_AXIS
-    ) -> Blocks:
-        return collectives.reduce_scatter_blocks(group.backend, partials, axis, layout, group.comm)
+    def backward(ctx: _RegionContext, grad: Tensor) -> Tuple[Tensor, None, None, None, None]:
+        group = ctx.group
+        dx = collectives.gather_blocks(
+            group.backend, grad.blocks, ctx.axis, ctx.layout, group.output_device, group.comm
+        )
+        return _dense(group, dx, grad.shape), None, None, None, None
 
 
-class _ReduceScatterToSequenceParallelRegion:
-    """Forward: each device's partial ``Y_d`` (a row layer's ``X_d A_d``) summed and split along the
-    sequence: device ``d`` gets its slices of ``sum_e Y_e`` (reduce-scatter). Backward: the
-    slices of ``dY`` all-gathered, whole on every device. The conjugate of the all-gather region:
-    its forward is that region's backward, and the other way round."""
+class GatherFromRegion(Function):
+    """``Split(axis) -> Dense``: the blocks gathered on the output device. Backward: ``dY`` split again."""
 
-    forward = staticmethod(_GatherFromSequenceParallelRegion.backward)
-    backward = staticmethod(_GatherFromSequenceParallelRegion.forward)
-
-
-class _ScatterToSequenceParallelRegion:
-    """Forward: a dense ``X`` split along the sequence, each device receiving only its slices.
-    Backward: the slices of ``dX`` gathered into one dense array on the output device."""
+    ctx_class = _RegionContext
 
     @staticmethod
-    def forward(
-        group: TensorParallelGroup, x: Any, layout: BlockLayout, dtype: Any, axis: int = SEQUENCE_AXIS
-    ) -> Blocks:
-        return collectives.scatter_blocks(group.backend, x, axis, layout, dtype)
+    def forward(ctx: _RegionContext, x: Tensor, group: TensorParallelGroup) -> Tensor:
+        placement = x.placement
+        assert isinstance(placement, Split)
+        ctx.group, ctx.placement = group, placement
+        y = collectives.gather_blocks(
+            group.backend, x.blocks, placement.axis, placement.layout, group.output_device, group.comm
+        )
+        return _dense(group, y, x.shape)
 
     @staticmethod
-    def backward(
-        group: TensorParallelGroup, grads: Blocks, layout: BlockLayout, axis: int = SEQUENCE_AXIS
-    ) -> Any:
-        return collectives.gather_blocks(group.backend, grads, axis, layout, group.output_device, group.comm)
+    def backward(ctx: _RegionContext, grad: Tensor) -> Tuple[Tensor, None]:
+        p, group = ctx.placement, ctx.group
+        blocks = collectives.scatter_blocks(group.backend, _dense_value(grad), p.axis, p.layout, grad.dtype)
+        return new_tensor(blocks, p, grad.shape, grad.dtype, group.backend, group.comm), None
 
 
-gather_from_sequence_parallel_region = _GatherFromSequenceParallelRegion()
-reduce_scatter_to_sequence_parallel_region = _ReduceScatterToSequenceParallelRegion()
-scatter_to_sequence_parallel_region = _ScatterToSequenceParallelRegion()
+class Relayout(Function):
+    """``Split -> Split`` with the same sizes on other devices (or block capacities): each worker's slice
+    moved. Backward: the slices of ``dX`` moved back."""
+
+    ctx_class = _RegionContext
+
+    @staticmethod
+    def forward(ctx: _RegionContext, x: Tensor, layout: BlockLayout, dtype: Any) -> Tensor:
+        ctx.placement, ctx.dtype = x.placement, x.dtype
+        blocks = x.blocks_for(layout, dtype, None, "input", x.placement.axis)  # type: ignore[attr-defined]
+        assert x.backend is not None
+        return new_tensor(blocks, Split(x.placement.axis, layout), x.shape, dtype, x.backend, x.comm)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def backward(ctx: _RegionContext, grad: Tensor) -> Tuple[Tensor, None, None]:
+        p = ctx.placement
+        blocks = grad.blocks_for(p.layout, ctx.dtype, None, "gradient", p.axis)  # type: ignore[attr-defined]
+        assert grad.backend is not None
+        return new_tensor(blocks, p, grad.shape, ctx.dtype, grad.backend, grad.comm), None, None
+
+
+class GatherFromSequenceParallelRegion(Function):
+    """``Split(S) -> Replicated``: ``X = concat_w X_w`` whole on every device (all-gather). Backward:
+    each device's partial ``dX_d`` (a column layer's ``dY_d A_d^T``) summed and split: device ``d``
+    gets its slices of ``sum_e dX_e`` (reduce-scatter)."""
+
+    ctx_class = _RegionContext
+
+    @staticmethod
+    def forward(ctx: _RegionContext, x: Tensor, group: TensorParallelGroup, keep_slices: bool) -> Tensor:
+        p = x.placement
+        assert isinstance(p, Split)
+        ctx.group, ctx.placement = group, p
+        backend, comm, devices = group.backend, group.comm, tuple(p.layout.groups)
+        slices = x.blocks
+
+        def gather() -> Tensor:
+            blocks = collectives.all_gather_blocks(backend, slices, p.axis, p.layout, comm)
+            return new_tensor(blocks, Replicated(devices), x.shape, x.dtype, backend, comm)
+
+        out = gather()
+        if keep_slices:
+            out.recompute = gather
+        return out
+
+    @staticmethod
+    def backward(ctx: _RegionContext, grad: Tensor) -> Tuple[Tensor, None, None]:
+        p, group = ctx.placement, ctx.group
+        blocks = collectives.reduce_scatter_blocks(
+            group.backend, dict(grad.blocks), p.axis, p.layout, group.comm
+        )
+        return new_tensor(blocks, p, grad.shape, grad.dtype, group.backend, group.comm), None, None
+
+
+class ReduceScatterToSequenceParallelRegion(Function):
+    """``Partial -> Split(S)``: each device's partial ``Y_d`` summed and split along the sequence
+    (reduce-scatter). Backward: the slices of ``dY`` all-gathered, whole on every device."""
+
+    ctx_class = _RegionContext
+
+    @staticmethod
+    def forward(ctx: _RegionContext, x: Tensor, group: TensorParallelGroup) -> Tensor:
+        if x.ndim < 2:
+            raise ShapeError(f"a sequence-parallel reduce-scatter needs a sequence axis, got shape {x.shape}")
+        axis = x.ndim + SEQUENCE_AXIS
+        layout = sequence_layout(group, x.shape[axis])
+        ctx.group, ctx.placement = group, x.placement
+        ctx.layout, ctx.axis = layout, axis
+        blocks = collectives.reduce_scatter_blocks(group.backend, dict(x.blocks), axis, layout, group.comm)
+        return new_tensor(blocks, Split(axis, layout), x.shape, x.dtype, group.backend, group.comm)
+
+    @staticmethod
+    def backward(ctx: _RegionContext, grad: Tensor) -> Tuple[Tensor, None]:
+        group = ctx.group
+        blocks = collectives.all_gather_blocks(group.backend, grad.blocks, ctx.axis, ctx.layout, group.comm)
+        devices = ctx.placement.devices
+        return new_tensor(
+            blocks, Replicated(devices), grad.shape, grad.dtype, group.backend, group.comm
+        ), None
+
+
+# ---------------------------------------------------------------------- what layers call
+
+
+def _as_input(x: Any, what: str) -> Tensor:
+    """A Tensor as it is; a raw array (NumPy, CuPy, DLPack, nested lists) as a Dense constant."""
+    return x if isinstance(x, Tensor) else tensor(x)
+
+
+def copy_to_region(x: Any, group: TensorParallelGroup, dtype: Any = None) -> Tensor:
+    """``Dense X`` copied once to each of ``group``'s devices, as ``dtype`` (default ``X``'s)."""
+    x = _as_input(x, "copy_to_region")
+    return CopyToRegion.apply(x, group, np.dtype(x.dtype if dtype is None else dtype))  # type: ignore[no-any-return]
+
+
+def reduce_from_region(x: Tensor, group: TensorParallelGroup) -> Tensor:
+    """``Partial`` sums added (over every process too) on the output device."""
+    _expect(x, Partial, "reduce_from_region")
+    return ReduceFromRegion.apply(x, group)  # type: ignore[no-any-return]
+
+
+def scatter_to_region(
+    x: Any, group: TensorParallelGroup, layout: BlockLayout, dtype: Any = None, axis: int = -1
+) -> Tensor:
+    """``X`` split along ``axis`` as ``layout`` says: a Dense ``X`` is scattered."""
+    x = _as_input(x, "scatter_to_region")
+    return ScatterToRegion.apply(x, group, layout, axis, np.dtype(x.dtype if dtype is None else dtype))  # type: ignore[no-any-return]
+
+
+def gather_from_region(x: Tensor, group: TensorParallelGroup) -> Tensor:
+    """A ``Split`` tensor gathered, whole, on the output device."""
+    _expect(x, Split, "gather_from_region")
+    return GatherFromRegion.apply(x, group)  # type: ignore[no-any-return]
+
+
+def gather_from_sequence_parallel_region(x: Tensor, group: TensorParallelGroup) -> Tensor:
+    """A sequence-split tensor all-gathered, whole on every device; a consumer that saves the result
+    for backward keeps only the slices (see :meth:`tp_gpu.autograd.Context.save_for_backward`)."""
+    _expect(x, Split, "gather_from_sequence_parallel_region")
+    return GatherFromSequenceParallelRegion.apply(x, group, is_grad_enabled())  # type: ignore[no-any-return]
+
+
+def reduce_scatter_to_sequence_parallel_region(x: Tensor, group: TensorParallelGroup) -> Tensor:
+    """``Partial`` sums added and split along the sequence axis (-2) over the workers."""
+    _expect(x, Partial, "reduce_scatter_to_sequence_parallel_region")
+    return ReduceScatterToSequenceParallelRegion.apply(x, group)  # type: ignore[no-any-return]
+
+
+def scatter_to_sequence_parallel_region(x: Any, group: TensorParallelGroup, dtype: Any = None) -> Tensor:
+    """``X`` ``(..., S, H)`` split along the sequence: a Dense ``X`` scattered, a sequence-split one
+    moved to the group's layout if it lies elsewhere."""
+    x = _as_input(x, "scatter_to_sequence_parallel_region")
+    if x.ndim < 2:
+        raise ShapeError(f"sequence parallelism needs a sequence axis: shape (..., S, H), got {x.shape}")
+    return split(x, group, sequence_layout(group, x.shape[SEQUENCE_AXIS]), dtype, SEQUENCE_AXIS)
+
+
+def _expect(x: Any, placement: type, what: str) -> None:
+    if not isinstance(x, Tensor) or not isinstance(x.placement, placement):
+        got = x.placement if isinstance(x, Tensor) else type(x).__name__
+        raise ShapeError(f"{what} takes a {placement.__name__} tensor, got {got!r}")
+
+
+def replicate(x: Any, group: TensorParallelGroup, dtype: Any, what: str = "input") -> Tensor:
+    """``X`` whole on every device of ``group``, as ``dtype``: what a column-parallel layer multiplies.
+
+    A Dense ``X`` (or raw array) is copied (:func:`copy_to_region`); a
+    sequence-split one is all-gathered
+    (:func:`gather_from_sequence_parallel_region`). Any other placement is a ShapeError.
+    """
+    x = _as_input(x, what)
+    p = x.placement
+    if isinstance(p, Dense):
+        return copy_to_region(x, group, dtype)
+    if isinstance(p, Replicated) and p.devices == _devices(group) and x.dtype == dtype:
+        return x
+    if isinstance(p, Split) and x.ndim >= 2 and p.axis == x.ndim + SEQUENCE_AXIS:
+        x = split(x, group, sequence_layout(group, x.shape[p.axis]), dtype, SEQUENCE_AXIS, what)
+        return gather_from_sequence_parallel_region(x, group)
+    raise ShapeError(
+        f"{what} is placed {p!r} (shape {x.shape}); expected a Dense tensor or one split along the "
+        f"sequence (axis {x.ndim + SEQUENCE_AXIS})"
+    )
+
+
+def split(
+    x: Any,
+    group: TensorParallelGroup,
+    layout: BlockLayout,
+    dtype: Any = None,
+    axis: int = -1,
+    what: str = "input",
+) -> Tensor:
+    """``X`` split along ``axis`` as ``layout`` says: a Dense ``X`` scattered
+    (:func:`scatter_to_region`), a split one used as it lies (moved where ``layout``'s devices differ).
+    A tensor split otherwise is a ShapeError naming both splits."""
+    x = _as_input(x, what)
+    p = x.placement
+    dtype = np.dtype(x.dtype if dtype is None else dtype)
+    if isinstance(p, Dense):
+        return scatter_to_region(x, group, layout, dtype, axis)
+    if isinstance(p, Split) and p.axis == axis % x.ndim and p.layout.sizes == layout.sizes:
+        if p.layout == layout and x.dtype == dtype:
+            return x
+        return Relayout.apply(x, layout, dtype)  # type: ignore[no-any-return]
+    raise ShapeError(
+        f"{what} of shape {x.shape} is placed {p!r}; expected it Dense or split on axis "
+        f"{axis % x.ndim} with sizes {layout.sizes}"
+    )

@@ -1,4 +1,4 @@
-"""ShardedTensor: a logical array kept as per-worker shards split along one axis."""
+"""ShardedTensor: a :class:`~tp_gpu.Tensor` split along one axis, built from per-worker shards."""
 
 from __future__ import annotations
 
@@ -6,17 +6,21 @@ import numbers
 from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
 from . import collectives
-from .backends.base import from_dlpack, is_dlpack_array
+from .backends.base import Backend, from_dlpack, is_dlpack_array
 from .collectives import Blocks
-from .comm import Communicator, LocalComm
+from .comm import Communicator
+from .comm.base import LocalComm
 from .errors import ShapeError
 from .partition import BlockLayout
+from .placements import Split
+from .tensor import SPLIT_CLASS, Tensor
 
 __all__ = ["ShardedTensor"]
 
 
-class ShardedTensor:
-    """A logical array ``concatenate(shards, axis)`` that is never materialised.
+class ShardedTensor(Tensor):
+    """A logical array ``concatenate(shards, axis)`` that is never materialised: a Tensor placed
+    ``Split(axis, layout)``.
 
     Worker ``i``'s shard lives on ``devices[i]``. This is what
     :class:`~tp_gpu.ColumnParallelLinear` returns with ``gather_output=False``,
@@ -45,7 +49,7 @@ class ShardedTensor:
         shards: Sequence[Any],
         axis: int,
         devices: Sequence[Hashable],
-        backend: Any,
+        backend: Backend,
         comm: Optional[Communicator] = None,
     ) -> None:
         shards = [from_dlpack(s) if is_dlpack_array(s) else s for s in shards]
@@ -78,27 +82,44 @@ class ShardedTensor:
                 raise ShapeError(
                     f"shard {i} lives on device {backend.device_of(shard)!r}; expected {device!r}"
                 )
-        self.shards: List[Any] = shards
-        self.axis: int = axis
-        self.devices: List[Hashable] = list(devices)
-        self.backend: Any = backend
-        self.comm: Communicator = LocalComm() if comm is None else comm
-        self._blocks: Optional[Blocks] = None
-        self._layout: Optional[BlockLayout] = None
+        comm = LocalComm() if comm is None else comm
+        span = sum(s.shape[axis] for s in shards)
+        spans = [(r * span, (r + 1) * span) for r in range(comm.size)]
+        layout = BlockLayout(
+            [s.shape[axis] for s in shards], list(devices), spans[comm.rank][0], span * comm.size, spans
+        )
+        groups = {d: [shards[w] for w in workers] for d, workers in layout.groups.items()}
+        blocks = collectives.on_devices(
+            backend,
+            lambda parts: parts[0] if len(parts) == 1 else backend.xp.concatenate(parts, axis=axis),
+            groups,
+        )
+        shape = list(shards[0].shape)
+        shape[axis] = layout.total
+        Tensor.__init__(self, blocks, Split(axis, layout), tuple(shape), shards[0].dtype, backend, comm)
 
     @classmethod
     def from_blocks(
-        cls, blocks: Blocks, axis: int, layout: BlockLayout, backend: Any, comm: Optional[Communicator] = None
+        cls,
+        blocks: Blocks,
+        axis: int,
+        layout: BlockLayout,
+        backend: Backend,
+        comm: Optional[Communicator] = None,
     ) -> ShardedTensor:
         """A ShardedTensor whose shards are views into per-device ``blocks`` laid out as ``layout``."""
         first = next(iter(blocks.values()))
         axis %= first.ndim
-        index = (slice(None),) * axis
-        shards = [blocks[d][index + (slice(*layout.local[w]),)] for w, d in enumerate(layout.devices)]
-        tensor = cls(shards, axis, layout.devices, backend, comm)
-        tensor._blocks = dict(blocks)
-        tensor._layout = layout
+        shape = list(first.shape)
+        shape[axis] = layout.total
+        tensor = cls.__new__(cls)
+        Tensor.__init__(tensor, dict(blocks), Split(axis, layout), tuple(shape), first.dtype, backend, comm)
         return tensor
+
+    @property
+    def axis(self) -> int:
+        """The split axis (non-negative)."""
+        return self.placement.axis  # type: ignore[attr-defined, no-any-return]
 
     @property
     def layout(self) -> BlockLayout:
@@ -107,28 +128,23 @@ class ShardedTensor:
         A tensor built from shards with several processes is taken to hold
         spans of equal length on every process.
         """
-        if self._layout is None:
-            span = sum(self.split_sizes)
-            spans = [(r * span, (r + 1) * span) for r in range(self.comm.size)]
-            start = spans[self.comm.rank][0]
-            self._layout = BlockLayout(self.split_sizes, self.devices, start, span * self.comm.size, spans)
-        return self._layout
+        return self.placement.layout  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def devices(self) -> List[Hashable]:
+        """The device of each shard."""
+        return list(self.layout.devices)
+
+    @property
+    def shards(self) -> List[Any]:
+        """Worker ``i``'s slice, a view into its device's block."""
+        index = (slice(None),) * self.axis
+        layout = self.layout
+        return [self.blocks[d][index + (slice(*layout.local[w]),)] for w, d in enumerate(layout.devices)]
 
     def device_blocks(self) -> Blocks:
-        """One contiguous block per device: its shards side by side, in worker order.
-
-        Free for a tensor built from blocks; otherwise the shards that share a
-        device are concatenated there.
-        """
-        if self._blocks is None:
-            xp, axis = self.backend.xp, self.axis
-            shards = {d: [self.shards[w] for w in workers] for d, workers in self.layout.groups.items()}
-            self._blocks = collectives.on_devices(
-                self.backend,
-                lambda parts: parts[0] if len(parts) == 1 else xp.concatenate(parts, axis=axis),
-                shards,
-            )
-        return self._blocks
+        """One contiguous block per device: its shards side by side, in worker order."""
+        return self.blocks
 
     def blocks_for(
         self, layout: BlockLayout, dtype: Any, shape: Optional[Tuple[int, ...]], what: str, axis: int = -1
@@ -150,32 +166,18 @@ class ShardedTensor:
                 f"{what} ShardedTensor of shape {self.shape} is split on axis {self.axis} with sizes "
                 f"{self.split_sizes}; expected {expected} on {where} with sizes {layout.sizes}"
             )
+        assert self.backend is not None
         if self.devices != layout.devices or self.layout.capacities != layout.capacities:
             return collectives.assemble_blocks(self.backend, self.shards, self.axis, layout, dtype)
-        blocks = self.device_blocks()
+        blocks = self.blocks
         return dict(
             zip(blocks, collectives.to_devices(self.backend, list(blocks.values()), list(blocks), dtype))
         )
 
     @property
-    def shape(self) -> Tuple[int, ...]:
-        """Shape of the logical (gathered) array, over every process."""
-        shape = list(self.shards[0].shape)
-        shape[self.axis] = self.layout.total
-        return tuple(shape)
-
-    @property
-    def ndim(self) -> int:
-        return self.shards[0].ndim
-
-    @property
-    def dtype(self):
-        return self.shards[0].dtype
-
-    @property
     def split_sizes(self) -> List[int]:
         """Length of each of this process's shards along the split axis."""
-        return [s.shape[self.axis] for s in self.shards]
+        return self.layout.sizes
 
     def gather(self, device: Optional[Hashable] = None) -> Any:
         """The full array on ``device`` (default: the first shard's device).
@@ -186,18 +188,22 @@ class ShardedTensor:
 
         With several processes this is collective: every process must call it.
         """
+        assert self.backend is not None
         dst = self.devices[0] if device is None else device
-        return collectives.gather_blocks(
-            self.backend, self.device_blocks(), self.axis, self.layout, dst, self.comm
-        )
+        return collectives.gather_blocks(self.backend, self.blocks, self.axis, self.layout, dst, self.comm)
 
     def map(self, fn: Callable[[Any], Any]) -> ShardedTensor:
-        """Apply an elementwise ``fn`` to every device block, each under its own device."""
-        blocks = collectives.on_devices(self.backend, fn, self.device_blocks())
+        """Apply an elementwise ``fn`` to every device block, each under its own device (not recorded)."""
+        assert self.backend is not None
+        blocks = collectives.on_devices(self.backend, fn, self.blocks)
         return ShardedTensor.from_blocks(blocks, self.axis, self.layout, self.backend, self.comm)
 
     def __repr__(self) -> str:
+        grad = f", grad_fn={self.grad_fn.name}" if self.grad_fn is not None else ""
         return (
             f"ShardedTensor(shape={self.shape}, axis={self.axis}, dtype={self.dtype}, "
-            f"split_sizes={self.split_sizes}, devices={self.devices})"
+            f"split_sizes={self.split_sizes}, devices={self.devices}{grad})"
         )
+
+
+SPLIT_CLASS[0] = ShardedTensor

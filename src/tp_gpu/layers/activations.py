@@ -1,20 +1,24 @@
 """Elementwise activations and their derivatives, generic over the array namespace.
 
 Each activation is a pair ``(forward(xp, x), grad(xp, x, dy))``: the second
-returns ``dy * f'(x)`` from the pre-activation ``x``. They are elementwise, so
-they apply to each shard of a ShardedTensor on its own device with no
-communication.
+returns ``dy * f'(x)`` from the pre-activation ``x``. Calling one on a
+:class:`~tp_gpu.Tensor` records it on the tape (:class:`ApplyActivation`).
+They are elementwise, so they run on each device's block of any placement
+but ``Partial`` (``f`` of a sum is not a sum of ``f``), with no communication.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, NamedTuple, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
+from ..autograd import Context, Function
 from ..backends.base import erf_function
-from ..errors import ConfigError
+from ..errors import ConfigError, ShapeError
+from ..placements import Partial
+from ..tensor import Tensor, new_tensor
 
-__all__ = ["Activation", "ACTIVATIONS", "get_activation"]
+__all__ = ["Activation", "ACTIVATIONS", "ApplyActivation", "get_activation"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_CUBIC = 0.044715
@@ -26,6 +30,47 @@ class Activation(NamedTuple):
     name: str
     forward: Callable[[Any, Any], Any]
     grad: Callable[[Any, Any, Any], Any]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``f(x)`` on each device's block, recorded on the tape."""
+        return ApplyActivation.apply(x, self)  # type: ignore[no-any-return]
+
+
+class _ActivationContext(Context):
+    __slots__ = ("activation", "x")
+
+
+class ApplyActivation(Function):
+    """``Y = f(X)`` per device; backward ``dX = dY * f'(X)`` from the kept pre-activation ``X``."""
+
+    ctx_class = _ActivationContext
+
+    @staticmethod
+    def forward(ctx: _ActivationContext, x: Tensor, activation: Activation) -> Tensor:
+        if isinstance(x.placement, Partial):
+            raise ShapeError(
+                f"activation {activation.name!r} of partial sums ({x.placement!r}); reduce them first"
+            )
+        backend = x.backend
+        assert backend is not None
+        xp = backend.xp
+        blocks = {}
+        for d, v in x.blocks.items():
+            with backend.device(d):
+                blocks[d] = activation.forward(xp, v)
+        if ctx.needs_input_grad:
+            ctx.activation, ctx.x = activation, x
+        return new_tensor(blocks, x.placement, x.shape, x.dtype, backend, x.comm)
+
+    @staticmethod
+    def backward(ctx: _ActivationContext, grad: Tensor) -> Tuple[Tensor, None]:
+        x, backend = ctx.x, grad.backend
+        assert backend is not None
+        blocks = {}
+        for d, g in grad.blocks.items():
+            with backend.device(d):
+                blocks[d] = ctx.activation.grad(backend.xp, x.blocks[d], g)  # dY * f'(X)
+        return new_tensor(blocks, grad.placement, grad.shape, grad.dtype, backend, grad.comm), None
 
 
 def _gelu(xp, x):

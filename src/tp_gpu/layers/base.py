@@ -17,6 +17,7 @@ from ..module import Module
 from ..parameter import ShardedParameter
 from ..partition import BlockLayout
 from ..sharded import ShardedTensor
+from ..tensor import Tensor
 
 __all__ = ["ParallelModule", "as_array_like", "check_seed", "check_layout", "LAYOUTS"]
 
@@ -83,8 +84,8 @@ class ParallelModule(Module):
 
     def _join_group(self, **fingerprint: Any) -> None:
         """Get this config's group (after every argument is validated); every rank must agree."""
-        self.group = get_group(self.config)
-        self.group.check_same_on_every_rank(
+        self._group = get_group(self.config)
+        self._group.check_same_on_every_rank(
             type(self).__name__,
             {
                 "n_workers": self.config.n_workers,
@@ -107,24 +108,9 @@ class ParallelModule(Module):
         return param
 
     @property
-    def backend(self) -> Backend:
-        """The backend that owns this layer's arrays."""
-        return self.group.backend
-
-    @property
     def comm(self) -> Communicator:
         """The communicator between the processes of this layer's group."""
         return self.group.comm
-
-    @property
-    def output_device(self) -> Hashable:
-        """Where gathered and reduced outputs land."""
-        return self.group.output_device
-
-    @property
-    def n_workers(self) -> int:
-        """Number of tensor-parallel workers."""
-        return self.config.n_workers
 
     @property
     def devices(self) -> List[Hashable]:
@@ -147,7 +133,8 @@ class ParallelModule(Module):
 
     def _check_features(self, x: Any, n_features: int, what: str) -> Any:
         """Check that ``x`` is a real array of rank >= 1 with ``n_features`` on its last axis."""
-        x = as_array_like(x, what)
+        if not isinstance(x, Tensor):
+            x = as_array_like(x, what)
         kind = np.dtype(x.dtype).kind
         if kind not in "iuf":
             raise ShapeError(f"{what} must hold real numbers, got dtype {x.dtype}")

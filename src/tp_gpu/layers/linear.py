@@ -24,7 +24,7 @@ dicts, checkpoints and optimizers never see one. The GEMMs live in
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -33,20 +33,18 @@ from ..errors import ConfigError, ShapeError
 from ..initializers import xavier_uniform
 from ..parameter import ShardedParameter
 from ..partition import BlockLayout
+from ..placements import Split
 from ..regions import (
-    SEQUENCE_AXIS,
-    Blocks,
-    copy_to_region,
     gather_from_region,
-    gather_from_sequence_parallel_region,
     reduce_from_region,
     reduce_scatter_to_sequence_parallel_region,
-    scatter_to_region,
-    sequence_layout,
+    replicate,
+    split,
 )
-from ..sharded import ShardedTensor
+from ..tensor import Tensor
 from .base import ParallelModule, check_seed
-from .gemm import add_in_place, as_rows, bias_grad, matmul, matmul_bias, matmul_transposed, weight_grad
+from .gemm import as_rows, bias_grad, matmul, weight_grad
+from .linear_functions import ColumnLinear, RowLinear
 from .linear_loading import DenseLoading, dense_weight
 
 __all__ = [
@@ -188,78 +186,21 @@ class ColumnParallelLinear(_ParallelLinear):
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=1)
         self._add_bias(self.layout, axis=0)
 
-    def forward(self, x: Any) -> Union[Any, ShardedTensor]:
+    def forward(self, x: Any) -> Tensor:
         """``Y = X A + b`` for ``x`` of shape ``(..., n_in)``.
 
-        Returns an array ``(..., n_out)`` on the output device, or with
+        Returns ``(..., n_out)`` on the output device, or with
         ``gather_output=False`` a ShardedTensor whose shard ``i`` is
-        ``(..., n_i)`` on worker ``i``'s device. ``x`` is copied once per
-        device, not once per worker, and each device runs one GEMM.
-
-        A ShardedTensor ``x`` split along the sequence (axis -2, as sequence
-        parallelism leaves activations; see :func:`~tp_gpu.regions.sequence_layout`)
-        is all-gathered instead: each device receives the other devices'
-        slices. Only the slices are kept for backward, which gathers them
-        again (as Megatron-core does), so the saved input is ``1/p`` of ``X``.
+        ``(..., n_i)`` on worker ``i``'s device. ``x`` reaches each device once
+        (:func:`~tp_gpu.regions.replicate`): a dense ``x`` is copied; one split
+        along the sequence (sequence parallelism) is all-gathered, and only its
+        slices are kept for backward, which gathers them again (as Megatron-core
+        does). Each device runs one GEMM for its workers.
         """
-        if isinstance(x, ShardedTensor):
-            layout = self._sequence_layout(x)
-            what = "ColumnParallelLinear input"
-            kept = x.blocks_for(layout, self.dtype, None, what, SEQUENCE_AXIS)  # {d: (..., S_d, n_in)}
-            inputs = gather_from_sequence_parallel_region.forward(self.group, kept, layout)  # {d: (.., S, n)}
-            saved: Dict[str, Any] = {"sequence": (kept, layout)}
-        else:
-            x = self._check_features(x, self.n_in, "ColumnParallelLinear input")
-            inputs = copy_to_region.forward(self.group, x, self.dtype)  # {d: (..., n_in)}
-            saved = {"inputs": inputs}
-        if self.bias is None:
-            blocks = self.group.on_devices(matmul, inputs, self.weight.blocks)  # {d: (..., n_d)}
-        else:
-            blocks = self.group.on_devices(matmul_bias, inputs, self.weight.blocks, self.bias.blocks)
-        self._keep({**saved, "out_shape": tuple(x.shape[:-1]) + (self.n_out,)})
-        if self.config.gather_output:
-            return gather_from_region.forward(self.group, blocks, self.layout)
-        return ShardedTensor.from_blocks(blocks, -1, self.layout, self.backend, self.comm)
-
-    def _sequence_layout(self, x: ShardedTensor) -> BlockLayout:
-        """The sequence layout of a sequence-split input ``x`` ``(..., S, n_in)``, checked (ShapeError)."""
-        real = np.dtype(x.dtype).kind in "iuf"
-        if x.ndim < 2 or x.shape[-1] != self.n_in or x.axis != x.ndim - 2 or not real:
-            raise ShapeError(
-                f"ColumnParallelLinear takes a ShardedTensor input split along the sequence: shape "
-                f"(..., S, {self.n_in}) of real numbers split on axis -2; got {x!r}"
-            )
-        return sequence_layout(self.group, x.shape[-2])
-
-    def backward(self, grad_output: Any) -> Any:
-        """Accumulate ``dA_i``, ``db_i`` and return ``dX`` ``(..., n_in)`` on the output device.
-
-        ``grad_output`` is ``dY``: a dense ``(..., n_out)`` array, or a
-        ShardedTensor split like the forward output when ``gather_output=False``.
-        After a sequence-split input, ``dX = sum_i dY_i A_i^T`` is reduce-scattered
-        into a ShardedTensor split like that input.
-        """
-        saved = self._take_saved()
-        if isinstance(grad_output, ShardedTensor):
-            grads = grad_output.blocks_for(
-                self.layout, self.dtype, saved["out_shape"], "ColumnParallelLinear grad_output"
-            )
-        else:
-            grad = self._check_grad_shape(grad_output, saved["out_shape"], "ColumnParallelLinear")
-            grads = gather_from_region.backward(self.group, grad, self.layout, self.dtype)
-        if "sequence" in saved:
-            kept, layout = saved["sequence"]  # the input's slices again, whole: {d: (..., S, n_in)}
-            inputs = gather_from_sequence_parallel_region.forward(self.group, kept, layout)
-        else:
-            inputs = saved["inputs"]
-        self.weight.accumulate_blocks(self.group.on_devices(weight_grad, inputs, grads))
-        if self.bias is not None:
-            self.bias.accumulate_blocks(self.group.on_devices(bias_grad, grads))  # {d: (n_d,)}
-        partials = self.group.on_devices(matmul_transposed, grads, self.weight.blocks)  # {d: (..., n_in)}
-        if "sequence" in saved:
-            blocks = gather_from_sequence_parallel_region.backward(self.group, partials, layout)
-            return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, self.backend, self.comm)
-        return copy_to_region.backward(self.group, partials)
+        x = self._check_features(x, self.n_in, "ColumnParallelLinear input")
+        x = replicate(x, self.group, self.dtype, "ColumnParallelLinear input")  # (..., n_in) on every device
+        y = ColumnLinear.apply(x, self.weight, self.bias)  # device d: (..., n_d)
+        return gather_from_region(y, self.group) if self.config.gather_output else y
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -324,22 +265,10 @@ class RowParallelLinear(_ParallelLinear):
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=0)
         self._add_bias()  # whole, on the output device
 
-    def _input_blocks(self, x: Any) -> Blocks:
-        """Each device's block of ``X``: a dense ``x`` is split, a ShardedTensor is used as it lies."""
-        if isinstance(x, ShardedTensor):
-            return x.blocks_for(self.layout, self.dtype, None, "RowParallelLinear input")
-        if self.input_is_parallel:
-            raise ShapeError(
-                f"RowParallelLinear(input_is_parallel=True) expects a ShardedTensor input, got "
-                f"{type(x).__name__}"
-            )
-        x = self._check_features(x, self.n_in, "RowParallelLinear input")
-        return scatter_to_region.forward(self.group, x, self.layout, self.dtype)
-
-    def forward(self, x: Union[Any, ShardedTensor]) -> Any:
+    def forward(self, x: Any) -> Tensor:
         """``Y = sum_i X_i A_i + b`` for ``x`` of shape ``(..., n_in)``.
 
-        ``x`` may be an array, split here so that each device receives only its
+        ``x`` may be dense, split here so that each device receives only its
         workers' columns, or a ShardedTensor split on its last axis like this
         layer's input (the output of a ``ColumnParallelLinear(gather_output=False)``),
         used without re-splitting. Workers sharing a device run one GEMM
@@ -347,66 +276,16 @@ class RowParallelLinear(_ParallelLinear):
         ``config.sequence_parallel`` a ShardedTensor ``(..., S, n_out)`` split
         along the sequence.
         """
-        inputs = self._input_blocks(x)  # {d: (..., n_in_d)}
-        partials = self.group.on_devices(matmul, inputs, self.weight.blocks)  # {d: (..., n_out)}
-        if self.config.sequence_parallel:
-            return self._reduce_scatter(partials, inputs, isinstance(x, ShardedTensor))
-        y = reduce_from_region.forward(self.group, partials)  # (..., n_out), a new array
-        if self.bias is not None:
-            y = self.group.on_device(
-                self.output_device, add_in_place, y, self.bias.blocks[self.output_device]
-            )
-        self._keep(
-            {"inputs": inputs, "sharded_input": isinstance(x, ShardedTensor), "out_shape": tuple(y.shape)}
-        )
-        return y
-
-    def _reduce_scatter(self, partials: Blocks, inputs: Blocks, sharded_input: bool) -> ShardedTensor:
-        """``Y[S_d] = sum_i (X_i A_i)[S_d] + b`` on each device ``d``: the sequence-parallel output."""
-        out_shape = tuple(next(iter(partials.values())).shape)  # (..., S, n_out)
-        if len(out_shape) < 2:
+        if self.input_is_parallel and not isinstance(getattr(x, "placement", None), Split):
             raise ShapeError(
-                f"RowParallelLinear with sequence_parallel needs an input of shape (..., S, {self.n_in}) "
-                f"with a sequence axis, got {out_shape[:-1] + (self.n_in,)}"
+                f"RowParallelLinear(input_is_parallel=True) expects a ShardedTensor input, got "
+                f"{type(x).__name__} placed {getattr(x, 'placement', 'on the host')}"
             )
-        layout = sequence_layout(self.group, out_shape[-2])
-        blocks = reduce_scatter_to_sequence_parallel_region.forward(self.group, partials, layout)
-        if self.bias is not None:
-            biases = copy_to_region.forward(self.group, self.bias.blocks[self.output_device], self.dtype)
-            blocks = self.group.on_devices(
-                add_in_place, blocks, biases, keys=blocks
-            )  # {d: (..., S_d, n_out)}
-        self._keep(
-            {"inputs": inputs, "sharded_input": sharded_input, "out_shape": out_shape, "sequence": layout}
-        )
-        return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, self.backend, self.comm)
-
-    def backward(self, grad_output: Any) -> Union[Any, ShardedTensor]:
-        """Accumulate ``dA_i``, ``db`` and return ``dX``.
-
-        ``grad_output`` is ``dY``, ``(..., n_out)``. ``dX`` is a ShardedTensor
-        (shard i ``(..., n_i)`` on worker i's device) when the forward input
-        was one, else a gathered ``(..., n_in)`` array on the output device.
-        """
-        saved = self._take_saved()
-        out = self.output_device
-        if isinstance(grad_output, ShardedTensor) and saved.get("sequence") is not None:
-            layout = saved["sequence"]
-            grads = grad_output.blocks_for(
-                layout, self.dtype, saved["out_shape"], "RowParallelLinear grad_output", SEQUENCE_AXIS
-            )  # {d: (..., S_d, n_out)}
-            copies = reduce_scatter_to_sequence_parallel_region.backward(self.group, grads, layout)
-            if self.bias is not None:
-                db = copy_to_region.backward(self.group, self.group.on_devices(bias_grad, grads))  # sum_d
-                self.bias.accumulate(out, db)
-        else:
-            grad = self._check_grad_shape(grad_output, saved["out_shape"], "RowParallelLinear")
-            copies = reduce_from_region.backward(self.group, grad, self.dtype, also=[out])  # {d: (.., n_out)}
-            if self.bias is not None:
-                self.bias.accumulate(out, self.group.on_device(out, bias_grad, copies[out]))
-        inputs = saved["inputs"]
-        self.weight.accumulate_blocks(self.group.on_devices(weight_grad, inputs, copies))
-        grad_inputs = self.group.on_devices(matmul_transposed, copies, self.weight.blocks, keys=inputs)
-        if saved["sharded_input"]:
-            return ShardedTensor.from_blocks(grad_inputs, -1, self.layout, self.backend, self.comm)
-        return scatter_to_region.backward(self.group, grad_inputs, self.layout)
+        x = self._check_features(x, self.n_in, "RowParallelLinear input")
+        x = split(
+            x, self.group, self.layout, self.dtype, -1, "RowParallelLinear input"
+        )  # device d: (.., n_in_d)
+        partial = RowLinear.apply(x, self.weight, self.bias)  # device d: X_d A_d (+ b once), (..., n_out)
+        if self.config.sequence_parallel:
+            return reduce_scatter_to_sequence_parallel_region(partial, self.group)  # (..., S_d, n_out)
+        return reduce_from_region(partial, self.group)  # (..., n_out) on the output device

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError
 from ..module import Module
-from ..sharded import ShardedTensor
+from ..tensor import Tensor
 from .activations import get_activation
 from .base import check_seed
 from .linear import ColumnParallelLinear, RowParallelLinear, check_bias_flag, dense_weight
@@ -127,41 +126,11 @@ class ParallelMLP(Module):
                 state[f"{prefix}.{name}"] = value
         self.load_state_dict(state)
 
-    @property
-    def n_workers(self) -> int:
-        return self.config.n_workers
-
-    @property
-    def backend(self) -> Any:
-        return self.fc2.backend
-
-    @property
-    def group(self) -> Any:
-        """The group of devices both linears run on (fc2's output device is the MLP's)."""
-        return self.fc2.group
-
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: Any) -> Tensor:
         """``Y`` of shape ``(..., n_out)`` on the output device, for ``x`` of shape ``(..., n_in)``."""
-        hidden = self.fc1(x)  # p shards of (..., hidden_i)
-        self._keep({"hidden": hidden})
-        xp = self.backend.xp
-        activated = hidden.map(lambda h: self.activation.forward(xp, h))
-        return self.fc2(activated)
-
-    def backward(self, grad_output: Any) -> Any:
-        """Accumulate every gradient and return ``dX`` ``(..., n_in)`` on the output device."""
-        grad_activated = self.fc2.backward(grad_output)  # ShardedTensor like the hidden layer
-        hidden: ShardedTensor = self._take_saved()["hidden"]
-        xp = self.backend.xp
-        grads = collectives.on_devices(
-            self.backend,
-            lambda h, g: self.activation.grad(xp, h, g),
-            hidden.device_blocks(),
-            grad_activated.device_blocks(),
-        )  # dH_d = dA_d * act'(H_d)
-        return self.fc1.backward(
-            ShardedTensor.from_blocks(grads, hidden.axis, hidden.layout, self.backend, hidden.comm)
-        )
+        return self.fc2(
+            self.activation(self.fc1(x))
+        )  # (..., n_in) -> p shards of (..., hidden_i) -> (..., n_out)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation.name!r}" + ("" if self.fc1.has_bias else ", bias=False")

@@ -1,44 +1,26 @@
-"""Residual: ``y = x + f(x)`` around any module whose output lands on its group's output device."""
+"""Residual: ``y = x + f(x)`` around any module."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .. import collectives
 from ..module import Module
+from ..tensor import Tensor
 
 __all__ = ["Residual"]
 
 
-def _add(a: Any, b: Any) -> Any:
-    """``a + b``: two arrays of one shape on one device."""
-    return a + b
-
-
 class Residual(Module):
-    """``y = x + f(x)``; backward: ``dx = dy + f.backward(dy)``.
+    """``y = x + f(x)``, so ``dx = dy + df(x)/dx^T dy``; the tape sums the two paths.
 
-    ``f`` (the submodule ``inner``) maps ``(..., n)`` to ``(..., n)`` and has
-    a ``group`` (every tensor-parallel layer and ParallelMLP has one). The sum
-    runs on the group's output device, where ``f``'s output lands; ``x`` is
-    moved there first if it lies elsewhere (the host, another device).
+    ``f`` (the submodule ``inner``) maps ``(..., n)`` to ``(..., n)``. The sum
+    runs where ``f``'s output lives (its group's output device, or each
+    device's sequence slices); a host ``x`` is moved there first.
     """
 
     def __init__(self, inner: Module) -> None:
         super().__init__()
         self.inner = inner
 
-    def _on_output_device(self, x: Any, like: Any) -> Any:
-        group = self.inner.group  # type: ignore[attr-defined]
-        return collectives.to_devices(group.backend, [x], [group.output_device], like.dtype)[0]
-
-    def forward(self, x: Any) -> Any:
-        y = self.inner(x)
-        group = self.inner.group  # type: ignore[attr-defined]
-        return group.on_device(group.output_device, _add, self._on_output_device(x, y), y)
-
-    def backward(self, grad_output: Any) -> Any:
-        grad_inner = self.inner.backward(grad_output)
-        group = self.inner.group  # type: ignore[attr-defined]
-        grad = self._on_output_device(grad_output, grad_inner)
-        return group.on_device(group.output_device, _add, grad, grad_inner)
+    def forward(self, x: Any) -> Tensor:
+        return x + self.inner(x)

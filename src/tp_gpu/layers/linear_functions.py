@@ -1,0 +1,138 @@
+"""The tape functions of the linear layers: per-device GEMMs between placed tensors.
+
+``ColumnLinear``: ``X`` whole on every device (``Replicated``) times the
+column blocks ``A_d`` of a weight split along its outputs gives
+``Y_d = X A_d + b_d``, a ``Split(-1)`` output. Backward: ``dA_d = X^T dY_d``,
+``db_d = sum(dY_d)``, and the ``Partial`` input gradient ``dX_d = dY_d A_d^T``
+(the region before the layer sums it).
+
+``RowLinear``: ``X`` split along its features (``Split(-1)``) times the row
+blocks ``A_d`` gives the ``Partial`` products ``Y_d = X_d A_d``, whose sum is
+``X A``; the whole bias ``b`` is added once, into the first device's part,
+so ``sum_d Y_d = X A + b`` (on every process, only the first adds it).
+Backward, from ``dY`` whole on every device (``Replicated``):
+``dA_d = X_d^T dY``, ``dX_d = dY A_d^T`` (``Split(-1)``) and ``db = sum(dY)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from ..autograd import Context, Function
+from ..parameter import ShardedParameter
+from ..placements import Partial, Split
+from ..tensor import Tensor, new_tensor
+from .gemm import bias_grad, matmul, matmul_bias, matmul_transposed, weight_grad
+
+__all__ = ["ColumnLinear", "RowLinear"]
+
+
+class _LinearContext(Context):
+    __slots__ = ("weight", "bias", "x_placement", "x_shape")
+
+
+def _grad_of(param: ShardedParameter, blocks: dict) -> Tensor:
+    """A gradient placed like ``param``."""
+    return new_tensor(blocks, param.placement, param.shape, param.dtype, param.backend, param.comm)
+
+
+class ColumnLinear(Function):
+    """``Y_d = X A_d + b_d`` for a Replicated ``X`` and column blocks ``A_d``: a ``Split(-1)`` ``Y``."""
+
+    ctx_class = _LinearContext
+
+    @staticmethod
+    def forward(
+        ctx: _LinearContext, x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]
+    ) -> Tensor:
+        backend = weight.backend
+        assert backend is not None
+        blocks = {}
+        for d, w in weight.blocks.items():
+            with backend.device(d):
+                if bias is None:
+                    blocks[d] = matmul(x.blocks[d], w)  # (..., n_in) @ (n_in, n_d) -> (..., n_d)
+                else:
+                    blocks[d] = matmul_bias(x.blocks[d], w, bias.blocks[d])  # ... + (n_d,)
+        if ctx.needs_input_grad:
+            ctx.save_for_backward(x)
+            ctx.weight, ctx.bias, ctx.x_placement = weight, bias, x.placement
+        placement = weight.placement
+        assert isinstance(placement, Split)
+        shape = x.shape[:-1] + (weight.shape[1],)
+        return new_tensor(
+            blocks, Split(x.ndim - 1, placement.layout), shape, weight.dtype, backend, weight.comm
+        )
+
+    @staticmethod
+    def backward(ctx: _LinearContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        (x,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        backend = weight.backend
+        assert backend is not None
+        needs = ctx.needs_input_grad
+        dw, db, dx = {}, {}, {}
+        for d, g in grad.blocks.items():
+            with backend.device(d):
+                if needs[1]:
+                    dw[d] = weight_grad(x.blocks[d], g)  # (..., n_in)^T (..., n_d) -> (n_in, n_d)
+                if bias is not None and needs[2]:
+                    db[d] = bias_grad(g)  # (..., n_d) -> (n_d,)
+                if needs[0]:
+                    dx[d] = matmul_transposed(g, weight.blocks[d])  # (..., n_d) @ (n_d, n_in) -> (..., n_in)
+        grad_x = new_tensor(dx, Partial(tuple(dx)), x.shape, grad.dtype, backend, grad.comm) if dx else None
+        grad_w = _grad_of(weight, dw) if dw else None
+        grad_b = _grad_of(bias, db) if db and bias is not None else None
+        return grad_x, grad_w, grad_b
+
+
+class RowLinear(Function):
+    """``Y_d = X_d A_d`` (plus ``b`` once) for a ``Split(-1)`` ``X``, row blocks ``A_d``: a Partial ``Y``."""
+
+    ctx_class = _LinearContext
+
+    @staticmethod
+    def forward(
+        ctx: _LinearContext, x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]
+    ) -> Tensor:
+        backend = weight.backend
+        assert backend is not None
+        partials = {}
+        for d, w in weight.blocks.items():
+            with backend.device(d):
+                partials[d] = matmul(x.blocks[d], w)  # (..., n_in_d) @ (n_in_d, n_out) -> (..., n_out)
+        if bias is not None and weight.comm.rank == 0:
+            first = bias.block_devices[0] if bias.block_devices[0] in partials else next(iter(partials))
+            b = backend.asarray(bias.blocks[bias.block_devices[0]], bias.dtype, first)
+            with backend.device(first):
+                partials[first] += b  # (..., n_out) + (n_out,), into the new product
+        if ctx.needs_input_grad:
+            ctx.save_for_backward(x)
+            ctx.weight, ctx.bias = weight, bias
+        shape = x.shape[:-1] + (weight.shape[1],)
+        return new_tensor(partials, Partial(tuple(partials)), shape, weight.dtype, backend, weight.comm)
+
+    @staticmethod
+    def backward(ctx: _LinearContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        (x,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        backend = weight.backend
+        assert backend is not None
+        needs = ctx.needs_input_grad
+        dw, dx = {}, {}
+        for d, w in weight.blocks.items():
+            g = grad.blocks[d]  # dY, whole
+            with backend.device(d):
+                if needs[1]:
+                    dw[d] = weight_grad(x.blocks[d], g)  # (..., n_in_d)^T (..., n_out) -> (n_in_d, n_out)
+                if needs[0]:
+                    dx[d] = matmul_transposed(g, w)  # (..., n_out) @ (n_out, n_in_d) -> (..., n_in_d)
+        grad_b = None
+        if bias is not None and needs[2]:
+            device = bias.block_devices[0]
+            g = grad.blocks[device] if device in grad.blocks else next(iter(grad.blocks.values()))
+            with backend.device(backend.device_of(g)):
+                db = bias_grad(g)  # (..., n_out) -> (n_out,)
+            grad_b = _grad_of(bias, {device: backend.asarray(db, bias.dtype, device)})
+        grad_x = new_tensor(dx, x.placement, x.shape, grad.dtype, backend, grad.comm) if dx else None
+        return grad_x, (_grad_of(weight, dw) if dw else None), grad_b
