@@ -31,6 +31,7 @@ from .module import IncompatibleKeys, Module, ModuleDict, Sequential
 from .optim import SGD, Adam, Optimizer, clip_grad_norm
 from .parameter import ShardedParameter
 from .placement import worker_devices
+from .shape_ops import cat
 from .sharded import ShardedTensor
 from .tensor import Tensor, tensor
 from .torch_interop import from_torch
@@ -40,6 +41,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Tensor",
     "tensor",
+    "cat",
     "Function",
     "FunctionContext",
     "no_grad",

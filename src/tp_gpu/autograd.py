@@ -40,14 +40,21 @@ __all__ = [
     "run_backward",
 ]
 
-_mode = threading.local()
+
+class _Mode(threading.local):
+    """This thread's recording switch (on unless inside ``no_grad``)."""
+
+    enabled = True
+
+
+_mode = _Mode()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def is_grad_enabled() -> bool:
     """Whether functions called on this thread now are recorded on the tape."""
-    return getattr(_mode, "enabled", True)
+    return _mode.enabled
 
 
 class _GradMode:
@@ -93,9 +100,8 @@ class Context:
 
     __slots__ = ("needs_input_grad", "_saved")
 
-    def __init__(self) -> None:
-        self.needs_input_grad: Tuple[bool, ...] = ()
-        self._saved: Tuple[Any, ...] = ()
+    needs_input_grad: Tuple[bool, ...]
+    _saved: Tuple[Any, ...]
 
     def save_for_backward(self, *tensors: Optional[Tensor]) -> None:
         """Keep ``tensors`` for ``backward`` (read back as :attr:`saved_tensors`).
@@ -105,10 +111,16 @@ class Context:
         its rebuild recipe, which holds ``1/p`` of it: the whole is gathered
         again when ``backward`` reads it, as Megatron-core does.
         """
-        self._saved = tuple(t if t is None or t.recompute is None else _Rebuild(t) for t in tensors)
+        if all(t is None or t.recompute is None for t in tensors):
+            self._saved = tensors
+        else:
+            self._saved = tuple(t if t is None or t.recompute is None else _Rebuild(t) for t in tensors)
 
     @property
     def saved_tensors(self) -> Tuple[Any, ...]:
+        """What :meth:`save_for_backward` kept (rebuilt where it kept a recipe)."""
+        if not hasattr(self, "_saved"):
+            return ()
         return tuple(t.rebuild() if isinstance(t, _Rebuild) else t for t in self._saved)
 
 
@@ -186,36 +198,48 @@ class Function:
     @classmethod
     def apply(cls, *args: Any) -> Any:
         """Run ``forward`` on ``args``; record it when an input requires grad and recording is on."""
+        mode = _mode
+        enabled = mode.enabled
         record = False
-        if getattr(_mode, "enabled", True):
+        if enabled:
             for a in args:
                 if isinstance(a, Tensor) and a.requires_grad:
                     record = True
                     break
         ctx = cls.ctx_class()
-        if record:
-            ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
-        previous = getattr(_mode, "enabled", True)
-        _mode.enabled = False
+        ctx.needs_input_grad = (
+            tuple(isinstance(a, Tensor) and a.requires_grad for a in args) if record else ()
+        )
+        mode.enabled = False
         try:
             outputs = cls.forward(ctx, *args)  # type: ignore[attr-defined]
         finally:
-            _mode.enabled = previous
+            mode.enabled = enabled
+        if isinstance(outputs, Tensor):
+            if record:
+                outputs.grad_fn = Node(cls, ctx, _edges(args), 1)
+                outputs.requires_grad = True
+            return outputs
         single = not isinstance(outputs, tuple)
-        outs = (outputs,) if single else outputs
-        if any(not isinstance(o, Tensor) for o in outs):
-            outs = tuple(_wrap_output(o, args, cls) for o in outs)
+        outs = tuple(
+            o if isinstance(o, Tensor) else _wrap_output(o, args, cls)
+            for o in ((outputs,) if single else outputs)
+        )
         if record:
-            edges: List[Optional[Edge]] = [
-                (a if a.grad_fn is None else a.grad_fn, a.output_nr, a.shape)
-                if isinstance(a, Tensor) and a.requires_grad
-                else None
-                for a in args
-            ]
-            node = Node(cls, ctx, edges, len(outs))
+            node = Node(cls, ctx, _edges(args), len(outs))
             for i, o in enumerate(outs):
                 o.grad_fn, o.output_nr, o.requires_grad = node, i, True
         return outs[0] if single else outs
+
+
+def _edges(args: Tuple[Any, ...]) -> List[Optional[Edge]]:
+    """Where each argument's gradient goes: its producer (or itself, a leaf) and its shape."""
+    return [
+        (a if a.grad_fn is None else a.grad_fn, a.output_nr, a.shape)
+        if isinstance(a, Tensor) and a.requires_grad
+        else None
+        for a in args
+    ]
 
 
 def _first_tensor(args: Tuple[Any, ...]) -> Optional[Tensor]:
@@ -323,7 +347,7 @@ def _count_dependencies(start: Node) -> Dict[Node, int]:
 
 def _node_backward(node: Node, outputs: List[Optional[Tensor]]) -> Tuple[Optional[Tensor], ...]:
     """``node.function.backward(ctx, *outputs)``, recording off, its gradients checked."""
-    previous = is_grad_enabled()
+    previous = _mode.enabled
     _mode.enabled = False
     try:
         result = node.function.backward(node.ctx, *outputs)  # type: ignore[attr-defined]

@@ -48,7 +48,7 @@ from .autograd import Context, Function, is_grad_enabled
 from .errors import ShapeError
 from .group import TensorParallelGroup
 from .partition import BlockLayout
-from .placements import Dense, Partial, Replicated, Split
+from .placements import HOST, Dense, Partial, Replicated, Split
 from .tensor import Blocks, Tensor, new_tensor, tensor
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "scatter_to_sequence_parallel_region",
     "replicate",
     "split",
+    "place_like",
     "sequence_layout",
 ]
 
@@ -91,7 +92,7 @@ class _RegionContext(Context):
 
 def _dense(group: TensorParallelGroup, array: Any, shape: Tuple[int, ...]) -> Tensor:
     out = group.output_device
-    return new_tensor({out: array}, Dense(out), shape, array.dtype, group.backend, group.comm)
+    return Tensor({out: array}, Dense(out), shape, array.dtype, group.backend, group.comm)
 
 
 class CopyToRegion(Function):
@@ -272,8 +273,9 @@ def _as_input(x: Any, what: str) -> Tensor:
 
 
 def copy_to_region(x: Any, group: TensorParallelGroup, dtype: Any = None) -> Tensor:
-    """``Dense X`` copied once to each of ``group``'s devices, as ``dtype`` (default ``X``'s)."""
-    x = _as_input(x, "copy_to_region")
+    """``Dense X`` (or a raw array) copied once to each of ``group``'s devices, as ``dtype``."""
+    if not isinstance(x, Tensor) and not hasattr(x, "shape"):
+        x = _as_input(x, "copy_to_region")
     return CopyToRegion.apply(x, group, np.dtype(x.dtype if dtype is None else dtype))  # type: ignore[no-any-return]
 
 
@@ -332,7 +334,8 @@ def replicate(x: Any, group: TensorParallelGroup, dtype: Any, what: str = "input
     sequence-split one is all-gathered
     (:func:`gather_from_sequence_parallel_region`). Any other placement is a ShapeError.
     """
-    x = _as_input(x, what)
+    if not isinstance(x, Tensor):
+        return copy_to_region(x, group, dtype)  # a raw array: a Dense constant
     p = x.placement
     if isinstance(p, Dense):
         return copy_to_region(x, group, dtype)
@@ -371,3 +374,23 @@ def split(
         f"{what} of shape {x.shape} is placed {p!r}; expected it Dense or split on axis "
         f"{axis % x.ndim} with sizes {layout.sizes}"
     )
+
+
+
+
+def place_like(param: Tensor, x: Tensor, group: TensorParallelGroup) -> Tensor:
+    """A ``Dense`` parameter (LayerNorm's weight) where an elementwise layer meets ``x``: the parameter
+    itself beside a ``Dense`` ``x`` on its device (or on the host: the layer moves ``x`` there), else
+    copied to each of ``group``'s devices (:func:`copy_to_region`; backward sums the ``Partial``
+    gradient onto the parameter's device) beside an ``x`` split, replicated or whole on some of them."""
+    p, home = x.placement, param.placement
+    if isinstance(p, Dense) and p.device in (home.device, HOST):  # type: ignore[attr-defined]
+        return param
+    devices = set(_devices(group))
+    where = {p.device} if isinstance(p, Dense) else set(getattr(p, "layout", p).devices)  # type: ignore[attr-defined]
+    if isinstance(p, Partial) or not where <= devices:
+        raise ShapeError(
+            f"cannot place a parameter beside an input placed {p!r} (shape {x.shape}); expected it Dense, "
+            f"or split or replicated over the group's devices {sorted(devices, key=str)}"
+        )
+    return copy_to_region(param, group)

@@ -44,6 +44,8 @@ class ShardedTensor(Tensor):
         ``shape`` and :meth:`gather` are then those of the whole logical array.
     """
 
+    __slots__ = ()
+
     def __init__(
         self,
         shards: Sequence[Any],

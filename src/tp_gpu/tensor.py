@@ -86,7 +86,7 @@ class Tensor:
         self.blocks = blocks
         self.placement = placement
         self.shape = shape
-        self.dtype = np.dtype(dtype)
+        self.dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
         self.backend = backend
         self.comm: Communicator = _LOCAL if comm is None else comm
         self.grad_fn: Optional[Node] = None

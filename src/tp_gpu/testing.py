@@ -102,8 +102,8 @@ def gradcheck(
             numeric = _directional_difference(fn, arrays, k, i, v, eps)
             if abs(analytic[i] - numeric) > atol + rtol * abs(numeric):
                 raise GradcheckError(
-                    f"gradcheck: input {k} element {i}: backward gives {float(analytic[i])!r}, finite differences "
-                    f"give {numeric!r}; expected them within atol={atol} + rtol={rtol} * |numeric|"
+                    f"gradcheck: input {k} element {i}: backward gives {float(analytic[i])!r}, finite "
+                    f"differences give {numeric!r}; expected them within {atol} + {rtol} * |numeric|"
                 )
     return True
 

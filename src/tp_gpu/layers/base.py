@@ -8,7 +8,6 @@ from typing import Any, Hashable, List, Optional
 import numpy as np
 
 from ..backends import as_array, from_dlpack, is_dlpack_array
-from ..backends.base import Backend
 from ..comm.base import Communicator
 from ..config import TensorParallelConfig
 from ..errors import ConfigError, ShapeError
