@@ -50,3 +50,15 @@ def forward_backward(module, x, grad, *args, **kwargs):
     y = module(leaf, *args, **kwargs)
     y.backward(grad)
     return y, leaf.grad
+
+
+def device_of(layer, t):
+    """The device a Dense output Tensor ``t`` of ``layer`` lies on: its placement's, checked to be
+    where its one block is."""
+    import tp_gpu
+    from tp_gpu.placements import Dense
+
+    assert isinstance(t, tp_gpu.Tensor) and isinstance(t.placement, Dense), t
+    (block,) = t.blocks.values()
+    assert layer.backend.device_of(block) == t.placement.device
+    return t.placement.device
