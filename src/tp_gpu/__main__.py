@@ -21,13 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__, collectives
+from . import __version__
 from .backends import ENV_VAR, get_backend, resolve_backend_name
 from .config import BACKEND_NAMES, SUPPORTED_DTYPES, TensorParallelConfig
 from .errors import TensorParallelError
 from .layers import ColumnParallelLinear, ParallelEmbedding, ParallelMLP, RowParallelLinear
 from .layers.loss import VocabParallelCrossEntropy
 from .placement import worker_devices
+from .placements import Dense
+from .tensor import Tensor, tensor
 from .testing import compare
 
 #: Self-check sizes, odd on purpose: leading axes, in and out features; the split dim is split_dim(n).
@@ -175,12 +177,11 @@ def weight_grads(grads: dict[str, Any], prefix: str, x: np.ndarray, dy: np.ndarr
     }
 
 
-def output(layer, y: Any) -> np.ndarray:
-    """``y`` on the host, after checking that it landed on ``layer``'s output device."""
-    where = layer.backend.device_of(y)
-    if where != layer.output_device:
-        raise AssertionError(f"output on device {where!r}, expected {layer.output_device!r}")
-    return collectives.to_host(layer.backend, y)
+def output(layer, y: Tensor) -> np.ndarray:
+    """``y`` on the host, after checking that it landed whole on ``layer``'s output device."""
+    if y.placement != Dense(layer.output_device):
+        raise AssertionError(f"output placed {y.placement!r}, expected Dense({layer.output_device!r})")
+    return y.numpy()
 
 
 def linear_case(layer, rng: np.random.Generator) -> Case:
@@ -188,8 +189,11 @@ def linear_case(layer, rng: np.random.Generator) -> Case:
     layer = random_biases(layer, rng)
     w, b = layer.full_weight(), layer.full_bias()  # (n_in, n_out), (n_out,); x @ w runs in float64
     x, dy = sample(rng, (*LEAD, layer.n_in), layer.dtype), sample(rng, (*LEAD, layer.n_out), layer.dtype)
-    yield "forward", {"Y": (output(layer, layer(x)), x @ w + b, layer.n_in + 1)}  # (..., in) @ (in, out)
-    dx = output(layer, layer.backward(dy))
+    leaf = tensor(x, requires_grad=True)
+    y = layer(leaf)
+    yield "forward", {"Y": (output(layer, y), x @ w + b, layer.n_in + 1)}  # (..., in) @ (in, out)
+    y.backward(dy)
+    dx = output(layer, leaf.grad)
     yield "backward", {"dX": (dx, dy @ w.T, layer.n_out), **weight_grads(layer.grads(), "", x, dy, ROWS)}
 
 
@@ -212,8 +216,11 @@ def mlp_case(config: TensorParallelConfig, n: int, rng: np.random.Generator) -> 
     x, dy = sample(rng, (*LEAD, IN), config.dtype), sample(rng, (*LEAD, OUT), config.dtype)
     h, act = x @ a + a_bias, mlp.activation  # (..., hidden); the MLP's own activation, run in float64
     g = act.forward(np, h)
-    yield "forward", {"Y": (output(mlp.fc2, mlp(x)), g @ w + w_bias, IN + hidden)}
-    dx = output(mlp.fc2, mlp.backward(dy))
+    leaf = tensor(x, requires_grad=True)
+    y = mlp(leaf)
+    yield "forward", {"Y": (output(mlp.fc2, y), g @ w + w_bias, IN + hidden)}
+    y.backward(dy)
+    dx = output(mlp.fc2, leaf.grad)
     dh = act.grad(np, h, dy @ w.T)  # (..., OUT) @ (OUT, hidden)
     grads = mlp.grads()
     fc1, fc2 = weight_grads(grads, "fc1.", x, dh, ROWS + OUT), weight_grads(grads, "fc2.", g, dy, ROWS)
@@ -225,8 +232,9 @@ def embedding_case(config: TensorParallelConfig, n: int, rng: np.random.Generato
     layer = ParallelEmbedding(split_dim(n), IN, config=config, seed=n)
     table = layer.full_weight()
     ids, dy = token_ids(rng, split_dim(n)), sample(rng, (*LEAD, IN), config.dtype)
-    yield "forward", {"Y": (output(layer, layer(ids)), table[ids], 1)}  # (vocab, IN)[ids] -> (*LEAD, IN)
-    layer.backward(dy)
+    y = layer(ids)
+    yield "forward", {"Y": (output(layer, y), table[ids], 1)}  # (vocab, IN)[ids] -> (*LEAD, IN)
+    y.backward(dy)
     expected = np.zeros(table.shape)  # float64
     np.add.at(expected, ids, dy)  # repeated ids accumulate
     yield "backward", {"dW": (layer.grads()["weight"], expected, int(np.bincount(ids.ravel()).max()))}
@@ -243,8 +251,11 @@ def loss_case(config: TensorParallelConfig, n: int, rng: np.random.Generator) ->
     log_p -= np.log(np.exp(log_p).sum(axis=-1, keepdims=True))
     loss_fn = VocabParallelCrossEntropy()
     expected = -np.take_along_axis(log_p, targets[..., None], axis=-1).mean()
-    yield "forward", {"loss": (loss_fn(head(x), targets), expected, IN + vocab)}
-    dx = output(head, head.backward(loss_fn.backward()))
+    leaf = tensor(x, requires_grad=True)
+    loss = loss_fn(head(leaf), targets)
+    yield "forward", {"loss": (float(loss), expected, IN + vocab)}
+    loss.backward()
+    dx = output(head, leaf.grad)
     dz = (np.exp(log_p) - np.eye(vocab)[targets]) / targets.size  # d mean loss / dZ
     yield "backward", {"dX": (dx, dz @ w.T, vocab), **weight_grads(head.grads(), "", x, dz, ROWS)}
 
