@@ -376,18 +376,18 @@ def split(
     )
 
 
-
-
 def place_like(param: Tensor, x: Tensor, group: TensorParallelGroup) -> Tensor:
     """A ``Dense`` parameter (LayerNorm's weight) where an elementwise layer meets ``x``: the parameter
     itself beside a ``Dense`` ``x`` on its device (or on the host: the layer moves ``x`` there), else
     copied to each of ``group``'s devices (:func:`copy_to_region`; backward sums the ``Partial``
     gradient onto the parameter's device) beside an ``x`` split, replicated or whole on some of them."""
     p, home = x.placement, param.placement
-    if isinstance(p, Dense) and p.device in (home.device, HOST):  # type: ignore[attr-defined]
+    assert isinstance(home, Dense)
+    if isinstance(p, Dense) and p.device in (home.device, HOST):
         return param
     devices = set(_devices(group))
-    where = {p.device} if isinstance(p, Dense) else set(getattr(p, "layout", p).devices)  # type: ignore[attr-defined]
+    where = {p.device} if isinstance(p, Dense) else set(getattr(p, "devices", ()))
+    where = set(p.layout.devices) if isinstance(p, Split) else where
     if isinstance(p, Partial) or not where <= devices:
         raise ShapeError(
             f"cannot place a parameter beside an input placed {p!r} (shape {x.shape}); expected it Dense, "

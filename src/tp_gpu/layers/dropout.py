@@ -18,18 +18,20 @@ count, on any backend.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import collectives
+from ..autograd import Context, Function
 from ..config import TensorParallelConfig
 from ..errors import ConfigError, ShapeError
-from ..partition import BlockLayout
-from ..sharded import ShardedTensor
+from ..group import TensorParallelGroup
+from ..placements import Split
+from ..tensor import Blocks, Tensor, new_tensor, tensor
 from .base import ParallelModule, as_array_like, check_seed
+from .norm import check_placement, input_blocks, output_placement
 
-__all__ = ["Dropout", "keep_mask"]
+__all__ = ["Dropout", "DropoutFunction", "keep_mask"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _SEED_MULTIPLIER = 0xD1B54A32D192ED03
@@ -89,14 +91,16 @@ def _flat_indices(xp: Any, shape: tuple, index: tuple) -> Any:
     return flat
 
 
-def _block_mask(
-    xp: Any, p: float, seed: int, step: int, shape: tuple, axis: int, layout: BlockLayout, device: Hashable
-) -> Any:
-    """The keep-mask of ``device``'s block of a tensor of logical ``shape`` split on ``axis`` as
-    ``layout`` says: its workers' slices of the logical mask, side by side."""
+def _block_mask(xp: Any, p: float, seed: int, step: int, x: Tensor, device: Hashable) -> Any:
+    """The keep-mask of ``device``'s block of ``x``: of the whole logical tensor for a whole ``x``;
+    for one split on an axis, its workers' slices of the logical mask, side by side."""
+    placement, shape = x.placement, x.shape
+    if not isinstance(placement, Split):
+        return keep_mask(xp, p, seed, step, shape, (Ellipsis,))
+    axis = placement.axis
     masks = [
         keep_mask(xp, p, seed, step, shape, (slice(None),) * axis + (s,))
-        for s in layout.global_slices(device)
+        for s in placement.layout.global_slices(device)
     ]  # each (..., S_w, ...)
     return masks[0] if len(masks) == 1 else xp.concatenate(masks, axis=axis)
 
@@ -107,13 +111,11 @@ def _apply(mask: Any, scale: float, x: Any) -> Any:
 
 
 def _check_input(x: Any, what: str) -> Any:
-    """``x`` (an array, or anything :func:`as_array_like` reads) if it holds real numbers, else
-    ShapeError naming what it holds; a ShardedTensor passes through after its dtype check."""
-    if isinstance(x, ShardedTensor):
-        dtype = np.dtype(x.dtype)
-    else:
+    """``x`` (a Tensor, an array, or anything :func:`as_array_like` reads) if it holds real numbers,
+    else ShapeError naming what it holds."""
+    if not isinstance(x, Tensor):
         x = as_array_like(x, what)
-        dtype = np.dtype(x.dtype)
+    dtype = np.dtype(x.dtype)
     if dtype.kind not in "biuf":
         raise ShapeError(
             f"{what} must hold real numbers (float, integer or bool), got dtype {dtype} "
@@ -122,18 +124,68 @@ def _check_input(x: Any, what: str) -> Any:
     return x
 
 
+class _DropoutContext(Context):
+    __slots__ = ("masks", "scale")
+
+    masks: Blocks  # {d: bool, shaped as d's block}
+    scale: float
+
+
+class DropoutFunction(Function):
+    """``y = x * keep * scale`` on each device's block of ``x``, with :func:`keep_mask` of ``seed``,
+    ``step`` and the block's logical indices. Backward: ``dx = dy * keep * scale``, with the masks kept."""
+
+    ctx_class = _DropoutContext
+
+    @staticmethod
+    def forward(
+        ctx: _DropoutContext,
+        x: Tensor,
+        p: float,
+        seed: int,
+        step: int,
+        scale: float,
+        group: TensorParallelGroup,
+        dtype: np.dtype,
+    ) -> Tensor:
+        backend = group.backend
+        xs = input_blocks(x, group.output_device, backend, dtype)  # {d: (...)}, a host x moved there
+        masks: Blocks = {}
+        ys: Blocks = {}
+        for d, xb in xs.items():
+            with backend.device(d):
+                masks[d] = _block_mask(backend.xp, p, seed, step, x, d)  # bool, shaped as the block
+                ys[d] = _apply(masks[d], scale, xb)
+        if ctx.needs_input_grad:
+            ctx.masks, ctx.scale = masks, scale
+        return new_tensor(ys, output_placement(x, xs), x.shape, dtype, backend, group.comm)
+
+    @staticmethod
+    def backward(ctx: _DropoutContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        backend = grad.backend
+        assert backend is not None
+        dx = {}
+        for d, g in grad.blocks.items():
+            with backend.device(d):
+                dx[d] = _apply(ctx.masks[d], ctx.scale, g)
+        return (new_tensor(dx, grad.placement, grad.shape, grad.dtype, backend, grad.comm),) + (None,) * 6
+
+
 class Dropout(ParallelModule):
-    """``y = x * keep / (1 - p)`` in training mode, ``y = x`` in eval mode, on the output device.
+    """``y = x * keep / (1 - p)`` in training mode, ``y = x`` in eval mode, where ``x`` lies.
 
     The mask is :func:`keep_mask` of the module's ``seed``, its ``step``
     counter (advanced by every training-mode forward, and saved with the
     optimizer state by :func:`tp_gpu.save_checkpoint` so that a resumed run
     draws the same masks) and each element's logical index.
 
-    A :class:`~tp_gpu.ShardedTensor` input (split on any axis: the sequence,
-    with sequence parallelism) is dropped where its slices lie: each device
-    makes the mask of its own slices of the logical tensor, so the masks equal
-    those of the unsplit tensor, and the output is split alike.
+    One :class:`DropoutFunction` serves every placement but partial sums: a
+    dense input is dropped on its device (a host array on the output device),
+    a :class:`~tp_gpu.ShardedTensor` (split on any axis: the sequence, with
+    sequence parallelism) where its slices lie. Each device makes the mask of
+    its own slices of the logical tensor, so the masks equal those of the
+    unsplit tensor, and the output is placed like the input. The masks are
+    kept for backward only while the tape records (not under ``no_grad()``).
 
     Parameters
     ----------
@@ -169,53 +221,14 @@ class Dropout(ParallelModule):
     def extra_repr(self) -> str:
         return f"p={self.p}, seed={self.seed}, step={self.step}"
 
-    def forward(self, x: Any) -> Any:
-        """Drop elements of ``x`` (any shape, on the output device) at random; the identity in eval mode."""
-        checked = _check_input(x, "Dropout input")
-        if not self.training:
+    def forward(self, x: Any) -> Tensor:
+        """Drop elements of ``x`` (any shape and placement but partial sums) at random, where it lies
+        (a host array on the output device); the identity (``x`` itself) in eval mode or with ``p = 0``."""
+        x = _check_input(x, "Dropout input")
+        x = x if isinstance(x, Tensor) else tensor(x)
+        check_placement(x, "Dropout input")
+        if not self.training or self.p == 0.0:
             return x
-        if self.p == 0.0:  # the identity both ways; backward still needs a forward first
-            self._keep({"identity": True})
-            return x
-        if isinstance(x, ShardedTensor):
-            return self._forward_sharded(x)
-        out, xp = self.output_device, self.backend.xp
-        x = collectives.to_devices(self.backend, [checked], [out], self.dtype)[0]
-        mask = self.group.on_device(out, keep_mask, xp, self.p, self.seed, self.step, x.shape, (Ellipsis,))
-        self.step += 1
-        self._keep({"mask": mask})
-        return self.group.on_device(out, _apply, mask, self._scale, x)
-
-    def _forward_sharded(self, x: ShardedTensor) -> ShardedTensor:
-        """Each device drops the elements of its block, with its slices of the logical mask."""
-        xp, shape, axis, layout = self.backend.xp, x.shape, x.axis, x.layout
-        blocks = x.blocks_for(layout, self.dtype, None, "Dropout input", axis)  # {d: (..., S_d, H)}
-        masks = {
-            d: self.group.on_device(d, _block_mask, xp, self.p, self.seed, self.step, shape, axis, layout, d)
-            for d in blocks
-        }  # {d: (..., S_d, H)} bool
-        self.step += 1
-        self._keep({"masks": masks, "sharded": (shape, axis, layout, x.comm)})
-        scale = self._scale
-        ys = self.group.on_devices(lambda m, b: _apply(m, scale, b), masks, blocks)
-        return ShardedTensor.from_blocks(ys, axis, layout, self.backend, x.comm)
-
-    def backward(self, grad_output: Any) -> Any:
-        """``dx = dy * keep / (1 - p)`` (split like the forward input for a ShardedTensor input)."""
-        saved = self._take_saved()
-        if "identity" in saved:
-            return grad_output
-        if "sharded" in saved:
-            shape, axis, layout, comm = saved["sharded"]
-            grad = self._check_grad_shape(grad_output, shape, "Dropout", sharded=True)
-            if isinstance(grad, ShardedTensor):
-                grads = grad.blocks_for(layout, self.dtype, None, "Dropout grad_output", axis)
-            else:
-                grads = collectives.scatter_blocks(self.backend, grad, axis, layout, self.dtype)
-            scale = self._scale
-            dxs = self.group.on_devices(lambda m, g: _apply(m, scale, g), saved["masks"], grads)
-            return ShardedTensor.from_blocks(dxs, axis, layout, self.backend, comm)
-        mask = saved["mask"]
-        grad = self._check_grad_shape(grad_output, mask.shape, "Dropout")
-        grad = collectives.to_devices(self.backend, [grad], [self.output_device], self.dtype)[0]
-        return self.group.on_device(self.output_device, _apply, mask, self._scale, grad)
+        y = DropoutFunction.apply(x, self.p, self.seed, self.step, self._scale, self.group, self.dtype)
+        self.step += 1  # only once the masks were drawn
+        return y

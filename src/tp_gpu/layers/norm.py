@@ -1,22 +1,24 @@
-"""LayerNorm over the last axis: on the output device where the dense activations of a transformer
-live, or on each device's slice of a sequence-parallel activation."""
+"""LayerNorm over the last axis, run where its input lies: on the output device for the dense
+activations of a transformer, on each device's slices of a sequence-parallel activation."""
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .. import collectives
+from ..autograd import Context, Function
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError
 from ..parameter import ShardedParameter
-from ..sharded import ShardedTensor
+from ..placements import HOST, Dense, Partial, Replicated, Split
+from ..regions import place_like
+from ..tensor import Blocks, Tensor, new_tensor, tensor
 from .base import ParallelModule
 
-__all__ = ["LayerNorm", "check_eps", "compute_dtype"]
+__all__ = ["LayerNorm", "LayerNormFunction", "check_eps", "compute_dtype", "input_blocks"]
 
 
 def check_eps(eps: Any) -> float:
@@ -32,6 +34,126 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
+def input_blocks(x: Tensor, home: Any, backend: Any, dtype: Any) -> Blocks:
+    """The blocks an elementwise layer computes on, as ``dtype``: ``x``'s own, each where it lies; a
+    host array's (``Dense`` on the host) moved to ``home``."""
+    p = x.placement
+    if isinstance(p, Dense) and p.device == HOST:
+        return {home: backend.asarray(x.blocks[HOST], dtype, home)}
+    return {d: backend.asarray(b, dtype, d) for d, b in x.blocks.items()}
+
+
+def output_placement(x: Tensor, blocks: Blocks) -> Any:
+    """Where an elementwise layer's output of ``blocks`` lies: as ``x``, or beside a host ``x``'s block."""
+    return Dense(next(iter(blocks))) if isinstance(x.placement, Dense) else x.placement
+
+
+def check_placement(x: Tensor, what: str, last_axis: bool = True) -> None:
+    """ShapeError unless ``x`` is whole (``Dense``, ``Replicated``) or split (on any axis but the last
+    when not ``last_axis``): an elementwise layer of partial sums would be wrong."""
+    p = x.placement
+    if isinstance(p, Partial) or (not last_axis and isinstance(p, Split) and p.axis == x.ndim - 1):
+        where = "any axis" if last_axis else "any axis but the last"
+        raise ShapeError(f"{what} must be whole or split on {where}; got shape {x.shape} placed {p!r}")
+
+
+class _LayerNormContext(Context):
+    __slots__ = ("xhat", "rstd", "weight", "dtype")
+
+    xhat: Blocks  # {d: (..., H)} in the compute dtype
+    rstd: Blocks  # {d: (..., 1)}
+    weight: Tensor  # placed beside the blocks
+    dtype: np.dtype  # of the output
+
+
+class LayerNormFunction(Function):
+    """``y = xhat * weight + bias`` on each device's block of ``x``, beside ``weight`` and ``bias``
+    placed there (:func:`~tp_gpu.regions.place_like`).
+
+    Backward, per device, with ``g = dy * weight``: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``,
+    ``dweight_d = sum(dy * xhat)`` and ``dbias_d = sum(dy)`` over the block's rows, placed like the
+    weight's gradient (``Partial`` for a copied weight: the copy's backward adds them up).
+    """
+
+    ctx_class = _LayerNormContext
+
+    @staticmethod
+    def forward(
+        ctx: _LayerNormContext, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: np.dtype
+    ) -> Tensor:
+        backend = weight.backend
+        assert backend is not None
+        home = next(iter(weight.blocks))
+        xs = input_blocks(x, home, backend, dtype)  # {d: (..., H)}
+        ys, xhats, rstds = {}, {}, {}
+        for d, xb in xs.items():
+            with backend.device(d):
+                ys[d], xhats[d], rstds[d] = _normalise(
+                    backend.xp, xb, weight.blocks[d], bias.blocks[d], eps, dtype
+                )
+        if ctx.needs_input_grad:
+            ctx.xhat, ctx.rstd, ctx.weight, ctx.dtype = xhats, rstds, weight, dtype
+        return new_tensor(ys, output_placement(x, xs), x.shape, dtype, backend, weight.comm)
+
+    @staticmethod
+    def backward(ctx: _LayerNormContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        weight, dtype = ctx.weight, ctx.dtype
+        backend = weight.backend
+        assert backend is not None
+        needs = ctx.needs_input_grad
+        dx, dweight, dbias = {}, {}, {}
+        for d, g in grad.blocks.items():
+            with backend.device(d):
+                dx[d], dweight[d], dbias[d] = _normalise_grad(
+                    g, ctx.xhat[d], ctx.rstd[d], weight.blocks[d], dtype
+                )
+        grad_x = new_tensor(dx, grad.placement, grad.shape, dtype, backend, grad.comm) if needs[0] else None
+        return (
+            grad_x,
+            _param_grad(weight, dweight, needs[1]),
+            _param_grad(weight, dbias, needs[2]),
+            None,
+            None,
+        )
+
+
+def _param_grad(placed: Tensor, blocks: Blocks, needed: bool) -> Optional[Tensor]:
+    """A parameter's per-device gradient ``blocks``: ``Partial`` for a copy on each device, else as the
+    parameter (``Dense`` on its device)."""
+    if not needed:
+        return None
+    p = Partial(tuple(blocks)) if isinstance(placed.placement, Replicated) else placed.placement
+    return new_tensor(blocks, p, placed.shape, placed.dtype, placed.backend, placed.comm)
+
+
+def _normalise(xp: Any, x: Any, weight: Any, bias: Any, eps: float, out_dtype: np.dtype):
+    """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype."""
+    dtype = compute_dtype(out_dtype)
+    xc = x.astype(dtype, copy=False)  # (..., H)
+    xc = xc - xc.mean(axis=-1, keepdims=True)  # a new array, normalised in place below
+    var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1), biased as torch
+    rstd = 1.0 / xp.sqrt(var + dtype.type(eps))  # (..., 1)
+    xc *= rstd  # xhat (..., H)
+    y = xc * weight.astype(dtype, copy=False)
+    y += bias.astype(dtype, copy=False)
+    return y.astype(out_dtype, copy=False), xc, rstd
+
+
+def _normalise_grad(grad: Any, xhat: Any, rstd: Any, weight: Any, out_dtype: np.dtype):
+    """``(dx, dweight, dbias)`` from ``dy``: see :class:`LayerNormFunction`."""
+    dtype = compute_dtype(out_dtype)
+    h = xhat.shape[-1]
+    dy = grad.astype(dtype, copy=False)
+    dy2 = dy.reshape(-1, h)  # (N, H)
+    dweight = (dy2 * xhat.reshape(-1, h)).sum(axis=0)  # (H,)
+    dbias = dy2.sum(axis=0)  # (H,)
+    g = dy * weight.astype(dtype, copy=False)  # (..., H)
+    dx = g - g.mean(axis=-1, keepdims=True)
+    dx -= xhat * (g * xhat).mean(axis=-1, keepdims=True)
+    dx *= rstd
+    return dx.astype(out_dtype, copy=False), dweight.astype(out_dtype), dbias.astype(out_dtype)
+
+
 class LayerNorm(ParallelModule):
     """``y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias`` over the last axis (Ba et al., 2016).
 
@@ -39,19 +161,20 @@ class LayerNorm(ParallelModule):
     ``normalized_shape``, as ``torch.nn.LayerNorm(normalized_shape, eps)``
     computes them. The parameters ``weight`` (ones) and ``bias`` (zeros) are
     kept whole on the group's output device, where the dense activations
-    between tensor-parallel blocks live; the layer runs there. Statistics are
-    computed in float32 for float16 input, else in the input dtype.
+    between tensor-parallel blocks live. Statistics are computed in float32
+    for float16 input, else in the input dtype.
 
     Backward, with ``xhat = (x - mean) * rstd`` and ``rstd = 1 / sqrt(var + eps)``:
     ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` over the leading axes, and
     ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * weight``.
 
-    A :class:`~tp_gpu.ShardedTensor` input split on any axis but the last (the
-    sequence, with sequence parallelism) is normalised where its slices lie:
-    ``weight`` and ``bias`` are copied to each device per forward, each device
-    computes its rows, and the output is a ShardedTensor split alike. The
-    per-device partial sums of ``dweight`` and ``dbias`` are reduced (over
-    every process too) onto the output device, where the parameters live.
+    The layer runs where ``x`` lies (:class:`LayerNormFunction`): a dense ``x``
+    on the output device (a host array is moved there), an ``x`` split on any
+    axis but the last (the sequence, with sequence parallelism) on each
+    device's rows, with ``weight`` and ``bias`` copied to each device
+    (:func:`~tp_gpu.regions.place_like`); the per-device sums of ``dweight``
+    and ``dbias`` are then reduced (over every process too) onto the output
+    device, where the parameters live. The output is placed like ``x``.
 
     Hugging Face names: a BERT ``...LayerNorm.weight`` / ``.bias`` (``gamma`` /
     ``beta`` in old checkpoints) is this layer's ``weight`` / ``bias``.
@@ -83,105 +206,15 @@ class LayerNorm(ParallelModule):
         """Overwrite ``weight`` and ``bias`` (each ``(normalized_shape,)``, any array kind), checked first."""
         self.load_state_dict({"weight": weight, "bias": bias})
 
-    def forward(self, x: Any) -> Any:
-        """``y`` shaped as ``x`` ``(..., normalized_shape)``, on the output device, in the layer's dtype
-        (a ShardedTensor split like ``x`` for a ShardedTensor ``x``)."""
-        if isinstance(x, ShardedTensor):
-            return self._forward_sharded(x)
+    def forward(self, x: Any) -> Tensor:
+        """``y`` shaped as ``x`` ``(..., normalized_shape)``, in the layer's dtype, placed like ``x``
+        (on the output device for a dense or host ``x``)."""
         x = self._check_features(x, self.normalized_shape, "LayerNorm input")
-        out = self.output_device
-        (x,) = collectives.to_devices(self.backend, [x], [out], self.dtype)  # (..., H) on the output device
-        weight, bias = self.weight.blocks[out], self.bias.blocks[out]
-        y, xhat, rstd = self.group.on_device(out, self._forward, x, weight, bias)
-        self._keep({"xhat": xhat, "rstd": rstd, "shape": tuple(x.shape)})
-        return y
-
-    def _forward_sharded(self, x: ShardedTensor) -> ShardedTensor:
-        """Each device normalises the rows of its block of ``x`` with its own copy of the parameters."""
-        real = np.dtype(x.dtype).kind in "iuf"
-        if x.shape[-1] != self.normalized_shape or x.axis == x.ndim - 1 or not real:
-            raise ShapeError(
-                f"LayerNorm takes a ShardedTensor of shape (..., {self.normalized_shape}) of real numbers, "
-                f"split on any axis but the last; got {x!r}"
-            )
-        blocks = x.blocks_for(x.layout, self.dtype, None, "LayerNorm input", x.axis)  # {d: (..., S_d, H)}
-        out = self.output_device
-        weights = collectives.broadcast(self.backend, self.weight.blocks[out], list(blocks), self.dtype)
-        biases = collectives.broadcast(self.backend, self.bias.blocks[out], list(blocks), self.dtype)
-        results = self.group.on_devices(self._forward, blocks, weights, biases)  # {d: (y, xhat, rstd)}
-        self._keep(
-            {
-                "xhat": {d: xhat for d, (_, xhat, _) in results.items()},  # {d: (..., S_d, H)}
-                "rstd": {d: rstd for d, (_, _, rstd) in results.items()},  # {d: (..., S_d, 1)}
-                "shape": x.shape,
-                "sharded": (x.axis, x.layout, x.comm),
-            }
-        )
-        ys = {d: y for d, (y, _, _) in results.items()}
-        return ShardedTensor.from_blocks(ys, x.axis, x.layout, self.backend, x.comm)
-
-    def _forward(self, x: Any, weight: Any, bias: Any):
-        """``(y, xhat, rstd)``: the output in the layer's dtype, what backward needs in the compute dtype."""
-        xp, dtype = self.backend.xp, compute_dtype(self.dtype)
-        xc = x.astype(dtype, copy=False)  # (..., H)
-        xc = xc - xc.mean(axis=-1, keepdims=True)  # a new array, normalised in place below
-        var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1), biased as torch
-        rstd = 1.0 / xp.sqrt(var + dtype.type(self.eps))  # (..., 1)
-        xc *= rstd  # xhat (..., H)
-        y = xc * weight.astype(dtype, copy=False)
-        y += bias.astype(dtype, copy=False)
-        return y.astype(self.dtype, copy=False), xc, rstd
-
-    def backward(self, grad_output: Any) -> Any:
-        """Accumulate ``dweight``, ``dbias`` and return ``dx`` of the input's shape, on the output device."""
-        saved = self._take_saved()
-        if "sharded" in saved:
-            return self._backward_sharded(grad_output, saved)
-        grad = self._check_grad_shape(grad_output, saved["shape"], "LayerNorm")
-        out = self.output_device
-        (grad,) = collectives.to_devices(self.backend, [grad], [out], self.dtype)  # (..., H)
-        dx, dweight, dbias = self.group.on_device(out, self._backward, grad, saved, self.weight.blocks[out])
-        self.weight.accumulate(out, dweight)
-        self.bias.accumulate(out, dbias)
-        return dx
-
-    def _backward_sharded(self, grad_output: Any, saved: Dict[str, Any]) -> ShardedTensor:
-        """``dx`` split like the forward input; ``dweight = sum_d dweight_d`` (and ``dbias``) reduced
-        onto the output device. ``grad_output`` is a ShardedTensor split alike, or a dense array."""
-        axis, layout, comm = saved["sharded"]
-        grad = self._check_grad_shape(grad_output, saved["shape"], "LayerNorm", sharded=True)
-        if isinstance(grad, ShardedTensor):
-            grads = grad.blocks_for(layout, self.dtype, None, "LayerNorm grad_output", axis)
-        else:
-            grads = collectives.scatter_blocks(self.backend, grad, axis, layout, self.dtype)
-        out = self.output_device
-        weights = collectives.broadcast(self.backend, self.weight.blocks[out], list(grads), self.dtype)
-        results = self.group.on_devices(
-            lambda g, xhat, rstd, w: self._backward(g, {"xhat": xhat, "rstd": rstd}, w),
-            grads,
-            saved["xhat"],
-            saved["rstd"],
-            weights,
-        )  # {d: (dx_d, dweight_d, dbias_d)}
-        for i, param in ((1, self.weight), (2, self.bias)):
-            partials = {d: r[i] for d, r in results.items()}  # {d: (H,)}
-            param.accumulate(out, collectives.reduce_sum(self.backend, partials, out, comm))
-        dxs = {d: r[0] for d, r in results.items()}  # {d: (..., S_d, H)}
-        return ShardedTensor.from_blocks(dxs, axis, layout, self.backend, comm)
-
-    def _backward(self, grad: Any, saved: dict, weight: Any):
-        """``(dx, dweight, dbias)`` from ``dy``: see the class docstring."""
-        dtype = compute_dtype(self.dtype)
-        xhat, rstd = saved["xhat"], saved["rstd"]
-        dy = grad.astype(dtype, copy=False)
-        dy2 = dy.reshape(-1, self.normalized_shape)  # (N, H)
-        dweight = (dy2 * xhat.reshape(-1, self.normalized_shape)).sum(axis=0)  # (H,)
-        dbias = dy2.sum(axis=0)  # (H,)
-        g = dy * weight.astype(dtype, copy=False)  # (..., H)
-        dx = g - g.mean(axis=-1, keepdims=True)
-        dx -= xhat * (g * xhat).mean(axis=-1, keepdims=True)
-        dx *= rstd
-        return dx.astype(self.dtype, copy=False), dweight.astype(self.dtype), dbias.astype(self.dtype)
+        x = x if isinstance(x, Tensor) else tensor(x)
+        check_placement(x, "LayerNorm input", last_axis=False)
+        weight = place_like(self.weight, x, self.group)  # (H,) beside each block of x
+        bias = place_like(self.bias, x, self.group)
+        return LayerNormFunction.apply(x, weight, bias, self.eps, self.dtype)
 
     def extra_repr(self) -> str:
         return (
