@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
-from helpers import TOLERANCE, to_host
+from helpers import TOLERANCE, device_of, to_host
 
 from tp_gpu import (
     ColumnParallelLinear,
@@ -19,6 +19,7 @@ from tp_gpu import (
     RowParallelLinear,
     ShapeError,
     ShardedTensor,
+    Tensor,
     TensorParallelConfig,
     TensorParallelError,
 )
@@ -47,8 +48,8 @@ def test_column_matches_dense(make_config, rng, n_workers, dtype):
     x = rng.standard_normal((5, 13)).astype(dtype)
     y = layer(x)
     assert y.shape == (5, 7 * n_workers)
-    assert y.dtype == np.dtype(dtype)
-    assert layer.backend.device_of(y) == layer.devices[0]
+    assert isinstance(y, Tensor) and y.dtype == np.dtype(dtype)
+    assert device_of(layer, y) == layer.devices[0]
     assert_close(to_host(layer, y), dense_reference(layer, x), dtype)
 
 
@@ -59,8 +60,8 @@ def test_row_matches_dense(make_config, rng, n_workers, dtype):
     x = rng.standard_normal((5, 13 * n_workers)).astype(dtype)
     y = layer(x)
     assert y.shape == (5, 7)
-    assert y.dtype == np.dtype(dtype)
-    assert layer.backend.device_of(y) == layer.devices[0]
+    assert isinstance(y, Tensor) and y.dtype == np.dtype(dtype)
+    assert device_of(layer, y) == layer.devices[0]
     assert_close(to_host(layer, y), dense_reference(layer, x), dtype)
 
 
@@ -143,8 +144,8 @@ def test_output_device_from_config():
     col = ColumnParallelLinear(4, 4, cfg)
     row = RowParallelLinear(4, 4, cfg)
     x = np.ones((2, 4))
-    assert col.backend.device_of(col(x)) == 2
-    assert row.backend.device_of(row(x)) == 2
+    assert device_of(col, col(x)) == 2
+    assert device_of(row, row(x)) == 2
     assert row.backend.device_of(row.bias_shards[0]) == 2
 
 
@@ -212,12 +213,16 @@ def test_row_rejects_sharded_tensor_of_other_split(make_config, rng):
     x = rng.standard_normal((3, 12))
     col3 = ColumnParallelLinear(12, 12, make_config(3, gather_output=False))
     row2 = RowParallelLinear(12, 4, make_config(2))
-    with pytest.raises(ShapeError, match=r"sizes \[4, 4, 4\].*expected.*\[6, 6\]"):
+    with pytest.raises(ShapeError, match=r"sizes=\[4, 4, 4\].*expected.*sizes \[6, 6\]"):
         row2(col3(x))
-    col2 = ColumnParallelLinear(12, 12, make_config(2, gather_output=False))
-    sharded = col2(x)
-    on_axis0 = ShardedTensor([s.T for s in sharded.shards], 0, sharded.devices, sharded.backend)
-    with pytest.raises(ShapeError, match="axis 0"):
+    rows = np.split(rng.standard_normal((4, 12)), 2, axis=0)  # 12 features, split on axis 0
+    on_axis0 = ShardedTensor(
+        [row2.backend.asarray(r, row2.dtype, d) for r, d in zip(rows, row2.devices)],
+        0,
+        row2.devices,
+        row2.backend,
+    )
+    with pytest.raises(ShapeError, match=r"axis=0.*expected.*axis 1"):
         row2(on_axis0)
 
 
