@@ -13,9 +13,12 @@ from typing import Callable, Dict
 import numpy as np
 import pytest
 from conftest import BACKEND_SPECS, WORKER_COUNTS
-from helpers import to_host
+from helpers import device_of, forward_backward, to_host
 
-from tp_gpu import ConfigError, LayerNorm, ShapeError, TensorParallelConfig, TensorParallelError
+import tp_gpu
+from tp_gpu import ConfigError, LayerNorm, ShapeError, TensorParallelConfig, TensorParallelError, regions
+from tp_gpu.placements import Dense, Partial
+from tp_gpu.tensor import new_tensor
 from tp_gpu.testing import assert_close
 
 # ---------------------------------------------------------------------------- shared helpers
@@ -74,13 +77,12 @@ def test_matches_dense_forward_and_backward(make_config, rng, n_workers):
         "bias": rng.standard_normal(h),
     }
     norm.load_dense(point["weight"], point["bias"])
-    y = norm(point["x"])
-    assert norm.backend.device_of(y) == norm.output_device
     expected = dense_layer_norm(point["x"], point["weight"], point["bias"], 1e-5)
-    assert_close(to_host(norm, y), expected, "float64", h, "LayerNorm forward")
     g = rng.standard_normal(expected.shape)
-    dx = norm.backward(g)
-    assert norm.backend.device_of(dx) == norm.output_device
+    y, dx = forward_backward(norm, point["x"], g)
+    assert device_of(norm, y) == norm.output_device
+    assert_close(to_host(norm, y), expected, "float64", h, "LayerNorm forward")
+    assert device_of(norm, dx) == norm.output_device
     grads = {"x": to_host(norm, dx), **norm.grads()}
     for param in norm.parameters():  # gradients stay with their parameter, on the output device
         assert list(param.grad_blocks) == [norm.output_device]
@@ -94,11 +96,9 @@ def test_matches_dense_forward_and_backward(make_config, rng, n_workers):
 def test_gradients_accumulate_over_backward_calls(rng):
     norm = LayerNorm(6, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64"))
     x, g = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
-    norm(x)
-    norm.backward(g)
+    norm(x).backward(g)
     once = norm.grads()
-    norm(x)
-    norm.backward(g)
+    norm(x).backward(g)
     for name, grad in norm.grads().items():
         np.testing.assert_allclose(grad, 2 * once[name], rtol=1e-12)
     np.testing.assert_allclose(once["bias"], g.sum(axis=0), rtol=1e-12)  # dbias = sum(dy), independently
@@ -110,13 +110,12 @@ def test_lower_precision_stays_in_its_dtype(make_config, rng, dtype):
     h = 128  # a float16 sum of 128 values near 600 overflows: the statistics must be float32
     norm = LayerNorm(h, make_config(3, dtype=dtype))
     x = (600 + rng.standard_normal((2, 3, h))).astype(dtype)
-    y = norm(x)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    y, dx = forward_backward(norm, x, g)
     assert y.dtype == np.dtype(dtype)
     expected = dense_layer_norm(x.astype(np.float64), 1.0, 0.0, 1e-5)
     assert np.isfinite(to_host(norm, y)).all()
     assert_close(to_host(norm, y), expected, dtype, h, f"LayerNorm {dtype}")  # the mean sums h terms
-    g = rng.standard_normal(x.shape).astype(dtype)
-    dx = norm.backward(g)
     assert dx.dtype == np.dtype(dtype) and norm.weight.grad_blocks[norm.output_device].dtype == np.dtype(
         dtype
     )
@@ -148,8 +147,9 @@ def test_matches_torch_layer_norm(rng, n_workers, dtype):
     g = torch.from_numpy(rng.standard_normal((2, 7, h)).astype(dtype))
     y_ref = ref(x)
     (y_ref * g).sum().backward()
-    assert_close(to_host(norm, norm(x)), y_ref.detach().numpy(), dtype, h, "vs torch forward")
-    assert_close(to_host(norm, norm.backward(g)), x.grad.numpy(), dtype, h, "vs torch dx")
+    y, dx = forward_backward(norm, x.detach(), g)  # torch tensors, through DLPack
+    assert_close(to_host(norm, y), y_ref.detach().numpy(), dtype, h, "vs torch forward")
+    assert_close(to_host(norm, dx), x.grad.numpy(), dtype, h, "vs torch dx")
     assert_close(norm.grads()["weight"], ref.weight.grad.numpy(), dtype, 14, "vs torch dweight")
     assert_close(norm.grads()["bias"], ref.bias.grad.numpy(), dtype, 14, "vs torch dbias")
 
@@ -163,18 +163,75 @@ def test_parameters_and_output_on_the_output_device(rng):
     assert {d for p in norm.parameters() for d in p.blocks} == {2}
     np.testing.assert_array_equal(norm.state_dict()["weight"], np.ones(5))
     np.testing.assert_array_equal(norm.state_dict()["bias"], np.zeros(5))
-    assert norm.backend.device_of(norm(rng.standard_normal((2, 5)))) == 2
+    assert device_of(norm, norm(rng.standard_normal((2, 5)))) == 2
 
 
-def test_eval_keeps_nothing(rng):
+def test_no_grad_keeps_nothing(rng):
     norm = LayerNorm(4, TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64"))
-    norm(rng.standard_normal((3, 4)))
-    norm.eval()
-    assert norm._saved is None
-    norm(rng.standard_normal((3, 4)))
-    assert norm._saved is None
-    with pytest.raises(TensorParallelError, match="without a preceding forward"):
-        norm.backward(np.ones((3, 4)))
+    recorded = norm(rng.standard_normal((3, 4)))
+    assert recorded.grad_fn.ctx.xhat  # recording keeps xhat and rstd for backward
+    with tp_gpu.no_grad():
+        y = norm(rng.standard_normal((3, 4)))
+    assert y.grad_fn is None and not y.requires_grad  # nothing recorded, no activation kept
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        y.backward(np.ones((3, 4)))
+    assert all(g is None for p in norm.parameters() for g in p.grad_blocks.values())
+
+
+@pytest.mark.parametrize("p", [1, 3, 8])
+def test_sequence_slices_equal_the_dense_norm(rng, p):
+    """A sequence-split input is normalised where its slices lie, with the parameters copied to each
+    device; the per-device parameter gradients are summed onto the output device."""
+    config = TensorParallelConfig(
+        n_workers=p, backend="simulated", devices=3, output_device=1, dtype="float64"
+    )
+    dense, norm = LayerNorm(7, config), LayerNorm(7, config)
+    weight, bias = rng.standard_normal(7), rng.standard_normal(7)
+    for layer in (dense, norm):
+        layer.load_dense(weight, bias)
+    x, g = rng.standard_normal((2, 6, 7)), rng.standard_normal((2, 6, 7))
+    split = regions.scatter_to_sequence_parallel_region(x, norm.group)
+    y, dx = forward_backward(norm, split, g)
+    y_dense, dx_dense = forward_backward(dense, x, g)
+    assert y.placement == split.placement and dx.placement == split.placement
+    np.testing.assert_allclose(to_host(norm, y), to_host(dense, y_dense), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_host(norm, dx), to_host(dense, dx_dense), rtol=1e-12, atol=1e-12)
+    for name, grad in dense.grads().items():
+        np.testing.assert_allclose(norm.grads()[name], grad, rtol=1e-12, atol=1e-12, err_msg=name)
+    assert all(list(param.grad_blocks) == [1] for param in norm.parameters())
+
+
+def test_dense_input_on_another_device_runs_there(rng):
+    """A dense input on a device other than the parameters' is normalised where it lies, beside a copy
+    of the parameters; their gradients go back to the output device."""
+    norm = LayerNorm(5, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64"))
+    weight, bias = rng.standard_normal(5), rng.standard_normal(5)
+    norm.load_dense(weight, bias)
+    x, g = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+    on_two = new_tensor({2: norm.backend.asarray(x, np.float64, 2)}, Dense(2), x.shape, x.dtype, norm.backend)
+    y, dx = forward_backward(norm, on_two, g)
+    assert device_of(norm, y) == 2 and device_of(norm, dx) == 2
+    reference = LayerNorm(5, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
+    reference.load_dense(weight, bias)
+    y_ref, dx_ref = forward_backward(reference, x, g)
+    np.testing.assert_allclose(to_host(norm, y), to_host(reference, y_ref), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(to_host(norm, dx), to_host(reference, dx_ref), rtol=1e-12, atol=1e-14)
+    for name, grad in reference.grads().items():
+        np.testing.assert_allclose(norm.grads()[name], grad, rtol=1e-12, atol=1e-14, err_msg=name)
+    assert all(list(param.grad_blocks) == [norm.output_device] for param in norm.parameters())
+
+
+def test_partial_sums_and_feature_splits_are_refused(rng):
+    config = TensorParallelConfig(n_workers=2, backend="simulated", devices=2, dtype="float64")
+    norm = LayerNorm(6, config)
+    x = rng.standard_normal((3, 6))
+    blocks = {d: norm.backend.asarray(x / 2, np.float64, d) for d in (0, 1)}
+    partial = new_tensor(blocks, Partial((0, 1)), x.shape, x.dtype, norm.backend)
+    with pytest.raises(ShapeError, match="LayerNorm input must be whole or split on any axis but the last"):
+        norm(partial)
+    by_feature = regions.scatter_to_region(x, norm.group, norm.group.split(6, what="features"))
+    with pytest.raises(ShapeError, match="any axis but the last"):
+        norm(by_feature)
 
 
 @pytest.mark.parametrize(
@@ -203,10 +260,12 @@ def test_bad_input_raises_and_changes_nothing(rng):
         norm.load_dense(np.ones(5), np.zeros(6))
     np.testing.assert_array_equal(norm.state_dict()["weight"], np.ones(6))  # nothing loaded
     g = rng.standard_normal((2, 6))
-    with pytest.raises(ShapeError, match=r"grad_output must have shape \(2, 6\), got \(3, 6\)"):
-        norm.backward(rng.standard_normal((3, 6)))
-    norm(x)
-    dx = to_host(norm, norm.backward(g))  # the layer still works after every error
+    y = norm(x)
+    with pytest.raises(ShapeError, match=r"grad has shape \(3, 6\); expected the tensor's shape \(2, 6\)"):
+        y.backward(rng.standard_normal((3, 6)))
+    assert all(g is None for p in norm.parameters() for g in p.grad_blocks.values())
+    y.backward(g)  # the layer (and this graph) still works after every error
     expected = LayerNorm(6, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
-    expected(x)
-    np.testing.assert_allclose(dx, to_host(expected, expected.backward(g)), rtol=1e-12, atol=1e-14)
+    _, dx = forward_backward(norm, x, g)
+    _, expected_dx = forward_backward(expected, x, g)
+    np.testing.assert_allclose(to_host(norm, dx), to_host(expected, expected_dx), rtol=1e-12, atol=1e-14)
