@@ -1,13 +1,14 @@
-"""Backward of every layer and of ParallelMLP: dense-reference gradients, finite differences,
-accumulation, placement of gradient shards and the communication pattern."""
+"""Backward of every layer and of ParallelMLP through the tape: dense-reference gradients, finite
+differences, accumulation, placement of gradient shards and the communication pattern."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
-from helpers import to_host
+from helpers import forward_backward, to_host
 
+import tp_gpu
 from tp_gpu import (
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -19,6 +20,7 @@ from tp_gpu import (
     TensorParallelError,
 )
 from tp_gpu.layers.activations import ACTIVATIONS
+from tp_gpu.placements import Dense
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -33,7 +35,7 @@ def test_column_gradients_match_dense(make_config, rng, n_workers, gather_output
     layer = ColumnParallelLinear(
         7, 3 * n_workers, make_config(n_workers, gather_output=gather_output), seed=1
     )
-    x = rng.standard_normal((2, 5, 7))
+    x = tp_gpu.tensor(rng.standard_normal((2, 5, 7)), requires_grad=True)
     y = layer(x)
     g = rng.standard_normal((2, 5, 3 * n_workers))
     grad_output = g
@@ -45,10 +47,12 @@ def test_column_gradients_match_dense(make_config, rng, n_workers, gather_output
             y.devices,
             layer.backend,
         )
-    dx = layer.backward(grad_output)
+    y.backward(grad_output)
     w = layer.full_weight()
-    np.testing.assert_allclose(host(layer, dx), g @ w.T, **TOL)
+    assert x.grad.placement == Dense(layer.output_device)  # the partial dX reduced on the output device
+    np.testing.assert_allclose(host(layer, x.grad), g @ w.T, **TOL)
     grads = layer.grads()
+    x = np.asarray(x)
     np.testing.assert_allclose(grads["weight"], x.reshape(-1, 7).T @ g.reshape(-1, 3 * n_workers), **TOL)
     np.testing.assert_allclose(grads["bias"], g.sum(axis=(0, 1)), **TOL)
     for param in layer.parameters():  # each gradient block stays on its parameter block's device
@@ -62,10 +66,10 @@ def test_column_gradients_match_dense(make_config, rng, n_workers, gather_output
 def test_row_gradients_match_dense(make_config, rng, n_workers):
     layer = RowParallelLinear(5 * n_workers, 4, make_config(n_workers), seed=2)
     x = rng.standard_normal((6, 5 * n_workers))
-    layer(x)
     g = rng.standard_normal((6, 4))
-    dx = layer.backward(g)
+    _, dx = forward_backward(layer, x, g)
     assert not isinstance(dx, ShardedTensor)  # a dense input gets a gathered gradient
+    assert dx.placement == Dense(layer.output_device)
     np.testing.assert_allclose(host(layer, dx), g @ layer.full_weight().T, **TOL)
     np.testing.assert_allclose(layer.grads()["weight"], x.T @ g, **TOL)
     np.testing.assert_allclose(layer.grads()["bias"], g.sum(axis=0), **TOL)
@@ -84,9 +88,9 @@ def test_embedding_gradient_accumulates_repeated_ids(make_config, rng, n_workers
     emb = ParallelEmbedding(vocab, 5, config=make_config(n_workers), seed=3)
     ids = rng.integers(0, vocab, size=(4, 9))
     ids[0, :3] = 0  # repeated ids must add up
-    emb(ids)
+    y = emb(ids)
     g = rng.standard_normal((4, 9, 5))
-    assert emb.backward(g) is None
+    y.backward(g)  # integer ids get no gradient: only the table's accumulates
     expected = np.zeros((vocab, 5))
     np.add.at(expected, ids.reshape(-1), g.reshape(-1, 5))
     np.testing.assert_allclose(emb.grads()["weight"], expected, **TOL)
@@ -99,7 +103,7 @@ def test_embedding_backward_scatters_each_id_once(rng, devices):
         24, 5, config=TensorParallelConfig(n_workers=8, backend="simulated", devices=devices, dtype="float64")
     )
     ids = rng.integers(0, 24, size=(3, 7))
-    emb(ids)
+    y = emb(ids)
     scattered = {}
     real_scatter = type(emb.backend).scatter_add_rows
 
@@ -110,7 +114,7 @@ def test_embedding_backward_scatters_each_id_once(rng, devices):
 
     type(emb.backend).scatter_add_rows = recording_scatter
     try:
-        emb.backward(rng.standard_normal((3, 7, 5)))
+        y.backward(rng.standard_normal((3, 7, 5)))
     finally:
         type(emb.backend).scatter_add_rows = real_scatter
     owner = {d: [w for w in range(8) if emb.devices[w] == d] for d in set(emb.devices)}
@@ -130,10 +134,11 @@ def test_mlp_gradients_match_dense(make_config, rng, n_workers, activation):
     w1, b1, w2, b2 = mlp.fc1.full_weight(), mlp.fc1.full_bias(), mlp.fc2.full_weight(), mlp.fc2.full_bias()
     pre = x @ w1 + b1
     a = act.forward(np, pre)
-    y = to_host(mlp.fc2, mlp(x))
-    np.testing.assert_allclose(y, a @ w2 + b2, **TOL)
     g = rng.standard_normal((3, 5))
-    dx = to_host(mlp.fc2, mlp.backward(g))
+    y, dx = forward_backward(mlp, x, g)
+    assert isinstance(y, tp_gpu.Tensor) and isinstance(dx, tp_gpu.Tensor)
+    np.testing.assert_allclose(to_host(mlp.fc2, y), a @ w2 + b2, **TOL)
+    dx = to_host(mlp.fc2, dx)
     g_pre = act.grad(np, pre, g @ w2.T)
     np.testing.assert_allclose(dx, g_pre @ w1.T, **TOL)
     grads = mlp.grads()
@@ -162,12 +167,12 @@ def test_mlp_weight_gradient_by_finite_differences(backend_spec, rng, n_workers)
     mlp = ParallelMLP(4, 2 * n_workers, 3, cfg, seed=5)
     x = rng.standard_normal((5, 4))
     g = rng.standard_normal((5, 3))
-    mlp(x)
-    mlp.backward(g)
+    mlp(x).backward(g)
     analytic = mlp.grads()
 
     def objective() -> float:
-        return float((to_host(mlp.fc2, mlp(x)) * g).sum())
+        with tp_gpu.no_grad():
+            return float((to_host(mlp.fc2, mlp(x)) * g).sum())
 
     h = 1e-6
     for pname, param in mlp.named_parameters():
@@ -188,11 +193,9 @@ def test_mlp_weight_gradient_by_finite_differences(backend_spec, rng, n_workers)
 def test_gradients_accumulate_until_zero_grad(make_config, rng):
     layer = ColumnParallelLinear(3, 4, make_config(2), seed=0)
     x, g = rng.standard_normal((2, 3)), rng.standard_normal((2, 4))
-    layer(x)
-    layer.backward(g)
+    layer(x).backward(g)
     once = layer.grads()
-    layer(x)
-    layer.backward(g)
+    layer(x).backward(g)
     twice = layer.grads()
     for key in once:
         np.testing.assert_allclose(twice[key], 2 * once[key], **TOL)
@@ -206,46 +209,63 @@ def test_mlp_needs_one_reduction_each_way(rng, n_workers):
     (besides the input copies and the dY broadcast). Nothing moves between fc1 and fc2."""
     cfg = TensorParallelConfig(n_workers=n_workers, backend="simulated", devices=n_workers, dtype="float64")
     mlp = ParallelMLP(6, 3 * n_workers, 5, cfg, seed=0)
-    x = rng.standard_normal((4, 6))
+    x = tp_gpu.tensor(rng.standard_normal((4, 6)), requires_grad=True)  # so that fc1 computes dX
     assert mlp.fc1.backend is mlp.fc2.backend  # layers built from equal configs share one backend
     backend = mlp.backend
     backend.reset_transfers()
-    mlp(x)
+    y = mlp(x)
     others = n_workers - 1
     moves = sum(c for (src, _), (c, _) in backend.transfers.items() if src != "host")
     assert moves == others  # only fc2's reduction
     # dY arrives on the output device, as it would from the next layer.
     grad = mlp.backend.asarray(rng.standard_normal((4, 5)), np.float64, mlp.fc2.output_device)
     backend.reset_transfers()
-    mlp.backward(grad)
+    y.backward(grad)
     moves = sum(c for (src, _), (c, _) in backend.transfers.items())
     assert moves == 2 * others  # dY to every other device (fc2), then the reduction of dX (fc1)
+    assert x.grad.placement == Dense(mlp.output_device)
 
 
 # --- errors -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "factory",
+    "factory, inp",
     [
-        lambda cfg: ColumnParallelLinear(4, 4, cfg),
-        lambda cfg: RowParallelLinear(4, 4, cfg),
-        lambda cfg: ParallelEmbedding(4, 4, config=cfg),
-        lambda cfg: ParallelMLP(4, 4, 4, cfg),
+        (lambda cfg: ColumnParallelLinear(4, 4, cfg), np.ones((1, 4))),
+        (lambda cfg: RowParallelLinear(4, 4, cfg), np.ones((1, 4))),
+        (lambda cfg: ParallelEmbedding(4, 4, config=cfg), np.array([[1, 2, 3, 0]])),
+        (lambda cfg: ParallelMLP(4, 4, 4, cfg), np.ones((1, 4))),
     ],
     ids=["column", "row", "embedding", "mlp"],
 )
-def test_backward_before_forward(make_config, factory):
+def test_backward_of_a_no_grad_result_raises(make_config, factory, inp):
+    """A module has no backward of its own; under no_grad nothing is recorded, so there is nothing
+    to run backward through, and no gradient appears."""
     layer = factory(make_config(2))
-    with pytest.raises(TensorParallelError, match="backward called without a preceding forward"):
-        layer.backward(np.ones((1, 4)))
+    assert not hasattr(layer, "backward")
+    with tp_gpu.no_grad():
+        y = layer(inp)
+    assert isinstance(y, tp_gpu.Tensor) and y.grad_fn is None and not y.requires_grad
+    with pytest.raises(TensorParallelError, match="does not require grad .*ran inside no_grad"):
+        y.backward(np.ones(y.shape))
+    assert all(not v.any() for v in layer.grads().values())
 
 
-def test_backward_after_eval_forward_raises(make_config):
+def test_eval_mode_records_and_no_grad_does_not(make_config, rng):
+    """``eval()`` only switches dropout off: an eval forward still records and backward gives the
+    dense gradients; an eval forward under no_grad keeps nothing, and backward on it raises."""
     layer = ColumnParallelLinear(4, 4, make_config(2)).eval()
-    layer(np.ones((2, 4)))
-    with pytest.raises(TensorParallelError, match="training mode"):
-        layer.backward(np.ones((2, 4)))
+    x, g = rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    _, dx = forward_backward(layer, x, g)
+    np.testing.assert_allclose(host(layer, dx), g @ layer.full_weight().T, **TOL)
+    np.testing.assert_allclose(layer.grads()["weight"], x.T @ g, **TOL)
+    layer.zero_grad()
+    with tp_gpu.no_grad():
+        y = layer(x)
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        y.backward(g)
+    assert all(not v.any() for v in layer.grads().values())
 
 
 @pytest.mark.parametrize(
@@ -255,28 +275,28 @@ def test_backward_after_eval_forward_raises(make_config):
             lambda cfg: ColumnParallelLinear(4, 6, cfg),
             np.ones((2, 4)),
             np.ones((2, 5)),
-            r"\(2, 6\), got \(2, 5\)",
+            r"grad has shape \(2, 5\); expected the tensor's shape \(2, 6\)",
         ),
         (
             lambda cfg: RowParallelLinear(4, 6, cfg),
             np.ones((2, 4)),
             np.ones((3, 6)),
-            r"\(2, 6\), got \(3, 6\)",
+            r"grad has shape \(3, 6\); expected the tensor's shape \(2, 6\)",
         ),
         (
             lambda cfg: ParallelEmbedding(4, 6, config=cfg),
             np.array([1, 2]),
             np.ones((2, 5)),
-            r"\(2, 6\), got \(2, 5\)",
+            r"grad has shape \(2, 5\); expected the tensor's shape \(2, 6\)",
         ),
     ],
     ids=["column", "row", "embedding"],
 )
 def test_backward_rejects_wrong_grad_shape(make_config, factory, inp, bad_grad, expected):
     layer = factory(make_config(2))
-    layer(inp)
+    y = layer(inp)
     with pytest.raises(ShapeError, match=expected):
-        layer.backward(bad_grad)
+        y.backward(bad_grad)
     assert all(not v.any() for v in layer.grads().values())  # nothing accumulated
 
 
@@ -285,7 +305,8 @@ def test_column_rejects_sharded_grad_of_wrong_split(make_config, rng):
     y = layer(rng.standard_normal((2, 4)))
     other = ColumnParallelLinear(4, 6, make_config(3, gather_output=False))(rng.standard_normal((2, 4)))
     with pytest.raises(ShapeError, match=r"sizes \[2, 2, 2\].*expected.*\[3, 3\]"):
-        layer.backward(other)
+        y.backward(other)
+    assert all(not v.any() for v in layer.grads().values())
     assert isinstance(y, ShardedTensor)
 
 
