@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import BACKEND_SPECS
-from helpers import to_host
+from helpers import device_of, forward_backward, to_host
 from test_norm import PLACEMENTS, directional_check
 
+import tp_gpu
 from tp_gpu import (
     ConfigError,
     ParallelSelfAttention,
@@ -20,6 +21,7 @@ from tp_gpu import (
 )
 from tp_gpu.backends.simulated import SimArray
 from tp_gpu.layers import fuse_qkv, split_fused_qkv
+from tp_gpu.layers.attention_core import CoreAttention
 from tp_gpu.partition import split_sizes
 from tp_gpu.testing import assert_close
 
@@ -92,13 +94,12 @@ def test_matches_dense_forward_and_backward(make_config, rng, n_workers, mask_ki
     x = rng.standard_normal((batch, seq, hidden))
     keep = padding_mask(rng, batch, seq) if "padding" in mask_kind else None
     mask = additive(keep, causal, batch, seq)
-    y = attention(x, keep)
-    assert attention.backend.device_of(y) == attention.output_device
     expected = dense_attention(x, w, n_heads, mask)
-    assert_close(to_host(attention, y), expected, "float64", hidden, f"attention forward ({mask_kind})")
     g = rng.standard_normal(expected.shape)
-    dx = attention.backward(g)
-    assert attention.backend.device_of(dx) == attention.output_device
+    y, dx = forward_backward(attention, x, g, keep)
+    assert device_of(attention, y) == attention.output_device
+    assert_close(to_host(attention, y), expected, "float64", hidden, f"attention forward ({mask_kind})")
+    assert device_of(attention, dx) == attention.output_device
     grads = {"x": to_host(attention, dx), **separate_grads(attention)}
 
     def loss(p):
@@ -121,9 +122,10 @@ def test_fewer_heads_than_workers(make_config, rng, n_workers):
     x = rng.standard_normal((2, 5, hidden))
     keep = padding_mask(rng, 2, 5)
     mask = additive(keep, True, 2, 5)
-    assert_close(to_host(attention, attention(x, keep)), dense_attention(x, w, n_heads, mask), "float64", 12)
     g = rng.standard_normal((2, 5, hidden))
-    grads = {"x": to_host(attention, attention.backward(g)), **separate_grads(attention)}
+    y, dx = forward_backward(attention, x, g, keep)
+    assert_close(to_host(attention, y), dense_attention(x, w, n_heads, mask), "float64", 12)
+    grads = {"x": to_host(attention, dx), **separate_grads(attention)}
     directional_check(
         lambda p: float(np.sum(g * dense_attention(p["x"], p, n_heads, mask))), {"x": x, **w}, grads, rng
     )
@@ -231,10 +233,9 @@ def test_matches_torch_multihead_attention(rng, n_workers, dtype):
         x, x, x, key_padding_mask=torch.from_numpy(keep == 0), attn_mask=causal, need_weights=False
     )
     (y_ref * g).sum().backward()
-    assert_close(
-        to_host(attention, attention(x, torch.from_numpy(keep))), y_ref.detach().numpy(), dtype, hidden
-    )
-    assert_close(to_host(attention, attention.backward(g)), x.grad.numpy(), dtype, hidden, "dx")
+    y, dx = forward_backward(attention, x.detach().numpy(), g.numpy(), torch.from_numpy(keep))
+    assert_close(to_host(attention, y), y_ref.detach().numpy(), dtype, hidden)
+    assert_close(to_host(attention, dx), x.grad.numpy(), dtype, hidden, "dx")
     grads = attention.grads()
     q, qb, k, kb, v, vb = split_fused_qkv(grads["qkv.weight"], grads["qkv.bias"], n_heads, layout="out_in")
     assert_close(
@@ -291,8 +292,7 @@ def test_lower_precision_softmax_and_no_float64_temporaries(rng, monkeypatch, dt
     monkeypatch.setattr(SimArray, "__array_finalize__", spy)
     x = rng.standard_normal((batch, seq, hidden)).astype(dtype)
     keep = padding_mask(rng, batch, seq)
-    y = attention(x, keep)
-    dx = attention.backward(rng.standard_normal((batch, seq, hidden)).astype(dtype))
+    y, dx = forward_backward(attention, x, rng.standard_normal((batch, seq, hidden)).astype(dtype), keep)
     monkeypatch.undo()
     square = [
         (dt, shape) for dt, shape in created if len(shape) == 4 and shape[2:] == (seq, seq) and shape[1] > 1
@@ -319,27 +319,42 @@ def test_one_reduction_forward_and_one_backward(rng, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(collectives, "reduce_sum", counting)
-    y = attention(x, np.ones((2, 5)))
+    leaf = tp_gpu.tensor(x, requires_grad=True)
+    y = attention(leaf, np.ones((2, 5)))
     assert len(calls) == 1  # in `out`
-    attention.backward(np.ones_like(to_host(attention, y)))
+    y.backward(np.ones(y.shape))
     assert len(calls) == 2  # of dX, in `qkv`
+    assert leaf.grad is not None
 
 
-def test_eval_keeps_nothing(rng):
+def test_no_grad_keeps_nothing(rng, monkeypatch):
+    """Under ``no_grad`` the attention keeps no activation (its context stays empty) and nothing is
+    recorded, so backward raises; with recording on (in eval mode too) it keeps what backward needs."""
     attention = ParallelSelfAttention(
         24, 12, TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
     )
     x = rng.standard_normal((2, 5, 24))
-    attention(x)
+    contexts = []
+    original = CoreAttention.forward
+
+    def spy(ctx, *args):
+        contexts.append(ctx)
+        return original(ctx, *args)
+
+    monkeypatch.setattr(CoreAttention, "forward", staticmethod(spy))
     attention.eval()
-    assert all(m._saved is None for _, m in attention.named_modules())
-    y = attention(x)
-    assert all(m._saved is None for _, m in attention.named_modules())
-    with pytest.raises(TensorParallelError, match="without a preceding forward"):
-        attention.backward(np.ones(y.shape))
+    with tp_gpu.no_grad():
+        y = attention(tp_gpu.tensor(x, requires_grad=True))
+    assert y.grad_fn is None and not y.requires_grad
+    assert contexts[-1].needs_input_grad == () and not hasattr(contexts[-1], "saved")
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        y.backward(np.ones(y.shape))
     attention.train()
-    attention(x)
-    attention.backward(np.ones(y.shape))  # training mode keeps it again
+    y = attention(x)
+    assert hasattr(contexts[-1], "saved") and y.grad_fn is not None  # recording keeps it again
+    y.backward(np.ones(y.shape))
+    with pytest.raises(TensorParallelError, match="a second time"):
+        y.backward(np.ones(y.shape))  # the first backward freed what was kept
 
 
 @pytest.mark.parametrize(
@@ -358,13 +373,17 @@ def test_bad_constructor_arguments(args, kwargs, match):
         )
 
 
-def test_bad_input_raises_before_anything_changes(rng):
+def test_bad_input_raises_before_anything_changes(rng, monkeypatch):
     config = TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
     attention = ParallelSelfAttention(24, 12, config)
     x = rng.standard_normal((2, 5, 24))
     keep = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    y = to_host(attention, attention(x, keep))
-    saved = {name: m._saved for name, m in attention.named_modules()}
+    leaf = tp_gpu.tensor(x, requires_grad=True)
+    y = attention(leaf, keep)
+    weights = attention.state_dict()
+    calls = []
+    original = CoreAttention.forward
+    monkeypatch.setattr(CoreAttention, "forward", staticmethod(lambda *a: calls.append(a) or original(*a)))
     bad = [
         ((rng.standard_normal((2, 5, 23)),), r"\(\.\.\., 24\), got \(2, 5, 23\)"),
         ((rng.standard_normal((10, 24)),), r"\(batch, seq, 24\) with seq >= 1, got \(10, 24\)"),
@@ -377,9 +396,13 @@ def test_bad_input_raises_before_anything_changes(rng):
     for args, match in bad:
         with pytest.raises(ShapeError, match=match):
             attention(*args)
-    with pytest.raises(ShapeError, match=r"grad_output must have shape \(2, 5, 24\), got \(2, 5, 12\)"):
-        attention.backward(np.ones((2, 5, 12)))
-    assert {name: m._saved for name, m in attention.named_modules()} == saved  # nothing was replaced
+    assert calls == []  # nothing was computed
+    monkeypatch.undo()
+    with pytest.raises(
+        ShapeError, match=r"grad has shape \(2, 5, 12\); expected the tensor's shape \(2, 5, 24\)"
+    ):
+        y.backward(np.ones((2, 5, 12)))
+    assert leaf.grad is None and all(p.grad is None for p in attention.parameters())  # nothing consumed
     w = random_weights(rng, 24)
     with pytest.raises(ShapeError, match=r"k_weight must have shape \(24, 24\)"):
         attention.load_qkv(
@@ -387,11 +410,14 @@ def test_bad_input_raises_before_anything_changes(rng):
         )
     with pytest.raises(ShapeError, match=r"out weight must have shape \(24, 24\)"):
         attention.load_dense(*(w[n] for n in NAMES[:6]), w["out_weight"][:3], w["out_bias"])
+    for name, value in attention.state_dict().items():
+        np.testing.assert_array_equal(value, weights[name], err_msg=name)  # the weights unchanged
     g = rng.standard_normal((2, 5, 24))
-    dx = to_host(attention, attention.backward(g))  # the first forward's state, the weights unchanged
+    y.backward(g)  # the first forward's graph is intact
     fresh = ParallelSelfAttention(24, 12, TensorParallelConfig(n_workers=1, backend="numpy", dtype="float64"))
-    np.testing.assert_allclose(to_host(fresh, fresh(x, keep)), y, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(to_host(fresh, fresh.backward(g)), dx, rtol=1e-12, atol=1e-12)
+    fy, fdx = forward_backward(fresh, x, g, keep)
+    np.testing.assert_allclose(to_host(fresh, fy), to_host(attention, y), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(to_host(fresh, fdx), to_host(attention, leaf.grad), rtol=1e-12, atol=1e-12)
 
 
 def test_state_dict_names_and_repr():

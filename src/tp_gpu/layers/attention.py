@@ -4,120 +4,27 @@ The fused Q/K/V projection is column-parallel and split by whole heads, so
 each worker attends with its own heads and nothing moves between the
 projection, the attention and the row-parallel output projection: one
 reduction forward (in ``out``) and one backward (of ``dX`` in ``qkv``).
+The attention itself, with its backward, is :class:`.attention_core.CoreAttention`;
+the fused per-head layout of the weights is :mod:`.attention_qkv`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Hashable, List, NamedTuple, Optional, Tuple
+from typing import Any, List, Optional
 
 import numpy as np
 
-from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError
-from ..regions import Blocks
-from ..sharded import ShardedTensor
-from .base import ParallelModule, as_array_like, check_layout, check_seed
-from .gemm import product
-from .linear import ColumnParallelLinear, RowParallelLinear, dense_weight
-from .norm import compute_dtype
+from ..placements import Split
+from ..tensor import Tensor, tensor
+from .attention_core import CheckedMask, CoreAttention
+from .attention_qkv import QKV, fuse_qkv, head_dim_of, split_fused_qkv
+from .base import ParallelModule, as_array_like, check_seed
+from .linear import ColumnParallelLinear, RowParallelLinear
 
 __all__ = ["ParallelSelfAttention", "QKV", "fuse_qkv", "split_fused_qkv"]
-
-
-class QKV(NamedTuple):
-    """Separate query, key and value projections, each weight ``(hidden, hidden)`` in some layout."""
-
-    q_weight: Any
-    q_bias: Any
-    k_weight: Any
-    k_bias: Any
-    v_weight: Any
-    v_bias: Any
-
-
-def _check_part(value: Any, expected: Tuple[int, ...], what: str, dims: str) -> Any:
-    array = as_array_like(value, what)
-    if tuple(array.shape) != expected:
-        raise ShapeError(f"{what} must have shape {expected} {dims}, got {tuple(array.shape)}")
-    return array
-
-
-def fuse_qkv(
-    q_weight: Any,
-    q_bias: Any,
-    k_weight: Any,
-    k_bias: Any,
-    v_weight: Any,
-    v_bias: Any,
-    *,
-    n_heads: int,
-    layout: str = "in_out",
-    hidden: Optional[int] = None,
-) -> Tuple[Any, Any]:
-    """The fused ``(hidden, 3 * hidden)`` weight and ``(3 * hidden,)`` bias of separate Q, K and V.
-
-    Column ``(3 h + j) * head_dim + c`` of the fused weight is column
-    ``h * head_dim + c`` of ``[Q, K, V][j]``: the columns are ordered per head
-    as ``[q_h | k_h | v_h]`` for ``h = 0 .. n_heads - 1`` (Megatron's
-    interleaving), so that a split in whole units of ``3 * head_dim`` columns
-    gives each worker whole heads with their queries, keys and values.
-
-    Weights are ``(hidden, hidden)`` in ``layout`` (``"out_in"`` for PyTorch
-    and Hugging Face ``nn.Linear``); the result is ``"in_out"``. A ``None``
-    bias is zero. ``hidden`` defaults to ``q_weight``'s size. Arrays of any
-    kind (NumPy, CuPy, a DLPack tensor) are fused in their own namespace.
-    """
-    layout = check_layout(layout)
-    n_heads = check_positive_int(n_heads, "n_heads")
-    names = ("q", "k", "v")
-    first = dense_weight(q_weight, layout, "fuse_qkv q_weight")
-    hidden = first.shape[0] if hidden is None else check_positive_int(hidden, "hidden")
-    head_dim = _head_dim(hidden, n_heads)
-    dims = "(n_in, n_out)" if layout == "in_out" else "(n_out, n_in)"
-    weights = [
-        dense_weight(_check_part(w, (hidden, hidden), f"{n}_weight", dims), layout, f"{n}_weight")
-        for n, w in zip(names, (q_weight, k_weight, v_weight))
-    ]  # each (hidden, hidden) in_out
-    biases = [
-        np.zeros_like(weights[0][0]) if b is None else _check_part(b, (hidden,), f"{n}_bias", "(hidden,)")
-        for n, b in zip(names, (q_bias, k_bias, v_bias))
-    ]  # each (hidden,)
-    weight = np.stack([w.reshape(hidden, n_heads, head_dim) for w in weights], axis=2)  # (H, nh, 3, hd)
-    bias = np.stack([b.reshape(n_heads, head_dim) for b in biases], axis=1)  # (nh, 3, hd)
-    return weight.reshape(hidden, 3 * hidden), bias.reshape(3 * hidden)  # (H, 3H), (3H,)
-
-
-def split_fused_qkv(weight: Any, bias: Any, n_heads: int, *, layout: str = "in_out") -> QKV:
-    """The inverse of :func:`fuse_qkv`: separate Q, K and V of a fused ``(H, 3H)`` ``in_out`` weight.
-
-    The weights come back ``(hidden, hidden)`` in ``layout`` (``"out_in"``
-    for PyTorch), the biases ``(hidden,)``.
-    """
-    layout = check_layout(layout)
-    w = dense_weight(weight, "in_out", "split_fused_qkv weight")
-    hidden = w.shape[0]
-    head_dim = _head_dim(hidden, n_heads)
-    w = _check_part(w, (hidden, 3 * hidden), "split_fused_qkv weight", "(hidden, 3 * hidden)")
-    b = _check_part(bias, (3 * hidden,), "split_fused_qkv bias", "(3 * hidden,)")
-    w4 = w.reshape(hidden, n_heads, 3, head_dim)  # (H, nh, 3, hd)
-    b3 = b.reshape(n_heads, 3, head_dim)  # (nh, 3, hd)
-    parts = []
-    for j in range(3):
-        wj = w4[:, :, j].reshape(hidden, hidden)  # (H, nh * hd)
-        parts += [wj if layout == "in_out" else wj.T, b3[:, j].reshape(hidden)]
-    return QKV(*parts)
-
-
-def _head_dim(hidden: int, n_heads: int) -> int:
-    if hidden % n_heads:
-        raise ConfigError(
-            f"hidden ({hidden}) must be a multiple of n_heads ({n_heads}); "
-            f"got head_dim {hidden / n_heads:g}, expected a whole number"
-        )
-    return hidden // n_heads
 
 
 class ParallelSelfAttention(ParallelModule):
@@ -142,12 +49,11 @@ class ParallelSelfAttention(ParallelModule):
     and, with ``causal``, ``finfo.min`` above the diagonal. Scores and softmax
     are computed in float32 for float16, else in the layer's dtype.
 
-    Backward, per head, with ``dC_h`` the context gradient from ``out``::
-
-        dv_h = P_h^T dC_h;  dP_h = dC_h v_h^T;  dZ_h = P_h * (dP_h - rowsum(dP_h * P_h))
-        dq_h = dZ_h k_h / sqrt(head_dim);  dk_h = dZ_h^T q_h / sqrt(head_dim)
-
-    then ``qkv.backward`` reduces ``dX`` onto the output device.
+    The tape replays it backward: ``out``'s, then the attention's per head
+    (``dv_h = P_h^T dC_h``, ``dZ_h = P_h * (dP_h - rowsum(dP_h * P_h))``,
+    ``dq_h = dZ_h k_h / sqrt(head_dim)``, ``dk_h = dZ_h^T q_h / sqrt(head_dim)``;
+    see :class:`~tp_gpu.layers.attention_core.CoreAttention`), then ``qkv``'s,
+    which reduces ``dX`` onto the output device.
 
     Hugging Face names (relative to a ``BertLayer``'s ``attention``):
 
@@ -185,7 +91,7 @@ class ParallelSelfAttention(ParallelModule):
         super().__init__(config)
         self.hidden = check_positive_int(hidden, "hidden")
         self.n_heads = check_positive_int(n_heads, "n_heads")
-        self.head_dim = _head_dim(self.hidden, self.n_heads)
+        self.head_dim = head_dim_of(self.hidden, self.n_heads)
         self.seed = check_seed(seed)
         if not isinstance(causal, (bool, np.bool_)):
             raise ConfigError(f"causal must be True or False, got {causal!r}")
@@ -252,28 +158,25 @@ class ParallelSelfAttention(ParallelModule):
 
     # ------------------------------------------------------------------ forward
 
-    def check_input(self, x: Any) -> Any:
-        """``x`` as an array, checked to be ``(batch, seq, hidden)`` of real numbers (else ShapeError).
-
-        A ShardedTensor passes as it is when it is split along the sequence
-        (axis 1), as sequence parallelism leaves activations.
-        """
-        if isinstance(x, ShardedTensor):
-            if x.ndim != 3 or x.shape[1] == 0 or x.shape[2] != self.hidden or x.axis != 1:
-                raise ShapeError(
-                    f"ParallelSelfAttention takes a ShardedTensor of shape (batch, seq, {self.hidden}) "
-                    f"split along the sequence (axis 1), got {x!r}"
-                )
-            return x
+    def check_input(self, x: Any) -> Tensor:
+        """``x`` checked to be ``(batch, seq, hidden)`` of real numbers (else ShapeError), as a Tensor: an
+        array (a Dense constant where it lies), a Tensor, or one split along the sequence (axis 1), as
+        sequence parallelism leaves it."""
+        placement = getattr(x, "placement", None)
+        if isinstance(placement, Split) and (x.ndim != 3 or placement.axis != 1):
+            raise ShapeError(
+                f"ParallelSelfAttention takes a ShardedTensor of shape (batch, seq, {self.hidden}) "
+                f"split along the sequence (axis 1), got {x!r}"
+            )
         x = self._check_features(x, self.hidden, "ParallelSelfAttention input")
         if x.ndim != 3 or x.shape[1] == 0:
             raise ShapeError(
                 f"ParallelSelfAttention input must have shape (batch, seq, {self.hidden}) with seq >= 1, "
                 f"got {tuple(x.shape)}"
             )
-        return x
+        return x if isinstance(x, Tensor) else tensor(x)
 
-    def check_mask(self, attention_mask: Any, batch: int, seq: int) -> Optional[Tuple[str, Any]]:
+    def check_mask(self, attention_mask: Any, batch: int, seq: int) -> CheckedMask:
         """``attention_mask`` checked for inputs of ``(batch, seq)``: ``None``, ``("keep", (B, S))`` or
         ``("add", (B|1, 1, S|1, S|1))``; ShapeError naming the shape received and those expected."""
         if attention_mask is None:
@@ -298,12 +201,13 @@ class ParallelSelfAttention(ParallelModule):
             f"got shape {shape} of dtype {mask.dtype}"
         )
 
-    def forward(self, x: Any, attention_mask: Any = None) -> Any:
-        """``y`` ``(B, S, H)`` on the output device, for ``x`` ``(B, S, H)``.
+    def forward(self, x: Any, attention_mask: Any = None) -> Tensor:
+        """``y`` ``(B, S, H)``, a Tensor on the output device, for ``x`` ``(B, S, H)``.
 
         With ``config.sequence_parallel``, ``y`` is a ShardedTensor split along
-        the sequence (``out`` reduce-scatters), and ``x`` may be one too
-        (``qkv`` all-gathers it).
+        the sequence (``out`` reduce-scatters). ``x`` may be an array, a Tensor,
+        or a ShardedTensor split along the sequence, which ``qkv`` all-gathers
+        (keeping only its slices for backward).
 
         ``attention_mask`` is ``None``; or ``(B, S)`` of 1 (keep) / 0 (pad)
         as Hugging Face passes it (nonzero keeps), turned into
@@ -315,90 +219,9 @@ class ParallelSelfAttention(ParallelModule):
         x = self.check_input(x)
         batch, seq = x.shape[:2]
         mask = self.check_mask(attention_mask, batch, seq)
-        qkv = self.qkv(x)  # shards (B, S, 3 * heads_i * hd)
-        blocks = qkv.device_blocks()  # {d: (B, S, 3 * n_heads_d * hd)}
-        masks = self._device_masks(mask, seq, list(blocks))  # {d: (B|1, 1, S|1, S) or None}
-        attended = self.group.on_devices(self._attend, blocks, masks)  # {d: (context, saved)}
-        contexts = {d: context for d, (context, _) in attended.items()}  # {d: (B, S, n_heads_d * hd)}
-        self._keep({"attended": {d: s for d, (_, s) in attended.items()}, "shape": tuple(x.shape)})
-        return self.out(ShardedTensor.from_blocks(contexts, -1, self.out.layout, self.backend, self.comm))
-
-    def _device_masks(self, mask: Optional[Tuple[str, Any]], seq: int, devices: List[Hashable]) -> Blocks:
-        """The additive mask on each device, in the compute dtype (None when there is none)."""
-        if mask is None and not self.causal:
-            return dict.fromkeys(devices)
-        dtype = compute_dtype(self.dtype)
-        if mask is None:
-            raw = dict.fromkeys(devices)
-        else:
-            raw = collectives.broadcast(self.backend, mask[1], devices, dtype)  # {d: the mask as given}
-        kind = None if mask is None else mask[0]
-        return self.group.on_devices(lambda m: self._additive_mask(m, kind, seq), raw, keys=devices)
-
-    def _additive_mask(self, raw: Any, kind: Optional[str], seq: int) -> Any:
-        """``raw`` as an additive mask broadcastable to ``(B, 1, S, S)``, with the causal mask added."""
-        xp, dtype = self.backend.xp, compute_dtype(self.dtype)
-        lowest = np.finfo(dtype).min
-        mask = raw
-        if kind == "keep":
-            mask = ((raw == 0) * lowest)[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
-        if self.causal:
-            future = xp.arange(seq)[None, :] > xp.arange(seq)[:, None]  # (S, S), True above the diagonal
-            if mask is None:
-                return (future * lowest)[None, None]  # (1, 1, S, S)
-            mask = xp.where(future, lowest, mask)  # (B|1, 1, S, S); a sum could overflow to -inf
-        return mask
-
-    def _attend(self, block: Any, mask: Any) -> Tuple[Any, Any]:
-        """``(context, saved)`` of one device's heads: context ``(B, S, n_heads_d * hd)``."""
-        xp, dtype, cdtype = self.backend.xp, self.dtype, compute_dtype(self.dtype)
-        batch, seq, width = block.shape
-        heads, hd = width // (3 * self.head_dim), self.head_dim
-        qkv = block.reshape(batch, seq, heads, 3, hd)  # (B, S, nh, 3, hd)
-        q = qkv[:, :, :, 0].transpose(0, 2, 1, 3) * dtype.type(1.0 / math.sqrt(hd))  # (B, nh, S, hd), scaled
-        k = qkv[:, :, :, 1].transpose(0, 2, 1, 3)  # (B, nh, S, hd)
-        v = qkv[:, :, :, 2].transpose(0, 2, 1, 3)  # (B, nh, S, hd)
-        kt = k.transpose(0, 1, 3, 2)  # (B, nh, hd, S)
-        scores = product(q, kt).astype(cdtype, copy=False)  # (B, nh, S, hd) @ (B, nh, hd, S)
-        if mask is not None:
-            scores += mask  # (B, nh, S, S) + (B|1, 1, S|1, S)
-        scores -= scores.max(axis=-1, keepdims=True)  # softmax over the keys, in place
-        xp.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)  # probs (B, nh, S, S)
-        context = product(scores.astype(dtype, copy=False), v)  # (B, nh, S, S) @ (B, nh, S, hd)
-        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, heads * hd)  # (B, S, nh * hd)
-        return context, ((q, k, v, scores) if self.training else None)
-
-    # ------------------------------------------------------------------ backward
-
-    def backward(self, grad_output: Any) -> Any:
-        """Accumulate every gradient and return ``dX`` ``(B, S, H)`` on the output device."""
-        if self._saved is not None:  # a bad gradient raises before anything is consumed
-            self._check_grad_shape(grad_output, self._saved["shape"], "ParallelSelfAttention", sharded=True)
-        saved = self._take_saved()
-        grad_context = self.out.backward(grad_output)  # ShardedTensor {d: (B, S, n_heads_d * hd)}
-        grads = self.group.on_devices(self._attend_backward, grad_context.device_blocks(), saved["attended"])
-        grad_qkv = ShardedTensor.from_blocks(grads, -1, self.qkv.layout, self.backend, self.comm)
-        return self.qkv.backward(grad_qkv)
-
-    def _attend_backward(self, grad_context: Any, saved: Tuple[Any, Any, Any, Any]) -> Any:
-        """One device's ``dqkv`` block ``(B, S, 3 * n_heads_d * hd)`` from its context gradient."""
-        xp, dtype, cdtype = self.backend.xp, self.dtype, compute_dtype(self.dtype)
-        q, k, v, probs = saved  # q scaled by 1 / sqrt(hd); probs in the compute dtype
-        batch, seq, width = grad_context.shape
-        heads, hd = width // self.head_dim, self.head_dim
-        dc = grad_context.reshape(batch, seq, heads, hd).transpose(0, 2, 1, 3)  # (B, nh, S, hd)
-        p = probs.astype(dtype, copy=False)  # (B, nh, S, S)
-        dv = product(p.transpose(0, 1, 3, 2), dc)  # (B, nh, S, S) @ (B, nh, S, hd) -> (B, nh, S, hd)
-        vt = v.transpose(0, 1, 3, 2)  # (B, nh, hd, S)
-        dp = product(dc, vt).astype(cdtype, copy=False)  # (B, nh, S, hd) @ (B, nh, hd, S) -> (B, nh, S, S)
-        dp -= (dp * probs).sum(axis=-1, keepdims=True)  # softmax backward, in place: (B, nh, S, S)
-        dp *= probs
-        ds = dp.astype(dtype, copy=False)  # dZ (B, nh, S, S)
-        dq = product(ds, k) * dtype.type(1.0 / math.sqrt(hd))  # (B, nh, S, S) @ (B, nh, S, hd)
-        dk = product(ds.transpose(0, 1, 3, 2), q)  # (B, nh, S, S) @ (B, nh, S, hd) -> (B, nh, S, hd)
-        dqkv = xp.stack([dq, dk, dv], axis=-2)  # (B, nh, S, 3, hd)
-        return dqkv.transpose(0, 2, 1, 3, 4).reshape(batch, seq, heads * 3 * hd)  # (B, S, nh * 3 * hd)
+        qkv = self.qkv(x)  # device d: (B, S, 3 * n_heads_d * hd), whole heads
+        context = CoreAttention.apply(qkv, mask, self.causal, self.head_dim, self.out.layout)
+        return self.out(context)  # device d: (B, S, n_heads_d * hd) -> (B, S, H)
 
     def extra_repr(self) -> str:
         return (
