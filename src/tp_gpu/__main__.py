@@ -17,7 +17,7 @@ import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -177,8 +177,10 @@ def weight_grads(grads: dict[str, Any], prefix: str, x: np.ndarray, dy: np.ndarr
     }
 
 
-def output(layer, y: Tensor) -> np.ndarray:
+def output(layer, y: Optional[Tensor]) -> np.ndarray:
     """``y`` on the host, after checking that it landed whole on ``layer``'s output device."""
+    if y is None:
+        raise AssertionError("no gradient reached the input")
     if y.placement != Dense(layer.output_device):
         raise AssertionError(f"output placed {y.placement!r}, expected Dense({layer.output_device!r})")
     return y.numpy()

@@ -136,10 +136,11 @@ class _Rebuild:
     __slots__ = ("recompute",)
 
     def __init__(self, tensor: Tensor) -> None:
-        self.recompute = tensor.recompute
+        assert tensor.recompute is not None
+        self.recompute: Callable[[], Tensor] = tensor.recompute
 
     def rebuild(self) -> Tensor:
-        return self.recompute()  # type: ignore[no-any-return, misc]
+        return self.recompute()
 
 
 #: Where an input's gradient goes: the producing node and its output index, or a leaf tensor; and
@@ -314,7 +315,8 @@ def run_backward(root: Tensor, grad: Any, retain_graph: bool = False) -> None:
             if isinstance(target, Node):
                 if g is not None:
                     slot = grads.setdefault(target, [None] * target.n_outputs)
-                    slot[edge[1]] = g if slot[edge[1]] is None else add_gradients(slot[edge[1]], g)
+                    earlier = slot[edge[1]]
+                    slot[edge[1]] = g if earlier is None else add_gradients(earlier, g)
                 pending_inputs[target] -= 1
                 if pending_inputs[target] == 0:
                     grads.setdefault(target, [None] * target.n_outputs)

@@ -142,7 +142,7 @@ class Module:
         layer's) or else its first submodule's that has one."""
         own = self.__dict__.get("_group")
         if own is not None:
-            return own  # type: ignore[no-any-return]
+            return own
         for child in self._modules.values():
             try:
                 return child.group

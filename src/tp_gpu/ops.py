@@ -77,6 +77,8 @@ def _like(t: Tensor, blocks: Blocks, placement: Optional[Placement] = None, shap
 class _PlaceContext(Context):
     __slots__ = ("device",)
 
+    device: Hashable
+
 
 class PlaceHostArray(Function):
     """A host tensor copied where ``like`` lives: its device (``Dense``) or each of its devices.
@@ -188,6 +190,16 @@ def unbroadcast(xp: Any, grad: Any, shape: Tuple[int, ...]) -> Any:
 class _ElementwiseContext(Context):
     __slots__ = ("op", "a", "b", "a_placement", "b_placement", "a_shapes", "b_shapes", "a_shape", "b_shape")
 
+    op: str
+    a: Any  # the operands, kept for * and /
+    b: Any
+    a_placement: Any
+    b_placement: Any
+    a_shapes: Any  # {device: block shape}, None for a scalar
+    b_shapes: Any
+    a_shape: Any
+    b_shape: Any
+
 
 _FORWARD = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.true_divide}
 
@@ -289,7 +301,7 @@ def _on(backend: Optional[Backend], device: Hashable, fn: Callable[..., Any], *a
 def _binary(a: Any, b: Any, op: str) -> Tensor:
     a, b = _operands(a, b, op)
     placement = _output_placement(a, b, op)
-    return Elementwise.apply(a, b, op, placement, _broadcast_shape(a, b, op))  # type: ignore[no-any-return]
+    return Elementwise.apply(a, b, op, placement, _broadcast_shape(a, b, op))
 
 
 def add(a: Any, b: Any) -> Tensor:
@@ -317,6 +329,9 @@ def div(a: Any, b: Any) -> Tensor:
 
 class _TotalContext(Context):
     __slots__ = ("x", "device")
+
+    x: Tensor
+    device: Hashable
 
 
 def _logical_block_sum(x: Tensor, block: Any, device: Hashable) -> Any:
@@ -380,6 +395,7 @@ def filled_like(x: Tensor, value: Any) -> Tensor:
             block = backend.xp.zeros(shape, x.dtype) + v
             if isinstance(target, Split) and target.layout.padded:
                 mask = target.layout.logical_mask(backend.xp, d)
+                assert mask is not None  # a padded layout masks its padding
                 block *= mask.reshape((-1,) + (1,) * (x.ndim - target.axis - 1))
             blocks[d] = block
     return new_tensor(blocks, target, x.shape, x.dtype, backend, x.comm)
@@ -396,7 +412,7 @@ def _block_shape(x: Tensor, device: Hashable) -> Tuple[int, ...]:
 
 def total(x: Tensor) -> Tensor:
     """The sum of every element of ``x``, a scalar ``Dense`` tensor."""
-    return Total.apply(x)  # type: ignore[no-any-return]
+    return Total.apply(x)
 
 
 # ---------------------------------------------------------------------- gradients

@@ -57,6 +57,8 @@ class ShardedParameter(Tensor):
         :meth:`full` / :meth:`full_grad` all-gather the spans (collectives).
     """
 
+    backend: Backend  # always set: a parameter is placed by its layer's backend
+
     def __init__(
         self,
         name: str,
@@ -143,7 +145,7 @@ class ShardedParameter(Tensor):
         if isinstance(grad.placement, Partial):
             device = self.block_devices[0]
             grad = new_tensor(
-                {device: collectives.reduce_sum(self.backend, dict(grad.blocks), device, None)},  # type: ignore[arg-type]
+                {device: collectives.reduce_sum(self.backend, dict(grad.blocks), device, None)},
                 Dense(device),
                 grad.shape,
                 grad.dtype,
@@ -152,7 +154,7 @@ class ShardedParameter(Tensor):
         if isinstance(self.placement, Dense) and list(grad.blocks) != self.block_devices:
             (block,) = grad.blocks.values()
             grad = new_tensor(
-                {self.block_devices[0]: self.backend.asarray(block, self.dtype, self.block_devices[0])},  # type: ignore[union-attr]
+                {self.block_devices[0]: self.backend.asarray(block, self.dtype, self.block_devices[0])},
                 self.placement,
                 grad.shape,
                 self.dtype,
@@ -160,13 +162,13 @@ class ShardedParameter(Tensor):
             )
         self.accumulate_blocks(grad.blocks)
 
-    @property  # type: ignore[override]
+    @property
     def grad(self) -> Optional[Tensor]:
         """The accumulated gradient as a Tensor placed like the parameter (None before any backward)."""
         if self.__dict__.get("grad_blocks") is None or all(g is None for g in self.grad_blocks.values()):
             return None
         blocks = {
-            d: self.backend.xp.zeros(self.blocks[d].shape, self.dtype) if g is None else g  # type: ignore[union-attr]
+            d: self.backend.xp.zeros(self.blocks[d].shape, self.dtype) if g is None else g
             for d, g in self.grad_blocks.items()
         }
         return new_tensor(blocks, self.placement, self.shape, self.dtype, self.backend, self.comm)

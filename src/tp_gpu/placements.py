@@ -43,7 +43,7 @@ class Placement:
         raise NotImplementedError
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.key() == self.key()  # type: ignore[attr-defined]
+        return type(other) is type(self) and other.key() == self.key()
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.key()))

@@ -89,6 +89,12 @@ def _dense_value(x: Any) -> Any:
 class _RegionContext(Context):
     __slots__ = ("group", "layout", "axis", "placement", "dtype")
 
+    group: TensorParallelGroup
+    layout: BlockLayout
+    axis: int
+    placement: Any  # the input's placement (a Split or a Partial)
+    dtype: Any
+
 
 def _dense(group: TensorParallelGroup, array: Any, shape: Tuple[int, ...]) -> Tensor:
     out = group.output_device
@@ -276,13 +282,13 @@ def copy_to_region(x: Any, group: TensorParallelGroup, dtype: Any = None) -> Ten
     """``Dense X`` (or a raw array) copied once to each of ``group``'s devices, as ``dtype``."""
     if not isinstance(x, Tensor) and not hasattr(x, "shape"):
         x = _as_input(x, "copy_to_region")
-    return CopyToRegion.apply(x, group, np.dtype(x.dtype if dtype is None else dtype))  # type: ignore[no-any-return]
+    return CopyToRegion.apply(x, group, np.dtype(x.dtype if dtype is None else dtype))
 
 
 def reduce_from_region(x: Tensor, group: TensorParallelGroup) -> Tensor:
     """``Partial`` sums added (over every process too) on the output device."""
     _expect(x, Partial, "reduce_from_region")
-    return ReduceFromRegion.apply(x, group)  # type: ignore[no-any-return]
+    return ReduceFromRegion.apply(x, group)
 
 
 def scatter_to_region(
@@ -290,26 +296,26 @@ def scatter_to_region(
 ) -> Tensor:
     """``X`` split along ``axis`` as ``layout`` says: a Dense ``X`` is scattered."""
     x = _as_input(x, "scatter_to_region")
-    return ScatterToRegion.apply(x, group, layout, axis, np.dtype(x.dtype if dtype is None else dtype))  # type: ignore[no-any-return]
+    return ScatterToRegion.apply(x, group, layout, axis, np.dtype(x.dtype if dtype is None else dtype))
 
 
 def gather_from_region(x: Tensor, group: TensorParallelGroup) -> Tensor:
     """A ``Split`` tensor gathered, whole, on the output device."""
     _expect(x, Split, "gather_from_region")
-    return GatherFromRegion.apply(x, group)  # type: ignore[no-any-return]
+    return GatherFromRegion.apply(x, group)
 
 
 def gather_from_sequence_parallel_region(x: Tensor, group: TensorParallelGroup) -> Tensor:
     """A sequence-split tensor all-gathered, whole on every device; a consumer that saves the result
     for backward keeps only the slices (see :meth:`tp_gpu.autograd.Context.save_for_backward`)."""
     _expect(x, Split, "gather_from_sequence_parallel_region")
-    return GatherFromSequenceParallelRegion.apply(x, group, is_grad_enabled())  # type: ignore[no-any-return]
+    return GatherFromSequenceParallelRegion.apply(x, group, is_grad_enabled())
 
 
 def reduce_scatter_to_sequence_parallel_region(x: Tensor, group: TensorParallelGroup) -> Tensor:
     """``Partial`` sums added and split along the sequence axis (-2) over the workers."""
     _expect(x, Partial, "reduce_scatter_to_sequence_parallel_region")
-    return ReduceScatterToSequenceParallelRegion.apply(x, group)  # type: ignore[no-any-return]
+    return ReduceScatterToSequenceParallelRegion.apply(x, group)
 
 
 def scatter_to_sequence_parallel_region(x: Any, group: TensorParallelGroup, dtype: Any = None) -> Tensor:
@@ -369,7 +375,7 @@ def split(
     if isinstance(p, Split) and p.axis == axis % x.ndim and p.layout.sizes == layout.sizes:
         if p.layout == layout and x.dtype == dtype:
             return x
-        return Relayout.apply(x, layout, dtype)  # type: ignore[no-any-return]
+        return Relayout.apply(x, layout, dtype)
     raise ShapeError(
         f"{what} of shape {x.shape} is placed {p!r}; expected it Dense or split on axis "
         f"{axis % x.ndim} with sizes {layout.sizes}"

@@ -46,7 +46,13 @@ def _like(t: Tensor, blocks: Blocks, shape: Tuple[int, ...], placement: Any = No
 
 
 class _ShapeContext(Context):
-    __slots__ = ("shape", "axes", "index", "block_shapes", "sizes", "axis")
+    __slots__ = ("shape", "axes", "index", "sizes", "axis")
+
+    shape: Tuple[int, ...]
+    axes: Tuple[int, ...]
+    index: Any
+    sizes: List[int]
+    axis: int
 
 
 class Reshape(Function):
@@ -76,7 +82,7 @@ def reshape(x: Tensor, shape: Sequence[int]) -> Tensor:
         target = np.empty(x.shape, dtype=np.bool_).reshape(tuple(shape)).shape
     except ValueError as exc:
         raise ShapeError(f"cannot reshape a tensor of shape {x.shape} to {tuple(shape)}: {exc}") from None
-    return Reshape.apply(x, tuple(target))  # type: ignore[no-any-return]
+    return Reshape.apply(x, tuple(target))
 
 
 class Transpose(Function):
@@ -109,7 +115,7 @@ def transpose(x: Tensor, axes: Sequence[int] = ()) -> Tensor:
         raise ShapeError(
             f"transpose axes {tuple(axes)} are not a permutation of the {n} axes of shape {x.shape}"
         )
-    return Transpose.apply(x, perm)  # type: ignore[no-any-return]
+    return Transpose.apply(x, perm)
 
 
 class GetItem(Function):
@@ -152,7 +158,7 @@ def getitem(x: Tensor, index: Any) -> Tensor:
         np.empty(x.shape, dtype=np.bool_)[index]
     except IndexError as exc:
         raise ShapeError(f"index {index!r} does not fit shape {x.shape}: {exc}") from None
-    return GetItem.apply(x, index)  # type: ignore[no-any-return]
+    return GetItem.apply(x, index)
 
 
 class Concatenate(Function):
@@ -200,7 +206,7 @@ def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
             raise ShapeError(f"cat: tensor {i} has shape {t.shape}; expected {first.shape} off axis {axis}")
     if isinstance(first.placement, Split) and first.placement.axis == axis:
         raise ShapeError(f"cat along the split axis {axis} of {first.placement!r}: gather the tensors first")
-    return Concatenate.apply(axis, *tensors)  # type: ignore[no-any-return]
+    return Concatenate.apply(axis, *tensors)
 
 
 def _axis(axis: int, ndim: int) -> int:

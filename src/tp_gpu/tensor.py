@@ -15,7 +15,7 @@ gradients recorded, the node of the tape that produced it (``grad_fn``).
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Tuple, Type
 
 import numpy as np
 
@@ -95,7 +95,7 @@ class Tensor:
         self.grad: Optional[Tensor] = None
         #: Set by the sequence all-gather: rebuilds the blocks from the slices it kept (see
         #: :meth:`tp_gpu.autograd.Context.save_for_backward`).
-        self.recompute: Optional[Any] = None
+        self.recompute: Optional[Callable[[], Tensor]] = None
         self._lock: Optional[threading.Lock] = None
 
     # ------------------------------------------------------------------ what it is
@@ -145,7 +145,7 @@ class Tensor:
     def item(self) -> float:
         if self.size != 1:
             raise ShapeError(f"item() needs a tensor of one element, got shape {self.shape}")
-        return self.numpy().reshape(()).item()  # type: ignore[no-any-return]
+        return self.numpy().reshape(()).item()
 
     def __float__(self) -> float:
         return float(self.item())
@@ -262,7 +262,7 @@ class Tensor:
 
 
 #: The class of split tensors (:class:`~tp_gpu.ShardedTensor`, registered by :mod:`tp_gpu.sharded`).
-SPLIT_CLASS: List[type] = [Tensor]
+SPLIT_CLASS: List[Type[Tensor]] = [Tensor]
 
 
 def new_tensor(

@@ -33,11 +33,14 @@ class Activation(NamedTuple):
 
     def __call__(self, x: Tensor) -> Tensor:
         """``f(x)`` on each device's block, recorded on the tape."""
-        return ApplyActivation.apply(x, self)  # type: ignore[no-any-return]
+        return ApplyActivation.apply(x, self)
 
 
 class _ActivationContext(Context):
     __slots__ = ("activation", "x")
+
+    activation: Activation
+    x: Tensor
 
 
 class ApplyActivation(Function):

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 from ..autograd import Context, Function
 from ..parameter import ShardedParameter
-from ..placements import Partial, Split
+from ..placements import Partial, Placement, Split
 from ..tensor import Tensor, new_tensor
 from .gemm import bias_grad, matmul, matmul_bias, matmul_transposed, weight_grad
 
@@ -28,7 +28,11 @@ __all__ = ["ColumnLinear", "RowLinear"]
 
 
 class _LinearContext(Context):
-    __slots__ = ("weight", "bias", "x_placement", "x_shape")
+    __slots__ = ("weight", "bias", "x_placement")
+
+    weight: ShardedParameter
+    bias: Optional[ShardedParameter]
+    x_placement: Placement
 
 
 def _grad_of(param: ShardedParameter, blocks: dict) -> Tensor:
