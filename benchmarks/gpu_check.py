@@ -1,333 +1,147 @@
-"""Check tp_gpu on a CUDA GPU machine in one command, and keep every output.
+"""Check tp_gpu on a CUDA GPU machine in one command: ``python benchmarks/gpu_check.py``.
 
-Run from the checkout's root (CuPy, NumPy and, for the PyTorch columns, torch
-installed; no internet needed)::
-
-    python benchmarks/gpu_check.py            # every check, one after the other
-    python benchmarks/gpu_check.py --fast     # a shorter benchmark (worker counts 1 and 4)
-    python benchmarks/gpu_check.py --list     # what each check runs, and its time limit
-    python benchmarks/gpu_check.py --only pytest-gpu selfcheck
-
-Each check runs in its own process group under a time limit (a process that
-hangs, at exit or anywhere, is killed and reported as FAIL), with its output
-in ``<check>.log``. Everything goes to ``benchmarks/results/<gpu>-<date>/``
-(``--out`` to change; a folder that exists gets the time appended; with no GPU,
-a temporary folder, so a CPU-only run leaves nothing in the checkout): the logs,
-the benchmark's JSON/Markdown/plots, ``environment.json``, ``linear-3d.json``,
-``pytest-gpu.xml``, and ``summary.md`` / ``summary.json``.
-
-Prints one line per check (PASS, FAIL or SKIP, seconds, what it found) and a
-summary; exits 0 when no check failed, 1 otherwise. Without a usable GPU the
-``environment`` check FAILs with the reason and every other check is SKIPped.
+Runs ``python -m pytest -m gpu`` (tests/gpu: the self-check, 3-D inputs, a backward, NCCL in and across
+processes, the layer benchmark; and the CuPy cases of the whole suite), each test under ``--timeout`` s
+(pytest-timeout; long tests carry their own limit), the run under ``--total`` s. Arguments after ``--`` go
+to pytest (``-- tests/gpu -k nccl``). Writes environment.json, junit.xml, pytest.log, summary.json and
+summary.md (PASS, FAIL or SKIP per test), and what the tests record (linear-3d.json, bench-<dtype>/), to
+``benchmarks/results/<gpu>-<date>/`` (``--out`` to change; with no GPU, a temporary folder).
+Exit status: 0 when tests passed and none failed; 1 when one failed or pytest did not end well; 77 when
+none ran (every test skipped: no usable GPU, and why in environment.json and the summary).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import importlib.metadata
 import json
+import os
+import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import asdict
+import threading
+import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-
-if str(REPO) not in sys.path:  # run as a script: make the benchmarks package importable
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.gpu_cases import CASES  # noqa: E402
-from benchmarks.gpu_runner import (  # noqa: E402
-    DONE_MARKER,
-    SKIP_STATUS,
-    Check,
-    Result,
-    Run,
-    child_env,
-    judge_bench,
-    judge_exit,
-    judge_pytest,
-    judge_selfcheck,
-    last_lines,
-    run_command,
-)
-
-__all__ = [
-    "CHECKS",
-    "CASES",
-    "DONE_MARKER",
-    "SKIP_STATUS",
-    "Check",
-    "Result",
-    "Run",
-    "child_env",
-    "judge_bench",
-    "judge_exit",
-    "judge_pytest",
-    "judge_selfcheck",
-    "last_lines",
-    "run_command",
-    "main",
-]
+NOTHING_RAN = 77
+sys.path.insert(0, str(REPO / "src"))  # this checkout's tp_gpu, installed or not
 
 
-def _case(name: str) -> Callable[[Path, argparse.Namespace], list[str]]:
-    """The command of a case of this file, run in its own process."""
-    here = str(Path(__file__).resolve())
-    return lambda out, args: [sys.executable, here, "--case", name, "--out", str(out)]
+def environment(now: datetime.datetime) -> dict:
+    """Date, versions, and the GPUs, or why tp_gpu cannot use CuPy here."""
+    info: dict = {"date": now.isoformat(timespec="seconds"), "python": platform.python_version()}
+    installed = {(d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions()}
+    info.update({name: installed.get(name) for name in ("numpy", "pytest", "pytest-timeout", "torch")})
+    info.update(platform=platform.platform(), gpus=[])
+    try:
+        from tp_gpu import __version__
+        from tp_gpu.backends.cupy_backend import cupy_unavailable_reason
+    except Exception as exc:  # a broken checkout: the run goes on, and its tests say more
+        return {**info, "tp_gpu": None, "cupy_unavailable_reason": f"tp_gpu does not import ({exc!r})"}
+    info["tp_gpu"] = __version__
+    info["cupy_unavailable_reason"] = reason = cupy_unavailable_reason()
+    if reason is None:
+        import cupy
+        from cupy.cuda import nccl
+
+        rt = cupy.cuda.runtime
+        names = [rt.getDeviceProperties(d)["name"] for d in range(rt.getDeviceCount())]
+        info.update(cupy=cupy.__version__, cuda_runtime=rt.runtimeGetVersion(), nccl=bool(nccl.available))
+        info.update(cuda_driver=rt.driverGetVersion(), gpus=[getattr(n, "decode", str)() for n in names])
+    return info
 
 
-def _bench(dtype: str) -> Callable[[Path, argparse.Namespace], list[str]]:
-    """The layer benchmark's command for ``dtype``, writing into its own folder of the results."""
-
-    def argv(out: Path, args: argparse.Namespace) -> list[str]:
-        folder = out / f"bench-{dtype}"
-        folder.mkdir(parents=True, exist_ok=True)
-        script = str(REPO / "benchmarks" / "bench_layers.py")
-        command = [
-            sys.executable,
-            script,
-            "--backend",
-            "cupy",
-            "--quick",
-            "--dtype",
-            dtype,
-            "--out",
-            str(folder),
-        ]
-        return command + (["--workers", "1", "4"] if args.fast else [])
-
-    return argv
-
-
-CHECKS: list[Check] = [
-    Check(
-        "environment",
-        "versions, the GPUs, and whether tp_gpu can use CuPy (a kernel and a GEMM run)",
-        _case("environment"),
-        120,
-        judge_exit,
-        needs_gpu=False,
-    ),
-    Check(
-        "pytest-gpu",
-        "python -m pytest -m gpu: every test on the CuPy backend (layers, peer copies, DLPack, torch)",
-        lambda out, args: (
-            [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfEs"]
-            + ["-p", "no:randomly", "-p", "no:cacheprovider", f"--junitxml={out / 'pytest-gpu.xml'}"]
-        ),
-        480,
-        judge_pytest,
-    ),
-    Check(
-        "selfcheck",
-        "python -m tp_gpu --backend cupy: every layer against a dense float64 reference",
-        lambda out, args: [sys.executable, "-m", "tp_gpu", "--backend", "cupy"],
-        240,
-        judge_selfcheck,
-    ),
-    Check(
-        "bench-float32",
-        "benchmarks/bench_layers.py --backend cupy --quick --dtype float32",
-        _bench("float32"),
-        420,
-        judge_bench,
-    ),
-    Check(
-        "bench-float16",
-        "benchmarks/bench_layers.py --backend cupy --quick --dtype float16",
-        _bench("float16"),
-        420,
-        judge_bench,
-    ),
-    Check(
-        "linear-3d",
-        "column/row linear on (8, 256, 1024) inputs against the same rows as 2-D: equal results, "
-        "and the time ratio (CuPy's batched-matmul path for 3-D)",
-        _case("linear-3d"),
-        180,
-        judge_exit,
-    ),
-    Check(
-        "nccl-in-process",
-        "TP_GPU_NCCL=1: InProcessNccl's grouped reduce on every GPU, and a row layer",
-        _case("nccl-in-process"),
-        120,
-        judge_exit,
-        env={"TP_GPU_NCCL": "1"},
-    ),
-    Check(
-        "nccl-comm",
-        "comm='nccl', a world of 1 over cupyx's TCP store: a layer, collectives, and a clean exit",
-        _case("nccl-comm"),
-        120,
-        judge_exit,
-    ),
-]
-
-
-# --- the run ---------------------------------------------------------------------------------
-
-
-_CUPY_GPU_NAMES = (
-    "import cupy; r = cupy.cuda.runtime; "
-    "n = [r.getDeviceProperties(d)['name'] for d in range(r.getDeviceCount())]; "
-    "print('\\n'.join(x.decode() if isinstance(x, bytes) else str(x) for x in n))"
-)
-
-
-def gpu_label(timeout: float = 60) -> str:
-    """The GPU model for the results folder: ``nvidia-h100-80gb-hbm3``, ``-x8`` for eight, ``no-gpu``.
-
-    Asks ``nvidia-smi``, else CuPy (in a child process, so that this one never imports it).
-    """
-    names: list[str] = []
-    for argv in (
-        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-        [sys.executable, "-c", _CUPY_GPU_NAMES],
-    ):
-        try:
-            query = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-            )
-        except (OSError, subprocess.SubprocessError):
-            continue
-        names = (
-            [line.strip() for line in query.stdout.splitlines() if line.strip()]
-            if query.returncode == 0
-            else []
-        )
-        if names:
-            break
-    if not names:
-        return "no-gpu"
-    label = re.sub(r"[^a-z0-9]+", "-", names[0].lower()).strip("-")
-    return label + (f"-x{len(names)}" if len(names) > 1 else "")
-
-
-def results_folder(base: Path, label: str, now: datetime.datetime) -> Path:
-    """``base/<label>-<date>``, or with the time appended where that already exists."""
-    folder = base / f"{label}-{now:%Y-%m-%d}"
-    if folder.exists() and any(folder.iterdir()):
-        folder = base / f"{label}-{now:%Y-%m-%d-%H%M%S}"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def default_folder(label: str, now: datetime.datetime) -> Path:
-    """Where results go without ``--out``: ``benchmarks/results/<gpu>-<date>/``, or, on a machine with no
-    GPU, a temporary folder (nothing to commit, so nothing is left in the source tree)."""
-    if label == "no-gpu":
+def results_folder(gpus: list[str], now: datetime.datetime) -> Path:
+    """``benchmarks/results/nvidia-h100-80gb-hbm3-x8-<date>``, the time added where that is taken; no GPU:
+    a temporary folder, so that a run without one leaves nothing in the checkout."""
+    if not gpus:
         return Path(tempfile.mkdtemp(prefix=f"tp_gpu-gpu_check-no-gpu-{now:%Y-%m-%d}-"))
-    return results_folder(RESULTS, label, now)
+    label = re.sub(r"[^a-z0-9]+", "-", gpus[0].lower()).strip("-") + f"-x{len(gpus)}" * (len(gpus) > 1)
+    folder = RESULTS / f"{label}-{now:%Y-%m-%d}"
+    return RESULTS / f"{label}-{now:%Y-%m-%d-%H%M%S}" if folder.exists() and any(folder.iterdir()) else folder
 
 
-def run_checks(checks: Sequence[Check], out: Path, args: argparse.Namespace) -> list[Result]:
-    """Run ``checks`` in order, printing a line for each; GPU checks SKIP once ``environment`` has failed."""
-    results: list[Result] = []
-    no_gpu = False
-    width = max(len(c.name) for c in checks)
-    for check in checks:
-        if check.needs_gpu and no_gpu:
-            result = Result(check.name, "SKIP", 0.0, "no usable GPU (see environment)")
-        else:
-            argv = check.argv(out, args)
-            log = out / f"{check.name}.log"
-            print(f"[ RUN  ] {check.name:{width}s}  {check.what}  (log: {log})", flush=True)
-            run = run_command(argv, log, check.timeout * args.timeout_scale, child_env(check.env))
-            status, detail = check.judge(run)
-            if check.name == "environment" and status != "PASS":
-                status, no_gpu = "FAIL", True
-            result = Result(check.name, status, run.seconds, detail, str(log), list(argv))
-        results.append(result)
-        print(
-            f"[ {result.status:4s} ] {result.name:{width}s}  {result.seconds:6.1f} s  {result.detail}",
-            flush=True,
-        )
-    return results
+def run_pytest(argv: list[str], log: Path, total: float, env: dict) -> int | None:
+    """``argv``'s status, its output shown and kept in ``log``; None when killed after ``total`` s (a hang, at
+    exit too). Its process group goes at the end anyway: nothing it started outlives it."""
+    child = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    timer = threading.Timer(total, os.killpg, (child.pid, signal.SIGKILL))
+    timer.start()
+    with open(log, "w") as sink:
+        for line in child.stdout:
+            print(line, end="", flush=True)
+            sink.write(line)
+    code, killed = child.wait(), not timer.is_alive()
+    timer.cancel()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    return None if killed else code
 
 
-def write_summary(out: Path, results: Sequence[Result], started: datetime.datetime) -> str:
-    """summary.json and summary.md in ``out``; returns the one-line verdict."""
-    counts = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
-    verdict = f"gpu_check: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP"
-    (out / "summary.json").write_text(
-        json.dumps(
-            {
-                "started": started.isoformat(timespec="seconds"),
-                "verdict": verdict,
-                "checks": [asdict(r) for r in results],
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    lines = [
-        f"# gpu_check, {started:%Y-%m-%d %H:%M}",
-        "",
-        verdict,
-        "",
-        "| check | result | seconds | detail |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {r.name} | {r.status} | {r.seconds:.1f} | {r.detail.replace('|', '/')} |" for r in results]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    return verdict
+def outcomes(junit: Path) -> list[dict]:
+    """One row per test of the JUnit report: test, status (PASS, FAIL, SKIP), seconds, detail's first line."""
+    rows = []
+    for case in ET.parse(junit).iter("testcase") if junit.exists() else []:
+        end = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+        status = {"failure": "FAIL", "error": "FAIL", "skipped": "SKIP"}.get(getattr(end, "tag", ""), "PASS")
+        said = (end.get("message") or "") if end is not None else ""
+        said = said or {p.get("name"): p.get("value") for p in case.iter("property")}.get("detail", "")
+        said = said.strip().split("\n")[0].replace("|", "/")
+        test, seconds = f"{case.get('classname')}::{case.get('name')}", float(case.get("time") or 0)
+        rows.append(dict(test=test, status=status, seconds=seconds, detail=said))
+    return rows
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    names = [c.name for c in CHECKS]
-    parser = argparse.ArgumentParser(
-        prog="python benchmarks/gpu_check.py",
-        description="Run tp_gpu's GPU checks (tests, self-check, benchmarks, NCCL), each under a time limit, "
-        "print PASS/FAIL/SKIP per check and a summary, and keep every output under "
-        "benchmarks/results/<gpu>-<date>/.",
-    )
-    parser.add_argument(
-        "--only", nargs="+", choices=names, metavar="CHECK", help=f"run only these ({', '.join(names)})"
-    )
-    parser.add_argument(
-        "--skip", nargs="+", choices=names, metavar="CHECK", default=[], help="leave these out"
-    )
-    parser.add_argument("--fast", action="store_true", help="benchmark worker counts 1 and 4 only")
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__)
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<gpu>-<date>)")
-    parser.add_argument(
-        "--timeout-scale", type=float, default=1.0, help="multiply every time limit (default 1)"
-    )
-    parser.add_argument("--list", action="store_true", help="print the checks and exit")
-    parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # one case, in this process
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the selected checks; 0 when none failed."""
-    args = parse_args(argv)
-    if args.case is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        CASES[args.case](args.out)
-        return 0
-    checks = [c for c in CHECKS if (args.only is None or c.name in args.only) and c.name not in args.skip]
+    parser.add_argument("--timeout", type=float, default=120, help="seconds per test (default 120)")
+    parser.add_argument("--total", type=float, default=3600, help="seconds for the run (default 3600)")
+    parser.add_argument("--fast", action="store_true", help="benchmark worker counts 1 and 4 only")
+    parser.add_argument("--list", action="store_true", help="list the tests and exit")
+    parser.add_argument("pytest_args", nargs="*", help="after --: more pytest arguments")
+    args = parser.parse_args(argv)
+    pytest = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    paths = [str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]  # the checkout's first
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), TP_GPU_CHECK_FAST="1" if args.fast else "0")
     if args.list:
-        for c in CHECKS:
-            print(f"{c.name:16s} {c.timeout:4.0f} s  {c.what}")
-        return 0
-    if "environment" not in args.skip and checks and checks[0].name != "environment":
-        checks.insert(0, CHECKS[0])  # the environment decides whether the others can run
-    started = datetime.datetime.now()
-    out = args.out if args.out is not None else default_folder(gpu_label(), started)
+        return subprocess.call(pytest + ["--collect-only", "-q", *args.pytest_args], cwd=REPO, env=env)
+    now = datetime.datetime.now()
+    info = environment(now)
+    out = args.out or results_folder(info["gpus"], now)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"gpu_check: {len(checks)} checks, results in {out}", flush=True)
-    results = run_checks(checks, out, args)
-    verdict = write_summary(out, results, started)
-    print(f"\n{verdict}; details in {out / 'summary.md'}")
-    for r in results:
-        if r.status == "FAIL":
-            print(f"  FAIL {r.name}: {r.detail}\n       log: {r.log}")
-    return 1 if any(r.status == "FAIL" for r in results) else 0
+    (out / "environment.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"gpu_check: {', '.join(info['gpus']) or 'no usable GPU'}; results in {out}", flush=True)
+    pytest += ["-o", "junit_family=xunit1", f"--junitxml={out / 'junit.xml'}"]
+    pytest += [f"--timeout={args.timeout:g}"] if info["pytest-timeout"] else []  # else only --total holds
+    env["TP_GPU_CHECK_RESULTS"] = str(out)
+    code = run_pytest(pytest + args.pytest_args, out / "pytest.log", args.total, env)
+    rows = outcomes(out / "junit.xml")
+    n = Counter(r["status"] for r in rows)
+    status = 1 if n["FAIL"] or code not in (0, 1) else 0 if n["PASS"] else NOTHING_RAN
+    ending = "" if code in (0, 1) else f"; pytest {'killed' if code is None else f'exit status {code}'}"
+    verdict = f"gpu_check: {n['PASS']} PASS, {n['FAIL']} FAIL, {n['SKIP']} SKIP{ending}"
+    verdict += "; nothing ran" * (status == NOTHING_RAN)
+    summary = {"verdict": verdict, "exit_status": status, "environment": info, "tests": rows}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = [f"# gpu_check, {now:%Y-%m-%d %H:%M}", "", verdict, ""]
+    md += ["| test | result | s | detail |", "|-|-|-|-|"]
+    md += ["| {test} | {status} | {seconds:.1f} | {detail} |".format(**r) for r in rows]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    fails = [f"FAIL {r['test']}: {r['detail']}" for r in rows if r["status"] == "FAIL"]
+    skips = Counter(r["detail"] for r in rows if r["status"] == "SKIP").most_common()
+    skips = [f"SKIP {k} test{'s' * (k != 1)}: {why}" for why, k in skips]
+    print("", *fails, *skips, f"{verdict}; see {out / 'summary.md'}", sep="\n")
+    return status
 
 
 if __name__ == "__main__":
