@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import to_host
+from helpers import device_of, forward_backward, to_host
 from scipy.special import erf
 from test_attention import NAMES, additive, dense_attention, padding_mask, random_weights, separate_grads
 from test_norm import PLACEMENTS, dense_layer_norm, directional_check
 
+import tp_gpu
 from tp_gpu import (
     ConfigError,
     ParallelTransformerLayer,
@@ -106,13 +107,12 @@ def test_matches_dense_forward_and_backward(make_config, rng, n_workers, pre_nor
     x = rng.standard_normal((batch, seq, hidden))
     keep = padding_mask(rng, batch, seq) if "padding" in mask_kind else None
     mask = additive(keep, causal, batch, seq)
-    y = layer(x, keep)
-    assert layer.backend.device_of(y) == layer.output_device
     expected = dense_layer(x, p, n_heads, mask, pre_norm, activation)
-    assert_close(to_host(layer, y), expected, "float64", intermediate, "transformer layer forward")
     g = rng.standard_normal(expected.shape)
-    dx = layer.backward(g)
-    assert layer.backend.device_of(dx) == layer.output_device
+    y, dx = forward_backward(layer, x, g, keep)
+    assert device_of(layer, y) == layer.output_device
+    assert_close(to_host(layer, y), expected, "float64", intermediate, "transformer layer forward")
+    assert device_of(layer, dx) == layer.output_device
     grads = {"x": to_host(layer, dx), **layer_grads(layer)}
 
     def loss(q):
@@ -167,12 +167,9 @@ def test_matches_hugging_face_bert_layer(rng, n_workers):
     out = hf(x, attention_mask=extended)
     y_ref = out[0] if isinstance(out, tuple) else out
     (y_ref * g).sum().backward()
-    assert_close(
-        to_host(layer, layer(x, keep)), y_ref.detach().numpy(), "float64", intermediate, "vs BertLayer"
-    )
-    assert_close(
-        to_host(layer, layer.backward(g)), x.grad.numpy(), "float64", intermediate, "vs BertLayer dx"
-    )
+    y, dx = forward_backward(layer, x.detach().numpy(), g.numpy(), keep)
+    assert_close(to_host(layer, y), y_ref.detach().numpy(), "float64", intermediate, "vs BertLayer")
+    assert_close(to_host(layer, dx), x.grad.numpy(), "float64", intermediate, "vs BertLayer dx")
     hf_grads = {name: p.grad.numpy() for name, p in hf.named_parameters()}
     grads = layer.grads()
     q, qb, k, kb, v, vb = layer.attention.split_qkv(layout="out_in")  # the values, to check the mapping
@@ -224,18 +221,24 @@ def test_submodule_names_and_one_group():
     assert len(groups) == 1  # every submodule runs on the one group of its config
 
 
-def test_eval_keeps_nothing(rng):
+def test_no_grad_keeps_nothing(rng):
+    """Under ``no_grad`` nothing is recorded (no node holds an activation) and backward raises; in
+    eval mode with recording on, the graph is built as in training (dropout aside)."""
     layer = ParallelTransformerLayer(
         24, 12, 20, TensorParallelConfig(n_workers=7, backend="simulated", devices=3, dtype="float64")
     )
     x = rng.standard_normal((2, 5, 24))
-    layer(x)
     layer.eval()
-    assert all(m._saved is None for _, m in layer.named_modules())
-    layer(x, np.ones((2, 5)))
-    assert all(m._saved is None for _, m in layer.named_modules())
-    with pytest.raises(TensorParallelError, match="without a preceding forward"):
-        layer.backward(np.ones((2, 5, 24)))
+    with tp_gpu.no_grad():
+        y = layer(tp_gpu.tensor(x, requires_grad=True), np.ones((2, 5)))
+    assert y.grad_fn is None and not y.requires_grad
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        y.backward(np.ones((2, 5, 24)))
+    assert all(p.grad is None for p in layer.parameters())
+    y = layer(x, np.ones((2, 5)))
+    assert y.grad_fn is not None
+    y.backward(np.ones((2, 5, 24)))
+    assert all(p.grad is not None for p in layer.parameters())
 
 
 @pytest.mark.parametrize(
@@ -256,18 +259,29 @@ def test_bad_constructor_arguments(kwargs, match):
         )
 
 
-def test_bad_input_raises_before_anything_changes(rng):
+def test_bad_input_raises_before_anything_changes(rng, monkeypatch):
     layer = ParallelTransformerLayer(
         24, 12, 20, TensorParallelConfig(n_workers=5, backend="simulated", devices=3, dtype="float64")
     )
     x = rng.standard_normal((2, 5, 24))
-    layer(x)
-    saved = {name: m._saved for name, m in layer.named_modules()}
+    leaf = tp_gpu.tensor(x, requires_grad=True)
+    y = layer(leaf)
+    ran = []
+    for _, module in layer.named_modules():
+        if module is not layer:
+            monkeypatch.setattr(module, "forward", lambda *a, m=module, **k: ran.append(m))
     with pytest.raises(ShapeError, match=r"attention_mask must be \(2, 5\) .*got shape \(2, 6\)"):
         layer(x, np.ones((2, 6)))
     with pytest.raises(ShapeError, match=r"\(batch, seq, 24\) with seq >= 1, got \(5, 24\)"):
         layer(x[0])
-    with pytest.raises(ShapeError, match=r"grad_output must have shape \(2, 5, 24\), got \(2, 5\)"):
-        layer.backward(np.ones((2, 5)))
-    assert {name: m._saved for name, m in layer.named_modules()} == saved  # no submodule ran
-    layer.backward(rng.standard_normal((2, 5, 24)))  # the first forward's state is intact
+    assert ran == []  # no submodule ran
+    monkeypatch.undo()
+    with pytest.raises(
+        ShapeError, match=r"grad has shape \(2, 5\); expected the tensor's shape \(2, 5, 24\)"
+    ):
+        y.backward(np.ones((2, 5)))
+    assert leaf.grad is None and all(p.grad is None for p in layer.parameters())  # nothing consumed
+    g = rng.standard_normal((2, 5, 24))
+    y.backward(g)  # the first forward's graph is intact
+    _, dx = forward_backward(layer, x, g)
+    np.testing.assert_allclose(to_host(layer, leaf.grad), to_host(layer, dx), rtol=1e-12, atol=1e-12)

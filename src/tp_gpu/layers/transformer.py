@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .. import collectives
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError
-from ..regions import SEQUENCE_AXIS, scatter_to_sequence_parallel_region, sequence_layout
-from ..sharded import ShardedTensor
+from ..regions import scatter_to_sequence_parallel_region
+from ..tensor import Tensor
 from .attention import ParallelSelfAttention
 from .base import ParallelModule, check_seed
 from .dropout import Dropout
@@ -16,11 +15,6 @@ from .mlp import ParallelMLP
 from .norm import LayerNorm, check_eps
 
 __all__ = ["ParallelTransformerLayer"]
-
-
-def add(a: Any, b: Any) -> Any:
-    """``a + b``, a new array: (..., H) + (..., H)."""
-    return a + b
 
 
 class ParallelTransformerLayer(ParallelModule):
@@ -39,7 +33,8 @@ class ParallelTransformerLayer(ParallelModule):
     ``attention`` is a :class:`ParallelSelfAttention` and ``mlp`` a
     :class:`ParallelMLP` ``(hidden -> intermediate -> hidden)``: each costs one
     reduction forward and one backward. The residuals and LayerNorms run on
-    the output device, where both blocks' outputs land. With ``dropout > 0``,
+    the output device, where both blocks' outputs land; the tape replays the
+    whole block backward (the two paths of each residual summed). With ``dropout > 0``,
     ``attention(.)`` and ``mlp(.)`` above stand for ``dropout1(attention(.))``
     and ``dropout2(mlp(.))`` (PyTorch's ``nn.TransformerEncoderLayer`` names;
     Megatron's hidden dropout), applied before each residual add.
@@ -54,11 +49,6 @@ class ParallelTransformerLayer(ParallelModule):
     a copy, and ``1/p`` of the activations per worker. The layer takes a
     sequence-split ShardedTensor (or a dense ``x``, split on entry) and
     returns one; the result equals the layer without sequence parallelism.
-
-    Backward (post-norm): ``dz = mlp_norm.backward(dy)``, ``dh = dz + mlp.backward(dz)``,
-    ``dz' = attention_norm.backward(dh)``, ``dx = dz' + attention.backward(dz')``;
-    (pre-norm): ``dh = dy + mlp_norm.backward(mlp.backward(dy))``,
-    ``dx = dh + attention_norm.backward(attention.backward(dh))``.
 
     Hugging Face names (a ``BertLayer``, ``encoder.layer.{i}.`` stripped):
 
@@ -138,89 +128,31 @@ class ParallelTransformerLayer(ParallelModule):
             self.dropout1 = Dropout(dropout, config, seed=seed + 4)
             self.dropout2 = Dropout(dropout, config, seed=seed + 5)
 
-    def forward(self, x: Any, attention_mask: Any = None) -> Any:
-        """``y`` ``(B, S, H)`` on the output device for ``x`` ``(B, S, H)``; ``attention_mask`` as
-        :meth:`ParallelSelfAttention.forward` takes it. Everything is checked before anything changes.
+    def forward(self, x: Any, attention_mask: Any = None) -> Tensor:
+        """``y`` ``(B, S, H)``, a Tensor on the output device, for ``x`` ``(B, S, H)``; ``attention_mask``
+        as :meth:`ParallelSelfAttention.forward` takes it. Everything is checked before anything changes.
 
-        With ``config.sequence_parallel``, ``y`` is a ShardedTensor split along
-        the sequence, and ``x`` a dense array (split here) or such a ShardedTensor.
+        With ``config.sequence_parallel``, ``x`` (an array, a Tensor, or a
+        ShardedTensor split along the sequence, taken as it is) is split along
+        the sequence on entry, and ``y`` is a ShardedTensor split alike.
         """
-        x = self._enter(x, attention_mask)
-        drop1, drop2 = self.dropout1, self.dropout2
-        if self.pre_norm:
-            h = self._add(x, self._drop(drop1, self.attention(self.attention_norm(x), attention_mask)))
-            return self._add(h, self._drop(drop2, self.mlp(self.mlp_norm(h))))
-        h = self.attention_norm(self._add(x, self._drop(drop1, self.attention(x, attention_mask))))
-        return self.mlp_norm(self._add(h, self._drop(drop2, self.mlp(h))))
-
-    def _enter(self, x: Any, attention_mask: Any) -> Any:
-        """``x`` checked (with the mask) and placed: on the output device, or split along the
-        sequence over the workers' devices with sequence parallelism."""
         x = self.attention.check_input(x)
         self.attention.check_mask(attention_mask, x.shape[0], x.shape[1])
-        if not self.config.sequence_parallel:
-            out = self.output_device
-            (x,) = collectives.to_devices(self.backend, [x], [out], self.dtype)  # (B, S, H) on the output
-            self._keep({"shape": tuple(x.shape)})
-            return x
-        layout = sequence_layout(self.group, x.shape[1])
-        if isinstance(x, ShardedTensor):
-            blocks = x.blocks_for(layout, self.dtype, None, "ParallelTransformerLayer input", SEQUENCE_AXIS)
-        else:
-            blocks = scatter_to_sequence_parallel_region.forward(self.group, x, layout, self.dtype)
-        self._keep({"shape": tuple(x.shape), "sequence": (layout, not isinstance(x, ShardedTensor))})
-        return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, self.backend, self.comm)
-
-    def _add(self, a: Any, b: Any) -> Any:
-        """The residual ``a + b``: on the output device, or on each device's slices."""
-        if isinstance(a, ShardedTensor):
-            blocks = self.group.on_devices(add, a.device_blocks(), b.device_blocks())  # {d: (B, S_d, H)}
-            return ShardedTensor.from_blocks(blocks, a.axis, a.layout, self.backend, a.comm)
-        return self.group.on_device(self.output_device, add, a, b)
-
-    @staticmethod
-    def _drop(dropout: Optional[Dropout], y: Any) -> Any:
-        return y if dropout is None else dropout(y)
-
-    @staticmethod
-    def _drop_backward(dropout: Optional[Dropout], grad: Any) -> Any:
-        return grad if dropout is None else dropout.backward(grad)
-
-    def backward(self, grad_output: Any) -> Any:
-        """Accumulate every gradient and return ``dX`` ``(B, S, H)``: on the output device, or with
-        sequence parallelism split like the forward input (dense for a dense input)."""
-        saved = self._saved if self._saved is not None else self._take_saved()  # raises: no forward
-        sequence = saved.get("sequence")
-        grad = self._check_grad_shape(
-            grad_output, saved["shape"], "ParallelTransformerLayer", sharded=sequence is not None
-        )
-        self._take_saved()  # only once the gradient is known to fit
-        if sequence is None:
-            (dy,) = collectives.to_devices(self.backend, [grad], [self.output_device], self.dtype)
-        else:
-            dy = self._enter_grad(grad, sequence[0])
-        drop1, drop2 = self.dropout1, self.dropout2
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, self.group, self.dtype)  # device d: (B, S_d, H)
         if self.pre_norm:
-            dh = self._add(dy, self.mlp_norm.backward(self.mlp.backward(self._drop_backward(drop2, dy))))
-            dx = self.attention_norm.backward(self.attention.backward(self._drop_backward(drop1, dh)))
-            dx = self._add(dh, dx)
-        else:
-            dz = self.mlp_norm.backward(dy)
-            dm = self.mlp.backward(self._drop_backward(drop2, dz))
-            dh = self.attention_norm.backward(self._add(dz, dm))
-            dx = self._add(dh, self.attention.backward(self._drop_backward(drop1, dh)))
-        if sequence is not None and sequence[1]:  # a dense input: its gradient gathered, dense
-            return scatter_to_sequence_parallel_region.backward(self.group, dx.device_blocks(), sequence[0])
-        return dx
+            h = x + self._drop1(self.attention(self.attention_norm(x), attention_mask))
+            return h + self._drop2(self.mlp(self.mlp_norm(h)))
+        h = self.attention_norm(x + self._drop1(self.attention(x, attention_mask)))
+        return self.mlp_norm(h + self._drop2(self.mlp(h)))
 
-    def _enter_grad(self, grad: Any, layout: Any) -> ShardedTensor:
-        """``dY`` split along the sequence like the output: a ShardedTensor's blocks, or ``dY`` split."""
-        if isinstance(grad, ShardedTensor):
-            what = "ParallelTransformerLayer grad_output"
-            blocks = grad.blocks_for(layout, self.dtype, None, what, SEQUENCE_AXIS)
-        else:
-            blocks = scatter_to_sequence_parallel_region.forward(self.group, grad, layout, self.dtype)
-        return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, self.backend, self.comm)
+    def _drop1(self, y: Tensor) -> Tensor:
+        """``dropout1(y)``, or ``y`` without dropout."""
+        return y if self.dropout1 is None else self.dropout1(y)
+
+    def _drop2(self, y: Tensor) -> Tensor:
+        """``dropout2(y)``, or ``y`` without dropout."""
+        return y if self.dropout2 is None else self.dropout2(y)
 
     def extra_repr(self) -> str:
         sequence = ", sequence_parallel=True" if self.config.sequence_parallel else ""
