@@ -5,7 +5,10 @@ Each case was a raw exception (TypeError, ZeroDivisionError, ...) or a silent ac
 checks the typed error, its message, and that nothing changed. Also: many-problem errors give a
 count and the first five problems (issue 25, item 3), ``load_checkpoint(dtype_cast=True)``, stale
 temporary files of killed saves, saving through a symbolic link, and loading while another thread
-runs forwards (documented as not atomic; the documented remedy, one lock, is tested).
+runs forwards (documented as not atomic; the documented remedy, one lock, is tested). Gradients
+too: a bad gradient given to ``y.backward(g)`` raises before any node of the tape runs, so a corrected
+retry gives the dense reference's gradients; backward on a result computed under ``no_grad`` and a
+second backward through a freed graph raise.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ import time
 import numpy as np
 import pytest
 import safetensors.numpy
+from helpers import forward_backward
+from test_class_weights import dense_cross_entropy
+from test_uneven import flat, gelu, gelu_grad
 
+import tp_gpu
 import tp_gpu.checkpoint_format as checkpoint_format
 from tp_gpu import (
     SGD,
@@ -35,9 +42,11 @@ from tp_gpu import (
     Dropout,
     GradScaler,
     ParallelMLP,
+    RowParallelLinear,
     ShapeError,
     TensorParallelConfig,
     TensorParallelError,
+    VocabParallelCrossEntropy,
     clip_grad_norm,
     load_checkpoint,
     read_checkpoint,
@@ -446,6 +455,187 @@ def test_saving_through_a_symbolic_link_replaces_its_target(tmp_path):
     assert dangling.is_symlink() and (folder / "step200.safetensors").is_file()
 
 
+# --- gradients given to backward -----------------------------------------------------------------
+
+GRAD_LAYERS = ["column", "column_split_output", "row", "mlp", "loss_none"]
+
+
+def grad_case(kind):
+    """``(layer, x_leaf, y, g, reference)``: a layer of 3 workers on 2 simulated devices, its
+    output ``y`` for the leaf ``x_leaf``, the right gradient ``g`` of ``y``, and
+    ``reference()``: the dense float64 ``{"x": dX, <parameter>: d<parameter>}`` for ``g``."""
+    rng = np.random.default_rng(7)
+    cfg = config(3, backend="simulated", devices=2)
+    if kind == "loss_none":
+        z = rng.standard_normal((6, 11))
+        targets = rng.integers(0, 11, size=6)
+        head = ColumnParallelLinear(4, 11, TensorParallelConfig(n_workers=3, backend="simulated", devices=2))
+        layout = head.layout  # logits split as a head of 11 classes splits them
+        shards = [
+            head.backend.asarray(z[:, a:b], np.float64, d) for (a, b), d in zip(layout.ranges, head.devices)
+        ]
+        x = ShardedTensor(shards, -1, head.devices, head.backend).requires_grad_()
+        y = VocabParallelCrossEntropy(reduction="none")(x, targets)
+        g = rng.standard_normal(6)
+        return None, x, y, g, lambda: {"x": dense_cross_entropy(z, targets, reduction="none")[1] * g[:, None]}
+    x_host = rng.standard_normal((2, 3, 5))
+    x = tp_gpu.tensor(x_host, requires_grad=True)
+    if kind == "mlp":
+        layer = ParallelMLP(5, 9, 4, cfg, seed=1)
+    elif kind == "row":
+        layer = RowParallelLinear(5, 4, cfg, seed=1)
+    else:
+        layer = ColumnParallelLinear(
+            5, 4, config(3, backend="simulated", devices=2, gather_output=kind == "column"), seed=1
+        )
+    layer.load_state_dict({n: rng.standard_normal(v.shape) for n, v in layer.state_dict().items()})
+    state = layer.state_dict()
+    y = layer(x)
+    g = rng.standard_normal((2, 3, 4))
+    if kind == "column_split_output":
+        pieces = np.split(g, np.cumsum(y.split_sizes)[:-1], axis=-1)
+        g = ShardedTensor(
+            [layer.backend.asarray(p, np.float64, d) for p, d in zip(pieces, y.devices)],
+            -1,
+            y.devices,
+            layer.backend,
+        )
+
+    def reference():
+        dy = np.asarray(g)
+        if kind != "mlp":
+            w = state["weight"]
+            return {"x": dy @ w.T, "weight": flat(x_host).T @ flat(dy), "bias": flat(dy).sum(axis=0)}
+        a, b = state["fc1.weight"], state["fc2.weight"]
+        h = x_host @ a + state["fc1.bias"]
+        dh = (dy @ b.T) * gelu_grad(h)
+        return {
+            "x": dh @ a.T,
+            "fc1.weight": flat(x_host).T @ flat(dh),
+            "fc1.bias": flat(dh).sum(axis=0),
+            "fc2.weight": flat(gelu(h)).T @ flat(dy),
+            "fc2.bias": flat(dy).sum(axis=0),
+        }
+
+    return layer, x, y, g, reference
+
+
+def gradients(layer, x):
+    """Every gradient the tape has given so far (None where none): ``x``'s and each parameter's."""
+    found = {"x": None if x.grad is None else np.asarray(x.grad)}
+    if layer is not None:
+        found.update({n: None if p.grad is None else p.full_grad() for n, p in layer.named_parameters()})
+    return found
+
+
+def assert_gradients(got, expected):
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def wrong_gradients(y, g):
+    """``(gradient, message)``: gradients of ``y`` of the wrong shape, each with what its error says."""
+    shape = tuple(y.shape)
+    expected = f"expected the tensor's shape {shape}"
+    cases = [
+        (np.ones(shape[::-1] if len(shape) > 1 else shape + (1,)), expected),
+        (np.ones(shape[:-1]), f"grad has shape {shape[:-1]}; {expected}"),
+        (np.ones(shape + (1,)), f"grad has shape {shape + (1,)}; {expected}"),
+        (tp_gpu.tensor(np.ones(shape[1:])), f"grad has shape {shape[1:]}; {expected}"),
+        (None, f"backward() without a gradient needs a scalar (one element), got shape {shape}"),
+        ("abc", f"grad has shape (); {expected}"),
+        ([[1.0, 2.0], [3.0]], "grad could not be read as an array"),
+    ]
+    if isinstance(g, ShardedTensor):  # the right shape, split otherwise
+        sizes = g.split_sizes[::-1]
+        assert sizes != g.split_sizes
+        pieces = np.split(np.asarray(g), np.cumsum(sizes)[:-1], axis=-1)
+        shards = [g.backend.asarray(p, np.float64, d) for p, d in zip(pieces, g.devices)]
+        axis = f"split on axis {g.axis}"
+        message = f"{axis} with sizes {sizes}; expected {axis} with sizes {g.split_sizes}"
+        cases.append((ShardedTensor(shards, -1, g.devices, g.backend), message))
+    return cases
+
+
+@pytest.mark.parametrize("kind", GRAD_LAYERS)
+def test_a_wrong_shape_gradient_raises_before_anything_then_a_corrected_retry_works(kind):
+    """Each wrong gradient raises ShapeError naming its shape and the expected one; no gradient
+    reached anything and the graph is kept, so ``y.backward(right)`` then gives the dense reference's
+    gradients, once."""
+    layer, x, y, g, reference = grad_case(kind)
+    nothing = gradients(layer, x)
+    assert all(v is None for v in nothing.values())
+    for wrong, message in wrong_gradients(y, g):
+        with pytest.raises(ShapeError) as info:
+            y.backward(wrong)
+        assert message in str(info.value), (type(wrong).__name__, str(info.value))
+        assert gradients(layer, x) == nothing, f"a {type(wrong).__name__} gradient was consumed"
+    y.backward(g)
+    assert_gradients(gradients(layer, x), reference())
+
+
+@pytest.mark.parametrize(
+    "grad, dtype",
+    [
+        (lambda s: np.full(s, "a"), "<U1"),
+        (lambda s: np.ones(s, complex), "complex128"),
+        (lambda s: np.full(s, None), "object"),
+    ],
+    ids=["strings", "complex", "objects"],
+)
+@pytest.mark.parametrize("kind", ["column", "column_split_output"])
+def test_a_gradient_of_the_right_shape_but_not_real_numbers_raises_before_anything(kind, grad, dtype):
+    """As the layers' inputs: a gradient must hold real numbers (complex parts are not dropped
+    silently, as torch refuses a complex gradient for a real output); then a retry works."""
+    layer, x, y, g, reference = grad_case(kind)
+    with pytest.raises(TensorParallelError) as info:
+        y.backward(grad(y.shape))
+    assert dtype in str(info.value) and "backward" in str(info.value), str(info.value)
+    assert all(v is None for v in gradients(layer, x).values())
+    y.backward(g)
+    assert_gradients(gradients(layer, x), reference())
+
+
+@pytest.mark.parametrize("kind", GRAD_LAYERS)
+def test_a_second_backward_raises_and_changes_nothing(kind):
+    """As PyTorch without retain_graph: the first backward freed what the graph kept; a second
+    raises instead of doubling the gradients."""
+    layer, x, y, g, reference = grad_case(kind)
+    y.backward(g)
+    after = gradients(layer, x)
+    assert_gradients(after, reference())
+    with pytest.raises(TensorParallelError, match="a second time: its saved values were freed"):
+        y.backward(g)
+    assert_gradients(gradients(layer, x), after)
+
+
+def test_retain_graph_allows_a_second_backward_that_adds_the_gradients_again():
+    """The neighbour that stays allowed: ``retain_graph=True`` keeps the graph, and a second
+    backward accumulates a second copy of every gradient, as in PyTorch."""
+    layer, x, y, g, reference = grad_case("mlp")
+    y.backward(g, retain_graph=True)
+    y.backward(g)
+    assert_gradients(gradients(layer, x), {k: 2 * v for k, v in reference().items()})
+
+
+@pytest.mark.parametrize("kind", GRAD_LAYERS)
+def test_backward_on_a_result_computed_under_no_grad_raises(kind):
+    """Under ``no_grad`` nothing is recorded (no node, no activation kept): backward on the result
+    raises TensorParallelError saying why, and no gradient appears."""
+    layer, x, y, g, reference = grad_case(kind)
+    with tp_gpu.no_grad():
+        if layer is None:  # the loss: its logits are x
+            targets = np.zeros(y.shape, np.int64)
+            y = VocabParallelCrossEntropy(reduction="none")(x, targets)
+        else:
+            y = layer(x)
+    assert y.grad_fn is None and not y.requires_grad
+    with pytest.raises(TensorParallelError, match="does not require grad .*ran inside no_grad"):
+        y.backward(g)
+    assert all(v is None for v in gradients(layer, x).values())
+
+
 # --- Dropout -------------------------------------------------------------------------------------
 
 
@@ -482,15 +672,17 @@ def test_dropout_with_p_one_outputs_zeros_and_a_zero_gradient_as_torch(sharded):
     if sharded:
 
         def split(a):
-            layout = regions.sequence_layout(drop.group, a.shape[-2])
-            blocks = regions.scatter_to_sequence_parallel_region.forward(drop.group, a, layout, a.dtype)
-            return ShardedTensor.from_blocks(blocks, -2, layout, drop.backend, drop.group.comm)
+            out = regions.scatter_to_sequence_parallel_region(tp_gpu.tensor(a), drop.group, a.dtype)
+            assert isinstance(out, ShardedTensor) and out.axis == 0  # split along the sequence
+            return out
 
-        y = drop.backend.to_host(drop(split(x)).gather())
-        dx = drop.backend.to_host(drop.backward(split(dy)).gather())
+        leaf = split(x).requires_grad_()
+        out = drop(leaf)
+        out.backward(split(dy))
+        y, dx = np.asarray(out), np.asarray(leaf.grad)
     else:
-        y = drop.backend.to_host(drop(x))
-        dx = drop.backend.to_host(drop.backward(dy))
+        out, grad = forward_backward(drop, x, dy)
+        y, dx = np.asarray(out), np.asarray(grad)
     expected = x * 0.0  # NaN stays NaN, as torch's x * mask
     np.testing.assert_array_equal(y, expected)
     np.testing.assert_array_equal(dx, np.zeros_like(x))

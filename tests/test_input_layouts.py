@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List
 
 import numpy as np
 import pytest
+from helpers import forward_backward
 
 import tp_gpu as tp
 from tp_gpu.errors import ConfigError, IndexOutOfRangeError
@@ -87,7 +88,12 @@ def _to_host(x: Any) -> np.ndarray:
 
 def _host(x: Any) -> np.ndarray:
     """An output or gradient as a new host array (a ShardedTensor gathered first)."""
-    return np.array(_to_host(x.gather() if isinstance(x, tp.ShardedTensor) else x))
+    return np.array(tp.to_numpy(x))
+
+
+def _leaf(logits: tp.ShardedTensor) -> tp.ShardedTensor:
+    """A new leaf over ``logits``' own blocks (strides kept), requiring grad: its ``.grad`` is ``dZ``."""
+    return logits.map(lambda a: a).requires_grad_()
 
 
 def _strided_sharded(full: np.ndarray, config: tp.TensorParallelConfig, axis: int = -1) -> tp.ShardedTensor:
@@ -182,9 +188,16 @@ def _config(spec, n_workers: int, **kwargs) -> tp.TensorParallelConfig:
 
 
 def _forward_backward(layer: Any, args: List[Any]) -> List[Any]:
-    """``y = layer(x)``, ``dx = layer.backward(dy)`` for ``args = [x, dy]``."""
-    y = layer(args[0])
-    return [y, layer.backward(args[1])]
+    """``y = layer(x)``, ``y.backward(dy)``: ``[y, dx]`` for ``args = [x, dy]``."""
+    return list(forward_backward(layer, args[0], args[1]))
+
+
+def _forward_backward_ids(layer: Any, args: List[Any], **kwargs: Any) -> List[Any]:
+    """``y = layer(ids, **kwargs)``, ``y.backward(dy)`` for ``args = [ids, dy, ...]``: ``[y]`` (ids get
+    no gradient; the parameters' gradients are compared by :func:`_run`)."""
+    y = layer(args[0], **kwargs)
+    y.backward(args[1])
+    return [y]
 
 
 # ---------------------------------------------------------------------- the layers
@@ -239,7 +252,7 @@ class TestDenseLayers:
         keep[:, 0] = 1
 
         def call(layer, args):
-            return [layer(args[0], attention_mask=args[2]), layer.backward(args[1])]
+            return list(forward_backward(layer, args[0], args[1], attention_mask=args[2]))
 
         build = lambda: tp.ParallelSelfAttention(8, 4, cfg, seed=1)  # noqa: E731
         _compare_layouts(build, call, [x, dy, keep], torch)
@@ -256,10 +269,8 @@ class TestDenseLayers:
         cfg = _config(spec, n_workers)
         ids, dy = rng.integers(0, 11, size=(4, 6)), rng.standard_normal((4, 6, 5))
 
-        def call(layer, args):
-            return [layer(args[0]), layer.backward(args[1])]
-
-        _compare_layouts(lambda: tp.ParallelEmbedding(11, 5, cfg, seed=1), call, [ids, dy], torch, exact=True)
+        build = lambda: tp.ParallelEmbedding(11, 5, cfg, seed=1)  # noqa: E731
+        _compare_layouts(build, _forward_backward_ids, [ids, dy], torch, exact=True)
 
     def test_bert_embeddings(self, spec, n_workers, torch):
         rng = np.random.default_rng(10)
@@ -268,7 +279,7 @@ class TestDenseLayers:
         dy = rng.standard_normal((3, 6, 8))
 
         def call(layer, args):
-            return [layer(args[0], token_type_ids=args[2]), layer.backward(args[1])]
+            return _forward_backward_ids(layer, args, token_type_ids=args[2])
 
         build = lambda: tp.BertEmbeddings(11, 8, 6, 2, cfg, seed=1)  # noqa: E731
         _compare_layouts(build, call, [ids, dy, types], torch)
@@ -360,10 +371,10 @@ def _loss_reference(logits: np.ndarray, targets: np.ndarray, reduction: str) -> 
 @pytest.mark.parametrize("n_workers", WORKERS)
 class TestLoss:
     def _loss(self, cfg, logits, targets, grad_loss=1.0, **kwargs):
-        loss = tp.VocabParallelCrossEntropy(**kwargs)
-        value = loss(logits, targets)
-        grad = loss.backward(grad_loss)
-        return _to_host(value) if kwargs.get("reduction") == "none" else value, _host(grad)
+        logits = _leaf(logits)
+        value = tp.VocabParallelCrossEntropy(**kwargs)(logits, targets)
+        value.backward(grad_loss)
+        return _host(value) if kwargs.get("reduction") == "none" else float(value), _host(logits.grad)
 
     @pytest.mark.parametrize("reduction", ["mean", "sum"])
     def test_moveaxis_logits_issue_20(self, spec, n_workers, reduction):
@@ -483,7 +494,7 @@ def test_uint64_target_reported_as_its_value(spec_):
     with pytest.raises(IndexOutOfRangeError, match=f"target {2**64 - 100} out of range"):
         tp.VocabParallelCrossEntropy()(logits, np.array([2**64 - 100, 1], dtype=np.uint64))
     value = tp.VocabParallelCrossEntropy()(logits, np.array([1, 12], dtype=np.uint64))
-    assert value == pytest.approx(np.log(13))
+    assert float(value) == pytest.approx(np.log(13))
 
 
 @pytest.mark.parametrize("n_workers", WORKERS)
@@ -498,14 +509,15 @@ def test_torch_strided_shards(n_workers):
     layout = tp.get_group(cfg).split(13)
     xt = torch.from_numpy(x)
     shards = [xt[:, a:b].movedim(1, -1) for a, b in layout.ranges]  # strided views (B, D, C_i)
-    logits = tp.ShardedTensor(shards, -1, list(layout.devices), tp.get_group(cfg).backend)
+    logits = tp.ShardedTensor(shards, -1, list(layout.devices), tp.get_group(cfg).backend).requires_grad_()
     loss = tp.VocabParallelCrossEntropy(reduction="sum")
     value = loss(logits, targets)
-    grad = _host(loss.backward())
+    value.backward()
+    grad = _host(logits.grad)
     leaf = xt.clone().requires_grad_()
     want = torch.nn.functional.cross_entropy(leaf, torch.from_numpy(targets), reduction="sum")
     want.backward()
-    assert value == pytest.approx(want.item(), rel=1e-13)
+    assert float(value) == pytest.approx(want.item(), rel=1e-13)
     np.testing.assert_allclose(grad, np.moveaxis(leaf.grad.numpy(), 1, -1), rtol=0, atol=1e-14)
     np.testing.assert_array_equal(xt.numpy(), x)  # the caller's tensor is unchanged
 

@@ -16,9 +16,11 @@ import dataclasses
 import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
+from helpers import forward_backward
 from test_class_weights import dense_cross_entropy
-from test_uneven import flat, host, moves, randomize, reduction_only, sharded
+from test_uneven import flat, host, leaf, moves, randomize, reduction_only, sharded
 
+import tp_gpu
 from tp_gpu import (
     SGD,
     Adam,
@@ -115,11 +117,11 @@ def check_padded_column_matches_dense(make_config, rng, n_out, n_workers, k):
     w, b = layer.full_weight(), layer.full_bias()
     assert w.shape == (5, n_out) and b.shape == (n_out,)
     x = rng.standard_normal((2, 3, 5))
-    y = layer(x)
+    g = rng.standard_normal((2, 3, n_out))
+    y, dx = forward_backward(layer, x, g)
     assert y.shape == (2, 3, n_out)  # the logical width
     assert_close(host(layer, y), x @ w + b, F64, 5, "Y")
-    g = rng.standard_normal((2, 3, n_out))
-    assert_close(host(layer, layer.backward(g)), g @ w.T, F64, n_out, "dX")
+    assert_close(host(layer, dx), g @ w.T, F64, n_out, "dX")
     grads = layer.grads()
     assert grads["weight"].shape == (5, n_out)
     assert_close(grads["weight"], flat(x).T @ flat(g), F64, 6, "dW")
@@ -138,7 +140,8 @@ def check_padded_column_sharded_output_has_the_logical_width(make_config, rng, n
     )
     randomize(layer, rng)
     x = rng.standard_normal((4, 5))
-    y = layer(x)
+    x_leaf = tp_gpu.tensor(x, requires_grad=True)
+    y = layer(x_leaf)
     assert isinstance(y, ShardedTensor) and y.shape == (4, n_out)
     assert y.split_sizes == [b - a for a, b in expected_partition(n_out, n_workers, k)]
     assert_close(host(layer, y), x @ layer.full_weight() + layer.full_bias(), F64, 5, "gathered Y")
@@ -147,17 +150,12 @@ def check_padded_column_sharded_output_has_the_logical_width(make_config, rng, n
     for shard, (first, last) in zip(grad.shards, layer.partition):
         with layer.backend.device(layer.backend.device_of(shard)):
             shard[...] = layer.backend.asarray(g[:, first:last], np.float64, layer.backend.device_of(shard))
-    assert_close(host(layer, layer.backward(grad)), g @ layer.full_weight().T, F64, n_out, "dX")
+    y.backward(grad)
+    assert_close(host(layer, x_leaf.grad), g @ layer.full_weight().T, F64, n_out, "dX")
     assert_close(layer.grads()["weight"], x.T @ g, F64, 4, "dW")
     # ... or dY as unpadded shards (re-padded on the way in).
-    layer(x)
-    assert_close(
-        host(layer, layer.backward(sharded(layer, g, y.split_sizes))),
-        g @ layer.full_weight().T,
-        F64,
-        n_out,
-        "dX",
-    )
+    _, dx = forward_backward(layer, x, sharded(layer, g, y.split_sizes))
+    assert_close(host(layer, dx), g @ layer.full_weight().T, F64, n_out, "dX")
     assert_close(layer.grads()["weight"], 2 * x.T @ g, F64, 4, "dW twice")
     assert all(not pad.any() for pad in padding_of(layer.weight, layer))
 
@@ -178,9 +176,9 @@ def check_padded_row_matches_dense(make_config, rng, n_in, n_workers, k):
     w, b = layer.full_weight(), layer.full_bias()
     assert w.shape == (n_in, 4)
     x = rng.standard_normal((2, 3, n_in))
-    assert_close(host(layer, layer(x)), x @ w + b, F64, n_in, "Y")
     g = rng.standard_normal((2, 3, 4))
-    dx = layer.backward(g)
+    y, dx = forward_backward(layer, x, g)
+    assert_close(host(layer, y), x @ w + b, F64, n_in, "Y")
     assert dx.shape == (2, 3, n_in)  # the logical width
     assert_close(host(layer, dx), g @ w.T, F64, 4, "dX")
     grads = layer.grads()
@@ -209,9 +207,10 @@ def check_padded_chain_is_communication_free_and_matches_dense(make_config, rng,
     randomize(col, rng)
     randomize(row, rng)
     x = rng.standard_normal((3, 6))
+    x_leaf = tp_gpu.tensor(x, requires_grad=True)
     backend = row.backend
     counting = isinstance(backend, SimulatedBackend)
-    h = col(x)
+    h = col(x_leaf)
     if counting:
         backend.reset_transfers()
     y = row(h)
@@ -221,13 +220,16 @@ def check_padded_chain_is_communication_free_and_matches_dense(make_config, rng,
     assert_close(host(row, y), hid @ row.full_weight() + row.full_bias(), F64, 6 * hidden, "Y")
     g = backend.asarray(rng.standard_normal((3, 5)), np.float64, row.output_device)
     g_host = np.asarray(backend.to_host(g))
-    dh = row.backward(g)
     if counting:
         backend.reset_transfers()
-    dx = col.backward(dh)
-    if counting:
-        assert moves(backend) == reduction_only(col)
-    assert_close(host(col, dx), g_host @ row.full_weight().T @ col.full_weight().T, F64, 5 * hidden, "dX")
+    y.backward(g)
+    if counting:  # dY to every other device (the row layer), the reduction of dX (the column layer)
+        out = row.output_device
+        dy_copies = {(out, d): 1 for d in sorted(set(row.devices)) if d != out}
+        assert moves(backend) == {**dy_copies, **reduction_only(col)}
+    assert_close(
+        host(col, x_leaf.grad), g_host @ row.full_weight().T @ col.full_weight().T, F64, 5 * hidden, "dX"
+    )
     assert_close(row.grads()["weight"], hid.T @ g_host, F64, 3, "fc2 dW")
     assert_close(col.grads()["weight"], x.T @ (g_host @ row.full_weight().T), F64, 15, "fc1 dW")
 
@@ -251,7 +253,7 @@ def check_padded_embedding_matches_dense(make_config, rng, vocab, n_workers, k):
     out = layer(ids)
     assert np.array_equal(np.asarray(layer.backend.to_host(out)), table[ids])
     g = rng.standard_normal(out.shape)
-    layer.backward(g)
+    out.backward(g)
     expected = np.zeros_like(table)
     np.add.at(expected, ids.reshape(-1), g.reshape(-1, 3))
     assert_close(layer.grads()["weight"], expected, F64, ids.size, "dE")
@@ -290,13 +292,15 @@ def run_head_loss(head, x, targets, kwargs):
     loss_fn = VocabParallelCrossEntropy(**kwargs)
     logits = head(x)
     assert logits.shape == (len(x), head.n_out)  # the logical width
-    loss = loss_fn(logits, targets)
-    if kwargs.get("reduction") == "none":
-        loss = np.asarray(head.backend.to_host(loss))
-    dz = loss_fn.backward(np.ones(len(x)) if kwargs.get("reduction") == "none" else 1.0)
-    assert dz.shape == (len(x), head.n_out)
+    z = leaf(logits)  # its .grad is dZ, then passed on into the head
+    loss = loss_fn(z, targets)
+    none = kwargs.get("reduction") == "none"
+    loss.backward(np.ones(len(x)) if none else None)
+    loss = np.asarray(head.backend.to_host(loss)) if none else float(loss)
+    dz = z.grad
+    assert isinstance(dz, ShardedTensor) and dz.shape == (len(x), head.n_out)
     dz_host = host(head, dz)
-    head.backward(dz)
+    logits.backward(dz)
     return loss, dz_host, head.grads()
 
 
@@ -425,8 +429,9 @@ def test_training_keeps_the_padding_zero_and_tracks_the_unpadded_model(
     for _ in range(3):
         for key, (embed, fc1, fc2, head) in models.items():
             loss_fn = VocabParallelCrossEntropy(label_smoothing=0.1)
-            losses[key].append(loss_fn(head(fc2(fc1(embed(ids)))), targets))
-            embed.backward(fc1.backward(fc2.backward(head.backward(loss_fn.backward()))))
+            loss = loss_fn(head(fc2(fc1(embed(ids)))), targets)
+            losses[key].append(float(loss))
+            loss.backward()
             opts[key].step()
             opts[key].zero_grad()
     assert losses["padded"][-1] < losses["padded"][0]  # it trains

@@ -20,8 +20,10 @@ import pathlib
 import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
+from helpers import device_of, forward_backward
 from test_class_weights import dense_cross_entropy
 
+import tp_gpu
 from tp_gpu import (
     ColumnParallelLinear,
     ConfigError,
@@ -57,10 +59,16 @@ def array_split_ranges(size: int, parts: int):
 
 
 def host(layer, value) -> np.ndarray:
-    """A layer output (array or ShardedTensor, gathered) as a float64 host array."""
+    """An output or gradient (a Tensor, a ShardedTensor gathered, an array) as a float64 host array."""
+    return np.asarray(tp_gpu.to_numpy(value), np.float64)
+
+
+def leaf(value):
+    """``value``'s blocks as a new leaf that requires grad (a ShardedTensor stays one): its ``.grad``
+    after a backward through it is the gradient of ``value``."""
     if isinstance(value, ShardedTensor):
-        value = value.gather()
-    return np.asarray(layer.backend.to_host(value), np.float64)
+        return value.map(lambda a: a).requires_grad_()
+    return value.detach().requires_grad_()
 
 
 def randomize(layer, rng) -> None:
@@ -125,12 +133,11 @@ def test_column_gathered_matches_dense(make_config, rng, n_out, n_workers):
     randomize(layer, rng)
     w, b = layer.full_weight(), layer.full_bias()
     x = rng.standard_normal((2, 3, 5))
-    y = layer(x)
-    assert y.shape == (2, 3, n_out) and layer.backend.device_of(y) == layer.output_device
-    assert_close(host(layer, y), x @ w + b, F64, 5, "Y")
     g = rng.standard_normal((2, 3, n_out))
-    dx = layer.backward(g)
-    assert dx.shape == x.shape and layer.backend.device_of(dx) == layer.output_device
+    y, dx = forward_backward(layer, x, g)
+    assert y.shape == (2, 3, n_out) and device_of(layer, y) == layer.output_device
+    assert_close(host(layer, y), x @ w + b, F64, 5, "Y")
+    assert dx.shape == x.shape and device_of(layer, dx) == layer.output_device
     assert_close(host(layer, dx), g @ w.T, F64, n_out, "dX")
     grads = layer.grads()
     assert_close(grads["weight"], flat(x).T @ flat(g), F64, 6, "dW")
@@ -144,17 +151,16 @@ def test_column_sharded_output_matches_dense(make_config, rng, n_out, n_workers)
     randomize(layer, rng)
     w, b = layer.full_weight(), layer.full_bias()
     x = rng.standard_normal((4, 5))
-    y = layer(x)
-    assert isinstance(y, ShardedTensor) and y.shape == (4, n_out) and y.axis == 1
     ranges = array_split_ranges(n_out, n_workers)
+    g = rng.standard_normal((4, n_out))
+    y, dx = forward_backward(layer, x, sharded(layer, g, [last - first for first, last in ranges]))
+    assert isinstance(y, ShardedTensor) and y.shape == (4, n_out) and y.axis == 1
     assert y.split_sizes == [last - first for first, last in ranges]
     dense = x @ w + b
     for shard, device, (first, last) in zip(y.shards, layer.devices, ranges):
         assert layer.backend.device_of(shard) == device
         assert_close(np.asarray(layer.backend.to_host(shard)), dense[:, first:last], F64, 5, "shard")
     assert_close(host(layer, y), dense, F64, 5, "gathered Y")
-    g = rng.standard_normal((4, n_out))
-    dx = layer.backward(sharded(layer, g, y.split_sizes))
     assert_close(host(layer, dx), g @ w.T, F64, n_out, "dX")
     grads = layer.grads()
     assert_close(grads["weight"], x.T @ g, F64, 4, "dW")
@@ -172,11 +178,10 @@ def test_row_dense_input_matches_dense(make_config, rng, n_in, n_workers):
     randomize(layer, rng)
     w, b = layer.full_weight(), layer.full_bias()
     x = rng.standard_normal((2, 3, n_in))
-    y = layer(x)
-    assert y.shape == (2, 3, 4) and layer.backend.device_of(y) == layer.output_device
-    assert_close(host(layer, y), x @ w + b, F64, n_in, "Y")
     g = rng.standard_normal((2, 3, 4))
-    dx = layer.backward(g)
+    y, dx = forward_backward(layer, x, g)
+    assert y.shape == (2, 3, 4) and device_of(layer, y) == layer.output_device
+    assert_close(host(layer, y), x @ w + b, F64, n_in, "Y")
     assert not isinstance(dx, ShardedTensor) and dx.shape == x.shape
     assert_close(host(layer, dx), g @ w.T, F64, 4, "dX")
     grads = layer.grads()
@@ -192,10 +197,9 @@ def test_row_sharded_input_matches_dense(make_config, rng, n_in, n_workers):
     w, b = layer.full_weight(), layer.full_bias()
     x = rng.standard_normal((5, n_in))
     sizes = [last - first for first, last in array_split_ranges(n_in, n_workers)]
-    y = layer(sharded(layer, x, sizes))
-    assert_close(host(layer, y), x @ w + b, F64, n_in, "Y")
     g = rng.standard_normal((5, 4))
-    dx = layer.backward(g)
+    y, dx = forward_backward(layer, sharded(layer, x, sizes), g)
+    assert_close(host(layer, y), x @ w + b, F64, n_in, "Y")
     assert isinstance(dx, ShardedTensor) and dx.split_sizes == sizes and dx.devices == layer.devices
     assert_close(host(layer, dx), g @ w.T, F64, 4, "dX")
     grads = layer.grads()
@@ -215,9 +219,10 @@ def test_column_to_row_chain_is_communication_free(make_config, rng, hidden, n_w
     randomize(col, rng)
     randomize(row, rng)
     x = rng.standard_normal((3, 6))
+    x_leaf = tp_gpu.tensor(x, requires_grad=True)
     backend = row.backend
     counting = isinstance(backend, SimulatedBackend)
-    h = col(x)
+    h = col(x_leaf)
     if counting:
         backend.reset_transfers()
     y = row(h)
@@ -232,15 +237,12 @@ def test_column_to_row_chain_is_communication_free(make_config, rng, hidden, n_w
     g_host = np.asarray(backend.to_host(g))
     if counting:
         backend.reset_transfers()
-    dh = row.backward(g)
-    if counting:  # dY to every other device, and nothing else
+    y.backward(g)
+    if counting:  # dY to every other device (the row layer), the reduction of dX (the column layer)
         out = row.output_device
-        assert moves(backend) == {(out, d): 1 for d in sorted(set(row.devices)) if d != out}
-        backend.reset_transfers()
-    dx = col.backward(dh)
-    if counting:  # only the reduction of dX
-        assert moves(backend) == reduction_only(col)
-    assert_close(host(col, dx), g_host @ w2.T @ w1.T, F64, 5 * hidden, "dX")
+        dy_copies = {(out, d): 1 for d in sorted(set(row.devices)) if d != out}
+        assert moves(backend) == {**dy_copies, **reduction_only(col)}
+    assert_close(host(col, x_leaf.grad), g_host @ w2.T @ w1.T, F64, 5 * hidden, "dX")
     assert_close(row.grads()["weight"], hid.T @ g_host, F64, 3, "fc2 dW")
     assert_close(col.grads()["weight"], x.T @ (g_host @ w2.T), F64, 5 * 3, "fc1 dW")
     assert_close(col.grads()["bias"], (g_host @ w2.T).sum(axis=0), F64, 5 * 3, "fc1 db")
@@ -259,10 +261,11 @@ def test_mlp_matches_dense(make_config, rng, hidden, n_workers):
     a, a_b, b, b_b = state["fc1.weight"], state["fc1.bias"], state["fc2.weight"], state["fc2.bias"]
     x = rng.standard_normal((2, 3, 6))
     h = x @ a + a_b
-    assert_close(host(mlp.fc2, mlp(x)), gelu(h) @ b + b_b, F64, 6 * hidden, "Y")
     g = rng.standard_normal((2, 3, 4))
+    y, dx = forward_backward(mlp, x, g)
+    assert_close(host(mlp.fc2, y), gelu(h) @ b + b_b, F64, 6 * hidden, "Y")
     dh = (g @ b.T) * gelu_grad(h)
-    assert_close(host(mlp.fc2, mlp.backward(g)), dh @ a.T, F64, 4 * hidden, "dX")
+    assert_close(host(mlp.fc2, dx), dh @ a.T, F64, 4 * hidden, "dX")
     grads = mlp.grads()
     expected = {
         "fc1.weight": flat(x).T @ flat(dh),
@@ -285,7 +288,7 @@ def check_embedding(layer, rng, ids) -> None:
     assert out.shape == ids.shape + (layer.embed_dim,)
     assert np.array_equal(np.asarray(layer.backend.to_host(out)), table[ids])
     g = rng.standard_normal(out.shape)
-    assert layer.backward(g) is None
+    out.backward(g)  # the ids get no gradient: only the table's
     expected = np.zeros_like(table)
     np.add.at(expected, ids.reshape(-1), g.reshape(-1, layer.embed_dim))
     assert_close(layer.grads()["weight"], expected, F64, ids.size, "dE")
@@ -316,10 +319,13 @@ def test_embedding_with_real_vocabularies(make_config, rng, vocab, n_workers):
 
 def check_loss(logits: ShardedTensor, z: np.ndarray, targets: np.ndarray, **kwargs) -> None:
     loss_fn = VocabParallelCrossEntropy(**kwargs)
+    logits = leaf(logits)
     loss = loss_fn(logits, targets)
     expected, expected_grad = dense_cross_entropy(z, targets, **kwargs)
-    assert_close(loss, expected, F64, z.shape[-1], "loss")
-    grad = loss_fn.backward()
+    assert_close(float(loss), expected, F64, z.shape[-1], "loss")
+    loss.backward()
+    grad = logits.grad
+    assert isinstance(grad, ShardedTensor)
     assert grad.split_sizes == logits.split_sizes and grad.devices == logits.devices
     assert_close(np.asarray(logits.backend.to_host(grad.gather())), expected_grad, F64, z.shape[-1], "dZ")
 
@@ -338,9 +344,8 @@ def test_loss_on_uneven_logits_matches_dense(make_config, rng, vocab, n_workers)
     # The whole chain: dZ into the head gives its weight gradient.
     _, dz = dense_cross_entropy(z, targets)
     loss_fn = VocabParallelCrossEntropy()
-    loss_fn(head(x), targets)
     head.zero_grad()
-    head.backward(loss_fn.backward())
+    loss_fn(head(x), targets).backward()
     assert_close(head.grads()["weight"], x.T @ dz, F64, 6, "head dW")
 
 
@@ -405,8 +410,9 @@ def test_heads_stay_whole_and_balanced(make_config, rng, n_workers):
     randomize(col, rng)
     randomize(row, rng)
     x = rng.standard_normal((3, 6))
+    x_leaf = tp_gpu.tensor(x, requires_grad=True)
     backend = row.backend
-    h = col(x)
+    h = col(x_leaf)
     assert h.split_sizes == [HEAD_DIM * n for n in heads]
     if isinstance(backend, SimulatedBackend):
         backend.reset_transfers()
@@ -416,8 +422,8 @@ def test_heads_stay_whole_and_balanced(make_config, rng, n_workers):
     hid = x @ col.full_weight() + col.full_bias()
     assert_close(host(row, y), hid @ row.full_weight() + row.full_bias(), F64, 6 * width, "Y")
     g = rng.standard_normal((3, 4))
-    dx = col.backward(row.backward(g))
-    assert_close(host(col, dx), g @ row.full_weight().T @ col.full_weight().T, F64, 4 * width, "dX")
+    y.backward(g)
+    assert_close(host(col, x_leaf.grad), g @ row.full_weight().T @ col.full_weight().T, F64, 4 * width, "dX")
 
 
 def test_unit_split_sizes_directly():
