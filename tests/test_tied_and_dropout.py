@@ -8,7 +8,7 @@
 * A model with dropout (its own Dropout and a transformer layer's) trains identically at 1, 2, 3,
   4 and 8 workers on NumPy and simulated devices; ``eval()`` turns dropout off; ``keep_mask`` of a
   slice is that slice of the whole mask; the keep rate is 1 - p within a statistical bound.
-* A second ``backward`` after one forward raises and changes no gradient.
+* A second ``backward`` through one graph raises and changes no gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import forward_backward
 
+import tp_gpu
 from tp_gpu import (
     SGD,
     ColumnParallelLinear,
@@ -74,9 +76,6 @@ class Tied(Module):
 
     def forward(self, ids):
         return self.head(self.lin(self.wte(ids)))
-
-    def backward(self, grad):
-        self.wte.backward(self.lin.backward(self.head.backward(grad)))
 
 
 class NumpyTied:
@@ -176,8 +175,9 @@ def test_tied_head_equals_the_twin_with_a_shared_weight(backend, p, vocab, pad):
     for step in range(2):
         ids, targets = tied_batch(vocab, step)
         optimizer.zero_grad()
-        loss = float(loss_fn(model(ids), targets))
-        model.backward(loss_fn.backward(1.0))
+        loss_tensor = loss_fn(model(ids), targets)
+        loss_tensor.backward()
+        loss = float(loss_tensor)
         grads = model.grads()
         expected_loss, expected, _ = twin.loss_and_grads(ids, targets)
         assert_close(loss, expected_loss, f"loss at step {step}")
@@ -206,8 +206,7 @@ def test_shared_gradient_is_the_sum_of_both_uses():
     model = Tied(13, config_for("sim3", 4), pad=4)
     ids, targets = tied_batch(13, 0)
     loss_fn = VocabParallelCrossEntropy()
-    loss_fn(model(ids), targets)
-    model.backward(loss_fn.backward(1.0))
+    loss_fn(model(ids), targets).backward()
     _, _, (lookup, head) = NumpyTied(model).loss_and_grads(ids, targets)
     got = model.wte.weight.full_grad()
     assert_close(got, lookup + head, "table gradient")
@@ -220,8 +219,7 @@ def test_tied_state_dict_holds_one_tensor_and_a_checkpoint_reshards_it(tmp_path)
     loss_fn = VocabParallelCrossEntropy()
     optimizer = SGD(source.parameters(), lr=0.5)
     ids, targets = tied_batch(13, 0)
-    loss_fn(source(ids), targets)
-    source.backward(loss_fn.backward(1.0))
+    loss_fn(source(ids), targets).backward()
     optimizer.step()
     state = source.state_dict()
     assert sorted(state) == ["lin.bias", "lin.weight", "wte.weight"]
@@ -233,8 +231,9 @@ def test_tied_state_dict_holds_one_tensor_and_a_checkpoint_reshards_it(tmp_path)
     assert sorted(read_checkpoint(path).tensors) == ["lin.bias", "lin.weight", "wte.weight"]
     ids, targets = tied_batch(13, 1)
     source.zero_grad()
-    expected = float(loss_fn(source(ids), targets))
-    source.backward(loss_fn.backward(1.0))
+    loss = loss_fn(source(ids), targets)
+    loss.backward()
+    expected = float(loss)
     expected_grads = source.grads()
     for backend, p, pad in (("sim3", 5, None), ("numpy", 8, 8), ("sim8", 2, None)):
         target = Tied(13, config_for(backend, p), pad)
@@ -242,8 +241,9 @@ def test_tied_state_dict_holds_one_tensor_and_a_checkpoint_reshards_it(tmp_path)
         load_checkpoint(path, target)
         assert target.head.weight is target.wte.weight  # still tied after loading
         assert np.array_equal(target.wte.full_weight(), state["wte.weight"])
-        assert_close(float(loss_fn(target(ids), targets)), expected, "loss after loading")
-        target.backward(loss_fn.backward(1.0))  # both uses read the loaded table
+        loss = loss_fn(target(ids), targets)
+        assert_close(float(loss), expected, "loss after loading")
+        loss.backward()  # both uses read the loaded table
         for name, g in target.grads().items():
             assert_close(g, expected_grads[name], f"gradient of {name} after loading")
 
@@ -268,9 +268,6 @@ class DropModel(Module):
     def forward(self, ids):
         return self.head(self.layer(self.drop(self.wte(ids))))
 
-    def backward(self, grad):
-        self.wte.backward(self.drop.backward(self.layer.backward(self.head.backward(grad))))
-
 
 def drop_batch(step: int):
     ids = np.random.default_rng([5, step]).integers(0, VOCAB, size=(BATCH, SEQ))
@@ -287,8 +284,9 @@ def train_drop(config: TensorParallelConfig, steps: int = 8, p_drop: float = 0.3
     for step in range(steps):
         ids, targets = drop_batch(step)
         optimizer.zero_grad()
-        losses.append(float(loss_fn(model(ids), targets)))
-        model.backward(loss_fn.backward(1.0))
+        loss = loss_fn(model(ids), targets)
+        loss.backward()
+        losses.append(float(loss))
         optimizer.step()
     assert model.drop.step == steps and model.layer.dropout1.step == steps
     return np.array(losses), model.state_dict()
@@ -325,8 +323,25 @@ def test_dropout_changes_the_training(dropout_reference):
 def test_dropout_with_p_zero_is_the_identity_forward_and_backward():
     drop = Dropout(0.0, config_for("sim3", 2), seed=1)
     x = np.random.default_rng(0).standard_normal((BATCH, SEQ, HIDDEN))
-    assert np.array_equal(host(drop(x)), x)
-    assert np.array_equal(host(drop.backward(2 * x)), 2 * x)
+    y, dx = forward_backward(drop, x, 2 * x)
+    assert np.array_equal(host(y), x)
+    assert np.array_equal(host(dx), 2 * x)
+    assert drop.step == 0  # no mask drawn
+
+
+def test_dropout_keeps_its_masks_only_while_recording():
+    drop = Dropout(0.5, config_for("sim3", 3), seed=7)
+    x = np.random.default_rng(1).standard_normal((BATCH, SEQ, HIDDEN))
+    recorded = drop(tp_gpu.tensor(x, requires_grad=True))
+    assert list(recorded.grad_fn.ctx.masks) == [drop.output_device]  # kept for backward
+    with tp_gpu.no_grad():
+        unrecorded = drop(tp_gpu.tensor(x, requires_grad=True))
+    assert unrecorded.grad_fn is None and not unrecorded.requires_grad  # no mask kept
+    constant = drop(x)  # nothing requires a gradient: nothing recorded either
+    assert constant.grad_fn is None and drop.step == 3
+    drop.step = 1  # the masks do not depend on recording
+    assert np.array_equal(host(drop(tp_gpu.tensor(x, requires_grad=True))), host(unrecorded))
+    assert not np.array_equal(host(unrecorded), host(recorded))
 
 
 @pytest.mark.parametrize("backend, p", [("numpy", 2), ("sim3", 4)])
@@ -409,7 +424,7 @@ def test_keep_rate_is_one_minus_p_within_a_statistical_bound(p):
     assert set(np.unique(out)) <= {0.0, 1.0 / q}
 
 
-# --- backward twice after one forward ---------------------------------------------------------
+# --- backward twice through one graph ---------------------------------------------------------
 
 
 def _grads(module):
@@ -417,10 +432,10 @@ def _grads(module):
 
 
 def _twice(make):
-    """The module of ``make()`` (one forward) after one backward, and the gradient it took."""
-    module, backward_arg = make()
-    module.backward(backward_arg)
-    return module, backward_arg
+    """The module, output and output gradient of ``make()`` (one forward), after one backward."""
+    module, output, grad = make()
+    output.backward(grad)
+    return module, output, grad
 
 
 def _layer(sequence_parallel: bool = False, dropout: float = 0.0):
@@ -429,36 +444,33 @@ def _layer(sequence_parallel: bool = False, dropout: float = 0.0):
         layer = ParallelTransformerLayer(HIDDEN, 2, 8, config, seed=1, dropout=dropout)
         x = np.random.default_rng(1).standard_normal((BATCH, SEQ, HIDDEN))
         y = layer(x)
-        dy = host(y)
-        return layer, np.ones_like(dy)
+        return layer, y, np.ones(y.shape)
 
     return make
 
 
 def _mlp():
     mlp = ParallelMLP(HIDDEN, 10, HIDDEN, config_for("sim3", 4), seed=1)
-    mlp(np.random.default_rng(2).standard_normal((BATCH, HIDDEN)))
-    return mlp, np.ones((BATCH, HIDDEN))
+    y = mlp(np.random.default_rng(2).standard_normal((BATCH, HIDDEN)))
+    return mlp, y, np.ones((BATCH, HIDDEN))
 
 
 def _tied():
     model = Tied(13, config_for("sim3", 3), pad=4)
     loss_fn = VocabParallelCrossEntropy()
     ids, targets = tied_batch(13, 0)
-    loss_fn(model(ids), targets)
-    return model, loss_fn.backward(1.0)
+    return model, loss_fn(model(ids), targets), None
 
 
 def _row():
     row = RowParallelLinear(8, 3, config_for("numpy", 3), seed=1)
-    row(np.ones((2, 8)))
-    return row, np.ones((2, 3))
+    return row, row(np.ones((2, 8))), np.ones((2, 3))
 
 
 def _column():
     column = ColumnParallelLinear(3, 8, dataclasses.replace(config_for("sim3", 2), gather_output=False))
     y = column(np.ones((2, 3)))  # a ShardedTensor
-    return column, y.map(lambda b: b * 0 + 1)
+    return column, y, y.map(lambda b: b * 0 + 1)
 
 
 @pytest.mark.parametrize(
@@ -466,25 +478,29 @@ def _column():
     [_layer(), _layer(dropout=0.2), _layer(sequence_parallel=True, dropout=0.2), _mlp, _tied, _row, _column],
     ids=["layer", "layer-dropout", "layer-sequence-parallel", "mlp", "tied-model", "row", "column"],
 )
-def test_backward_twice_after_one_forward_raises_and_changes_no_gradient(make):
-    module, grad_output = _twice(make)
+def test_backward_twice_through_one_graph_raises_and_changes_no_gradient(make):
+    module, output, grad = _twice(make)
     before = _grads(module)
-    with pytest.raises(TensorParallelError, match="twice"):
-        module.backward(grad_output)
+    with pytest.raises(TensorParallelError, match="a second time"):
+        output.backward(grad)
     after = _grads(module)
     for name, value in after.items():
         assert np.array_equal(value, before[name]), f"{name} changed by the refused backward"
-    module, grad_output = make()  # a new forward makes backward legal again
-    module.backward(grad_output)
+    module, output, grad = make()  # a new forward makes backward legal again
+    output.backward(grad)
 
 
 def test_loss_backward_twice_raises():
-    model, _ = _tied()
+    model, _, _ = _tied()
     loss_fn = VocabParallelCrossEntropy()
     ids, targets = tied_batch(13, 1)
-    loss_fn(model(ids), targets)
-    first = host(loss_fn.backward(1.0))
-    with pytest.raises(TensorParallelError, match="twice"):
-        loss_fn.backward(1.0)
-    loss_fn(model(ids), targets)
-    assert np.array_equal(host(loss_fn.backward(1.0)), first)
+    loss = loss_fn(model(ids), targets)
+    loss.backward()
+    first = model.grads()
+    with pytest.raises(TensorParallelError, match="a second time"):
+        loss.backward()
+    assert all(np.array_equal(g, first[name]) for name, g in model.grads().items())
+    model.zero_grad()
+    loss_fn(model(ids), targets).backward()
+    for name, g in model.grads().items():
+        assert np.array_equal(g, first[name]), name
