@@ -12,7 +12,9 @@ from typing import Dict
 
 import numpy as np
 import pytest
+from helpers import device_of, forward_backward
 
+import tp_gpu
 from tp_gpu import (
     ColumnParallelLinear,
     IncompatibleKeys,
@@ -28,6 +30,7 @@ from tp_gpu import (
     TensorParallelError,
     VocabParallelCrossEntropy,
 )
+from tp_gpu.autograd import Function
 from tp_gpu.sharded import ShardedTensor
 
 VOCAB, DIM, HIDDEN = 29, 6, 13
@@ -55,11 +58,8 @@ class TinyLM(Module):
         )
         self.loss = VocabParallelCrossEntropy()
 
-    def forward(self, ids, targets) -> float:
+    def forward(self, ids, targets) -> tp_gpu.Tensor:
         return self.loss(self.head(self.blocks(self.embed(ids))), targets)
-
-    def backward(self) -> None:
-        self.embed.backward(self.blocks.backward(self.head.backward(self.loss.backward())))
 
 
 TINY_LM_PARAMETERS = [
@@ -103,9 +103,22 @@ def assert_same_state(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> Non
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def expect_no_saved_forward(call) -> None:
-    """``call`` is a backward with nothing kept: it raises the mode error, not some other one."""
-    with pytest.raises(TensorParallelError, match="forward") as info:
+def recorded(t: tp_gpu.Tensor) -> set:
+    """The names of the tape nodes ``t`` was computed through (empty when nothing was recorded)."""
+    seen, stack = set(), [t.grad_fn] if t.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(e[0] for e in node.edges if e is not None and not isinstance(e[0], tp_gpu.Tensor))
+    return {node.name for node in seen}
+
+
+def expect_no_graph(call) -> None:
+    """``call`` is a backward through nothing recorded (or freed): it raises the tape's error, not
+    some other one."""
+    with pytest.raises(TensorParallelError, match="does not require grad|a second time") as info:
         call()
     assert not isinstance(info.value, ShapeError)
 
@@ -189,9 +202,6 @@ class TiedPair(Module):
     def forward(self, x):
         return self.second(self.first(x))
 
-    def backward(self, grad):
-        return self.first.backward(self.second.backward(grad))
-
 
 @pytest.mark.parametrize("n_workers", [1, 3, 5, 8])
 def test_tied_parameter_listed_once_and_gets_both_gradients(rng, n_workers):
@@ -203,16 +213,15 @@ def test_tied_parameter_listed_once_and_gets_both_gradients(rng, n_workers):
     w, a, b = state["first.weight"], state["first.bias"], state["second.bias"]
     x, dy = rng.standard_normal((4, 7)), rng.standard_normal((4, 7))
     h = x @ w + a
-    y = model(x)
-    np.testing.assert_allclose(model.second.backend.to_host(y), h @ w + b, rtol=1e-12, atol=1e-12)
-    dx = model.backward(dy)
+    y, dx = forward_backward(model, x, dy)
+    np.testing.assert_allclose(np.asarray(y), h @ w + b, rtol=1e-12, atol=1e-12)
     dh = dy @ w.T
     grads = model.grads()
     assert list(grads) == ["first.weight", "first.bias", "second.bias"]
     np.testing.assert_allclose(grads["first.weight"], x.T @ dh + h.T @ dy, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(grads["first.bias"], dh.sum(0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(grads["second.bias"], dy.sum(0), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(model.first.backend.to_host(dx), dh @ w.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(dx), dh @ w.T, rtol=1e-12, atol=1e-12)
     assert (
         "second.weight" in model.load_state_dict({**state, "second.weight": w}, strict=False).unexpected_keys
     )
@@ -228,25 +237,28 @@ def test_module_shared_twice_is_listed_once():
 # ---------------------------------------------------------------------------- train / eval
 
 
-def test_train_and_eval_propagate_and_eval_drops_saved(rng):
+def test_train_and_eval_propagate_and_no_grad_keeps_nothing(rng):
     model = TinyLM(5)
     ids, targets = tokens(rng)
-    model(ids, targets)
-    kept = [name for name, m in model.named_modules() if m._saved is not None]
-    assert {"embed", "blocks.0", "blocks.0.fc1", "blocks.0.fc2", "blocks.1", "head", "loss"} <= set(kept)
+    loss = model(ids, targets)
+    # every layer recorded its function on the tape
+    assert {"ColumnLinearBackward", "RowLinearBackward", "ApplyActivationBackward"} <= recorded(loss)
     assert model.eval() is model
     assert [m.training for _, m in model.named_modules()] == [False] * len(TINY_LM_MODULES)
-    assert [name for name, m in model.named_modules() if m._saved is not None] == []
-    expect_no_saved_forward(model.backward)
+    with tp_gpu.no_grad():
+        no_grad_loss = model(ids, targets)  # the same loss, nothing recorded or kept
+    assert no_grad_loss.grad_fn is None and recorded(no_grad_loss) == set()
+    expect_no_graph(no_grad_loss.backward)
+    assert all(not np.any(g) for g in model.grads().values())
 
-    loss = model(ids, targets)  # eval mode: the same loss, nothing kept
-    assert [name for name, m in model.named_modules() if m._saved is not None] == []
-    expect_no_saved_forward(model.backward)
+    eval_loss = model(ids, targets)  # eval mode only switches dropout: it still records
+    assert recorded(eval_loss) == recorded(loss)
+    assert float(eval_loss) == pytest.approx(float(no_grad_loss), rel=1e-12)
 
     assert model.train() is model
     assert [m.training for _, m in model.named_modules()] == [True] * len(TINY_LM_MODULES)
-    assert model(ids, targets) == pytest.approx(loss, rel=1e-12)
-    model.backward()
+    assert float(loss) == pytest.approx(float(no_grad_loss), rel=1e-12)
+    loss.backward()
     assert any(np.any(g != 0) for g in model.grads().values())
     model.train(False)
     assert not model.blocks[0].fc2.training
@@ -267,40 +279,41 @@ def test_eval_of_a_submodule_leaves_the_rest_training():
 def _column(rng):
     layer = ColumnParallelLinear(7, 13, cfg(4))
     x = rng.standard_normal((3, 7))
-    return layer, lambda: layer(x), lambda: layer.backward(rng.standard_normal((3, 13)))
+    return layer, lambda: layer(x), rng.standard_normal((3, 13))
 
 
 def _row(rng):
     layer = RowParallelLinear(13, 5, cfg(6))
     x = rng.standard_normal((3, 13))
-    return layer, lambda: layer(x), lambda: layer.backward(rng.standard_normal((3, 5)))
+    return layer, lambda: layer(x), rng.standard_normal((3, 5))
 
 
 def _embedding(rng):
     layer = ParallelEmbedding(VOCAB, DIM, cfg(7))
     ids = rng.integers(0, VOCAB, size=(2, 4))
-    return layer, lambda: layer(ids), lambda: layer.backward(rng.standard_normal((2, 4, DIM)))
+    return layer, lambda: layer(ids), rng.standard_normal((2, 4, DIM))
 
 
 def _mlp(rng):
     layer = ParallelMLP(7, 13, 5, cfg(3))
     x = rng.standard_normal((3, 7))
-    return layer, lambda: layer(x), lambda: layer.backward(rng.standard_normal((3, 5)))
+    return layer, lambda: layer(x), rng.standard_normal((3, 5))
 
 
 def _loss(rng):
     head = ColumnParallelLinear(DIM, VOCAB, cfg(5, gather_output=False))
-    logits = head(rng.standard_normal((4, DIM)))
-    assert isinstance(logits, ShardedTensor)
-    layer = VocabParallelCrossEntropy()
+    x = rng.standard_normal((4, DIM))
+    assert isinstance(head(x), ShardedTensor)
+    layer = Sequential(head, VocabParallelCrossEntropy())
+    loss = layer[1]
     targets = rng.integers(0, VOCAB, size=4)
-    return layer, lambda: layer(logits, targets), layer.backward
+    return layer, lambda: loss(head(x), targets), None  # a scalar: backward() needs no gradient
 
 
 def _sequential(rng):
     layer = Sequential(ParallelMLP(7, 13, 5, cfg(8)), RowParallelLinear(5, 3, cfg(8)))
     x = rng.standard_normal((3, 7))
-    return layer, lambda: layer(x), lambda: layer.backward(rng.standard_normal((3, 3)))
+    return layer, lambda: layer(x), rng.standard_normal((3, 3))
 
 
 LAYERS = [_column, _row, _embedding, _mlp, _loss, _sequential]
@@ -309,26 +322,33 @@ LAYER_IDS = ["column", "row", "embedding", "mlp", "loss", "sequential"]
 
 @pytest.mark.parametrize("build", LAYERS, ids=LAYER_IDS)
 def test_backward_twice_after_one_forward_raises(rng, build):
-    layer, forward, backward = build(rng)
-    expect_no_saved_forward(backward)  # before any forward
-    forward()
-    backward()
-    expect_no_saved_forward(backward)
-    forward()
-    backward()  # a new forward makes backward valid again
+    layer, forward, grad = build(rng)
+    assert not hasattr(layer, "backward")  # a module writes only forward; backward is the tape's
+    y = forward()
+    y.backward(grad)
+    once = layer.grads()
+    assert any(np.any(g) for g in once.values())
+    expect_no_graph(lambda: y.backward(grad))  # the first backward freed the graph
+    for name, g in layer.grads().items():  # and the failed call added nothing
+        np.testing.assert_array_equal(g, once[name], err_msg=name)
+    forward().backward(grad)  # a new forward makes backward valid again
+    for name, g in layer.grads().items():
+        np.testing.assert_allclose(g, 2 * once[name], rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 @pytest.mark.parametrize("build", LAYERS, ids=LAYER_IDS)
-def test_backward_after_eval_raises(rng, build):
-    layer, forward, backward = build(rng)
-    forward()
+def test_backward_of_a_no_grad_forward_raises(rng, build):
+    layer, forward, grad = build(rng)
     layer.eval()
-    expect_no_saved_forward(backward)
-    forward()
-    expect_no_saved_forward(backward)
+    with tp_gpu.no_grad():
+        y = forward()
+    assert y.grad_fn is None and not y.requires_grad
+    expect_no_graph(lambda: y.backward(grad))
+    assert all(not np.any(g) for g in layer.grads().values())
+    forward().backward(grad)  # eval only switches dropout: an eval forward records
     layer.train()
-    forward()
-    backward()
+    forward().backward(grad)
+    assert any(np.any(g) for g in layer.grads().values())
 
 
 # ---------------------------------------------------------------------------- state dicts
@@ -344,9 +364,10 @@ def test_state_dict_round_trip_across_worker_counts(rng, n_from, n_to):
     assert target.load_state_dict(state) == IncompatibleKeys([], [])
     assert_same_state(target.state_dict(), state)  # bit-identical on any worker count
     ids, targets = tokens(rng)
-    assert target(ids, targets) == pytest.approx(source(ids, targets), rel=1e-12)
-    source.backward()
-    target.backward()
+    source_loss, target_loss = source(ids, targets), target(ids, targets)
+    assert float(target_loss) == pytest.approx(float(source_loss), rel=1e-12)
+    source_loss.backward()
+    target_loss.backward()
     for name, g in source.grads().items():
         np.testing.assert_allclose(target.grads()[name], g, rtol=1e-10, atol=1e-12, err_msg=name)
 
@@ -449,23 +470,19 @@ def test_sequential_equals_the_layers_called_by_hand_and_numpy(rng, n_workers):
     state = random_state(seq, rng)
     seq.load_state_dict(state)
     x, dy = rng.standard_normal((2, 3, 7)), rng.standard_normal((2, 3, 4))
-    backend = layers[0].backend
-
-    h = x
+    leaf = h = tp_gpu.tensor(x, requires_grad=True)
     for layer in layers:
         h = layer(h)
-    by_hand_y = backend.to_host(h).copy()
-    g = dy
-    for layer in reversed(layers):
-        g = layer.backward(g)
-    by_hand_dx, by_hand_grads = backend.to_host(g).copy(), seq.grads()
+    by_hand_y = np.asarray(h).copy()
+    h.backward(dy)
+    by_hand_dx, by_hand_grads = np.asarray(leaf.grad).copy(), seq.grads()
     seq.zero_grad()
     assert all(not np.any(v) for v in seq.grads().values())
 
-    y = seq(x)
-    dx = seq.backward(dy)
-    np.testing.assert_array_equal(backend.to_host(y), by_hand_y)
-    np.testing.assert_array_equal(backend.to_host(dx), by_hand_dx)
+    y, dx = forward_backward(seq, x, dy)
+    assert device_of(seq, y) == seq.output_device
+    np.testing.assert_array_equal(np.asarray(y), by_hand_y)
+    np.testing.assert_array_equal(np.asarray(dx), by_hand_dx)
     assert_same_state(seq.grads(), by_hand_grads)
 
     # And both are the dense float64 network.
@@ -491,7 +508,20 @@ def test_sequential_equals_the_layers_called_by_hand_and_numpy(rng, n_workers):
 
 
 def test_sequential_backward_runs_in_reverse_order():
+    """Sequential feeds each output to the next; the tape runs their backwards in reverse."""
     calls = []
+
+    class Logged(Function):
+        @staticmethod
+        def forward(ctx, x, name):
+            calls.append(("forward", name))
+            ctx.name = name
+            return np.asarray(x) + 1.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            calls.append(("backward", ctx.name))
+            return grad * 2.0, None
 
     class Step(Module):
         def __init__(self, name):
@@ -499,16 +529,12 @@ def test_sequential_backward_runs_in_reverse_order():
             self.name = name
 
         def forward(self, x):
-            calls.append(("forward", self.name))
-            return x + [self.name]
-
-        def backward(self, g):
-            calls.append(("backward", self.name))
-            return g + [self.name]
+            return Logged.apply(x, self.name)
 
     seq = Sequential(Step("a"), Step("b"), Step("c"))
-    assert seq([]) == ["a", "b", "c"]
-    assert seq.backward([]) == ["c", "b", "a"]
+    y, dx = forward_backward(seq, np.zeros(2), np.ones(2))
+    np.testing.assert_array_equal(np.asarray(y), [3.0, 3.0])
+    np.testing.assert_array_equal(np.asarray(dx), [8.0, 8.0])
     assert calls == [
         ("forward", "a"),
         ("forward", "b"),
