@@ -21,6 +21,7 @@ import argparse
 
 import numpy as np
 
+import tp_gpu
 from tp_gpu import (
     ParallelTransformerLayer,
     ShardedTensor,
@@ -35,8 +36,8 @@ TOL = dict(rtol=1e-12, atol=1e-12)
 
 
 def host(backend, value) -> np.ndarray:
-    if isinstance(value, ShardedTensor):
-        value = value.gather()  # collective
+    if isinstance(value, tp_gpu.Tensor):
+        return np.asarray(value.numpy(), dtype=np.float64)  # collective for a ShardedTensor
     return np.asarray(backend.to_host(value), dtype=np.float64)
 
 
@@ -88,19 +89,17 @@ def check_layer(args, p: int, pre_norm: bool, seq: int, sharded_input: bool, rng
         mask = np.ones((2, seq), dtype=np.int64)
         mask[1, seq // 2 + 1 :] = 0
         layout = regions.sequence_layout(sp.group, seq)
-        if sharded_input:
-            blocks = regions.scatter_to_sequence_parallel_region.forward(sp.group, x, layout, np.float64)
-            inp = ShardedTensor.from_blocks(blocks, -2, layout, sp.backend, sp.comm)
-        else:
-            inp = x
-        y = sp(inp, mask)
+        leaf = (_split(sp, x) if sharded_input else tp_gpu.tensor(x)).requires_grad_()
+        y = sp(leaf, mask)
         assert isinstance(y, ShardedTensor) and y.layout == layout, f"{name}: output split {y!r}"
-        np.testing.assert_allclose(
-            host(sp.backend, y), host(ref.backend, ref(x, mask)), **TOL, err_msg=f"{name} y"
-        )
-        dx = sp.backward(_split(sp, g, layout) if sharded_input else g)
-        assert isinstance(dx, ShardedTensor) == sharded_input, f"{name}: dX {type(dx).__name__}"
-        ref_dx = host(ref.backend, ref.backward(g))
+        ref_leaf = tp_gpu.tensor(x, requires_grad=True)
+        ref_y = ref(ref_leaf, mask)
+        np.testing.assert_allclose(host(sp.backend, y), host(ref.backend, ref_y), **TOL, err_msg=f"{name} y")
+        y.backward(_split(sp, g) if sharded_input else g)
+        dx = leaf.grad
+        assert isinstance(dx, ShardedTensor) == sharded_input, f"{name}: dX {dx!r}"
+        ref_y.backward(g)
+        ref_dx = host(ref.backend, ref_leaf.grad)
         np.testing.assert_allclose(host(sp.backend, dx), ref_dx, **TOL, err_msg=f"{name} step {step} dX")
     sp_grads = sp.grads()  # collective
     for key, value in ref.grads().items():
@@ -108,9 +107,9 @@ def check_layer(args, p: int, pre_norm: bool, seq: int, sharded_input: bool, rng
     checks.append(name)
 
 
-def _split(layer, g: np.ndarray, layout) -> ShardedTensor:
-    blocks = regions.scatter_to_sequence_parallel_region.forward(layer.group, g, layout, np.float64)
-    return ShardedTensor.from_blocks(blocks, -2, layout, layer.backend, layer.comm)
+def _split(layer, a: np.ndarray) -> ShardedTensor:
+    """``a`` (the same on every rank) split along the sequence: this rank's slices."""
+    return regions.scatter_to_sequence_parallel_region(a, layer.group, np.float64)
 
 
 def main() -> None:
