@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
-from helpers import to_host
+from helpers import device_of, to_host
 from test_norm import PLACEMENTS, dense_layer_norm, directional_check
 
+import tp_gpu
 from tp_gpu import (
     BertEmbeddings,
     ConfigError,
@@ -64,14 +65,14 @@ def flat_grads(emb):
 def check_against_dense(emb, p, rng, ids, types=None, positions=None):
     batch, seq = ids.shape
     y = emb(ids, types, positions)
-    assert emb.backend.device_of(y) == emb.output_device
+    assert device_of(emb, y) == emb.output_device
     dense_types = np.zeros((1, seq), dtype=np.int64) if types is None else types
     dense_positions = np.arange(seq)[None, :] if positions is None else positions
     expected = dense_embeddings(p, ids, dense_types, dense_positions)
     assert expected.shape == (batch, seq, emb.hidden)
     assert_close(to_host(emb, y), expected, "float64", emb.hidden, "BertEmbeddings forward")
     g = rng.standard_normal(expected.shape)
-    assert emb.backward(g) is None
+    y.backward(g)
 
     def loss(q):
         return float(np.sum(g * dense_embeddings(q, ids, dense_types, dense_positions)))
@@ -173,8 +174,9 @@ def test_matches_hugging_face_bert_embeddings(rng, n_workers):
     y_ref = hf(input_ids=ids, token_type_ids=type_ids)
     g = rng.standard_normal(tuple(y_ref.shape))
     (y_ref * torch.from_numpy(g)).sum().backward()
-    assert_close(to_host(emb, emb(ids, type_ids)), y_ref.detach().numpy(), "float64", hidden, "vs HF forward")
-    emb.backward(g)
+    y = emb(ids, type_ids)
+    assert_close(to_host(emb, y), y_ref.detach().numpy(), "float64", hidden, "vs HF forward")
+    y.backward(g)
     grads = emb.grads()
     for name, param in hf.named_parameters():
         ours_name = name.replace("LayerNorm.", "norm.")
@@ -194,17 +196,20 @@ def test_submodule_names_match_hugging_face():
     ]
 
 
-def test_eval_keeps_nothing(rng):
+def test_no_grad_keeps_nothing(rng):
     emb = BertEmbeddings(
         20, 4, 8, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64")
     )
     ids = rng.integers(0, 20, size=(2, 5))
-    emb(ids)
-    emb.eval()
-    emb(ids)
-    assert all(m._saved is None for _, m in emb.named_modules())
-    with pytest.raises(TensorParallelError, match="without a preceding forward"):
-        emb.backward(np.ones((2, 5, 4)))
+    recorded = emb(ids)
+    assert recorded.grad_fn is not None  # recording keeps what backward needs
+    with tp_gpu.no_grad():
+        y = emb(ids)
+    np.testing.assert_array_equal(to_host(emb, y), to_host(emb, recorded))
+    assert y.grad_fn is None and not y.requires_grad  # nothing recorded, no activation kept
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        y.backward(np.ones((2, 5, 4)))
+    assert all(g is None for p in emb.parameters() for g in p.grad_blocks.values())
 
 
 @pytest.mark.parametrize(
@@ -240,9 +245,13 @@ def test_bad_input(rng, call, error, match):
     emb = BertEmbeddings(
         20, 4, 8, 3, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64")
     )
+    before = emb.state_dict()
     with pytest.raises(error, match=match):
         call(emb)
-    assert emb._saved is None  # the module itself kept nothing
+    assert all(g is None for p in emb.parameters() for g in p.grad_blocks.values())
+    for name, value in emb.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+    emb(np.ones((2, 5), dtype=int)).backward(np.ones((2, 5, 4)))  # the module still works
 
 
 @pytest.mark.parametrize("bad", [{"vocab_size": 0}, {"max_position": -1}, {"eps": 0}, {"seed": 1.5}])

@@ -8,18 +8,12 @@ import numpy as np
 
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ShapeError
+from ..tensor import Tensor
 from .base import ParallelModule, as_array_like, check_seed
 from .embedding import ID_DTYPE, ParallelEmbedding
 from .norm import LayerNorm, check_eps
 
 __all__ = ["BertEmbeddings"]
-
-
-def add3(a: Any, b: Any, c: Any) -> Any:
-    """``a + b + c`` broadcast to ``(B, S, H)``, a new array."""
-    total = a + b
-    total += c
-    return total
 
 
 class BertEmbeddings(ParallelModule):
@@ -32,9 +26,9 @@ class BertEmbeddings(ParallelModule):
     device, where the sum and the LayerNorm run. ``position_ids`` default to
     ``0 .. S-1`` and ``token_type_ids`` to zeros, as in Hugging Face.
 
-    Backward: ``dz = norm.backward(dy)``; each table gets ``dz`` scattered
-    onto the rows it looked up (summed over the batch for ids shared by every
-    row of the batch). Ids have no gradient: ``backward`` returns None.
+    Backward (the tape's): ``dz`` the norm's input gradient; each table gets
+    ``dz`` scattered onto the rows it looked up (summed over the batch for ids
+    shared by every row of the batch). Ids have no gradient.
 
     Hugging Face names (``embeddings.`` stripped) are this module's own:
     ``word_embeddings.weight``, ``position_embeddings.weight``,
@@ -113,7 +107,7 @@ class BertEmbeddings(ParallelModule):
         types = self._ids(token_type_ids, "token_type_ids", batch, seq)
         return ids, types, self._ids(position_ids, "position_ids", batch, seq)
 
-    def forward(self, input_ids: Any, token_type_ids: Any = None, position_ids: Any = None) -> Any:
+    def forward(self, input_ids: Any, token_type_ids: Any = None, position_ids: Any = None) -> Tensor:
         """``(B, S, hidden)`` on the output device for ``input_ids`` ``(B, S)``.
 
         ``token_type_ids`` and ``position_ids`` may be ``(B, S)``, ``(1, S)``
@@ -122,34 +116,12 @@ class BertEmbeddings(ParallelModule):
         """
         ids, types, positions = self.check_ids(input_ids, token_type_ids, position_ids)
         words = self.word_embeddings(ids)  # (B, S, H)
-        where = self.position_embeddings(positions)  # (B|1, S, H) or (S, H)
+        where = self.position_embeddings(positions)  # (B|1, S, H) or (S, H), broadcast by +
         kinds = self.token_type_embeddings(types)  # (B|1, S, H) or (S, H)
-        out = self.output_device
-        summed = self.group.on_device(out, add3, words, where, kinds)  # (B, S, H)
-        self._keep({"positions": tuple(where.shape), "types": tuple(kinds.shape)})
-        return self.norm(summed)
-
-    def backward(self, grad_output: Any) -> None:
-        """Accumulate the tables' and the norm's gradients from ``dy`` ``(B, S, hidden)``; returns None."""
-        saved = self._take_saved()
-        grad = self.norm.backward(grad_output)  # (B, S, H) on the output device
-        out = self.output_device
-        self.word_embeddings.backward(grad)
-        self.position_embeddings.backward(self.group.on_device(out, sum_to, grad, saved["positions"]))
-        self.token_type_embeddings.backward(self.group.on_device(out, sum_to, grad, saved["types"]))
-        return None
+        return self.norm(words + where + kinds)
 
     def extra_repr(self) -> str:
         return (
             f"vocab_size={self.vocab_size}, hidden={self.hidden}, max_position={self.max_position}, "
             f"type_vocab_size={self.type_vocab_size}"
         )
-
-
-def sum_to(grad: Any, shape: Tuple[int, ...]) -> Any:
-    """``grad`` ``(B, S, H)`` summed over the axes broadcast from ``shape``, ``(B|1, S, H)`` or ``(S, H)``."""
-    if len(shape) == 2:
-        return grad.sum(axis=0)  # (B, S, H) -> (S, H)
-    if shape[0] == 1 and grad.shape[0] != 1:
-        return grad.sum(axis=0, keepdims=True)  # (B, S, H) -> (1, S, H)
-    return grad
