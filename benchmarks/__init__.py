@@ -1,15 +1,25 @@
 """tp_gpu's benchmarks, a small package with one concern per module.
 
+One skeleton serves every benchmark program:
+
+* :mod:`benchmarks.skeleton`: a program's command line (common options), start (machine, threads),
+  runs saved as they go, the results folder, ``--render`` and ``--update``;
 * :mod:`benchmarks.harness`: timing (interleaved, shuffled rounds, warm-up, spread), memory, BLAS threads;
 * :mod:`benchmarks.machine`: what the machine is (CPU, GPUs, BLAS and its environment, torch);
-* :mod:`benchmarks.cases`: one spec per layer kind: the TP layer, its dense computation, torch;
-* :mod:`benchmarks.comparison`: one comparison (TP, dense, torch on the same weights) and its check;
-* :mod:`benchmarks.runner`: every worker count of each (layer, shape, dtype, mode), on the same data;
-* :mod:`benchmarks.report`: records, targets, Markdown and JSON;
-* :mod:`benchmarks.plots`: the one plotting function, and the two plots it draws;
-* :mod:`benchmarks.cli`: the command line (``python -m benchmarks``);
-* :mod:`benchmarks.scaling_model` and :mod:`benchmarks.transfers`: the multi-GPU model and its
-  transfer counts.
+* :mod:`benchmarks.report`: records, targets' status, Markdown pieces and JSON;
+* :mod:`benchmarks.plots`: the figure helpers, and the layer benchmark's plots.
+
+The programs on it, each declaring its cases, targets and tables:
+
+* :mod:`benchmarks.bench_layers` (``python -m benchmarks``): the layers against dense and torch;
+  :mod:`benchmarks.cases` (one spec per layer kind), :mod:`benchmarks.comparison` (one comparison and
+  its check), :mod:`benchmarks.runner` (every worker count of a group), :mod:`benchmarks.layer_report`;
+* :mod:`benchmarks.training_step`: a whole training step, phase by phase; :mod:`benchmarks.step_case`,
+  :mod:`benchmarks.step_micro` (Adam, the embedding backward), :mod:`benchmarks.step_report`;
+* :mod:`benchmarks.bench_encode`: sentence embeddings against sentence-transformers.
+
+Beside them, :mod:`benchmarks.scaling_model` and :mod:`benchmarks.transfers` (the multi-GPU model and
+its transfer counts), ``activation_memory.py`` and ``gpu_check.py``.
 """
 
 import sys as _sys

@@ -1,5 +1,6 @@
-"""The plots of a run: one function draws a grid of panels (a row per mode, a column per layer) from
-the records; a :class:`Plot` says what each panel draws.
+"""Plots: the helpers every benchmark draws with (:func:`pyplot`, :func:`save`), and the layer
+benchmark's plots: one function draws a grid of panels (a row per mode, a column per layer) from the
+records; a :class:`Plot` says what each panel draws.
 
 * ``-ratio.png``: TP/dense time against the worker count;
 * ``-rate.png``: GFLOP/s (GB/s for the embedding) against the work per run, for dense, torch, and TP
@@ -56,7 +57,7 @@ def _ratio_axes(ax: Any, mode: str, rows: list[Record]) -> None:
     from matplotlib.ticker import NullFormatter
 
     ax.axhline(1.0, color="gray", linewidth=0.8)
-    for limit in (1.05, 1.5) if mode == "fwd" else ():  # issue 5's limits
+    for limit in (1.05, 1.5) if mode == "fwd" else ():  # the speed targets' limits
         ax.axhline(limit, color="gray", linewidth=0.6, linestyle=":")
     ticks = sorted({r["n_workers"] for r in rows})
     ax.set(xlabel="workers", ylabel="TP / dense time", xscale="log")
@@ -81,13 +82,31 @@ def _rate_axes(ax: Any, mode: str, rows: list[Record]) -> None:
 PLOTS = (Plot("ratio", _ratio_series, _ratio_axes), Plot("rate", _rate_series, _rate_axes))
 
 
-def write_plot(records: list[Record], stem: Path, plot: Plot) -> Path:
-    """Draw ``plot`` into ``<stem>-<suffix>.png``: a panel per mode (rows) and layer (columns)."""
-    import matplotlib
-
+def pyplot() -> Any | None:
+    """``matplotlib.pyplot`` drawing into files (Agg), or None, with a note, where matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed; no plots (pip install matplotlib)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(fig: Any, path: Path, dpi: int = 72) -> Path:
+    """Write ``fig`` to ``path`` (a PNG with a 64-colour palette: a third of the size), and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    _shrink_png(path)
+    return path
+
+
+def write_plot(plt: Any, records: list[Record], stem: Path, plot: Plot) -> Path:
+    """Draw ``plot`` into ``<stem>-<suffix>.png``: a panel per mode (rows) and layer (columns)."""
     layers = list(dict.fromkeys(r["layer"] for r in records))
     modes = list(dict.fromkeys(r["mode"] for r in records))
     fig, axes = plt.subplots(
@@ -107,21 +126,13 @@ def write_plot(records: list[Record], stem: Path, plot: Plot) -> Path:
             ax.set_title(f"{layer}, {mode}")
             ax.legend(fontsize=5.5)
     fig.tight_layout()
-    path = stem.with_name(f"{stem.name}-{plot.suffix}.png")
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
-    _shrink_png(path)
-    return path
+    return save(fig, stem.with_name(f"{stem.name}-{plot.suffix}.png"))
 
 
 def write_plots(records: list[Record], stem: Path) -> list[Path]:
     """Every plot in :data:`PLOTS`; [] with a note where matplotlib does not import."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("note: matplotlib is not installed; no plots (pip install matplotlib)")
-        return []
-    return [write_plot(records, stem, plot) for plot in PLOTS]
+    plt = pyplot()
+    return [] if plt is None else [write_plot(plt, records, stem, plot) for plot in PLOTS]
 
 
 def _shrink_png(path: Path) -> None:

@@ -16,10 +16,11 @@ import numpy as np
 
 from tp_gpu import TensorParallelConfig
 
-from . import harness
+from . import harness, skeleton
 from .cases import LayerSpec, Shape
 from .comparison import Case, compare_rows, make_case
-from .report import Record, make_record
+from .layer_report import make_record
+from .report import Record
 
 #: Forward + backward is skipped for outputs larger than this (it holds an output-sized gradient too).
 BWD_MAX_OUTPUT_BYTES = 2 * 2**30
@@ -160,7 +161,7 @@ def run_group(group: Group, options: Any, torch: Any, progress: Progress) -> lis
         )
         case = make_case(spec, group.mode, spec.build(group.shape, config), data, shared, torch)
         drop_torch_if_broken(case, progress, label)
-        timed = harness.time_with_retries(case.fns(), timer_for(case.backend), timing(options))
+        timed = harness.time_with_retries(case.fns(), timer_for(case.backend), skeleton.timing(options))
         checks = check(case, group, n)
         devices = spec.parts(case.layer)[-1].devices
         records.append(make_record(group.describe_case(n, devices), timed, checks))
@@ -172,14 +173,6 @@ def run_group(group: Group, options: Any, torch: Any, progress: Progress) -> lis
     if backend is not None:
         harness.release_gpu_memory(backend)
     return records
-
-
-def timing(options: Any) -> harness.Timing:
-    """The timing options of the command line."""
-    return harness.Timing(
-        repeat=options.repeat, warmup=options.warmup, max_time=options.max_time,
-        min_time=options.min_time, retries=options.retries,
-    )  # fmt: skip
 
 
 def groups(options: Any, specs: dict[str, LayerSpec]) -> list[Group]:

@@ -1,9 +1,9 @@
 """A whole training step of a small language model, phase by phase: TP at each worker count, the dense
 NumPy step and a PyTorch twin, on the same weight arrays.
 
-The model is issue 17's: ``ParallelEmbedding -> ParallelMLP (GeLU, tanh) -> ColumnParallelLinear head
-(gather_output=False: the logits stay split on the vocabulary) -> VocabParallelCrossEntropy (mean)``,
-then the backward of each and one Adam step. Every side runs the same phases, each timed:
+The model the speed targets name: ``ParallelEmbedding -> ParallelMLP (GeLU, tanh) -> ColumnParallelLinear
+head (gather_output=False: the logits stay split on the vocabulary) -> VocabParallelCrossEntropy
+(mean)``, then the backward of each and one Adam step. Every side runs the same phases, each timed:
 
 * **TP**: the tp_gpu layers and :class:`tp_gpu.Adam`, one model per worker count;
 * **dense**: the same computation in plain NumPy, in place (``y = x @ W; y += b``; the loss's

@@ -1,4 +1,5 @@
-"""Micro-benchmarks of issue 17: Adam, and the embedding backward, against NumPy's and PyTorch's ways.
+"""Micro-benchmarks of the training step's kernels, Adam and the embedding backward, against NumPy's and
+PyTorch's ways.
 
 * **Adam** over the parameters of the language model's table and head (``lm``: 50,000 x 512 twice,
   51M numbers) or of an MLP 1024 -> 4096 -> 1024 (``mlp``: 8.4M numbers): :class:`tp_gpu.Adam` over the
@@ -8,7 +9,7 @@
   and gradient arrays (torch views them).
 * **The embedding backward**, ``dE = 0; dE[ids] += dY``: the library's kernel
   (``backend.scatter_add_rows``), the layer's whole backward, and the NumPy alternatives (sorting the
-  ids and ``np.add.reduceat``, the library's kernel before issue 17; ``np.add.at``; one ``np.bincount``
+  ids and ``np.add.reduceat``, the library's earlier kernel; ``np.add.at``; one ``np.bincount``
   per column; the sparse product in compressed-row form, where the library's compressed-column one
   reads the rows in order), against ``torch.zeros(...).index_add_`` and
   ``aten.embedding_dense_backward`` (what ``F.embedding``'s backward runs).
@@ -96,7 +97,7 @@ def adam_functions(name: str, dtype: str, torch: Any) -> tuple[dict[str, Callabl
 
 
 def sort_reduceat(shape: tuple[int, int], ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The library's kernel before issue 17: sort the ids, gather the rows, one ``reduceat`` per run."""
+    """The library's earlier kernel: sort the ids, gather the rows, one ``reduceat`` per run."""
     out = np.zeros(shape, dtype=rows.dtype)
     order = np.argsort(ids, kind="stable")
     index, rows = ids[order], np.take(rows, order, axis=0)
@@ -121,7 +122,7 @@ def bincount_columns(shape: tuple[int, int], ids: np.ndarray, rows: np.ndarray) 
 
 def csr_product(shape: tuple[int, int], ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """``S @ rows`` with ``S`` in compressed-row form (SciPy sorts the entries by id to build it; the
-    product then gathers the rows of each id): the library's first sparse kernel of issue 17."""
+    product then gathers the rows of each id): the library's first sparse kernel."""
     import scipy.sparse
 
     ones = np.ones(ids.size, dtype=rows.dtype)

@@ -23,7 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the benchmarks package lives beside tp_gpu in the checkout
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import cases, cli, comparison, harness, plots, report, runner, scaling_model  # noqa: E402
+from benchmarks import (  # noqa: E402
+    bench_layers,
+    cases,
+    comparison,
+    harness,
+    layer_report,
+    plots,
+    runner,
+    scaling_model,
+    skeleton,
+)
 from tp_gpu import ParallelEmbedding, TensorParallelConfig  # noqa: E402
 from tp_gpu.testing import tolerance  # noqa: E402
 
@@ -53,8 +63,9 @@ def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     with pytest.MonkeyPatch.context() as patch:
         quick_harness(patch)
-        patch.setattr(report, "write_plots", lambda records, stem: [])  # drawn once, by the --render test
-        assert cli.main(TINY + ["--out", str(out)]) == 0
+        # Drawn once, by the plotting test.
+        patch.setattr(layer_report.REPORT, "plots", lambda records, stem: [])
+        assert bench_layers.main(TINY + ["--out", str(out)]) == 0
     (path,) = out.glob("*.json")
     return path, json.loads(path.read_text())
 
@@ -99,8 +110,8 @@ def test_torch_is_timed_in_the_same_rounds_and_agrees_with_dense(tmp_path):
     args += ["--backend", "numpy", "--workers", "1", "--layers", "mlp", "embedding", "--mode", "fwd+bwd"]
     args += ["--out", str(tmp_path)]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(report, "write_plots", lambda records, stem: [])
-        assert cli.main(args) == 0
+        patch.setattr(layer_report.REPORT, "plots", lambda records, stem: [])
+        assert bench_layers.main(args) == 0
     (path,) = tmp_path.glob("*.json")
     for r in json.loads(path.read_text())["results"]:
         where = f"{r['layer']} {r['mode']} p={r['n_workers']}"
@@ -131,7 +142,9 @@ def test_a_layer_that_disagrees_with_dense_stops_the_run(tmp_path, monkeypatch, 
         monkeypatch.setattr(comparison, "dense_weights", lambda *a: [w + 1e-6 for w in real(*a)])
     expected = rf"{layer} .* {re.escape(mode)}, 1 workers: TP and dense differ by up to"
     with pytest.raises(runner.ResultMismatch, match=expected):
-        cli.main(TINY + ["--layers", layer, "--mode", mode, "--workers", "1", "--out", str(tmp_path)])
+        bench_layers.main(
+            TINY + ["--layers", layer, "--mode", mode, "--workers", "1", "--out", str(tmp_path)]
+        )
     assert not list(tmp_path.glob("*.json"))  # nothing timed, nothing written
 
 
@@ -186,9 +199,9 @@ def test_a_case_whose_runs_spread_too_much_is_flagged_noisy_not_met():
          "n_workers": n, "ratio_tp_dense": 1.1, "noisy": n == 2, "extra_peak_over_output": None}
         for n in (1, 2)
     ]  # fmt: skip
-    (row,) = report.target_rows(records)
+    (row,) = layer_report.target_rows(records)
     assert row["status"] == "noisy" and row["noisy_workers"] == [2]
-    assert "noisy: re-run" in report.targets_markdown([row], [1, 2])[-1]
+    assert "noisy: re-run" in layer_report.targets_markdown([row], [1, 2])[-1]
     seconds = iter([1.0, 1.0, 1.0, 5.0, 1.0, 9.0] * 50)
     timed = harness.time_with_retries(
         {"a": lambda: None}, lambda fn: next(seconds), harness.Timing(5, 1, 10, 0, 0)
@@ -197,18 +210,18 @@ def test_a_case_whose_runs_spread_too_much_is_flagged_noisy_not_met():
 
 
 def test_update_replaces_only_the_cases_re_timed(sweep, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "write_plots", lambda records, stem: [])
+    monkeypatch.setattr(layer_report.REPORT, "plots", lambda records, stem: [])
     path, before = sweep
     copy = tmp_path / path.name
     shutil.copy(path, copy)
     shutil.copy(path.with_suffix(".md"), copy.with_suffix(".md"))
     args = TINY + ["--layers", "row", "--mode", "fwd", "--workers", "2", "--update", str(copy)]
-    assert cli.main(args + ["--out", str(tmp_path / "unused")]) == 0
+    assert bench_layers.main(args + ["--out", str(tmp_path / "unused")]) == 0
     after = json.loads(copy.read_text())
     assert len(after["results"]) == len(before["results"])
     key = ("row", 5, 8, 12, "float64", "fwd", 2)
     for old, new in zip(before["results"], after["results"]):
-        if report.case_key(old) == key:
+        if layer_report.case_key(old) == key:
             assert "rerun" in new and new["tp_times_s"] != old["tp_times_s"]
         else:
             assert new == old
@@ -219,11 +232,11 @@ def test_update_replaces_only_the_cases_re_timed(sweep, tmp_path, monkeypatch):
 
 
 def test_render_rewrites_the_same_markdown_from_the_json(sweep, tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "write_plots", lambda records, stem: [])
+    monkeypatch.setattr(layer_report.REPORT, "plots", lambda records, stem: [])
     path, _ = sweep
     copy = tmp_path / path.name
     shutil.copy(path, copy)
-    assert cli.main(["--render", str(copy)]) == 0
+    assert bench_layers.main(["--render", str(copy)]) == 0
     assert copy.with_suffix(".md").read_text() == path.with_suffix(".md").read_text()
 
 
@@ -239,11 +252,11 @@ def test_one_plotting_function_draws_both_plots(sweep, tmp_path):
 def test_an_existing_result_is_not_overwritten_without_force(sweep, capsys):
     path, _ = sweep
     before = path.read_text()
-    assert cli.main(TINY + ["--layers", "row", "--mode", "fwd", "--out", str(path.parent)]) == 2
+    assert bench_layers.main(TINY + ["--layers", "row", "--mode", "fwd", "--out", str(path.parent)]) == 2
     assert "--force" in capsys.readouterr().err and path.read_text() == before
-    assert cli.parse_args([]).out == cli.LOCAL_RESULTS
+    assert bench_layers.PROGRAM.parse([]).out == skeleton.LOCAL_RESULTS
     ignored = subprocess.run(
-        ["git", "-C", str(ROOT), "check-ignore", "-q", str(cli.LOCAL_RESULTS / "x.json")], check=False
+        ["git", "-C", str(ROOT), "check-ignore", "-q", str(skeleton.LOCAL_RESULTS / "x.json")], check=False
     )
     assert ignored.returncode == 0  # the default folder is not committed
 

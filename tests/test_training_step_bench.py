@@ -1,5 +1,5 @@
-"""Issue 17: the training-step benchmark (every phase recorded, a wrong TP step stops it) and the
-kernels it made fast (Adam and SGD in cache-sized pieces, the sparse embedding backward, the loss's
+"""The training-step benchmark (every phase recorded, a wrong TP step stops it) and the kernels it
+made fast (Adam and SGD in cache-sized pieces, the sparse embedding backward, the loss's
 memory). Speed itself is not tested here; tiny shapes, a few rounds."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def run(tmp_path, monkeypatch, torch_or_none):
     """The tiny run (with torch where it imports); returns its JSON data and folder."""
     extra = [] if torch_or_none is not None else ["--no-torch"]
     with monkeypatch.context() as patch:
-        patch.setattr(step_report, "write_phase_plot", lambda records, stem: [])  # drawn by the --render test
+        patch.setattr(step_report.REPORT, "plots", lambda records, stem: [])  # drawn by the --render test
         assert training_step.main(TINY + extra + ["--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*.json")
     return json.loads(path.read_text()), path
@@ -101,7 +101,7 @@ def test_targets_and_micro_benchmarks_are_recorded(run, torch_or_none):
         embedding["sides"]
     )
     md = path.with_suffix(".md").read_text()
-    assert "## Issue 17 targets" in md and "### Training step" in md and "| tp p=4 |" in md
+    assert "## Speed targets" in md and "### Training step" in md and "| tp p=4 |" in md
 
 
 def test_render_redraws_from_the_json(run):
