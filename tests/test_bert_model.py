@@ -27,6 +27,7 @@ from conftest import WORKER_COUNTS
 from safetensors.numpy import save_file
 from scipy.special import erf
 
+import tp_gpu
 from tp_gpu import (
     CheckpointError,
     ConfigError,
@@ -137,7 +138,9 @@ def dense_bert(t: Dict[str, np.ndarray], raw: Dict[str, Any], ids, mask, types) 
 
 
 def hidden_states(model: BertModel, *args) -> np.ndarray:
-    return model.to_numpy(model(*args)).astype(np.float64)
+    """The last hidden states as host float64, computed for inference (nothing recorded)."""
+    with tp_gpu.no_grad():
+        return model.to_numpy(model(*args)).astype(np.float64)
 
 
 # --- the tiny model against the dense reference ------------------------------------------------------
@@ -247,11 +250,19 @@ def test_loading_holds_one_tensor_at_a_time(tiny_dir):
     )
 
 
-def test_from_pretrained_is_in_eval_mode_and_keeps_nothing(tiny_dir, rng):
+def test_from_pretrained_is_in_eval_mode_and_no_grad_keeps_nothing(tiny_dir, rng):
     model = BertModel.from_pretrained(tiny_dir, TensorParallelConfig(n_workers=2, backend="numpy", dtype=F64))
     assert all(not m.training for _, m in model.named_modules())
-    model(*tiny_inputs(rng))
-    assert all(m._saved is None for _, m in model.named_modules())
+    inputs = tiny_inputs(rng)
+    with tp_gpu.no_grad():
+        out = model(*inputs)
+    assert out.grad_fn is None and not out.requires_grad  # no node, so no activation kept
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        out.backward(np.ones(out.shape))
+    assert all(p.grad is None for p in model.parameters())
+    recorded = model(*inputs)  # eval mode alone still records, as PyTorch's
+    assert recorded.grad_fn is not None
+    np.testing.assert_array_equal(model.to_numpy(recorded), model.to_numpy(out))
 
 
 def test_backward_matches_finite_differences(tiny_dir, rng):
@@ -261,8 +272,7 @@ def test_backward_matches_finite_differences(tiny_dir, rng):
     ids, mask, types = tiny_inputs(rng, batch=2, seq=6)
     r = rng.standard_normal((2, 6, 20))
     model.zero_grad()
-    model(ids, mask, types)
-    model.backward(r)
+    model(ids, mask, types).backward(r)
     grads = model.grads()
     model.eval()
     params = dict(model.named_parameters())

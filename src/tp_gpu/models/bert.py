@@ -42,14 +42,15 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .. import collectives
 from ..config import TensorParallelConfig
 from ..errors import ConfigError
+from ..host import to_numpy
 from ..layers.base import check_seed
 from ..layers.bert_embeddings import BertEmbeddings
 from ..layers.norm import LayerNorm
 from ..layers.transformer import ParallelTransformerLayer
 from ..module import Module, Sequential
+from ..tensor import Tensor
 from .hf_loader import BertConfig, CheckpointReader, check_model_dir, resolve_config
 
 __all__ = ["BertModel", "load_hf_weights"]
@@ -139,31 +140,17 @@ class BertModel(Module):
         return self.encoder.children()  # type: ignore[return-value]
 
     @property
-    def backend(self) -> Any:
-        """The backend that owns the model's arrays."""
-        return self.embeddings.backend
-
-    @property
-    def output_device(self) -> Any:
-        """Where :meth:`forward` returns the hidden states."""
-        return self.embeddings.output_device
-
-    @property
-    def n_workers(self) -> int:
-        return self.config.n_workers
-
-    @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.config.dtype)
 
     def to_numpy(self, array: Any) -> np.ndarray:
-        """An output of :meth:`forward` (on the output device) as a host NumPy array."""
-        return np.asarray(collectives.to_host(self.backend, array))
+        """An output of :meth:`forward` (a Tensor, or an array of the backend) as a host NumPy array."""
+        return to_numpy(array)
 
     # ------------------------------------------------------------------ compute
 
-    def forward(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> Any:
-        """The last hidden state ``x_L`` ``(B, S, hidden_size)``, on the output device.
+    def forward(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> Tensor:
+        """The last hidden state ``x_L`` ``(B, S, hidden_size)``, a Tensor on the output device.
 
         ``input_ids``: integers ``(B, S)``, ``S <= max_position_embeddings``.
         ``attention_mask``: ``(B, S)``, 1 for tokens and 0 for padding, as
@@ -171,11 +158,13 @@ class BertModel(Module):
         their scores); ``None`` attends everywhere. ``token_type_ids``:
         ``(B, S)`` or ``(S,)``, zeros by default.
 
-        The result is an array of the model's backend on its output device
-        (worker 0's unless the config says otherwise): a NumPy array on the
-        NumPy backend, a CuPy array on the GPU, a SimArray on simulated
-        devices. :meth:`to_numpy` brings it to the host. Everything is checked
-        before anything is computed.
+        The result lives on the model's output device (worker 0's unless the
+        config says otherwise; with ``config.sequence_parallel``, a
+        ShardedTensor split along the sequence); ``np.asarray(out)`` or
+        :meth:`to_numpy` brings it to the host. ``out.backward(dy)`` (or a loss
+        built from it) accumulates every parameter's gradient; run inference
+        under ``with tp_gpu.no_grad():`` to record nothing and keep no
+        activation. Everything is checked before anything is computed.
         """
         ids, types, _ = self.embeddings.check_ids(input_ids, token_type_ids)
         batch, seq = ids.shape
@@ -183,14 +172,7 @@ class BertModel(Module):
         x = self.embeddings(ids, types)  # (B, S, H)
         for layer in self.layers:
             x = layer(x, attention_mask)  # (B, S, H)
-        return x
-
-    def backward(self, grad_output: Any) -> None:
-        """Accumulate every parameter's gradient from ``dx_L`` ``(B, S, hidden_size)``; ids have none."""
-        grad = grad_output
-        for layer in reversed(self.layers):
-            grad = layer.backward(grad)
-        self.embeddings.backward(grad)
+        return x  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         c = self.bert_config
