@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import device_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -42,7 +43,7 @@ def perturb(layer, rng):
     """One SGD step on a random gradient, so the bias is no longer zero and the weight moves."""
     x = rng.standard_normal((3, layer.n_in))
     y = layer(x)
-    layer.backward(rng.standard_normal(y.shape))
+    y.backward(rng.standard_normal(y.shape))
     SGD(layer.parameters(), lr=0.5).step()
     assert np.any(layer.full_bias() != 0)
 
@@ -88,7 +89,7 @@ def test_column_matches_dense(n_workers, shard, n_in, batch, n_devices, gather, 
     expected = dense(layer, x)
     assert expected.shape == batch + (n_out,)
     if gather:
-        assert layer.backend.device_of(y) == layer.output_device
+        assert device_of(layer, y) == layer.output_device
         out = np.asarray(layer.backend.to_host(y))
     else:
         assert isinstance(y, ShardedTensor)
@@ -132,7 +133,7 @@ def test_row_matches_dense(
     else:
         inp = x
     y = layer(inp)
-    assert layer.backend.device_of(y) == layer.output_device
+    assert device_of(layer, y) == layer.output_device
     assert_close(np.asarray(layer.backend.to_host(y)), dense(layer, x))
 
 
@@ -190,7 +191,7 @@ def test_embedding_matches_table(case, embed_dim, n_devices, out_index, as_list,
     out = layer(inp)
     assert tuple(out.shape) == ids.shape + (embed_dim,)
     assert out.dtype == np.dtype(dtype)
-    assert layer.backend.device_of(out) == layer.output_device
+    assert device_of(layer, out) == layer.output_device
     expected = layer.full_weight()[ids.astype(np.int64)]
     np.testing.assert_array_equal(np.asarray(layer.backend.to_host(out)), expected)  # exact
 

@@ -78,16 +78,16 @@ def train(model, optimizer, start: int, stop: int, scaler=None, on_step=None):
             on_step(step)
         inputs, targets = batch(step)
         optimizer.zero_grad()
-        loss = float(loss_fn(model(inputs), targets))
+        loss = loss_fn(model(inputs), targets)
         if scaler is None:
-            model.backward(loss_fn.backward(1.0))
+            loss.backward()
             optimizer.step()
-            log.append((loss, True, 1.0))
+            log.append((float(loss), True, 1.0))
         else:
-            model.backward(loss_fn.backward(scaler.scale(1.0)))
+            loss.backward(scaler.scale(1.0))
             stepped = scaler.step(optimizer)
             scaler.update()
-            log.append((loss, stepped, scaler.get_scale()))
+            log.append((float(loss), stepped, scaler.get_scale()))
     return log
 
 

@@ -37,24 +37,39 @@ from tp_gpu import (
     get_communicator,
     load_checkpoint,
     save_checkpoint,
+    tensor,
 )
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
 
 def host(layer, value):
-    if isinstance(value, ShardedTensor):
-        value = value.gather()
-    return np.asarray(layer.backend.to_host(value), dtype=np.float64)
+    """A Tensor (a ShardedTensor gathered: collective) as a float64 host array."""
+    return np.asarray(value, dtype=np.float64)
+
+
+def forward_backward(layer, inputs, grad):
+    """``(y, dX)``: ``layer``'s output for ``inputs`` and, after ``y.backward(grad)``, the gradient of
+    ``inputs`` (None for integer ids, which have none)."""
+    if np.issubdtype(np.asarray(inputs).dtype, np.integer):
+        y = layer(inputs)
+        y.backward(grad)
+        return y, None
+    leaf = tensor(inputs, requires_grad=True)
+    y = layer(leaf)
+    y.backward(grad)
+    return y, leaf.grad
 
 
 def check_pair(name, make, inputs, grad_shape, rng, checks):
     """Forward, backward, an Adam step and the state dict of ``make(comm)`` for both comms."""
     mpi, ref = make("mpi"), make("local")
-    out_mpi, out_ref = mpi(inputs), ref(inputs)
-    np.testing.assert_allclose(host(mpi, out_mpi), host(ref, out_ref), **TOL, err_msg=f"{name} forward")
     grad = rng.standard_normal(grad_shape)
-    back_mpi, back_ref = mpi.backward(grad), ref.backward(grad)
+    (out_mpi, back_mpi), (out_ref, back_ref) = (
+        forward_backward(mpi, inputs, grad),
+        forward_backward(ref, inputs, grad),
+    )
+    np.testing.assert_allclose(host(mpi, out_mpi), host(ref, out_ref), **TOL, err_msg=f"{name} forward")
     if back_ref is not None:
         np.testing.assert_allclose(host(mpi, back_mpi), host(ref, back_ref), **TOL, err_msg=f"{name} dX")
     for key, value in ref.grads().items():
@@ -115,10 +130,15 @@ def check_loss_pair(name, make_head, loss_kwargs, x, targets, checks):
     for comm in ("mpi", "local"):
         head = make_head(comm)
         loss_fn = VocabParallelCrossEntropy(**loss_kwargs)
-        logits = head(x)
-        loss = loss_fn(logits, targets)
-        dz = loss_fn.backward()
-        results[comm] = (loss, host(head, dz), head.backward(dz), head.grads(), head)
+        x_leaf = tensor(x, requires_grad=True)
+        logits = head(x_leaf)
+        z = logits.map(lambda a: a).requires_grad_()  # a leaf over the logits' blocks: z.grad is dZ
+        loss = loss_fn(z, targets)
+        loss.backward()
+        dz = z.grad
+        assert isinstance(dz, ShardedTensor) and dz.split_sizes == logits.split_sizes, name
+        logits.backward(dz)
+        results[comm] = (float(loss), host(head, dz), x_leaf.grad, head.grads(), head)
     loss_m, dz_m, dx_m, grads_m, head_m = results["mpi"]
     loss_r, dz_r, dx_r, grads_r, head_r = results["local"]
     np.testing.assert_allclose(loss_m, loss_r, **TOL, err_msg=f"{name} loss")
@@ -293,8 +313,9 @@ def main() -> int:
         for comm in ("mpi", "local"):
             head = ColumnParallelLinear(13, 7 * n_workers, config(comm, gather_output=False), seed=5)
             loss_fn = VocabParallelCrossEntropy(label_smoothing=0.1)
-            losses[comm] = loss_fn(head(x), targets)
-            head.backward(loss_fn.backward())
+            loss = loss_fn(head(x), targets)
+            loss.backward()
+            losses[comm] = float(loss)
             losses[comm + " grads"] = head.grads()
         np.testing.assert_allclose(losses["mpi"], losses["local"], **TOL, err_msg="cross-entropy")
         for key in losses["local grads"]:
