@@ -1,13 +1,16 @@
-"""The four conjugate regions, forward then backward, against NumPy, with their transfer counts.
+"""The regions as tape Functions: each placement change forward, its conjugate backward, against NumPy.
 
 Each runs on every backend of ``conftest`` (NumPy; 1, 3 and 8 simulated
 devices; CuPy where a GPU is) with 1..8 workers, so the simulated runs place
 more workers than devices and more devices than workers. Expected blocks are
-built here from ``np.array_split`` and round-robin placement.
+built here from ``np.array_split`` and round-robin placement; the simulated
+backend also counts what crosses between devices.
 
-The conjugate property, per device block: copy forward then backward sums the
-copies (``D`` devices give ``D * x``); reduce backward then forward does the
-same for ``dY``; scatter then gather, and gather then scatter, are identities.
+The conjugate property: copy forward then backward of the copies sums them
+(``D`` devices give ``D * x``); reduce backward then forward does the same
+for ``dY``; scatter then gather, and gather then scatter, are identities.
+The dispatchers :func:`replicate` and :func:`split` pick the region from the
+input's placement and refuse, naming both placements, what no region converts.
 """
 
 from __future__ import annotations
@@ -18,9 +21,23 @@ import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
 
-from tp_gpu import TensorParallelConfig, get_group
+import tp_gpu
+from tp_gpu import RowParallelLinear, ShapeError, ShardedTensor, TensorParallelConfig, get_group
 from tp_gpu.backends import SimulatedBackend
-from tp_gpu.regions import copy_to_region, gather_from_region, reduce_from_region, scatter_to_region
+from tp_gpu.placements import Dense, Partial, Replicated, Split
+from tp_gpu.regions import (
+    copy_to_region,
+    gather_from_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_region,
+    reduce_scatter_to_sequence_parallel_region,
+    replicate,
+    scatter_to_region,
+    scatter_to_sequence_parallel_region,
+    sequence_layout,
+    split,
+)
+from tp_gpu.tensor import Tensor, new_tensor
 
 
 def counts(backend) -> bool:
@@ -48,6 +65,22 @@ def put(backend, arrays: Dict) -> Dict:
     out = {d: backend.asarray(a, a.dtype, d) for d, a in arrays.items()}
     reset(backend)
     return out
+
+
+def leaf(group, blocks: Dict, placement, shape) -> Tensor:
+    """A leaf that requires grad, of per-device ``blocks`` (on their devices) placed as ``placement``."""
+    dtype = next(iter(blocks.values())).dtype
+    return new_tensor(blocks, placement, tuple(shape), dtype, group.backend, group.comm).requires_grad_()
+
+
+def assert_blocks(backend, t: Tensor, expected: Dict, dtype=None) -> None:
+    """``t``'s blocks are ``expected``'s, each on its own device (and of ``dtype`` when given)."""
+    assert list(t.blocks) == list(expected)
+    for d, want in expected.items():
+        assert backend.device_of(t.blocks[d]) == d
+        if dtype is not None:
+            assert t.blocks[d].dtype == dtype
+        np.testing.assert_allclose(host(backend, t.blocks[d]), want, rtol=1e-12, atol=1e-12)
 
 
 def along(axis: int, index) -> tuple:
@@ -85,30 +118,33 @@ def test_copy_to_region(make_config, rng, n_workers, dtype):
     group = get_group(make_config(n_workers))
     backend, out = group.backend, group.output_device
     devices = distinct(group.devices)
-    x = rng.standard_normal((3, 7))
+    x_host = rng.standard_normal((3, 7))
+    x = tp_gpu.tensor(x_host, requires_grad=True)
     reset(backend)
-    copies = copy_to_region.forward(group, x, dtype)
-    assert list(copies) == devices
-    for d, c in copies.items():
-        assert backend.device_of(c) == d and c.dtype == dtype
-        np.testing.assert_array_equal(host(backend, c), x.astype(dtype))
+    copies = copy_to_region(x, group, dtype)  # Dense -> Replicated
+    assert copies.placement == Replicated(tuple(devices)) and copies.dtype == dtype
+    assert copies.grad_fn.name == "CopyToRegionBackward"
+    assert_blocks(backend, copies, {d: x_host.astype(dtype) for d in devices}, dtype)
     if counts(backend):
-        assert moves(backend) == {("host", d): (1, x.nbytes) for d in devices}  # one copy per device
+        assert moves(backend) == {("host", d): (1, x_host.nbytes) for d in devices}  # one copy per device
 
-    # Backward sums the partial dX of every device onto the output device.
+    # Backward sums the Partial dX of every device onto the output device.
     partials_host = {d: rng.standard_normal((3, 7)).astype(dtype) for d in devices}
-    reset(backend)
-    dx = copy_to_region.backward(group, put(backend, partials_host))
-    assert backend.device_of(dx) == out and dx.dtype == dtype
+    grad = Tensor(put(backend, partials_host), Partial(tuple(devices)), (3, 7), dtype, backend)
+    copies.backward(grad)
+    assert x.grad.placement == Dense(out) and x.grad.dtype == dtype
+    assert backend.device_of(x.grad.blocks[out]) == out
     expected = np.sum(np.stack(list(partials_host.values())).astype(np.float64), axis=0)
-    np.testing.assert_allclose(host(backend, dx), expected, rtol=tolerance(dtype), atol=tolerance(dtype))
+    np.testing.assert_allclose(np.asarray(x.grad), expected, rtol=tolerance(dtype), atol=tolerance(dtype))
     if counts(backend):
         nbytes = partials_host[devices[0]].nbytes
         assert moves(backend) == {(d, out): (1, nbytes) for d in devices if d != out}
 
     # Conjugate: copy forward then backward of the copies gives D * x.
-    again = copy_to_region.backward(group, copy_to_region.forward(group, x, dtype))
-    np.testing.assert_allclose(host(backend, again), len(devices) * x.astype(dtype), rtol=tolerance(dtype))
+    x = tp_gpu.tensor(x_host, requires_grad=True)
+    copies = copy_to_region(x, group, dtype)
+    copies.backward(Tensor(dict(copies.blocks), Partial(tuple(devices)), (3, 7), dtype, backend))
+    np.testing.assert_allclose(np.asarray(x.grad), len(devices) * x_host.astype(dtype), rtol=tolerance(dtype))
 
 
 # ---------------------------------------------------------------------------- reduce_from_region
@@ -118,53 +154,59 @@ def test_copy_to_region(make_config, rng, n_workers, dtype):
 def test_reduce_from_region(make_config, rng, n_workers):
     group = get_group(make_config(n_workers))
     backend, out = group.backend, group.output_device
-    devices = distinct(group.devices)
+    devices = tuple(distinct(group.devices))
     partials_host = {d: rng.standard_normal((2, 5)) for d in devices}
-    partials = put(backend, partials_host)
-    y = reduce_from_region.forward(group, partials)
-    assert backend.device_of(y) == out
-    np.testing.assert_allclose(host(backend, y), sum(partials_host.values()), rtol=1e-12, atol=1e-12)
+    partials = leaf(group, put(backend, partials_host), Partial(devices), (2, 5))
+    y = reduce_from_region(partials, group)  # Partial -> Dense (sum)
+    assert y.placement == Dense(out) and backend.device_of(y.blocks[out]) == out
+    np.testing.assert_allclose(np.asarray(y), sum(partials_host.values()), rtol=1e-12, atol=1e-12)
     if counts(backend):
         assert moves(backend) == {(d, out): (1, partials_host[d].nbytes) for d in devices if d != out}
 
-    # Backward copies dY (on the output device) to every device, and to ``also``.
+    # Backward copies dY (on the output device) to every device: a Replicated gradient.
     g_host = rng.standard_normal((2, 5))
-    g = put(backend, {out: g_host})[out]
-    copies = reduce_from_region.backward(group, g, np.float64, also=[out])
-    assert list(copies) == distinct([*devices, out])
-    assert copies[out] is g  # already there: no copy
-    for d, c in copies.items():
-        assert backend.device_of(c) == d
-        np.testing.assert_array_equal(host(backend, c), g_host)
+    g = Tensor(put(backend, {out: g_host}), Dense(out), (2, 5), np.float64, backend)
+    y.backward(g)
+    assert partials.grad.placement == Replicated(devices)
+    assert_blocks(backend, partials.grad, {d: g_host for d in devices})
+    if out in devices:
+        assert partials.grad.blocks[out] is g.blocks[out]  # already there: no copy
     if counts(backend):
-        assert moves(backend) == {(out, d): (1, g_host.nbytes) for d in copies if d != out}
+        assert moves(backend) == {(out, d): (1, g_host.nbytes) for d in devices if d != out}
 
     # Conjugate: reduce backward then forward gives D * dY.
-    total = reduce_from_region.forward(group, reduce_from_region.backward(group, g_host, np.float64))
-    np.testing.assert_allclose(host(backend, total), len(devices) * g_host, rtol=1e-12)
-
-
-def test_reduce_from_region_backward_reaches_an_output_device_without_workers(rng):
-    """2 workers on devices 0 and 1, output on device 2: the bias gradient needs dY there too."""
-    group = get_group(
-        TensorParallelConfig(n_workers=2, backend="simulated", devices=3, output_device=2, dtype="float64")
+    total = reduce_from_region(
+        Tensor(partials.grad.blocks, Partial(devices), (2, 5), np.float64, backend), group
     )
+    np.testing.assert_allclose(np.asarray(total), len(devices) * g_host, rtol=1e-12)
+
+
+def test_reduce_from_region_with_an_output_device_without_workers(rng):
+    """2 workers on devices 0 and 1, output on device 2: the sum lands there, dY comes back from
+    there, and the row-parallel bias (whole on device 2) gets its gradient there."""
+    config = TensorParallelConfig(
+        n_workers=2, backend="simulated", devices=3, output_device=2, dtype="float64"
+    )
+    group = get_group(config)
     backend = group.backend
     assert group.devices == [0, 1] and group.output_device == 2
     partials_host = {0: rng.standard_normal(7), 1: rng.standard_normal(7)}
-    y = reduce_from_region.forward(group, put(backend, partials_host))
-    assert backend.device_of(y) == 2
-    np.testing.assert_allclose(host(backend, y), partials_host[0] + partials_host[1], rtol=1e-12)
+    partials = leaf(group, put(backend, partials_host), Partial((0, 1)), (7,))
+    y = reduce_from_region(partials, group)
+    assert y.placement == Dense(2) and backend.device_of(y.blocks[2]) == 2
+    np.testing.assert_allclose(np.asarray(y), partials_host[0] + partials_host[1], rtol=1e-12)
     assert moves(backend) == {(0, 2): (1, 56), (1, 2): (1, 56)}
     g_host = rng.standard_normal(7)
-    g = put(backend, {2: g_host})[2]
-    copies = reduce_from_region.backward(group, g, np.float32, also=[2])
-    assert list(copies) == [0, 1, 2]
-    for d, c in copies.items():
-        assert backend.device_of(c) == d and c.dtype == np.float32
-        np.testing.assert_array_equal(host(backend, c), g_host.astype(np.float32))
+    y.backward(Tensor(put(backend, {2: g_host}), Dense(2), (7,), np.float64, backend))
+    assert partials.grad.placement == Replicated((0, 1))
+    assert_blocks(backend, partials.grad, {0: g_host, 1: g_host})
     assert moves(backend) == {(2, 0): (1, 56), (2, 1): (1, 56)}
-    assert list(reduce_from_region.backward(group, g, np.float64)) == [0, 1]  # without ``also``: workers only
+
+    row = RowParallelLinear(4, 7, config, seed=0)
+    x, dy = rng.standard_normal((3, 4)), rng.standard_normal((3, 7))
+    row(x).backward(dy)
+    assert list(row.bias.grad_blocks) == [2] and backend.device_of(row.bias.grad_blocks[2]) == 2
+    np.testing.assert_allclose(row.bias.full_grad(), dy.sum(0), rtol=1e-12)
 
 
 # ---------------------------------------------------------------------------- scatter_to_region
@@ -178,15 +220,14 @@ def test_scatter_to_region(make_config, rng, n_workers, axis, size):
     backend, out = group.backend, group.output_device
     shape = [3, 2, 4]
     shape[axis] = size
-    x = rng.standard_normal(shape)
+    x_host = rng.standard_normal(shape)
+    x = tp_gpu.tensor(x_host, requires_grad=True)
     layout = group.split(size)
-    expected = reference_blocks(x, axis, n_workers, list(backend.devices))
+    expected = reference_blocks(x_host, axis, n_workers, list(backend.devices))
     reset(backend)
-    blocks = scatter_to_region.forward(group, x, layout, np.float64, axis)
-    assert list(blocks) == list(expected)
-    for d, want in expected.items():
-        assert backend.device_of(blocks[d]) == d
-        np.testing.assert_array_equal(host(backend, blocks[d]), want)
+    y = scatter_to_region(x, group, layout, np.float64, axis)  # Dense -> Split(axis)
+    assert isinstance(y, ShardedTensor) and y.placement == Split(axis % 3, layout)
+    assert_blocks(backend, y, expected)
     if counts(backend):
         # Only each device's own slices cross: per device exactly its block's bytes.
         got = moves(backend)
@@ -196,18 +237,18 @@ def test_scatter_to_region(make_config, rng, n_workers, axis, size):
     # Backward gathers dX's blocks on the output device; each block crosses once.
     dx_host = rng.standard_normal(shape)
     grads_host = reference_blocks(dx_host, axis, n_workers, list(backend.devices))
-    grads = put(backend, grads_host)
-    dx = scatter_to_region.backward(group, grads, layout, axis)
-    assert backend.device_of(dx) == out
-    np.testing.assert_array_equal(host(backend, dx), dx_host)  # every worker's slice back in its place
+    y.backward(Tensor(put(backend, grads_host), y.placement, tuple(shape), np.float64, backend))
+    assert x.grad.placement == Dense(out) and backend.device_of(x.grad.blocks[out]) == out
+    np.testing.assert_array_equal(np.asarray(x.grad), dx_host)  # every worker's slice back in its place
     if counts(backend):
         assert moves(backend) == {(d, out): (1, grads_host[d].nbytes) for d in grads_host if d != out}
 
-    # Conjugate: scatter then gather returns x exactly.
-    back = scatter_to_region.backward(
-        group, scatter_to_region.forward(group, x, layout, np.float64, axis), layout, axis
-    )
-    np.testing.assert_array_equal(host(backend, back), x)
+    # Conjugate: scatter then gather returns x exactly, forward and backward.
+    x = tp_gpu.tensor(x_host, requires_grad=True)
+    y = scatter_to_region(x, group, layout, np.float64, axis)
+    np.testing.assert_array_equal(np.asarray(gather_from_region(y, group)), x_host)
+    y.backward(Tensor(dict(y.blocks), y.placement, tuple(shape), np.float64, backend))
+    np.testing.assert_array_equal(np.asarray(x.grad), x_host)
 
 
 # ---------------------------------------------------------------------------- gather_from_region
@@ -224,22 +265,19 @@ def test_gather_from_region(make_config, rng, n_workers, axis, size):
     y_host = rng.standard_normal(shape)
     layout = group.split(size)
     blocks_host = reference_blocks(y_host, axis, n_workers, list(backend.devices))
-    blocks = put(backend, blocks_host)
-    y = gather_from_region.forward(group, blocks, layout, axis)
-    assert backend.device_of(y) == out
-    np.testing.assert_array_equal(host(backend, y), y_host)
+    x = leaf(group, put(backend, blocks_host), Split(axis % 3, layout), shape)
+    y = gather_from_region(x, group)  # Split(axis) -> Dense
+    assert y.placement == Dense(out) and backend.device_of(y.blocks[out]) == out
+    np.testing.assert_array_equal(np.asarray(y), y_host)
     if counts(backend):
         assert moves(backend) == {(d, out): (1, b.nbytes) for d, b in blocks_host.items() if d != out}
 
     # Backward splits dY (on the output device) into the devices' blocks; nothing crosses to out itself.
     g_host = rng.standard_normal(shape)
-    g = put(backend, {out: g_host})[out]
-    grads = gather_from_region.backward(group, g, layout, np.float32, axis)
+    y.backward(Tensor(put(backend, {out: g_host}), Dense(out), tuple(shape), np.float64, backend))
     expected = reference_blocks(g_host, axis, n_workers, list(backend.devices))
-    assert list(grads) == list(expected)
-    for d, want in expected.items():
-        assert backend.device_of(grads[d]) == d and grads[d].dtype == np.float32
-        np.testing.assert_array_equal(host(backend, grads[d]), want.astype(np.float32))
+    assert x.grad.placement == x.placement
+    assert_blocks(backend, x.grad, expected, np.float64)
     if counts(backend):
         got = moves(backend)
         assert set(got) == {(out, d) for d in expected if d != out}
@@ -248,15 +286,185 @@ def test_gather_from_region(make_config, rng, n_workers, axis, size):
         }
 
     # Conjugate both ways: gather then split returns the blocks, split then gather returns dY.
-    again = gather_from_region.backward(
-        group, gather_from_region.forward(group, blocks, layout, axis), layout, np.float64, axis
+    x = leaf(group, put(backend, blocks_host), Split(axis % 3, layout), shape)
+    y = gather_from_region(x, group)
+    y.backward(Tensor(dict(y.blocks), y.placement, tuple(shape), np.float64, backend))
+    assert_blocks(backend, x.grad, blocks_host)
+    round_trip = gather_from_region(scatter_to_region(g_host, group, layout, np.float64, axis), group)
+    np.testing.assert_array_equal(np.asarray(round_trip), g_host)
+
+
+# ---------------------------------------------------------------------------- sequence parallelism
+
+
+@pytest.mark.parametrize("seq", [5, 13])
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+def test_gather_from_sequence_parallel_region(make_config, rng, n_workers, seq):
+    """``Split(S) -> Replicated`` (all-gather); backward reduce-scatters the Partial ``dX``."""
+    group = get_group(make_config(n_workers))
+    backend = group.backend
+    devices = tuple(distinct(group.devices))
+    x_host = rng.standard_normal((2, seq, 3))
+    layout = sequence_layout(group, seq)
+    x = leaf(
+        group,
+        put(backend, reference_blocks(x_host, 1, n_workers, list(backend.devices))),
+        Split(1, layout),
+        (2, seq, 3),
     )
-    for d, want in blocks_host.items():
-        np.testing.assert_array_equal(host(backend, again[d]), want)
-    round_trip = gather_from_region.forward(
-        group, gather_from_region.backward(group, g, layout, np.float64, axis), layout, axis
-    )
-    np.testing.assert_array_equal(host(backend, round_trip), g_host)
+    y = gather_from_sequence_parallel_region(x, group)
+    assert y.placement == Replicated(devices) and y.grad_fn.name == "GatherFromSequenceParallelRegionBackward"
+    assert_blocks(backend, y, {d: x_host for d in devices})
+    np.testing.assert_array_equal(np.asarray(y.recompute().blocks[devices[0]]), x_host)  # kept: the slices
+
+    partials_host = {d: rng.standard_normal((2, seq, 3)) for d in devices}
+    y.backward(Tensor(put(backend, partials_host), Partial(devices), (2, seq, 3), np.float64, backend))
+    total = sum(partials_host.values())
+    assert x.grad.placement == x.placement
+    assert_blocks(backend, x.grad, reference_blocks(total, 1, n_workers, list(backend.devices)))
+    with tp_gpu.no_grad():
+        assert gather_from_sequence_parallel_region(x, group).recompute is None  # nothing to keep
+
+
+@pytest.mark.parametrize("seq", [5, 13])
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+def test_reduce_scatter_to_sequence_parallel_region(make_config, rng, n_workers, seq):
+    """``Partial -> Split(S)`` (reduce-scatter); backward all-gathers ``dY``, whole on every device."""
+    group = get_group(make_config(n_workers))
+    backend = group.backend
+    devices = tuple(distinct(group.devices))
+    partials_host = {d: rng.standard_normal((seq, 4)) for d in devices}
+    x = leaf(group, put(backend, partials_host), Partial(devices), (seq, 4))
+    y = reduce_scatter_to_sequence_parallel_region(x, group)
+    layout = sequence_layout(group, seq)
+    assert isinstance(y, ShardedTensor) and y.placement == Split(0, layout)
+    total = sum(partials_host.values())
+    assert_blocks(backend, y, reference_blocks(total, 0, n_workers, list(backend.devices)))
+    np.testing.assert_allclose(np.asarray(y), total, rtol=1e-12, atol=1e-12)
+
+    g_host = rng.standard_normal((seq, 4))
+    g_blocks = put(backend, reference_blocks(g_host, 0, n_workers, list(backend.devices)))
+    y.backward(Tensor(g_blocks, y.placement, (seq, 4), np.float64, backend))
+    assert x.grad.placement == Replicated(devices)
+    assert_blocks(backend, x.grad, {d: g_host for d in devices})
+    with pytest.raises(ShapeError, match=r"needs a sequence axis, got shape \(4,\)"):
+        reduce_scatter_to_sequence_parallel_region(
+            leaf(group, put(backend, {devices[0]: g_host[0]}), Partial(devices[:1]), (4,)), group
+        )
+
+
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+def test_scatter_to_sequence_parallel_region(make_config, rng, n_workers):
+    """``Dense -> Split(S)``; backward gathers ``dX`` on the output device."""
+    group = get_group(make_config(n_workers))
+    backend, out = group.backend, group.output_device
+    x_host = rng.standard_normal((2, 11, 3))
+    x = tp_gpu.tensor(x_host, requires_grad=True)
+    y = scatter_to_sequence_parallel_region(x, group)
+    assert y.placement == Split(1, sequence_layout(group, 11))
+    assert_blocks(backend, y, reference_blocks(x_host, 1, n_workers, list(backend.devices)))
+    assert scatter_to_sequence_parallel_region(y, group) is y  # already split so: as it is
+    g_host = rng.standard_normal((2, 11, 3))
+    y.backward(g_host)
+    assert x.grad.placement == Dense(out)
+    np.testing.assert_array_equal(np.asarray(x.grad), g_host)
+    with pytest.raises(ShapeError, match=r"sequence axis.*got \(5,\)"):
+        scatter_to_sequence_parallel_region(np.ones(5), group)
+
+
+# ---------------------------------------------------------------------------- the dispatchers
+
+
+@pytest.mark.parametrize("n_workers", [1, 3, 8])
+def test_replicate_picks_the_region_from_the_placement(make_config, rng, n_workers):
+    group = get_group(make_config(n_workers))
+    backend = group.backend
+    devices = tuple(distinct(group.devices))
+    x_host = rng.standard_normal((2, 6, 3))
+    dense = tp_gpu.tensor(x_host, requires_grad=True)
+    y = replicate(dense, group, np.float64)
+    assert y.grad_fn.name == "CopyToRegionBackward" and y.placement == Replicated(devices)
+    raw = replicate(x_host, group, np.float64)  # a raw array: a Dense constant, nothing recorded
+    assert raw.placement == Replicated(devices) and raw.grad_fn is None
+    assert replicate(y, group, np.float64) is y  # already whole on the group's devices
+    with pytest.raises(ShapeError, match=r"is placed Replicated.*expected a Dense tensor"):
+        replicate(y, group, np.float32)  # replicated, but in another dtype: no region casts it
+
+    seq = scatter_to_sequence_parallel_region(tp_gpu.tensor(x_host, requires_grad=True), group)
+    gathered = replicate(seq, group, np.float64)
+    assert gathered.grad_fn.name == "GatherFromSequenceParallelRegionBackward"
+    assert_blocks(backend, gathered, {d: x_host for d in devices})
+
+    split_last = split(dense, group, group.split(3), np.float64, -1)
+    with pytest.raises(
+        ShapeError,
+        match=r"layer input is placed Split\(axis=2.*expected a Dense tensor or one split along the "
+        r"sequence \(axis 1\)",
+    ):
+        replicate(split_last, group, np.float64, "layer input")
+    partial = leaf(group, put(backend, {devices[0]: x_host}), Partial(devices[:1]), x_host.shape)
+    with pytest.raises(ShapeError, match=r"input is placed Partial.*expected a Dense tensor"):
+        replicate(partial, group, np.float64)
+
+
+@pytest.mark.parametrize("n_workers", [1, 3, 8])
+def test_split_picks_the_region_from_the_placement(make_config, rng, n_workers):
+    group = get_group(make_config(n_workers))
+    backend = group.backend
+    devices = tuple(distinct(group.devices))
+    x_host = rng.standard_normal((4, 5 * n_workers))
+    layout = group.split(5 * n_workers)
+    y = split(tp_gpu.tensor(x_host, requires_grad=True), group, layout, np.float64)
+    assert y.grad_fn.name == "ScatterToRegionBackward" and y.placement == Split(1, layout)
+    assert split(y, group, layout, np.float64) is y  # already split alike: as it is
+    assert split(x_host, group, layout).placement == Split(1, layout)  # a raw array is scattered
+
+    other = group.split(5 * n_workers + 1)
+    with pytest.raises(
+        ShapeError,
+        match=r"input of shape \(4, \d+\) is placed Split\(axis=1, sizes=.*expected it Dense or split on "
+        r"axis 1 with sizes",
+    ):
+        split(split(np.ones((4, 5 * n_workers + 1)), group, other), group, layout)
+    with pytest.raises(
+        ShapeError, match=r"is placed Split\(axis=1.*expected it Dense or split on axis 0 with sizes"
+    ):
+        split(y, group, group.split(4), np.float64, 0)
+    replicated = replicate(x_host, group, np.float64)
+    with pytest.raises(
+        ShapeError, match=r"weight of shape .* is placed Replicated.*expected it Dense or split on axis 1"
+    ):
+        split(replicated, group, layout, np.float64, -1, "weight")
+    partial = leaf(group, put(backend, {devices[0]: x_host}), Partial(devices[:1]), x_host.shape)
+    with pytest.raises(ShapeError, match=r"is placed Partial.*expected it Dense"):
+        split(partial, group, layout)
+    with pytest.raises(ShapeError, match="reduce_from_region takes a Partial tensor, got Dense"):
+        reduce_from_region(tp_gpu.tensor(x_host), group)
+    with pytest.raises(ShapeError, match="gather_from_region takes a Split tensor, got Replicated"):
+        gather_from_region(replicated, group)
+
+
+def test_split_moves_slices_that_lie_on_other_devices(rng):
+    """A tensor split with the group's sizes but on other devices is moved (Relayout); its gradient
+    moves back to where it lay."""
+    group = get_group(TensorParallelConfig(n_workers=2, backend="simulated", devices=3, dtype="float64"))
+    backend = group.backend
+    x_host = rng.standard_normal((3, 8))
+    elsewhere = ShardedTensor(
+        [backend.asarray(p, np.float64, d) for p, d in zip(np.split(x_host, 2, axis=1), [2, 0])],
+        1,
+        [2, 0],
+        backend,
+    ).requires_grad_()
+    layout = group.split(8)
+    y = split(elsewhere, group, layout)
+    assert y.grad_fn.name == "RelayoutBackward" and y.placement == Split(1, layout) and y.devices == [0, 1]
+    np.testing.assert_array_equal(np.asarray(y), x_host)
+    g_host = rng.standard_normal((3, 8))
+    y.backward(g_host)
+    assert elsewhere.grad.placement == elsewhere.placement
+    assert elsewhere.grad.devices == [2, 0]
+    np.testing.assert_array_equal(np.asarray(elsewhere.grad), g_host)
 
 
 # ---------------------------------------------------------------------------- regions chained as in a layer
@@ -266,17 +474,19 @@ def test_gather_from_region(make_config, rng, n_workers, axis, size):
 def test_column_then_row_regions_compute_a_two_layer_product(make_config, rng, n_workers):
     """copy -> (X A_d) -> gather equals X A; scatter -> (X_d B_d) -> reduce equals X B (Megatron's pairs)."""
     group = get_group(make_config(n_workers))
-    backend = group.backend
+    backend, comm = group.backend, group.comm
     x = rng.standard_normal((4, 6))
     a = rng.standard_normal((6, 13))
     b = rng.standard_normal((13, 5))
     cols = group.split(13)
-    a_blocks = scatter_to_region.forward(group, a, cols, np.float64, axis=1)
-    b_blocks = scatter_to_region.forward(group, b, cols, np.float64, axis=0)
-    copies = copy_to_region.forward(group, x, np.float64)
-    h_blocks = group.on_devices(lambda u, w: u @ w, copies, a_blocks)
-    h = gather_from_region.forward(group, h_blocks, cols)
-    np.testing.assert_allclose(host(backend, h), x @ a, rtol=1e-12, atol=1e-12)
-    partials = group.on_devices(lambda u, w: u @ w, h_blocks, b_blocks)
-    y = reduce_from_region.forward(group, partials)
-    np.testing.assert_allclose(host(backend, y), x @ a @ b, rtol=1e-10, atol=1e-10)
+    a_blocks = scatter_to_region(a, group, cols, np.float64, axis=1).blocks
+    b_blocks = scatter_to_region(b, group, cols, np.float64, axis=0).blocks
+    copies = copy_to_region(x, group, np.float64)
+    h_blocks = group.on_devices(lambda u, w: u @ w, copies.blocks, a_blocks)  # (4, 6) @ (6, n_d)
+    h = gather_from_region(new_tensor(h_blocks, Split(1, cols), (4, 13), np.float64, backend, comm), group)
+    np.testing.assert_allclose(np.asarray(h), x @ a, rtol=1e-12, atol=1e-12)
+    partials = group.on_devices(lambda u, w: u @ w, h_blocks, b_blocks)  # (4, n_d) @ (n_d, 5)
+    y = reduce_from_region(
+        new_tensor(partials, Partial(tuple(partials)), (4, 5), np.float64, backend, comm), group
+    )
+    np.testing.assert_allclose(np.asarray(y), x @ a @ b, rtol=1e-10, atol=1e-10)
