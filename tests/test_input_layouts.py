@@ -462,17 +462,20 @@ class TestLoss:
         rng = np.random.default_rng(24)
         cfg = _config(spec, n_workers)
         full = rng.standard_normal((3, 13))
-        logits = _contiguous_sharded(full, cfg)
-        for shard in logits.shards[1:] or logits.shards:
+        shards = _contiguous_sharded(full, cfg).shards  # the caller's arrays
+        shards = [s.copy() for s in shards]  # each its own (a ShardedTensor's shards view its blocks)
+        for shard in shards[1:] or shards:
             shard.flags.writeable = False
-        before = [np.array(s) for s in logits.shards]
+        before = [np.array(s) for s in shards]
+        group = tp.get_group(cfg)
+        logits = tp.ShardedTensor(shards, -1, group.split(13).devices, group.backend)
         loss = tp.VocabParallelCrossEntropy(inplace=True)
         if any(b.flags.writeable is False for b in logits.device_blocks().values()):
             with pytest.raises(ConfigError, match="read-only"):
                 loss(logits, rng.integers(0, 13, size=3))
         else:  # workers sharing a device: their shards were concatenated into a new, writable block
             loss(logits, rng.integers(0, 13, size=3))
-        for shard, b in zip(logits.shards, before):
+        for shard, b in zip(shards, before):  # the caller's arrays as they were
             np.testing.assert_array_equal(np.asarray(shard), b)
 
 
