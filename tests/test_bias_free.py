@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
-from helpers import to_host
+from helpers import forward_backward, to_host
 
 import tp_gpu as tp
 
@@ -35,8 +35,10 @@ def test_forward_backward_against_dense(make_config, rng, cls, n_workers):
     _check_no_bias(layer)
     x, dy = rng.standard_normal((3, 4, 7)), rng.standard_normal((3, 4, 13))
     y, dx, da = _dense(x, layer.full_weight(), dy)
-    np.testing.assert_allclose(to_host(layer, layer(x)), y, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(to_host(layer, layer.backward(dy)), dx, rtol=0, atol=1e-12)
+    got_y, got_dx = forward_backward(layer, x, dy)
+    assert isinstance(got_y, tp.Tensor) and isinstance(got_dx, tp.Tensor)
+    np.testing.assert_allclose(to_host(layer, got_y), y, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(to_host(layer, got_dx), dx, rtol=0, atol=1e-12)
     np.testing.assert_allclose(layer.weight.full_grad(), da, rtol=0, atol=1e-12)
     assert list(layer.grads()) == ["weight"]
 
@@ -60,9 +62,9 @@ def test_split_activations_and_sequence_parallel(make_config, rng, n_workers):
                 1,
                 list(layout.devices),
                 col.backend,
-            )
+            ).requires_grad_()
         else:
-            x_in = x
+            x_in = tp.tensor(x, requires_grad=True)
         y = row(col(x_in))
         got = y.gather() if isinstance(y, tp.ShardedTensor) else y
         np.testing.assert_allclose(to_host(row, got), x @ a @ b, rtol=0, atol=1e-12)
@@ -77,8 +79,9 @@ def test_split_activations_and_sequence_parallel(make_config, rng, n_workers):
                 list(layout.devices),
                 row.backend,
             )
-        dx = col.backward(row.backward(dy_in))
-        dx = dx.gather() if isinstance(dx, tp.ShardedTensor) else dx
+        y.backward(dy_in)
+        dx = x_in.grad
+        assert isinstance(dx, tp.ShardedTensor) == sp  # dX placed like x: sequence-split with sp
         np.testing.assert_allclose(to_host(col, dx), dy @ b.T @ a.T, rtol=0, atol=1e-12)
         np.testing.assert_allclose(
             row.weight.full_grad(), (x @ a).reshape(-1, 11).T @ dy.reshape(-1, 6), atol=1e-12
@@ -97,9 +100,10 @@ def test_mlp_without_bias(make_config, rng, n_workers):
     x, dy = rng.standard_normal((3, 5)), rng.standard_normal((3, 4))
     a, b = mlp.fc1.full_weight(), mlp.fc2.full_weight()
     h = x @ a
-    np.testing.assert_allclose(to_host(mlp, mlp(x)), np.maximum(h, 0) @ b, rtol=0, atol=1e-12)
+    y, dx = forward_backward(mlp, x, dy)
+    np.testing.assert_allclose(to_host(mlp, y), np.maximum(h, 0) @ b, rtol=0, atol=1e-12)
     dh = (dy @ b.T) * (h > 0)
-    np.testing.assert_allclose(to_host(mlp, mlp.backward(dy)), dh @ a.T, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(to_host(mlp, dx), dh @ a.T, rtol=0, atol=1e-12)
     np.testing.assert_allclose(mlp.fc2.weight.full_grad(), np.maximum(h, 0).T @ dy, atol=1e-12)
     np.testing.assert_allclose(mlp.fc1.weight.full_grad(), x.T @ dh, atol=1e-12)
 
@@ -110,8 +114,7 @@ def test_optimizer_step_touches_only_the_weight(make_config, rng, n_workers, opt
     layer = tp.RowParallelLinear(6, 5, make_config(n_workers), seed=3, bias=False)
     x, dy = rng.standard_normal((4, 6)), rng.standard_normal((4, 5))
     w0 = layer.full_weight()
-    layer(x)
-    layer.backward(dy)
+    layer(x).backward(dy)
     g = x.T @ dy
     opt = tp.SGD(layer.parameters(), lr=0.1) if optimizer == "sgd" else tp.Adam(layer.parameters(), lr=0.01)
     assert len(opt.params) == 1
@@ -178,8 +181,9 @@ def test_from_torch_against_torch(kind, n_workers):
     dy = torch.randn(5, 6, dtype=torch.float64)
     xr = x.clone().requires_grad_()
     linear(xr).backward(dy)
-    np.testing.assert_allclose(layer(x.numpy()), linear(x).detach().numpy(), rtol=0, atol=1e-12)
-    np.testing.assert_allclose(layer.backward(dy.numpy()), xr.grad.numpy(), rtol=0, atol=1e-12)
+    y, dx = forward_backward(layer, x.numpy(), dy.numpy())
+    np.testing.assert_allclose(np.asarray(y), linear(x).detach().numpy(), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(dx), xr.grad.numpy(), rtol=0, atol=1e-12)
     np.testing.assert_allclose(layer.weight.full_grad(), linear.weight.grad.numpy().T, rtol=0, atol=1e-12)
     tp.SGD(layer.parameters(), lr=0.1).step()
     torch.optim.SGD(linear.parameters(), lr=0.1).step()
