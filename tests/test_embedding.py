@@ -1,4 +1,6 @@
-"""ParallelEmbedding against the dense lookup ``full_weight()[ids]``.
+"""ParallelEmbedding against the dense lookup ``full_weight()[ids]`` and its gradient
+``dE[ids] += dOut`` (``np.add.at``), on the tape; the tied head's shared table; ids on a device
+checked there without a device-to-host copy.
 
 A lookup involves no rounding (one worker owns each id; the others add exact
 zeros), so the comparison is exact equality, in every dtype.
@@ -10,18 +12,23 @@ import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
 
+import tp_gpu
 from tp_gpu import (
     ConfigError,
     IndexOutOfRangeError,
     ParallelEmbedding,
     ShapeError,
+    ShardedTensor,
     TensorParallelConfig,
     TensorParallelError,
+    TiedLMHead,
+    VocabParallelCrossEntropy,
 )
+from tp_gpu.placements import Dense
 
 
 def lookup(emb, ids) -> np.ndarray:
-    return emb.backend.to_host(emb(ids))
+    return np.asarray(emb(ids))
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16"])
@@ -33,8 +40,107 @@ def test_matches_dense_lookup(make_config, rng, n_workers, dtype):
     out = lookup(emb, ids)
     assert out.shape == (3, 11, 13)
     assert out.dtype == np.dtype(dtype)
-    assert emb.backend.device_of(emb(ids)) == emb.devices[0]
+    y = emb(ids)
+    assert y.placement == Dense(emb.devices[0])
+    assert emb.backend.device_of(y.blocks[emb.devices[0]]) == emb.devices[0]
     np.testing.assert_array_equal(out, emb.full_weight()[ids])
+
+
+def dense_table_grad(vocab: int, dim: int, ids, grad) -> np.ndarray:
+    """``dE[ids[k]] += grad[k]`` in float64, repeated ids accumulating."""
+    expected = np.zeros((vocab, dim))
+    np.add.at(expected, np.asarray(ids), np.asarray(grad, np.float64))
+    return expected
+
+
+@pytest.mark.parametrize("n_workers", WORKER_COUNTS)
+def test_table_gradient_matches_dense_scatter_add(make_config, rng, n_workers):
+    """``y.backward(g)`` accumulates ``dE[ids] += g`` (repeated ids summed); a second step adds to it."""
+    vocab = 5 * n_workers + 2  # uneven shards
+    emb = ParallelEmbedding(vocab, 6, config=make_config(n_workers), seed=n_workers)
+    ids = rng.integers(0, vocab, size=(4, 9))
+    ids[0, :3] = ids[1, 0] = vocab - 1  # a repeated id
+    g = rng.standard_normal((4, 9, 6))
+    y = emb(ids)
+    assert y.requires_grad and y.grad_fn is not None
+    y.backward(g)
+    expected = dense_table_grad(vocab, 6, ids, g)
+    np.testing.assert_allclose(emb.weight.full_grad(), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(emb.grads()["weight"], expected, rtol=1e-12, atol=1e-12)
+    emb(ids).backward(g)  # a second step accumulates
+    np.testing.assert_allclose(emb.weight.full_grad(), 2 * expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 8])
+def test_sequence_parallel_output_is_reduce_scattered(backend_spec, rng, n_workers):
+    """With config.sequence_parallel the rows come out split along the sequence; backward gathers dY."""
+    name, devices = backend_spec
+    cfg = TensorParallelConfig(
+        n_workers=n_workers, backend=name, devices=devices, dtype="float64", sequence_parallel=True
+    )
+    vocab = 4 * n_workers + 1
+    emb = ParallelEmbedding(vocab, 5, config=cfg, seed=4)
+    ids = rng.integers(0, vocab, size=(2, 7))
+    y = emb(ids)
+    assert isinstance(y, ShardedTensor) and y.axis == 1 and y.shape == (2, 7, 5)
+    assert sum(y.split_sizes) == 7
+    np.testing.assert_array_equal(np.asarray(y), emb.full_weight()[ids])
+    g = rng.standard_normal((2, 7, 5))
+    y.backward(g)
+    np.testing.assert_allclose(
+        emb.weight.full_grad(), dense_table_grad(vocab, 5, ids, g), rtol=1e-12, atol=1e-12
+    )
+
+
+def test_no_grad_keeps_nothing_and_backward_raises(make_config, rng):
+    emb = ParallelEmbedding(11, 4, config=make_config(3), seed=1)
+    ids = rng.integers(0, 11, size=(2, 3))
+    with tp_gpu.no_grad():
+        y = emb(ids)
+    assert y.grad_fn is None and not y.requires_grad
+    np.testing.assert_array_equal(np.asarray(y), emb.full_weight()[ids])
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        y.backward(np.ones((2, 3, 4)))
+    assert np.all(emb.weight.full_grad() == 0.0)
+
+
+def test_backward_twice_after_one_forward_raises(make_config, rng):
+    emb = ParallelEmbedding(11, 4, config=make_config(3), seed=1)
+    ids = rng.integers(0, 11, size=5)
+    g = rng.standard_normal((5, 4))
+    y = emb(ids)
+    y.backward(g)
+    before = emb.weight.full_grad()
+    with pytest.raises(TensorParallelError, match="second time"):
+        y.backward(g)
+    np.testing.assert_array_equal(emb.weight.full_grad(), before)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 8])
+def test_tied_head_sums_the_gradients_of_both_uses(make_config, rng, n_workers):
+    """``wte`` used twice (lookup and tied head): its one gradient is the sum of both, as in torch."""
+    vocab, dim = 6 * n_workers + 1, 5
+    emb = ParallelEmbedding(vocab, dim, config=make_config(n_workers), seed=2, pad_to_multiple_of=4)
+    head = TiedLMHead(emb)
+    assert head.weight is emb.weight and list(head.state_dict()) == ["weight"]
+    ids = rng.integers(0, vocab, size=(2, 4))
+    targets = rng.integers(0, vocab, size=(2, 4))
+    loss = VocabParallelCrossEntropy()(head(emb(ids) * 2.0), targets)
+    loss.backward()
+    table = emb.full_weight()
+    x = table[ids] * 2.0  # (B, S, H)
+    z = x @ table.T  # (B, S, H) @ (H, V) -> (B, S, V)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dz = p.copy()
+    np.put_along_axis(dz, targets[..., None], np.take_along_axis(p, targets[..., None], -1) - 1, -1)
+    dz /= targets.size
+    head_use = dz.reshape(-1, vocab).T @ x.reshape(-1, dim)  # (V, N) @ (N, H) -> (V, H)
+    lookup_use = dense_table_grad(vocab, dim, ids, 2.0 * (dz @ table))  # (B, S, V) @ (V, H)
+    expected_loss = -np.log(np.take_along_axis(p, targets[..., None], -1)).mean()
+    np.testing.assert_allclose(float(loss), expected_loss, rtol=1e-12)
+    np.testing.assert_allclose(emb.weight.full_grad(), head_use + lookup_use, rtol=1e-10, atol=1e-13)
+    assert np.abs(head_use).max() > 1e-4 and np.abs(lookup_use).max() > 1e-4
 
 
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Hashable, List, Optional, Tuple
+from functools import partial
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from .. import collectives
+from ..backends.base import host_array
 from ..config import TensorParallelConfig, check_positive_int
+from ..device_checks import DeferredCheck, defer, lives_on_device, reading_checks
 from ..errors import IndexOutOfRangeError, ShapeError
 from ..initializers import embedding_uniform
 from ..parameter import ShardedParameter
 from ..partition import BlockLayout
-from ..regions import Blocks, copy_to_region, reduce_from_region
+from ..placements import Dense
+from ..regions import copy_to_region, reduce_from_region, reduce_scatter_to_sequence_parallel_region
+from ..tensor import Tensor
 from .base import ParallelModule, as_array_like, check_seed
+from .embedding_functions import EmbeddingLookup
 
 __all__ = ["ParallelEmbedding"]
 
@@ -26,14 +31,17 @@ class ParallelEmbedding(ParallelModule):
 
     Worker ``i`` owns rows ``[first_i, last_i)`` as ``E_i``. For ids ``t`` it computes
     ``out_i = mask_i * E_i[clip(t - first_i)]`` with ``mask_i = first_i <= t < last_i``
-    (mask, offset, take, zero the rest), and ``out = sum_i out_i`` on the
-    output device. Exactly one worker owns each id, so the sum equals ``E[t]``
-    bit for bit.
+    (mask, offset, take, zero the rest: a ``Partial`` value), and
+    ``out = sum_i out_i`` on the output device (:func:`~tp_gpu.regions.reduce_from_region`;
+    with ``config.sequence_parallel`` reduce-scattered along the sequence
+    instead). Exactly one worker owns each id, so the sum equals ``E[t]`` bit for bit.
 
-    Backward: ``dE_i[t - first_i] += dOut[t]`` for every owned id ``t``
-    (repeated ids accumulate), on worker ``i``'s device. Each device scatters
-    only the rows of the ids it owns, so the backward does ``n_ids`` row
-    additions in all, not ``n_ids`` per device.
+    Backward (on the tape, :class:`~tp_gpu.layers.embedding_functions.EmbeddingLookup`):
+    ``dE_i[t - first_i] += dOut[t]`` for every owned id ``t`` (repeated ids
+    accumulate), on worker ``i``'s device. Each device scatters only the rows
+    of the ids it owns, so the backward does ``n_ids`` row additions in all,
+    not ``n_ids`` per device. A table shared with a :class:`~tp_gpu.TiedLMHead`
+    gets the sum of both uses' gradients.
 
     Parameters
     ----------
@@ -126,26 +134,24 @@ class ParallelEmbedding(ParallelModule):
         """Each of this process's workers' half-open ``[first, last)`` of vocabulary rows."""
         return list(self.layout.ranges)
 
-    def _check_ids(self, indices: Any) -> Blocks:
-        """Validate dtype and range of ``indices``; return them as int64 on every device.
+    def _check_ids(self, indices: Any) -> Tuple[Tensor, Optional[DeferredCheck]]:
+        """``indices`` as int64 ids on every device, checked: dtype at once, range at once on the host.
 
-        The range check reads the ids' minimum and maximum back to the host:
-        one device-to-host copy (on a GPU, one synchronisation) per call. An
-        id out of range is reported as the value the caller passed: a uint64
-        ``2**64 - 1`` as itself (not as the ``-1`` its int64 copy reads), a
-        Python int too large for int64 (which NumPy reads as float64 or object)
-        as out of range, not as a wrong dtype.
+        Host ids (NumPy, lists, Python ints) are range-checked on the host
+        before anything is computed. Ids already on a device (CuPy, simulated)
+        are counted there instead: no device-to-host copy now; the returned
+        :class:`~tp_gpu.device_checks.DeferredCheck` is read at the next
+        synchronisation point (see :meth:`forward`). An id out of range is
+        reported as the value the caller passed: a uint64 ``2**64 - 1`` as
+        itself (not as the ``-1`` its int64 copy reads), a Python int too large
+        for int64 (which NumPy reads as float64 or object) as out of range, not
+        as a wrong dtype.
         """
-        ids = as_array_like(indices, "ParallelEmbedding indices")
+        raw = indices.blocks[indices.placement.device] if _is_dense(indices) else indices
+        ids = as_array_like(raw, "ParallelEmbedding indices")
         if ids.size == 0 and isinstance(indices, (list, tuple)):
             ids = ids.astype(ID_DTYPE)  # [] reads as float64; an empty id list is still a valid id list
-
-        def out_of_range(bad: int) -> IndexOutOfRangeError:
-            beyond = " (beyond int64)" if not -(2**63) <= bad < 2**63 else ""
-            return IndexOutOfRangeError(
-                f"token id {bad}{beyond} out of range; expected 0 <= id < vocab_size={self.vocab_size}"
-            )
-
+        unsigned = np.dtype(ids.dtype).kind == "u"
         if np.dtype(ids.dtype).kind not in "iu":
             # Python ints NumPy could not hold as int64 ([1, 2**63] reads as float64, [2**70] as object).
             leaves = None
@@ -157,71 +163,64 @@ class ParallelEmbedding(ParallelModule):
                 isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in leaves
             ):
                 raise ShapeError(f"ParallelEmbedding indices must be integers, got dtype {ids.dtype}")
-            low, high = int(min(leaves)), int(max(leaves))
-            if low < 0 or high >= self.vocab_size:
-                raise out_of_range(low if low < 0 else high)
+            self._raise_if_out_of_range(int(min(leaves)), int(max(leaves)))
             ids = np.array([int(v) for v in leaves], dtype=ID_DTYPE).reshape(ids.shape)
-        copies = copy_to_region.forward(self.group, ids, ID_DTYPE)
-        if ids.size:
+        on_device = lives_on_device(self.backend, ids)
+        if not on_device and ids.size:
+            host = host_array(ids)
+            self._raise_if_out_of_range(int(host.min()), int(host.max()))  # Python ints: no wrap
+        copies = copy_to_region(ids, self.group, ID_DTYPE)  # (*ids.shape) on every device
+        check = None
+        if on_device and ids.size:
             first = self.devices[0]
-            bounds = self.group.on_device(first, self._id_bounds, copies[first])
-            low, high = (int(b) for b in collectives.to_host(self.backend, bounds))
-            if low < 0 and np.dtype(ids.dtype).kind == "u":
-                raise out_of_range(low + 2**64)  # uint64 ids >= 2**63 wrap to negative int64
-            if low < 0 or high >= self.vocab_size:
-                raise out_of_range(low if low < 0 else high)
-        return copies
+            stats = self.group.on_device(
+                first, partial(_id_stats, self.backend.xp, self.vocab_size), copies.blocks[first]
+            )
+            check = defer(DeferredCheck(self.backend, stats, partial(self._judge, unsigned, ids.size)))
+        return copies, check
 
-    def _id_bounds(self, ids: Any) -> Any:
-        """``[min(ids), max(ids)]`` as one array, so that one copy reads both."""
-        return self.backend.xp.stack((ids.min(), ids.max()))
+    def _raise_if_out_of_range(self, low: int, high: int) -> None:
+        if low < 0 or high >= self.vocab_size:
+            raise self._out_of_range(low if low < 0 else high)
 
-    def forward(self, indices: Any) -> Any:
-        """Rows of the table for ``indices`` of any integer array shape.
-
-        Returns ``indices.shape + (embed_dim,)`` on the output device. Ids are
-        checked (integer dtype, ``0 <= id < vocab_size``) before any lookup.
-        """
-        ids = self._check_ids(indices)  # {d: ids}
-        devices = {d: d for d in self.layout.groups}
-        lookups = self.group.on_devices(
-            self._lookup, ids, self.weight.blocks, devices
-        )  # {d: (rows, owned, local)}
-        self._keep(
-            {"lookups": lookups, "out_shape": tuple(next(iter(ids.values())).shape) + (self.embed_dim,)}
+    def _out_of_range(self, bad: int, detail: str = "") -> IndexOutOfRangeError:
+        beyond = " (beyond int64)" if not -(2**63) <= bad < 2**63 else ""
+        return IndexOutOfRangeError(
+            f"token id {bad}{beyond} out of range; expected 0 <= id < vocab_size={self.vocab_size}{detail}"
         )
-        return reduce_from_region.forward(self.group, {d: rows for d, (rows, _, _) in lookups.items()})
 
-    def _lookup(self, ids: Any, table: Any, device: Hashable) -> Tuple[Any, Any, Any]:
-        """This device's rows for ``ids``: ``(rows, owned, local)``, with the rows of foreign ids zeroed."""
-        xp = self.backend.xp
-        owned, local = self.layout.owned_local(xp, ids, device)
-        if table.shape[0] == 0:  # this device owns no row (more workers than the vocabulary)
-            return xp.zeros(tuple(ids.shape) + (self.embed_dim,), dtype=table.dtype), owned, local
-        rows = xp.take(table, local, axis=0)  # (vocab_d, dim)[ids.shape] -> (*ids.shape, dim)
-        if owned is not None:
-            self.backend.zero_rows(rows, ~owned)  # the rows other devices own (as Megatron, in place)
-        return rows, owned, local
+    def _judge(self, unsigned: bool, n_ids: int, stats: np.ndarray) -> Optional[IndexOutOfRangeError]:
+        """The error that the device's ``[n_bad, min, max]`` of the int64 ids shows, or None."""
+        n_bad, low, high = (int(v) for v in stats)
+        if not n_bad:
+            return None
+        bad = low if low < 0 else high
+        if unsigned and bad < 0:
+            bad += 2**64  # uint64 ids >= 2**63 wrap to negative int64: report what was passed
+        detail = f" ({n_bad} of {n_ids} ids out of range; checked on the device, read at synchronisation)"
+        return self._out_of_range(bad, detail)
 
-    def backward(self, grad_output: Any) -> None:
-        """Accumulate ``dE`` from ``grad_output`` of shape ``indices.shape + (embed_dim,)``.
+    def forward(self, indices: Any) -> Tensor:
+        """Rows of the table for ``indices`` of any integer array shape: ``indices.shape + (embed_dim,)``.
 
-        Returns ``None``: ids have no gradient.
+        Dense on the output device, or with ``config.sequence_parallel`` split
+        along the sequence (axis -2 of the output), reduce-scattered. The
+        dtype is checked first. Host ids (NumPy, lists) are range-checked
+        (``0 <= id < vocab_size``) on the host before any lookup. Ids that
+        live on a device (CuPy, simulated) are checked there without a
+        device-to-host copy: an id out of range reads no row (its row is
+        zero, its gradient dropped) and raises IndexOutOfRangeError, naming
+        it, at the next synchronisation point: when this output (or a loss)
+        is brought to the host, at the start of a backward from it, or at
+        this lookup's backward (see :mod:`tp_gpu.device_checks`).
         """
-        saved = self._take_saved()
-        grad = self._check_grad_shape(grad_output, saved["out_shape"], "ParallelEmbedding")
-        copies = reduce_from_region.backward(self.group, grad, self.dtype)  # {d: dOut}
-        self.weight.accumulate_blocks(
-            self.group.on_devices(self._table_grad, copies, saved["lookups"], self.weight.blocks)
-        )
-        return None
-
-    def _table_grad(self, grad: Any, lookup: Tuple[Any, Any, Any], table: Any) -> Any:
-        """``dE_d[local[k]] += dOut[k]`` for every id ``k`` this device owns: ``(vocab_d, dim)``."""
-        _, owned, local = lookup
-        rows = grad.reshape(-1, self.embed_dim)  # (n_ids, dim)
-        mask = None if owned is None else owned.reshape(-1)
-        return self.backend.scatter_add_rows(table.shape, local.reshape(-1), rows, mask)
+        ids, check = self._check_ids(indices)  # (*ids.shape) on every device
+        partial_rows = EmbeddingLookup.apply(ids, self.weight, check is None, check)  # Partial (*ids, dim)
+        if self.config.sequence_parallel:
+            out = reduce_scatter_to_sequence_parallel_region(partial_rows, self.group)  # (..., S_d, dim)
+        else:
+            out = reduce_from_region(partial_rows, self.group)  # (*ids.shape, dim) on the output device
+        return out if check is None else reading_checks(out, (check,))
 
     def full_weight(self) -> np.ndarray:
         """The logical table ``E = [E_1; ...; E_p]``, ``(vocab_size, embed_dim)``, as a host array."""
@@ -232,3 +231,14 @@ class ParallelEmbedding(ParallelModule):
             f"vocab_size={self.vocab_size}, embed_dim={self.embed_dim}, n_workers={self.n_workers}, "
             f"backend={self.backend.name!r}, devices={self.devices}, dtype={self.dtype.name!r}"
         )
+
+
+def _is_dense(x: Any) -> bool:
+    return isinstance(x, Tensor) and isinstance(x.placement, Dense)
+
+
+def _id_stats(xp: Any, vocab_size: int, ids: Any) -> Any:
+    """``[n_bad, min, max]`` of the int64 ``ids`` on their device, as one array (one copy reads it)."""
+    flat = ids.reshape(-1)  # (N,), read only
+    bad = (flat < 0) | (flat >= vocab_size)
+    return xp.stack((bad.sum().astype(flat.dtype), flat.min(), flat.max()))

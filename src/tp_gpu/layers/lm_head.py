@@ -11,45 +11,83 @@ gradient is the sum of both uses (``dE = dE_lookup + dZ^T X``).
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, Optional, Tuple, cast
 
-from ..errors import ConfigError
+import numpy as np
+
+from ..autograd import Context, Function
+from ..errors import ConfigError, ShapeError
 from ..module import Module
 from ..parameter import ShardedParameter
-from ..regions import (
-    SEQUENCE_AXIS,
-    copy_to_region,
-    gather_from_sequence_parallel_region,
-    sequence_layout,
-)
-from ..sharded import ShardedTensor
+from ..placements import Partial, Split
+from ..regions import replicate
+from ..tensor import Tensor, new_tensor
 from .embedding import ParallelEmbedding
 from .gemm import matmul, weight_grad
 
-__all__ = ["TiedLMHead"]
+__all__ = ["TiedLMHead", "TiedLogits"]
 
 
-def _logits(x: Any, table: Any) -> Any:
-    """``x @ table^T``: (..., H) @ (H, V_d) -> (..., V_d)."""
-    return matmul(x, table.T)
+class _TiedContext(Context):
+    __slots__ = ("weight",)
+    weight: ShardedParameter
 
 
-def _table_grad(grad: Any, x: Any) -> Any:
-    """``dZ^T @ x``: (V_d, N) @ (N, H) -> (V_d, H)."""
-    return weight_grad(grad, x)
+class TiedLogits(Function):
+    """``Z_d = X E_d^T`` for ``X`` whole on every device and the table's row blocks ``E_d``: a
+    ``Split(-1)`` ``Z`` laid out like the table. Backward: ``dE_d = dZ_d^T X`` and the ``Partial``
+    ``dX_d = dZ_d E_d`` (the region before the head sums or reduce-scatters it)."""
+
+    ctx_class = _TiedContext
+
+    @staticmethod
+    def forward(ctx: _TiedContext, x: Tensor, weight: ShardedParameter) -> Tensor:
+        backend, layout = weight.backend, weight.layout
+        assert backend is not None and layout is not None
+        blocks = {}
+        for d, table in weight.blocks.items():
+            with backend.device(d):
+                blocks[d] = matmul(x.blocks[d], table.T)  # (..., H) @ (H, V_d) -> (..., V_d)
+        if ctx.needs_input_grad:
+            ctx.save_for_backward(x)
+            ctx.weight = weight
+        shape = x.shape[:-1] + (weight.shape[0],)
+        return new_tensor(blocks, Split(x.ndim - 1, layout), shape, weight.dtype, backend, weight.comm)
+
+    @staticmethod
+    def backward(ctx: _TiedContext, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
+        backend = weight.backend
+        assert backend is not None
+        needs = ctx.needs_input_grad
+        dw, dx = {}, {}
+        for d, table in weight.blocks.items():
+            g = grad.blocks[d]  # dZ_d, (..., V_d)
+            with backend.device(d):
+                if needs[1]:
+                    dw[d] = weight_grad(g, x.blocks[d])  # (..., V_d)^T (..., H) -> (V_d, H)
+                if needs[0]:
+                    dx[d] = matmul(g, table)  # (..., V_d) @ (V_d, H) -> (..., H)
+        grad_x = new_tensor(dx, Partial(tuple(dx)), x.shape, grad.dtype, backend, grad.comm) if dx else None
+        grad_w = (
+            new_tensor(dw, weight.placement, weight.shape, weight.dtype, backend, weight.comm) if dw else None
+        )
+        return grad_x, grad_w
 
 
 class TiedLMHead(Module):
     """``Z = X E^T`` with the embedding's table ``E``; returns the logits split on the vocabulary.
 
-    Backward accumulates ``dE_i += dZ_i^T X`` into the shared table and
-    returns ``dX = sum_i dZ_i E_i``, reduced onto the output device (one
-    reduction, as the column-parallel layer it replaces).
+    Backward (on the tape, :class:`TiedLogits`) accumulates ``dE_i += dZ_i^T X``
+    into the shared table, on top of the lookup's gradient, and gives
+    ``dX = sum_i dZ_i E_i`` reduced onto the output device (one reduction, as
+    the column-parallel layer it replaces).
 
     An input split along the sequence (sequence parallelism: a ShardedTensor
     ``(..., S, H)`` split on axis -2) is all-gathered first, as
-    :class:`~tp_gpu.ColumnParallelLinear` does, and ``dX`` is reduce-scattered
-    back into such a tensor.
+    :class:`~tp_gpu.ColumnParallelLinear` does (only its slices are kept for
+    backward), and ``dX`` is reduce-scattered back into such a tensor.
     """
 
     def __init__(self, embedding: ParallelEmbedding) -> None:
@@ -57,39 +95,17 @@ class TiedLMHead(Module):
         if not isinstance(embedding, ParallelEmbedding):
             raise ConfigError(f"TiedLMHead ties a ParallelEmbedding, got {type(embedding).__name__}")
         self.embedding_layout = embedding.layout
-        self.group = embedding.group
+        self._group = embedding.group
         self.dtype = embedding.dtype
         # The same ShardedParameter: one tensor, gradients summed. ParallelEmbedding registers
         # ``weight`` through ``_add_parameter`` and does not declare it, hence the cast.
         self.weight: ShardedParameter = cast(Any, embedding).weight
 
-    def forward(self, x: Any) -> ShardedTensor:
+    def forward(self, x: Any) -> Tensor:
         """Logits ``(..., V)`` as a ShardedTensor split like the embedding's table, for ``x`` ``(..., H)``."""
-        if isinstance(x, ShardedTensor):  # split along the sequence: all-gathered, the slices kept
-            layout = sequence_layout(self.group, x.shape[-2])
-            kept = x.blocks_for(layout, self.dtype, None, "TiedLMHead input", SEQUENCE_AXIS)  # (..., S_d, H)
-            inputs = gather_from_sequence_parallel_region.forward(self.group, kept, layout)  # (..., S, H)
-            self._keep({"sequence": (kept, layout)})
-        else:
-            inputs = copy_to_region.forward(self.group, x, self.dtype)  # {d: (..., H)}
-            self._keep({"inputs": inputs})
-        blocks = self.group.on_devices(_logits, inputs, self.weight.blocks)  # {d: (..., V_d)}
-        backend, comm = self.group.backend, self.group.comm
-        return ShardedTensor.from_blocks(blocks, -1, self.embedding_layout, backend, comm)
-
-    def backward(self, grad_output: ShardedTensor) -> Any:
-        """Accumulate ``dE`` and return ``dX`` ``(..., H)`` on the output device."""
-        saved = self._take_saved()
-        grads = grad_output.blocks_for(self.embedding_layout, self.dtype, None, "TiedLMHead grad_output")
-        if "sequence" in saved:
-            kept, layout = saved["sequence"]  # the input's slices, whole again: {d: (..., S, H)}
-            inputs = gather_from_sequence_parallel_region.forward(self.group, kept, layout)
-        else:
-            inputs = saved["inputs"]
-        self.weight.accumulate_blocks(self.group.on_devices(_table_grad, grads, inputs))
-        partials = self.group.on_devices(matmul, grads, self.weight.blocks)  # (..., V_d) @ (V_d, H)
-        if "sequence" in saved:
-            blocks = gather_from_sequence_parallel_region.backward(self.group, partials, layout)
-            backend, comm = self.group.backend, self.group.comm
-            return ShardedTensor.from_blocks(blocks, SEQUENCE_AXIS, layout, backend, comm)
-        return copy_to_region.backward(self.group, partials)
+        hidden = self.weight.shape[1]
+        shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+        if not shape or shape[-1] != hidden:
+            raise ShapeError(f"TiedLMHead input must have shape (..., {hidden}), got {shape}")
+        x = replicate(x, self.group, self.dtype, "TiedLMHead input")  # (..., H) on every device
+        return TiedLogits.apply(x, self.weight)  # device d: (..., V_d)
