@@ -5,7 +5,8 @@ reference written here from the formula in ``tp_gpu/layers/loss.py``'s
 docstring, and, where PyTorch imports, against
 ``torch.nn.functional.cross_entropy(weight=..., ignore_index=...,
 label_smoothing=..., reduction=...)``. Vocabularies are split unevenly (and
-over more workers than classes), on NumPy and on three simulated devices.
+over more workers than classes), on NumPy and on three simulated devices. Gradients come from the
+tape: ``loss.backward(g)``, then ``logits.grad``.
 """
 
 from __future__ import annotations
@@ -72,13 +73,14 @@ def dense_cross_entropy(z, targets, weight=None, ignore_index=IGNORE, label_smoo
 
 
 def sharded_logits(z: np.ndarray, n_workers: int, backend_name: str, devices) -> ShardedTensor:
-    """``z`` split on its last axis as ``np.array_split`` cuts it, each shard on its worker's device."""
+    """``z`` split on its last axis as ``np.array_split`` cuts it, each shard on its worker's device:
+    a leaf that requires grad."""
     group = get_group(
         TensorParallelConfig(n_workers=n_workers, backend=backend_name, devices=devices, dtype="float64")
     )
     pieces = np.array_split(z, n_workers, axis=-1)
     shards = [group.backend.asarray(piece, z.dtype, device) for piece, device in zip(pieces, group.devices)]
-    return ShardedTensor(shards, -1, group.devices, group.backend)
+    return ShardedTensor(shards, -1, group.devices, group.backend).requires_grad_()
 
 
 def host(tensor: ShardedTensor) -> np.ndarray:
@@ -136,11 +138,10 @@ def test_weighted_loss_matches_dense_reference(rng, backend, vocab, n_workers, l
     expected, expected_grad = dense_cross_entropy(
         z, targets, weight, label_smoothing=label_smoothing, reduction=reduction
     )
-    if reduction == "none":
-        assert tuple(loss.shape) == targets.shape
-        loss = logits.backend.to_host(loss)
-    assert_close(loss, expected, "float64", vocab, what="loss")
-    grad = loss_fn.backward(np.ones(targets.shape) if reduction == "none" else 1.0)
+    assert loss.shape == (targets.shape if reduction == "none" else ())
+    assert_close(np.asarray(loss), expected, "float64", vocab, what="loss")
+    loss.backward(np.ones(targets.shape) if reduction == "none" else 1.0)
+    grad = logits.grad
     assert isinstance(grad, ShardedTensor) and grad.split_sizes == logits.split_sizes
     assert_close(host(grad), expected_grad, "float64", vocab, what="dZ")
     assert not host(grad)[targets == IGNORE].any()  # ignored rows get no gradient
@@ -150,22 +151,21 @@ def test_weighted_loss_matches_dense_reference(rng, backend, vocab, n_workers, l
 def test_weights_change_the_loss_and_the_mean_normalises_by_them(rng, backend):
     """Weighted mean = sum_r w_t loss_r / sum_r w_t, not a plain mean; uniform weights scale away."""
     z, targets, weight = problem(rng, 13)
-    plain = VocabParallelCrossEntropy()(sharded_logits(z, 4, *backend), targets)
-    weighted = VocabParallelCrossEntropy(weight=weight)(sharded_logits(z, 4, *backend), targets)
-    rows = VocabParallelCrossEntropy(reduction="none")(sharded_logits(z, 4, *backend), targets)
-    rows = np.asarray(
-        get_group(
-            TensorParallelConfig(n_workers=4, backend=backend[0], devices=backend[1], dtype="float64")
-        ).backend.to_host(rows)
-    )
+    plain = float(VocabParallelCrossEntropy()(sharded_logits(z, 4, *backend), targets))
+    weighted = float(VocabParallelCrossEntropy(weight=weight)(sharded_logits(z, 4, *backend), targets))
+    rows = np.asarray(VocabParallelCrossEntropy(reduction="none")(sharded_logits(z, 4, *backend), targets))
     valid = targets != IGNORE
     w_t = weight[np.where(valid, targets, 0)] * valid
     assert abs(weighted - plain) > 1e-3
     assert_close(weighted, (w_t * rows).sum() / w_t.sum(), "float64", 13)
-    uniform = VocabParallelCrossEntropy(weight=np.full(13, 2.5))(sharded_logits(z, 4, *backend), targets)
+    uniform = float(
+        VocabParallelCrossEntropy(weight=np.full(13, 2.5))(sharded_logits(z, 4, *backend), targets)
+    )
     assert_close(uniform, plain, "float64", 13)
-    summed = VocabParallelCrossEntropy(weight=np.full(13, 2.5), reduction="sum")(
-        sharded_logits(z, 4, *backend), targets
+    summed = float(
+        VocabParallelCrossEntropy(weight=np.full(13, 2.5), reduction="sum")(
+            sharded_logits(z, 4, *backend), targets
+        )
     )
     assert_close(summed, 2.5 * rows.sum(), "float64", 13)
 
@@ -175,9 +175,10 @@ def test_grad_loss_scales_the_gradient_for_every_reduction(rng, backend):
     z, targets, weight = problem(rng, 7)
     for reduction in REDUCTIONS:
         loss_fn = VocabParallelCrossEntropy(weight=weight, label_smoothing=0.1, reduction=reduction)
-        loss_fn(sharded_logits(z, 3, *backend), targets)
+        logits = sharded_logits(z, 3, *backend)
         upstream = rng.standard_normal(targets.shape) if reduction == "none" else 0.37
-        grad = host(loss_fn.backward(upstream))
+        loss_fn(logits, targets).backward(upstream)
+        grad = host(logits.grad)
         _, unit = dense_cross_entropy(z, targets, weight, label_smoothing=0.1, reduction=reduction)
         scale = np.asarray(upstream)[..., None] if reduction == "none" else upstream
         assert_close(grad, scale * unit, "float64", 7, what=reduction)
@@ -215,10 +216,10 @@ def test_weighted_loss_matches_torch(torch, rng, backend, vocab, n_workers, labe
     )
     logits = sharded_logits(z, n_workers, *backend)
     loss = loss_fn(logits, targets)
-    if reduction == "none":
-        loss = np.asarray(logits.backend.to_host(loss)).reshape(-1)
-    assert_close(loss, expected.detach().numpy(), "float64", vocab, what="loss vs torch")
-    grad = host(loss_fn.backward(upstream))
+    assert_close(np.asarray(loss).reshape(-1) if reduction == "none" else np.asarray(loss),
+                 expected.detach().numpy(), "float64", vocab, what="loss vs torch")  # fmt: skip
+    loss.backward(upstream)
+    grad = host(logits.grad)
     assert_close(grad.reshape(-1, vocab), zt.grad.numpy(), "float64", vocab, what="dZ vs torch")
 
 
@@ -227,12 +228,14 @@ def test_torch_agrees_with_the_reference_when_every_row_is_ignored(torch, rng):
     z, targets, weight = problem(rng, 7)
     targets[...] = IGNORE
     loss_fn = VocabParallelCrossEntropy(weight=weight)
-    loss = loss_fn(sharded_logits(z, 3, "numpy", None), targets)
+    logits = sharded_logits(z, 3, "numpy", None)
+    loss = loss_fn(logits, targets)
     expected = torch.nn.functional.cross_entropy(
         torch.tensor(z.reshape(-1, 7)), torch.tensor(targets.reshape(-1)), weight=torch.tensor(weight)
     )
-    assert np.isnan(loss) and bool(torch.isnan(expected))
-    assert not host(loss_fn.backward()).any()
+    assert np.isnan(float(loss)) and bool(torch.isnan(expected))
+    loss.backward()
+    assert not host(logits.grad).any()
 
 
 # --- bad weights ---------------------------------------------------------------------------------

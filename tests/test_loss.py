@@ -1,7 +1,7 @@
 """VocabParallelCrossEntropy against a dense float64 log-softmax reference written here:
-loss and gradient for every reduction, ignore_index, label smoothing, extreme logits, low
-precision, the caller's arrays left alone, communication that never gathers the logits,
-and an error for every bad input."""
+loss and gradient (on the tape: ``loss.backward(g)``, then ``logits.grad``) for every reduction,
+ignore_index, label smoothing, extreme logits, low precision, the caller's arrays left alone,
+communication that never gathers the logits, and an error for every bad input."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import WORKER_COUNTS
 
+import tp_gpu
 from tp_gpu import (
     ColumnParallelLinear,
     ConfigError,
@@ -21,6 +22,7 @@ from tp_gpu import (
     get_backend,
     worker_devices,
 )
+from tp_gpu.placements import Dense
 
 TOL64 = dict(rtol=1e-12, atol=1e-14)
 #: (shape of the rows, vocabulary per worker): a flat batch and two leading dims, odd sizes.
@@ -36,12 +38,21 @@ def make_backend(backend_spec):
 
 
 def shard_logits(backend, n_workers: int, z: np.ndarray, dtype=np.float64) -> ShardedTensor:
-    """Split host logits ``z`` ``(..., V)`` into ``n_workers`` equal vocab pieces on the workers' devices."""
+    """Split host logits ``z`` ``(..., V)`` into ``n_workers`` equal vocab pieces on the workers' devices:
+    a leaf that requires grad (``logits.grad`` is ``dZ`` after ``loss.backward()``)."""
     placement = worker_devices(n_workers, backend.devices)
     pieces = np.split(z, n_workers, axis=-1)
-    return ShardedTensor(
+    logits = ShardedTensor(
         [backend.asarray(p, dtype, d) for p, d in zip(pieces, placement)], -1, placement, backend
     )
+    return logits.requires_grad_()
+
+
+def backward(loss, logits: ShardedTensor, grad_loss=None) -> ShardedTensor:
+    """``dZ``: ``logits.grad`` after ``loss.backward(grad_loss)`` (an earlier call's gradient forgotten)."""
+    logits.grad = None
+    loss.backward(grad_loss)
+    return logits.grad
 
 
 def host(backend, array) -> np.ndarray:
@@ -98,8 +109,8 @@ def random_targets(rng, rows_shape, vocab):
 
 
 def loss_value(backend, loss):
-    """A reduced loss is a host float; per-row losses come back as a device array."""
-    return loss if isinstance(loss, float) else host(backend, loss)
+    """A loss tensor (0-d, or per row) as a host float64 array."""
+    return np.asarray(loss, dtype=np.float64)
 
 
 # --- values and gradients ---------------------------------------------------------------
@@ -118,14 +129,12 @@ def test_matches_dense_reference(backend_spec, rng, n_workers, reduction, rows_s
     loss = loss_fn(logits, targets)
     grad_loss = rng.standard_normal(rows_shape) if reduction == "none" else 1.7
     expected_loss, expected_grad = reduced_reference(z, targets, reduction, grad_loss)
-    if reduction == "none":
-        assert backend.device_of(loss) == logits.devices[0]
-        assert tuple(loss.shape) == rows_shape
-    else:
-        assert isinstance(loss, float)
+    assert loss.placement == Dense(logits.devices[0])
+    assert backend.device_of(loss.blocks[logits.devices[0]]) == logits.devices[0]
+    assert loss.shape == (rows_shape if reduction == "none" else ())
     np.testing.assert_allclose(loss_value(backend, loss), expected_loss, **TOL64)
 
-    grad = loss_fn.backward(grad_loss)
+    grad = backward(loss, logits, grad_loss)
     assert isinstance(grad, ShardedTensor)
     assert grad.shape == z.shape and grad.axis == z.ndim - 1
     assert grad.split_sizes == logits.split_sizes
@@ -144,8 +153,8 @@ def test_gradient_by_finite_differences(backend_spec, rng, n_workers):
     targets = random_targets(rng, (4,), vocab)
     targets[1] = -100
     loss_fn = VocabParallelCrossEntropy(label_smoothing=0.2)
-    loss_fn(shard_logits(backend, n_workers, z), targets)
-    analytic = host_grad(loss_fn.backward())
+    logits = shard_logits(backend, n_workers, z)
+    analytic = host_grad(backward(loss_fn(logits, targets), logits))
     h = 1e-6
     for flat in rng.choice(z.size, size=6, replace=False):
         index = np.unravel_index(flat, z.shape)
@@ -154,8 +163,10 @@ def test_gradient_by_finite_differences(backend_spec, rng, n_workers):
             bumped = z.copy()
             bumped[index] += sign * h
             values.append(
-                VocabParallelCrossEntropy(label_smoothing=0.2)(
-                    shard_logits(backend, n_workers, bumped), targets
+                float(
+                    VocabParallelCrossEntropy(label_smoothing=0.2)(
+                        shard_logits(backend, n_workers, bumped), targets
+                    )
                 )
             )
         numeric = (values[0] - values[1]) / (2 * h)
@@ -174,18 +185,20 @@ def test_after_column_parallel_linear(backend_spec, rng, n_workers):
     x = rng.standard_normal((2, 3, 6))
     targets = random_targets(rng, (2, 3), vocab)
     targets[0, 1] = -100
-    logits = head(x)
+    x_leaf = tp_gpu.tensor(x, requires_grad=True)
+    logits = head(x_leaf)
     assert isinstance(logits, ShardedTensor)
     loss_fn = VocabParallelCrossEntropy(label_smoothing=0.1)
-    loss = loss_fn(logits, targets)
     z = x @ head.full_weight() + head.full_bias()
     expected_loss, expected_dz = reduced_reference(z, targets, "mean", eps=0.1)
-    np.testing.assert_allclose(loss, expected_loss, **TOL64)
-    dz = loss_fn.backward()
-    np.testing.assert_allclose(host_grad(dz), expected_dz, **TOL64)
-    dx = head.backward(dz)
+    cut = logits.detach().requires_grad_()  # the same blocks as a leaf: its grad is dZ
+    np.testing.assert_allclose(float(loss_fn(cut, targets)), expected_loss, **TOL64)
+    np.testing.assert_allclose(host_grad(backward(loss_fn(cut, targets), cut)), expected_dz, **TOL64)
+    loss = loss_fn(logits, targets)
+    np.testing.assert_allclose(float(loss), expected_loss, **TOL64)
+    loss.backward()  # through the head: dZ goes back into it
     np.testing.assert_allclose(
-        host(head.backend, dx), expected_dz @ head.full_weight().T, rtol=1e-10, atol=1e-12
+        np.asarray(x_leaf.grad), expected_dz @ head.full_weight().T, rtol=1e-10, atol=1e-12
     )
     grads = head.grads()
     np.testing.assert_allclose(
@@ -208,7 +221,9 @@ def test_ignored_rows_contribute_nothing(backend_spec, rng, n_workers, reduction
     targets[ignored] = ignore_index
     z[1, 2] *= 1e3  # an ignored row's logits must not matter
     loss_fn = VocabParallelCrossEntropy(ignore_index=ignore_index, reduction=reduction)
-    loss = loss_value(backend, loss_fn(shard_logits(backend, n_workers, z), targets))
+    logits = shard_logits(backend, n_workers, z)
+    loss_tensor = loss_fn(logits, targets)
+    loss = loss_value(backend, loss_tensor)
     grad_loss = rng.standard_normal((2, 3)) if reduction == "none" else 1.0
     expected_loss, expected_grad = reduced_reference(
         z, targets, reduction, grad_loss, ignore_index=ignore_index
@@ -219,7 +234,7 @@ def test_ignored_rows_contribute_nothing(backend_spec, rng, n_workers, reduction
         np.testing.assert_allclose(loss, kept.mean(), **TOL64)
     if reduction == "none":
         assert np.all(loss[ignored] == 0.0)
-    grad = host_grad(loss_fn.backward(grad_loss))
+    grad = host_grad(backward(loss_tensor, logits, grad_loss))
     assert np.all(grad[ignored] == 0.0)  # exactly zero, not merely small
     assert np.all(np.abs(grad[~ignored]).sum(axis=-1) > 0)
     np.testing.assert_allclose(grad, expected_grad, **TOL64)
@@ -235,10 +250,12 @@ def test_label_smoothing_over_global_vocab(backend_spec, rng, n_workers, reducti
     targets = random_targets(rng, (5,), vocab)
     targets[2] = -100
     loss_fn = VocabParallelCrossEntropy(label_smoothing=eps, reduction=reduction)
-    loss = loss_value(backend, loss_fn(shard_logits(backend, n_workers, z), targets))
+    logits = shard_logits(backend, n_workers, z)
+    loss_tensor = loss_fn(logits, targets)
+    loss = loss_value(backend, loss_tensor)
     expected_loss, expected_grad = reduced_reference(z, targets, reduction, eps=eps)
     np.testing.assert_allclose(loss, expected_loss, **TOL64)
-    grad = host_grad(loss_fn.backward(1.0))
+    grad = host_grad(backward(loss_tensor, logits, np.ones(5) if reduction == "none" else 1.0))
     np.testing.assert_allclose(grad, expected_grad, **TOL64)
     # The smoothed target is a distribution over the global vocabulary: each valid row's gradient sums to 0.
     np.testing.assert_allclose(grad.sum(axis=-1), 0.0, atol=1e-14)
@@ -249,8 +266,8 @@ def test_label_smoothing_differs_from_none(rng):
     backend = get_backend("simulated", 3)
     z = rng.standard_normal((5, 21))
     targets = random_targets(rng, (5,), 21)
-    plain = VocabParallelCrossEntropy()(shard_logits(backend, 3, z), targets)
-    smooth = VocabParallelCrossEntropy(label_smoothing=0.3)(shard_logits(backend, 3, z), targets)
+    plain = float(VocabParallelCrossEntropy()(shard_logits(backend, 3, z), targets))
+    smooth = float(VocabParallelCrossEntropy(label_smoothing=0.3)(shard_logits(backend, 3, z), targets))
     rows, _, _ = reference(z, targets)
     uniform = -(
         z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
@@ -285,8 +302,10 @@ def test_extreme_logits_are_stable(backend_spec, rng, n_workers, dtype, rtol, gr
     targets[1] = vocab - 2  # the spike is the target: loss ~ 0
     targets[2] = 0  # the spike is not the target: loss ~ 1e4
     loss_fn = VocabParallelCrossEntropy(reduction="none")
-    rows = host(backend, loss_fn(shard_logits(backend, n_workers, z, dtype), targets))
-    grad = host_grad(loss_fn.backward(np.ones(5)))
+    logits = shard_logits(backend, n_workers, z, dtype)
+    loss = loss_fn(logits, targets)
+    rows = loss_value(backend, loss)
+    grad = host_grad(backward(loss, logits, np.ones(5)))
     expected_rows, expected_grad = reduced_reference(z, targets, "none", np.ones(5))
     assert np.all(np.isfinite(rows)) and np.all(np.isfinite(grad))
     assert expected_rows[2] > 5e3  # the case is as extreme as intended
@@ -310,13 +329,13 @@ def test_low_precision_logits(backend_spec, rng, n_workers, dtype, reduction):
     targets = random_targets(rng, (2, 3), vocab)
     targets[1, 1] = -100
     loss_fn = VocabParallelCrossEntropy(reduction=reduction)
-    loss = loss_fn(shard_logits(backend, n_workers, z, dtype), targets)
+    logits = shard_logits(backend, n_workers, z, dtype)
+    loss = loss_fn(logits, targets)
     grad_loss = rng.standard_normal((2, 3)) if reduction == "none" else 1.0
     expected_loss, expected_grad = reduced_reference(z, targets, reduction, grad_loss)
-    if reduction == "none":
-        assert np.dtype(loss.dtype).itemsize >= 4 and np.dtype(loss.dtype).kind == "f"
+    assert np.dtype(loss.dtype).itemsize >= 4 and np.dtype(loss.dtype).kind == "f"
     np.testing.assert_allclose(loss_value(backend, loss), expected_loss, rtol=1e-5, atol=1e-5)
-    grad = loss_fn.backward(grad_loss)
+    grad = backward(loss, logits, grad_loss)
     assert grad.dtype == np.dtype(dtype)
     assert all(s.dtype == np.dtype(dtype) for s in grad.shards)
     rtol = 1e-5 if dtype == np.float32 else 2e-3  # one rounding to the output dtype
@@ -341,10 +360,10 @@ def test_callers_logits_and_targets_untouched(backend_spec, rng, n_workers, redu
     logits = shard_logits(backend, n_workers, z, dtype)
     before = snapshot(logits)
     loss_fn = VocabParallelCrossEntropy(label_smoothing=eps, reduction=reduction)
-    loss_fn(logits, targets)
+    loss = loss_fn(logits, targets)
     for old, new in zip(before, snapshot(logits)):
         np.testing.assert_array_equal(new, old)
-    loss_fn.backward(np.ones(5) if reduction == "none" else 1.0)
+    backward(loss, logits, np.ones(5) if reduction == "none" else 1.0)
     for old, new in zip(before, snapshot(logits)):
         np.testing.assert_array_equal(new, old)
     np.testing.assert_array_equal(targets, targets_before)
@@ -357,12 +376,13 @@ def test_backward_twice_after_one_forward_raises(backend_spec, rng, n_workers):
     z = rng.standard_normal((5, 7 * n_workers))
     targets = random_targets(rng, (5,), 7 * n_workers)
     loss_fn = VocabParallelCrossEntropy(label_smoothing=0.1)
-    loss_fn(shard_logits(backend, n_workers, z), targets)
-    first = host_grad(loss_fn.backward())
-    with pytest.raises(TensorParallelError, match="twice"):
-        loss_fn.backward()
-    loss_fn(shard_logits(backend, n_workers, z), targets)
-    np.testing.assert_array_equal(host_grad(loss_fn.backward()), first)
+    logits = shard_logits(backend, n_workers, z)
+    loss = loss_fn(logits, targets)
+    first = host_grad(backward(loss, logits))
+    with pytest.raises(TensorParallelError, match="second time"):
+        loss.backward()
+    np.testing.assert_array_equal(host_grad(logits.grad), first)  # the refused call changed nothing
+    np.testing.assert_array_equal(host_grad(backward(loss_fn(logits, targets), logits)), first)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -374,10 +394,13 @@ def test_grad_loss_scales(backend_spec, rng, n_workers, reduction):
     targets = random_targets(rng, (5,), vocab)
     targets[0] = -100
     loss_fn = VocabParallelCrossEntropy(reduction=reduction)
-    loss_fn(shard_logits(backend, n_workers, z), targets)
-    unit = host_grad(loss_fn.backward(1.0))
-    loss_fn(shard_logits(backend, n_workers, z), targets)
-    scaled = host_grad(loss_fn.backward(2.5))
+    logits = shard_logits(backend, n_workers, z)
+
+    def upstream(value):
+        return np.full(5, value) if reduction == "none" else value
+
+    unit = host_grad(backward(loss_fn(logits, targets), logits, upstream(1.0)))
+    scaled = host_grad(backward(loss_fn(logits, targets), logits, upstream(2.5)))
     np.testing.assert_allclose(scaled, 2.5 * unit, **TOL64)
     np.testing.assert_allclose(scaled, reduced_reference(z, targets, reduction, 2.5)[1], **TOL64)
     assert np.abs(unit).max() > 1e-3
@@ -385,7 +408,8 @@ def test_grad_loss_scales(backend_spec, rng, n_workers, reduction):
 
 @pytest.mark.parametrize("n_workers", [1, 3, 8])
 def test_none_reduction_array_grad_loss(backend_spec, rng, n_workers):
-    """Per-row upstream gradients, as a host array, a list and a device array, each scale its own row."""
+    """Per-row upstream gradients, as a host array, a list and a device array, each scale its own row;
+    a number is not the per-row loss's shape."""
     backend = make_backend(backend_spec)
     vocab = 13 * n_workers
     z = rng.standard_normal((2, 3, vocab))
@@ -396,11 +420,15 @@ def test_none_reduction_array_grad_loss(backend_spec, rng, n_workers):
     g = rng.standard_normal((2, 3))
     expected = reduced_reference(z, targets, "none", g)[1]
     for grad_loss in (g, g.tolist(), backend.asarray(g, np.float64, logits.devices[-1])):
-        loss_fn(logits, targets)
-        np.testing.assert_allclose(host_grad(loss_fn.backward(grad_loss)), expected, **TOL64)
-    loss_fn(logits, targets)
+        loss = loss_fn(logits, targets)
+        np.testing.assert_allclose(host_grad(backward(loss, logits, grad_loss)), expected, **TOL64)
+    loss = loss_fn(logits, targets)
+    with pytest.raises(ShapeError, match=r"grad has shape \(\); expected the tensor's shape \(2, 3\)"):
+        loss.backward(0.5)
     np.testing.assert_allclose(
-        host_grad(loss_fn.backward(0.5)), reduced_reference(z, targets, "none", 0.5)[1], **TOL64
+        host_grad(backward(loss, logits, np.full((2, 3), 0.5))),
+        reduced_reference(z, targets, "none", 0.5)[1],
+        **TOL64,
     )
 
 
@@ -411,16 +439,16 @@ def test_every_row_ignored(backend_spec, rng, n_workers):
     z = rng.standard_normal((2, 3, vocab))
     targets = np.full((2, 3), -100)
     logits = shard_logits(backend, n_workers, z)
-    mean = VocabParallelCrossEntropy()
-    assert np.isnan(mean(logits, targets))  # 0 / 0, as in PyTorch
-    grad = host_grad(mean.backward())
+    mean = VocabParallelCrossEntropy()(logits, targets)
+    assert np.isnan(float(mean))  # 0 / 0, as in PyTorch
+    grad = host_grad(backward(mean, logits))
     assert np.all(grad == 0.0) and grad.shape == z.shape
-    total = VocabParallelCrossEntropy(reduction="sum")
-    assert total(logits, targets) == 0.0
-    assert np.all(host_grad(total.backward()) == 0.0)
-    rows = VocabParallelCrossEntropy(reduction="none")
-    assert np.all(host(backend, rows(logits, targets)) == 0.0)
-    assert np.all(host_grad(rows.backward(np.ones((2, 3)))) == 0.0)
+    total = VocabParallelCrossEntropy(reduction="sum")(logits, targets)
+    assert float(total) == 0.0
+    assert np.all(host_grad(backward(total, logits)) == 0.0)
+    rows = VocabParallelCrossEntropy(reduction="none")(logits, targets)
+    assert np.all(loss_value(backend, rows) == 0.0)
+    assert np.all(host_grad(backward(rows, logits, np.ones((2, 3)))) == 0.0)
 
 
 # --- communication ------------------------------------------------------------------------
@@ -433,11 +461,11 @@ def _measure(n_workers: int, vocab: int, rows_shape, eps: float, rng):
     logits = shard_logits(backend, n_workers, z)
     loss_fn = VocabParallelCrossEntropy(label_smoothing=eps, reduction="none")
     backend.reset_transfers()
-    loss_fn(logits, targets)
+    loss = loss_fn(logits, targets)
     forward = dict(backend.transfers)
     grad_loss = backend.asarray(np.ones(rows_shape), np.float64, logits.devices[0])
     backend.reset_transfers()
-    loss_fn.backward(grad_loss)
+    loss.backward(grad_loss)
     return forward, dict(backend.transfers)
 
 
@@ -531,7 +559,7 @@ def test_ignore_index_itself_is_not_out_of_range(sharded):
     targets = targets.copy()
     targets[3] = -5
     loss = VocabParallelCrossEntropy(ignore_index=-5)(logits, targets)
-    assert np.isfinite(loss)
+    assert np.isfinite(float(loss))
 
 
 @pytest.mark.parametrize(
@@ -564,53 +592,151 @@ def test_bad_config(kwargs, pattern):
         VocabParallelCrossEntropy(**kwargs)
 
 
-def test_backward_before_forward():
-    with pytest.raises(TensorParallelError, match="before forward"):
-        VocabParallelCrossEntropy().backward()
+def test_backward_of_a_no_grad_result_raises(sharded):
+    """Logits that need no gradient, or a forward inside no_grad(): nothing is recorded, nothing kept."""
+    logits, targets = sharded
+    loss_fn = VocabParallelCrossEntropy()
+    plain = logits.detach()
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        loss_fn(plain, targets).backward()
+    with tp_gpu.no_grad():
+        loss = loss_fn(logits, targets)
+    assert loss.grad_fn is None and not loss.requires_grad
+    with pytest.raises(TensorParallelError, match="does not require grad"):
+        loss.backward()
+    assert logits.grad is None
+    np.testing.assert_allclose(float(loss), float(loss_fn(plain, targets)), **TOL64)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize(
     "bad, pattern",
     [
-        ("x", "'x'"),
-        (None, "None"),
-        (True, "True"),
-        (np.ones(5), "array"),
+        ("x", "numbers, got 'x'"),
+        (True, "numbers, got True"),
+        (np.ones(5), r"grad has shape \(5,\); expected the tensor's shape \(\)"),
     ],
-    ids=["str", "None", "bool", "array"],
+    ids=["str", "bool", "array"],
 )
 def test_reduced_grad_loss_must_be_a_number(sharded, reduction, bad, pattern):
     logits, targets = sharded
+    loss = VocabParallelCrossEntropy(reduction=reduction)(logits, targets)
+    with pytest.raises(ShapeError, match=pattern):
+        loss.backward(bad)
+    assert logits.grad is None
+    loss.backward(2.0)  # the refused call left the graph as it was
+    assert np.abs(host_grad(logits.grad)).max() > 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_backward_without_grad_is_one(sharded, reduction):
+    logits, targets = sharded
     loss_fn = VocabParallelCrossEntropy(reduction=reduction)
-    loss_fn(logits, targets)
-    with pytest.raises(ShapeError, match=f"number.*{pattern}"):
-        loss_fn.backward(bad)
+    omitted = host_grad(backward(loss_fn(logits, targets), logits))
+    np.testing.assert_array_equal(omitted, host_grad(backward(loss_fn(logits, targets), logits, 1.0)))
 
 
 @pytest.mark.parametrize(
     "bad, pattern",
     [
-        (np.ones(4), r"\(5,\), got \(4,\)"),
-        (np.ones((5, 1)), r"\(5,\), got \(5, 1\)"),
-        (np.ones((5, 12)), r"\(5,\), got \(5, 12\)"),
+        (np.ones(4), r"grad has shape \(4,\); expected the tensor's shape \(5,\)"),
+        (np.ones((5, 1)), r"grad has shape \(5, 1\); expected the tensor's shape \(5,\)"),
+        (np.ones((5, 12)), r"grad has shape \(5, 12\); expected the tensor's shape \(5,\)"),
     ],
     ids=["short", "extra-axis", "logits-shaped"],
 )
 def test_none_grad_loss_of_wrong_shape(sharded, bad, pattern):
     logits, targets = sharded
-    loss_fn = VocabParallelCrossEntropy(reduction="none")
-    loss_fn(logits, targets)
+    loss = VocabParallelCrossEntropy(reduction="none")(logits, targets)
     with pytest.raises(ShapeError, match=pattern):
-        loss_fn.backward(bad)
+        loss.backward(bad)
+    assert logits.grad is None
 
 
 @pytest.mark.parametrize(
-    "bad, pattern", [("x", "'x'"), (None, "None"), (object(), "object")], ids=["str", "None", "object"]
+    "bad, pattern",
+    [
+        ("x", "numbers, got 'x'"),
+        (None, r"without a gradient needs a scalar .*shape \(5,\)"),
+        (object(), "object"),
+    ],
+    ids=["str", "None", "object"],
 )
 def test_none_grad_loss_must_be_numeric(sharded, bad, pattern):
     logits, targets = sharded
-    loss_fn = VocabParallelCrossEntropy(reduction="none")
-    loss_fn(logits, targets)
+    loss = VocabParallelCrossEntropy(reduction="none")(logits, targets)
     with pytest.raises(ShapeError, match=pattern):
-        loss_fn.backward(bad)
+        loss.backward(bad)
+    assert logits.grad is None
+
+
+# --- inplace=True: dZ in the logits' own memory -------------------------------------------------------
+
+
+def _padded_logits(n_workers: int, dtype: str, pad, rows: int = 64, vocab: int = 1000):
+    """Logits of a padded column head's layout on the host, as a leaf that requires grad, and targets."""
+    config = TensorParallelConfig(n_workers=n_workers, backend="numpy", dtype=dtype)
+    layout = ColumnParallelLinear(3, vocab, config, pad_to_multiple_of=pad).layout
+    block = np.random.default_rng(2).standard_normal((rows, layout.block_lengths["cpu"])).astype(dtype)
+    targets = np.random.default_rng(3).integers(0, vocab, size=rows)
+    targets[::7] = -100  # some rows ignored
+    logits = ShardedTensor.from_blocks({"cpu": block}, -1, layout, get_backend("numpy"))
+    return logits.requires_grad_(), targets
+
+
+@pytest.mark.parametrize("pad", [None, 64])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_inplace_loss_equals_the_default(pad, dtype, smoothing):
+    """``inplace=True`` gives the default's loss and dZ; it overwrites float32/float64 logits (and
+    returns dZ in their memory), and leaves float16 logits alone (they are widened into a copy)."""
+    kept, targets = _padded_logits(3, dtype, pad)
+    original = kept.blocks["cpu"].copy()
+    default = VocabParallelCrossEntropy(label_smoothing=smoothing)
+    expected_loss = float(default(kept, targets))
+    expected = backward(default(kept, targets), kept).blocks["cpu"]
+    np.testing.assert_array_equal(kept.blocks["cpu"], original)  # the default only reads
+    logits, _ = _padded_logits(3, dtype, pad)
+    loss = VocabParallelCrossEntropy(label_smoothing=smoothing, inplace=True)(logits, targets)
+    assert float(loss) == pytest.approx(expected_loss, rel=1e-12)
+    loss.backward()
+    grad = logits.grad.blocks["cpu"]
+    np.testing.assert_array_equal(grad, expected)
+    block = logits.blocks["cpu"]
+    assert np.shares_memory(grad, block) == (dtype != "float16")
+    if dtype == "float16":
+        np.testing.assert_array_equal(block, original)
+
+
+def test_inplace_loss_allocates_no_logits_sized_array():
+    import tracemalloc
+
+    logits, targets = _padded_logits(4, "float32", None, rows=256, vocab=4000)
+    loss_fn = VocabParallelCrossEntropy(inplace=True)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        loss_fn(logits, targets).backward()
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak <= 0.1 * logits.blocks["cpu"].nbytes
+
+
+def test_no_grad_keeps_no_logits_sized_array(rng):
+    """Inside no_grad() the forward's one exp(Z - max) buffer is freed when it returns."""
+    import tracemalloc
+
+    logits, targets = _padded_logits(4, "float32", None, rows=256, vocab=4000)
+    loss_fn = VocabParallelCrossEntropy()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        with tp_gpu.no_grad():
+            loss = loss_fn(logits, targets)
+        kept = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert kept <= 0.1 * logits.blocks["cpu"].nbytes
+    assert np.isfinite(float(loss))
