@@ -253,3 +253,29 @@ def test_bad_ids(make_config, ids, error, match):
 def test_bad_constructor_arguments(args, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         ParallelEmbedding(*args, **kwargs)
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 5])
+def test_sequence_parallel_tied_model_equals_the_plain_one(backend_spec, rng, n_workers):
+    """Embedding (reduce-scattered) -> tied head (all-gathered input) -> loss: the same loss and
+    table gradient as without sequence parallelism."""
+    name, devices = backend_spec
+    results = []
+    for sequence_parallel in (True, False):
+        cfg = TensorParallelConfig(
+            n_workers=n_workers,
+            backend=name,
+            devices=devices,
+            dtype="float64",
+            sequence_parallel=sequence_parallel,
+        )
+        emb = ParallelEmbedding(13, 4, config=cfg, seed=3, pad_to_multiple_of=4)
+        ids = np.random.default_rng(n_workers).integers(0, 13, size=(2, 7))
+        targets = np.random.default_rng(n_workers + 1).integers(0, 13, size=(2, 7))
+        loss = VocabParallelCrossEntropy()(TiedLMHead(emb)(emb(ids)), targets)
+        loss.backward()
+        results.append((float(loss), emb.weight.full_grad()))
+    (split_loss, split_grad), (plain_loss, plain_grad) = results
+    np.testing.assert_allclose(split_loss, plain_loss, rtol=1e-12)
+    np.testing.assert_allclose(split_grad, plain_grad, rtol=1e-12, atol=1e-15)
+    assert np.abs(plain_grad).max() > 1e-4
