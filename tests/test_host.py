@@ -20,11 +20,18 @@ def test_a_device_output_mixes_with_host_arrays_only_through_to_numpy(make_confi
         np.testing.assert_allclose(value, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_mixing_without_it_is_refused_on_simulated_devices(rng):
+def test_a_tensor_moves_a_host_operand_and_a_raw_device_block_refuses_one(rng):
+    """``Tensor - host array`` copies the host array where the tensor lives (tp_gpu.ops); the raw
+    device block underneath refuses to mix with host arrays, as CuPy does: the reason to_numpy exists."""
     layer = tp.RowParallelLinear(7, 3, tp.TensorParallelConfig(n_workers=2, backend="simulated", devices=2))
     y = layer(rng.standard_normal((2, 7)))
+    offset = rng.standard_normal((2, 3))
+    diff = y - offset
+    assert isinstance(diff, tp.Tensor) and diff.placement == y.placement
+    np.testing.assert_allclose(tp.to_numpy(diff), tp.to_numpy(y) - offset, rtol=1e-6)
+    (block,) = y.blocks.values()
     with pytest.raises(DeviceMismatchError):
-        y - np.zeros((2, 3))  # what CuPy refuses too: the reason to_numpy exists
+        block - np.zeros((2, 3))
     assert np.array_equal(tp.to_numpy(y) - np.zeros((2, 3)), tp.to_numpy(y))
 
 
