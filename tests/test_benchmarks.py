@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # the benchmarks package lives beside tp_gpu in t
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import (  # noqa: E402
+    bench_encode,
     bench_layers,
     cases,
     comparison,
@@ -262,11 +263,49 @@ def test_an_existing_result_is_not_overwritten_without_force(sweep, capsys):
 
 
 def test_the_package_and_the_script_start():
-    for command in (["-m", "benchmarks", "--help"], ["benchmarks/bench_layers.py", "--help"]):
+    for command in (
+        ["-m", "benchmarks", "--help"],
+        ["benchmarks/bench_layers.py", "--help"],
+        ["-m", "benchmarks.training_step", "--help"],
+        ["benchmarks/bench_encode.py", "--help"],
+    ):
         done = subprocess.run(
             [sys.executable, *command], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60
         )
-        assert done.returncode == 0 and "--update" in done.stdout, done.stderr
+        assert done.returncode == 0 and "--render" in done.stdout, done.stderr
+
+
+def test_the_encode_benchmark_times_its_contenders_on_the_skeleton(tmp_path, monkeypatch):
+    """Fake encoders (the model is not needed): checked, timed in shared rounds, targets, --render."""
+
+    def encoder(scale):
+        return lambda sentences: np.full((len(sentences), 4), scale)
+
+    fakes = {bench_encode.ST: encoder(1.0), "tp_gpu p=1": encoder(1.0), "tp_gpu p=4": encoder(1.0 + 1e-6)}
+    monkeypatch.setattr(bench_encode, "contenders", lambda model_dir, workers: fakes)
+    monkeypatch.setattr(bench_encode, "token_lengths", lambda model_dir: [5, 88])
+    monkeypatch.setattr(bench_encode.REPORT, "plots", lambda records, stem: [])
+    argv = ["--threads", "1", "--workers", "1", "4", "--repeats", "3", "--retries", "0", "--min-time", "0"]
+    assert bench_encode.main(argv + ["--model-dir", str(tmp_path), "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-encode-t1-*.json")
+    data = json.loads(path.read_text())
+    (record,) = data["results"]
+    assert list(record["sides"]) == list(fakes)
+    assert all(len(side["times_s"]) == 3 for side in record["sides"].values())
+    assert record["agreement"]["tp_gpu p=4"] == pytest.approx(1e-6)
+    assert [t["target"] for t in data["targets"]] == [
+        "p=1 time <= 1.3x sentence-transformers",
+        "p=4 time <= 1.3x p=1",
+    ]
+    markdown = path.with_suffix(".md").read_text()
+    assert "## Speed targets" in markdown and "| tp_gpu p=4 |" in markdown
+    path.with_suffix(".md").unlink()
+    assert bench_encode.main(["--render", str(path)]) == 0
+    assert path.with_suffix(".md").read_text() == markdown
+    fakes["tp_gpu p=4"] = encoder(1.1)  # a contender that disagrees stops the run
+    with pytest.raises(SystemExit, match="tp_gpu p=4 disagrees"):
+        bench_encode.main(argv + ["--model-dir", str(tmp_path), "--out", str(tmp_path / "wrong")])
+    assert not (tmp_path / "wrong").exists()
 
 
 # --------------------------------------------------------------------------- scaling model
