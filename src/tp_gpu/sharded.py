@@ -5,6 +5,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from . import collectives
 from .backends.base import Backend, from_dlpack, is_dlpack_array
 from .collectives import Blocks
@@ -198,6 +200,13 @@ class ShardedTensor(Tensor):
         """Apply an elementwise ``fn`` to every device block, each under its own device (not recorded)."""
         assert self.backend is not None
         blocks = collectives.on_devices(self.backend, fn, self.blocks)
+        dtypes = {np.dtype(b.dtype) for b in blocks.values()}
+        for d, b in blocks.items():
+            if tuple(b.shape) != tuple(self.blocks[d].shape) or len(dtypes) > 1:
+                raise ShapeError(
+                    f"map's fn must be elementwise: device {d!r}'s block became {tuple(b.shape)} "
+                    f"{b.dtype}, from {tuple(self.blocks[d].shape)}; expected that shape and one dtype"
+                )
         return ShardedTensor.from_blocks(blocks, self.axis, self.layout, self.backend, self.comm)
 
     def __repr__(self) -> str:
