@@ -84,8 +84,10 @@ def test_map_changing_dtype_and_shape_is_checked():
     backend = SimulatedBackend(2)
     t = make(backend, [np.ones((2, 3)), np.ones((2, 5))], [0, 1], 1)
     assert t.map(lambda s: s.astype(np.float32)).dtype == np.float32
-    with pytest.raises(ShapeError):
+    with pytest.raises(ShapeError, match=r"elementwise: device 0's block became \(2, 3, 1\)"):
         t.map(lambda s: s[:, :, None] if s.shape[1] == 3 else s)
+    with pytest.raises(ShapeError, match="one dtype"):
+        t.map(lambda s: s.astype(np.float32) if s.shape[1] == 3 else s)
 
 
 @pytest.fixture
