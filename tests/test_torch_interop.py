@@ -13,8 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from conftest import WORKER_COUNTS  # noqa: E402
-from helpers import TOLERANCE, to_host  # noqa: E402
+from helpers import TOLERANCE, forward_backward, to_host  # noqa: E402
 
+import tp_gpu  # noqa: E402
 from tp_gpu import (  # noqa: E402
     ColumnParallelLinear,
     ParallelEmbedding,
@@ -128,9 +129,9 @@ def test_gradients_match_torch_autograd(make_config, n_workers):
     y = linear(x)
     grad = torch.randn_like(y)
     y.backward(grad)
-    ours = layer(x)  # x requires grad: read through detach()
+    ours, dx = forward_backward(layer, x, grad)  # x requires grad in torch: read through detach()
+    assert isinstance(ours, tp_gpu.Tensor) and isinstance(dx, tp_gpu.Tensor)
     assert_close(to_host(layer, ours), y.detach().numpy())
-    dx = layer.backward(grad)
     assert_close(to_host(layer, dx), x.grad.numpy())
     assert_close(layer.grads()["weight"], linear.weight.grad.numpy().T)
     assert_close(layer.grads()["bias"], linear.bias.grad.numpy())
