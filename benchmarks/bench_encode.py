@@ -27,6 +27,7 @@ the files (JSON, Markdown and a PNG named ``<cpu>-encode-t<threads>-<date>``, in
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import statistics
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace, model_dir: str, save_records: skeleton.Save) -
     assert max(lengths) <= 128, f"the corpus must stay within 128 tokens, got {max(lengths)}"
     runners = contenders(model_dir, args.workers)
     agreement = check_agreement(runners, CORPUS)
-    fns = {name: (lambda run=run: run(CORPUS)) for name, run in runners.items()}
+    fns: dict[str, harness.Fn] = {name: functools.partial(encode, CORPUS) for name, encode in runners.items()}
     backend = get_backend("numpy")
     peaks = {name: harness.measure_peak(backend, fn, keep=False)[0] for name, fn in fns.items() if name != ST}
     harness.warm_up_machine()

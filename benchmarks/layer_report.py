@@ -117,8 +117,8 @@ def target_rows(records: list[Record]) -> list[Record]:
         if r["mode"] == "fwd" and r[key] is not None and r["output_bytes"] >= MEMORY_TARGET_MIN_OUTPUT
     ]  # fmt: skip
     if fwd:
-        name, shape = "peak extra memory <= 1 output buffer", "forward, outputs >= 1 MiB"
-        rows.append(_target_row(name, "all", shape, "all", 1.0, fwd, key))
+        name, what = "peak extra memory <= 1 output buffer", "forward, outputs >= 1 MiB"
+        rows.append(_target_row(name, "all", what, "all", 1.0, fwd, key))
         worst = max(fwd, key=lambda r: r[key])
         rows[-1]["worst_case"] = f"{worst['layer']} {worst['shape']} {worst['dtype']}"
     return rows

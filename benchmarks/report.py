@@ -60,12 +60,15 @@ def sides_record(
     }  # fmt: skip
 
 
+def seconds(record: Record, side: str, phase: str | None = None) -> float:
+    """A side's median time (or a phase's); the side must have run."""
+    entry = record["sides"][side]
+    return entry["median_s"] if phase is None else entry["phase_median_s"][phase]
+
+
 def median(record: Record, side: str, phase: str | None = None) -> float | None:
     """A side's median time (or a phase's), None where the side did not run."""
-    entry = record["sides"].get(side)
-    if entry is None:
-        return None
-    return entry["median_s"] if phase is None else entry["phase_median_s"][phase]
+    return seconds(record, side, phase) if side in record["sides"] else None
 
 
 def target(name: str, record: Record, label: str, ratios: dict[str, float], limit: float) -> Record:

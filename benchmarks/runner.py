@@ -153,7 +153,8 @@ def run_group(group: Group, options: Any, torch: Any, progress: Progress) -> lis
         for n in options.workers:
             progress.tick(f"{spec.name} workers={n}: skipped")
         return []
-    data, shared, backend = group.data(), {}, None
+    data, backend = group.data(), None
+    shared: dict[str, Any] = {}
     records: list[Record] = []
     for n in options.workers:  # any size splits over any worker count
         config = TensorParallelConfig(

@@ -21,6 +21,7 @@ from .report import (
     median,
     ms,
     num,
+    seconds,
     spread_cell,
     target,
     targets_table,
@@ -40,7 +41,7 @@ def tp_sides(record: Record) -> list[str]:
 
 def _over(r: Record, sides: list[str], base: str, phase: str | None = None) -> dict[str, float]:
     """Each side's median over ``base``'s (of a phase, or of the whole run)."""
-    return {n: median(r, n, phase) / median(r, base, phase) for n in sides}  # type: ignore[operator]
+    return {n: seconds(r, n, phase) / seconds(r, base, phase) for n in sides}
 
 
 def target_rows(records: list[Record]) -> list[Record]:
@@ -59,9 +60,9 @@ def target_rows(records: list[Record]) -> list[Record]:
             ratio = _over(r, ["tp_gpu Adam"], ADAM_BASELINE)
             rows.append(target(f"Adam <= {ADAM_LIMIT}x {ADAM_BASELINE}", r, r["label"], ratio, ADAM_LIMIT))
         elif r["case"] == "embedding backward":
-            torch_best = min((median(r, n) for n in TORCH_EMBEDDING if n in r["sides"]), default=None)
+            torch_best = min((seconds(r, n) for n in TORCH_EMBEDDING if n in r["sides"]), default=None)
             if torch_best is not None:
-                ratios = {n: median(r, n) / torch_best for n in ("tp_gpu kernel", "tp_gpu layer")}
+                ratios = {n: seconds(r, n) / torch_best for n in ("tp_gpu kernel", "tp_gpu layer")}
                 name = f"embedding bwd <= {EMBEDDING_LIMIT}x torch's best"
                 rows.append(target(name, r, r["label"], ratios, EMBEDDING_LIMIT))
     return rows
@@ -75,10 +76,10 @@ def step_table(r: Record) -> list[str]:
     head = "| side | step ms | / dense | " + " | ".join(PHASES) + " |"
     lines = [f"### Training step: {r['shape']}, {r['dtype']}, {r['threads']} thread(s)", "", head]
     lines.append("|---|---:|---:|" + "---:|" * len(PHASES))
-    dense = median(r, "dense")
+    dense = seconds(r, "dense")
     for name in r["sides"]:
-        phases = " | ".join(ms(median(r, name, ph)) for ph in PHASES)
-        lines.append(f"| {name} | {ms(median(r, name))} | {num(median(r, name) / dense)} | {phases} |")
+        phases = " | ".join(ms(seconds(r, name, ph)) for ph in PHASES)
+        lines.append(f"| {name} | {ms(seconds(r, name))} | {num(seconds(r, name) / dense)} | {phases} |")
     lines += [
         "",
         f"spread {spread_cell(r)}; load average {num(r['load_1min'][0])}; check: {check_text(r)}",
@@ -148,7 +149,7 @@ def write_phase_plot(records: list[Record], stem: Path) -> list[Path]:
         names = list(r["sides"])
         left = [0.0] * len(names)
         for i, ph in enumerate(PHASES):
-            widths = [median(r, n, ph) * 1e3 for n in names]
+            widths = [seconds(r, n, ph) * 1e3 for n in names]
             ax.barh(names, widths, left=left, color=f"C{i}", label=ph)
             left = [a + b for a, b in zip(left, widths)]
         for y, n in enumerate(names):  # the spread of the whole step: its interquartile range
