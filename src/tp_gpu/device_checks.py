@@ -138,13 +138,20 @@ class _Reading:
 
 
 def _check_real(grad: Any) -> None:
-    """ShapeError unless ``grad`` holds real numbers (a bool, a string or an object is refused)."""
+    """ShapeError unless ``grad`` holds real numbers (bools, strings, complex numbers and objects are
+    refused, as torch refuses a complex gradient for a real output), naming what it got."""
     try:
-        kind = np.dtype(as_array(grad).dtype).kind
+        array = as_array(grad)
+        dtype = np.dtype(array.dtype)
     except (ValueError, TypeError):
-        kind = "O"
-    if kind not in "iuf":
-        raise ShapeError(f"backward: grad must be real numbers, got {grad!r} of type {type(grad).__name__}")
+        array, dtype = None, np.dtype(object)
+    if dtype.kind in "iuf":
+        return
+    shape = getattr(array, "shape", ())
+    what = repr(grad) if not shape else f"an array of shape {tuple(shape)}"
+    raise ShapeError(
+        f"backward: grad must be real numbers, got {what} of dtype {dtype}; expected float or integer"
+    )
 
 
 class CheckedTensor(_Reading, Tensor):
