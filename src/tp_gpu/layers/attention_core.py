@@ -53,6 +53,11 @@ Saved = Tuple[Any, Any, Any, Any]
 class _AttentionContext(Context):
     __slots__ = ("saved", "placement", "shape", "head_dim")
 
+    saved: Dict[Hashable, Optional[Saved]]  # {d: (q, k, v, probs)} of each device's heads
+    placement: Placement  # of qkv, which its gradient takes
+    shape: Tuple[int, ...]  # of qkv, (B, S, 3H)
+    head_dim: int
+
 
 class CoreAttention(Function):
     """``C_d = softmax(q k^T / sqrt(hd) + M) v`` for each device's heads: a ``Split(-1)`` context.
@@ -94,10 +99,17 @@ class CoreAttention(Function):
         assert backend is not None
         grads = {}
         for d, g in grad.blocks.items():
+            saved = ctx.saved[d]
+            assert saved is not None
             with backend.device(d):
-                grads[d] = attend_backward(backend.xp, g, ctx.saved[d], ctx.head_dim)
-        placement: Placement = ctx.placement
-        return new_tensor(grads, placement, ctx.shape, grad.dtype, backend, grad.comm), None, None, None, None
+                grads[d] = attend_backward(backend.xp, g, saved, ctx.head_dim)
+        return (
+            new_tensor(grads, ctx.placement, ctx.shape, grad.dtype, backend, grad.comm),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def attend(xp: Any, block: Any, mask: Any, head_dim: int, keep: bool) -> Tuple[Any, Optional[Saved]]:

@@ -172,7 +172,7 @@ class BertModel(Module):
         x = self.embeddings(ids, types)  # (B, S, H)
         for layer in self.layers:
             x = layer(x, attention_mask)  # (B, S, H)
-        return x  # type: ignore[no-any-return]
+        return x
 
     def extra_repr(self) -> str:
         c = self.bert_config
