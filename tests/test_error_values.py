@@ -4,7 +4,9 @@
   int64 copy; ``2**63`` is not reported as a negative number.
 * A Python int too large for int64 in a list (which NumPy reads as float64 or
   object) is "out of range", not "dtype object".
-* The range check still reads back one array per call (one device-to-host copy).
+* Host ids are range-checked on the host before they are copied to a device: no
+  device-to-host copy. Ids already on a device are checked there and the check is
+  read when the output is (no copy in the forward), still naming the id as passed.
 * A layer whose logical weight cannot fit in memory raises ConfigError saying
   how much it would need, before drawing it, instead of MemoryError.
 """
@@ -40,7 +42,7 @@ def embedding(request):
 
 @pytest.fixture
 def host_copies(monkeypatch):
-    """Counts the device-to-host copies of the range check."""
+    """Counts the device-to-host copies of the range check (``collectives.to_host``)."""
     calls = []
     real = collectives.to_host
 
@@ -64,11 +66,37 @@ def test_uint64_ids_are_reported_as_passed(embedding, host_copies, ids, value):
     with pytest.raises(IndexOutOfRangeError) as info:
         embedding(ids)
     assert str(info.value).startswith(f"token id {value} (beyond int64) out of range"), str(info.value)
-    assert len(host_copies) == 1  # one device-to-host copy for the range check, as before
+    assert host_copies == []  # host ids: checked on the host, nothing read back from a device
     with pytest.raises(IndexOutOfRangeError, match=f"^token id {VOCAB} out of range"):
         embedding(np.array([VOCAB], dtype=np.uint64))
-    out = embedding(np.array([[0, 9], [3, 3]], dtype=np.uint64))  # in range: looked up, one copy
-    assert tuple(out.shape) == (2, 2, 4) and len(host_copies) == 3
+    out = embedding(np.array([[0, 9], [3, 3]], dtype=np.uint64))  # in range: looked up, no copy
+    assert tuple(out.shape) == (2, 2, 4) and host_copies == []
+
+
+@pytest.mark.parametrize(
+    "ids, value",
+    [
+        (np.array([3, 2**64 - 1], dtype=np.uint64), 2**64 - 1),
+        (np.array([[1, 2**63], [0, 4]], dtype=np.uint64), 2**63),
+    ],
+    ids=["2**64-1", "2**63"],
+)
+def test_uint64_ids_on_a_device_are_reported_as_passed(ids, value):
+    """Ids already on a device are checked there (no device-to-host copy in the forward); reading the
+    output raises, naming the uint64 id as passed; the next call is not affected."""
+    layer = ParallelEmbedding(
+        VOCAB, 4, TensorParallelConfig(n_workers=3, backend="simulated", devices=3, dtype="float64")
+    )
+    backend = layer.backend
+    backend.host_reads.clear()
+    out = layer(backend.asarray(ids, np.uint64, layer.devices[1]))
+    assert backend.host_reads == {}
+    with pytest.raises(IndexOutOfRangeError) as info:
+        np.asarray(out)
+    assert str(info.value).startswith(f"token id {value} (beyond int64) out of range"), str(info.value)
+    good = np.array([[0, 9], [3, 3]], dtype=np.uint64)
+    out = layer(backend.asarray(good, np.uint64, layer.devices[1]))
+    np.testing.assert_array_equal(np.asarray(out), layer.full_weight()[good.astype(np.int64)])
 
 
 @pytest.mark.parametrize(
