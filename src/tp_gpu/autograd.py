@@ -26,6 +26,7 @@ import functools
 import threading
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar, Union
 
+from . import device_checks
 from .errors import ShapeError, TensorParallelError
 from .tensor import Tensor
 
@@ -287,6 +288,8 @@ def run_backward(root: Tensor, grad: Any, retain_graph: bool = False) -> None:
     """
     from .ops import add_gradients, root_gradient
 
+    if root.checks or device_checks.has_pending():
+        device_checks.verify_all(root.checks)  # a bad id checked on a device raises before anything runs
     if not root.requires_grad:
         raise TensorParallelError(
             f"backward on a tensor that does not require grad ({root!r}): no input of the computation "

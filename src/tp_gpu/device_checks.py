@@ -17,9 +17,10 @@ anyway, as CUDA reports a device-side assertion at the next synchronisation:
   (a long inference loop that never reads an output of ours keeps no more).
 
 A check that finds a bad value raises its error then, naming the value, and
-again each time it is read. A backward from a checked tensor also refuses a
-``grad`` that is not real numbers (a bool, a string) with ShapeError. Checks
-are kept per thread: a graph belongs to the thread that built it. Host arrays
+again each time it is read (a tensor keeps the checks of the values it was
+computed from in ``Tensor.checks``). :func:`check_real` is the test every
+``backward(grad)`` makes of a gradient given as an array. Checks are kept
+per thread: a graph belongs to the thread that built it. Host arrays
 (NumPy, lists) are checked at once, on the host.
 """
 
@@ -33,8 +34,6 @@ import numpy as np
 from .backends.base import Backend, as_array
 from .errors import ShapeError, TensorParallelError
 from .placements import HOST
-from .sharded import ShardedTensor
-from .tensor import Tensor
 
 __all__ = [
     "DeferredCheck",
@@ -44,6 +43,8 @@ __all__ = [
     "pending_checks",
     "lives_on_device",
     "reading_checks",
+    "verify_all",
+    "check_real",
 ]
 
 #: How many unread checks a thread keeps before the oldest is read.
@@ -107,6 +108,11 @@ def defer(check: DeferredCheck) -> DeferredCheck:
     return check
 
 
+def has_pending() -> bool:
+    """Whether this thread has a check waiting to be read."""
+    return bool(getattr(_local, "checks", None))
+
+
 def raise_pending() -> None:
     """Read every waiting check of this thread, oldest first; raise the first error found."""
     checks = _pending()
@@ -114,30 +120,7 @@ def raise_pending() -> None:
         checks.pop(0).verify()
 
 
-class _Reading:
-    """What a checked tensor adds: a host read, or a backward from it, first reads the waiting checks
-    and its own ``checks`` (those of the values it was computed from, also once read elsewhere)."""
-
-    __slots__ = ()
-    checks: Tuple[DeferredCheck, ...]
-
-    def _verify(self) -> None:
-        raise_pending()
-        for check in self.checks:
-            check.verify()
-
-    def numpy(self) -> np.ndarray:
-        self._verify()
-        return super().numpy()  # type: ignore[misc]
-
-    def backward(self, grad: Any = None, retain_graph: bool = False) -> None:
-        self._verify()
-        if grad is not None and not isinstance(grad, Tensor):
-            _check_real(grad)
-        super().backward(grad, retain_graph)  # type: ignore[misc]
-
-
-def _check_real(grad: Any) -> None:
+def check_real(grad: Any) -> None:
     """ShapeError unless ``grad`` holds real numbers (bools, strings, complex numbers and objects are
     refused, as torch refuses a complex gradient for a real output), naming what it got."""
     try:
@@ -154,27 +137,15 @@ def _check_real(grad: Any) -> None:
     )
 
 
-class CheckedTensor(_Reading, Tensor):
-    """A :class:`~tp_gpu.Tensor` whose host read or backward first reads the waiting checks."""
-
-    __slots__ = ("checks",)
-
-
-class CheckedShardedTensor(_Reading, ShardedTensor):
-    """A :class:`~tp_gpu.ShardedTensor` whose host read or backward first reads the waiting checks."""
+def reading_checks(t: Any, checks: Tuple[DeferredCheck, ...] = ()) -> Any:
+    """``t`` (a Tensor) made to read ``checks`` (and this thread's waiting ones) before a host read
+    or a backward from it: :meth:`tp_gpu.Tensor.numpy` and ``backward`` call :func:`verify_all`."""
+    t.checks = tuple(checks)
+    return t
 
 
-def reading_checks(t: Tensor, checks: Tuple[DeferredCheck, ...] = ()) -> Tensor:
-    """``t`` (a region's output, its tape node kept) as a tensor that reads the waiting checks and
-    ``checks`` first. Only the Python object changes: blocks, placement and ``grad_fn`` are the same.
-    """
-    out: CheckedTensor | CheckedShardedTensor
-    if isinstance(t, ShardedTensor):
-        out = CheckedShardedTensor.__new__(CheckedShardedTensor)
-    else:
-        out = CheckedTensor.__new__(CheckedTensor)
-    for name in Tensor.__slots__:
-        if name != "__weakref__":
-            object.__setattr__(out, name, getattr(t, name))
-    out.checks = tuple(checks)
-    return out
+def verify_all(checks: Tuple[DeferredCheck, ...]) -> None:
+    """Read this thread's waiting checks, then ``checks``; raise the first error found."""
+    raise_pending()
+    for check in checks:
+        check.verify()

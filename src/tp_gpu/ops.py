@@ -25,6 +25,7 @@ import numpy as np
 from . import collectives
 from .autograd import Context, Function
 from .backends.base import Backend, as_array
+from .device_checks import check_real
 from .errors import ShapeError, TensorParallelError
 from .placements import HOST, Dense, Partial, Placement, Replicated, Split
 from .tensor import Blocks, Tensor, new_tensor, tensor
@@ -469,6 +470,7 @@ def root_gradient(root: Tensor, grad: Any) -> Tensor:
             )
             return new_tensor(blocks, root.placement, root.shape, root.dtype, root.backend, root.comm)
         grad = grad.numpy()
+    check_real(grad)
     try:
         array = as_array(grad)
     except (ValueError, TypeError) as exc:

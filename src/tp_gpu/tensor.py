@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional,
 
 import numpy as np
 
-from . import collectives
+from . import collectives, device_checks
 from .backends.base import Backend, as_array, host_array, is_cupy_array
 from .comm.base import Communicator, LocalComm
 from .errors import ShapeError
@@ -27,6 +27,7 @@ from .placements import HOST, Dense, Partial, Placement, Split
 
 if TYPE_CHECKING:
     from .autograd import Node
+    from .device_checks import DeferredCheck
 
 __all__ = ["Tensor", "Blocks", "tensor", "new_tensor", "device_of_array"]
 
@@ -69,6 +70,7 @@ class Tensor:
         "requires_grad",
         "grad",
         "recompute",
+        "checks",
         "_lock",
         "__weakref__",
     )
@@ -96,6 +98,9 @@ class Tensor:
         #: Set by the sequence all-gather: rebuilds the blocks from the slices it kept (see
         #: :meth:`tp_gpu.autograd.Context.save_for_backward`).
         self.recompute: Optional[Callable[[], Tensor]] = None
+        #: Device-side checks of the values this tensor was computed from (:mod:`tp_gpu.device_checks`),
+        #: read before a host copy or a backward.
+        self.checks: Tuple[DeferredCheck, ...] = ()
         self._lock: Optional[threading.Lock] = None
 
     # ------------------------------------------------------------------ what it is
@@ -126,7 +131,12 @@ class Tensor:
     # ------------------------------------------------------------------ to the host
 
     def numpy(self) -> np.ndarray:
-        """The logical value as a host NumPy array (collective with several processes, except ``Dense``)."""
+        """The logical value as a host NumPy array (collective with several processes, except ``Dense``).
+
+        Device-side checks waiting to be read (a bad token id) raise here first.
+        """
+        if self.checks or device_checks.has_pending():
+            device_checks.verify_all(self.checks)
         p = self.placement
         if isinstance(p, Split):
             assert self.backend is not None
@@ -168,7 +178,7 @@ class Tensor:
 
     def detach(self) -> Tensor:
         """The same blocks, cut from the tape: no ``grad_fn``, no gradient."""
-        return Tensor(self.blocks, self.placement, self.shape, self.dtype, self.backend, self.comm)
+        return new_tensor(self.blocks, self.placement, self.shape, self.dtype, self.backend, self.comm)
 
     def requires_grad_(self, requires_grad: bool = True) -> Tensor:
         """Mark a leaf as needing its gradient (``t.grad`` after ``backward``)."""
