@@ -41,6 +41,7 @@ from tp_gpu import (
     ParallelEmbedding,
     ParallelTransformerLayer,
     Sequential,
+    Tensor,
     TensorParallelConfig,
     TensorParallelError,
     TiedLMHead,
@@ -91,10 +92,6 @@ class GPTConfig:
     dropout: float = 0.1  # after the embeddings
 
 
-def _add(a: Any, b: Any) -> Any:
-    return a + b
-
-
 class TinyGPT(Module):
     """``wte`` + ``wpe`` -> dropout -> pre-norm causal transformer layers -> ``ln_f`` -> tied head."""
 
@@ -121,16 +118,10 @@ class TinyGPT(Module):
         self.ln_f = LayerNorm(gpt.hidden, config, eps=1e-5)
         self.head = TiedLMHead(self.wte)  # logits = h wte^T, split on the vocabulary
 
-    def forward(self, ids: np.ndarray) -> Any:
-        positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
-        group = self.wte.group
-        h = group.on_device(group.output_device, _add, self.wte(ids), self.wpe(positions))
-        return self.head(self.ln_f(self.blocks(self.drop(h))))
-
-    def backward(self, grad_logits: Any) -> None:
-        grad = self.drop.backward(self.blocks.backward(self.ln_f.backward(self.head.backward(grad_logits))))
-        self.wte.backward(grad)
-        self.wpe.backward(grad)
+    def forward(self, ids: np.ndarray) -> Tensor:
+        positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)  # (B, S)
+        h = self.wte(ids) + self.wpe(positions)  # (B, S, hidden)
+        return self.head(self.ln_f(self.blocks(self.drop(h))))  # (B, S, vocab), split on the vocabulary
 
 
 def batches(
@@ -155,8 +146,9 @@ def train(
         inputs, targets = batches(data, gpt.seq_len, args.batch, args.seed, step)
         start = time.perf_counter()
         optimizer.zero_grad()
-        losses.append(loss_fn(model(inputs), targets))
-        model.backward(loss_fn.backward(scaler.scale(1.0)))
+        loss = loss_fn(model(inputs), targets)
+        scaler.scale(loss).backward()
+        losses.append(float(loss))
         scaler.unscale_(optimizer)
         clip_grad_norm(model.parameters(), args.clip)
         scaler.step(optimizer)

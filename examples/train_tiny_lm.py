@@ -81,10 +81,10 @@ class TinyLM(Module):
         return {names.get(key, key.replace("body.1.inner.", "")): value for key, value in state.items()}
 
     def loss_and_backward(self, inputs: np.ndarray, targets: np.ndarray) -> float:
-        """Forward and backward through the whole model; returns the mean loss."""
+        """Forward, then backward through the tape; returns the mean loss."""
         loss = self.loss_fn(self.body(inputs), targets)
-        self.body.backward(self.loss_fn.backward())
-        return loss
+        loss.backward()
+        return float(loss)
 
 
 def train(
