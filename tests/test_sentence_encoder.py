@@ -28,6 +28,7 @@ from typing import Dict, Tuple
 import numpy as np
 import pytest
 
+import tp_gpu
 from tp_gpu import ConfigError, ShapeError, TensorParallelConfig, TensorParallelError
 from tp_gpu.models import BertModel, MissingDependencyError, PoolingConfig, SentenceEncoder
 
@@ -243,6 +244,38 @@ def test_cls_and_max_pooling(encoder, mode):
     else:
         expected = np.where(mask[:, :, None] > 0, hidden, -1e9).max(axis=1)
     np.testing.assert_allclose(other.encode(subset), expected, rtol=0, atol=1e-12)
+
+
+def test_encode_records_nothing(encoder, monkeypatch):
+    """encode (and calling the encoder) runs the BERT under no_grad: no node, so no activation kept;
+    recording is on again afterwards."""
+    seen = []
+    forward = encoder.bert.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.append((tp_gpu.is_grad_enabled(), out.grad_fn, out.requires_grad))
+        return out
+
+    monkeypatch.setattr(encoder.bert, "forward", spy)
+    encoder.encode(SENTENCES[:3], batch_size=2)
+    encoder.encode(SENTENCES[:2], output_value="token_embeddings")
+    encoder(SENTENCES[:1])
+    assert len(seen) == 4 and all(state == (False, None, False) for state in seen), seen
+    assert tp_gpu.is_grad_enabled()
+
+
+def test_sequence_parallel_bert_gives_the_same_embeddings(minilm_dir, encoder):
+    """With sequence parallelism the last hidden states come split along the sequence; encode gathers
+    them onto the output device and pools as without it."""
+    config = TensorParallelConfig(n_workers=3, backend="simulated", devices=2, dtype="float64")
+    bert = BertModel.from_pretrained(minilm_dir, dataclasses.replace(config, sequence_parallel=True))
+    other = SentenceEncoder(bert, encoder.tokenizer, encoder.settings)
+    subset = SENTENCES[:5]
+    np.testing.assert_allclose(other.encode(subset), encoder.encode(subset), rtol=0, atol=1e-12)
+    tokens = other.encode(subset, output_value="token_embeddings")
+    for got, want in zip(tokens, encoder.encode(subset, output_value="token_embeddings")):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
 
 
 def test_progress_bar(encoder, capsys):

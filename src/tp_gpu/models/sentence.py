@@ -27,10 +27,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .. import collectives
+from ..autograd import no_grad
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError
 from ..layers.norm import compute_dtype
 from ..module import Module
+from ..regions import gather_from_region
 from .bert import BertModel
 from .dense import dense_forward, read_dense_weights
 from .hf_loader import check_model_dir, resolve_config
@@ -261,7 +263,8 @@ class SentenceEncoder(Module):
         ``normalize_embeddings`` scales each vector to unit length after the
         folder's own modules (whose Normalize, if any, always runs).
         ``show_progress_bar``: ``None`` shows a tqdm bar on stderr for more
-        than ``PROGRESS_BAR_BATCHES`` batches.
+        than ``PROGRESS_BAR_BATCHES`` batches. It runs under ``tp_gpu.no_grad()``:
+        nothing is recorded for backward and no activation is kept.
 
         Everything is checked before any work: ShapeError for a sentence that
         is not a string or not valid Unicode (naming its index), ConfigError
@@ -281,25 +284,26 @@ class SentenceEncoder(Module):
         starts = range(0, len(texts), batch_size)
         results: List[Any] = [None] * len(texts)
         out = np.empty((len(texts), self.embedding_dim), dtype=self.bert.dtype) if as_array else None
-        for start in _progress(starts, show_progress_bar, len(starts)):
-            chosen = order[start : start + batch_size]
-            batch = [text + texts[i] for i in chosen] if text else [texts[i] for i in chosen]
-            if output_value == "token_embeddings":
-                for i, tokens in zip(chosen, self._tokens(batch)):
-                    results[i] = tokens
-                continue
-            embedded = self._embed(batch, prompt_length, bool(normalize_embeddings))  # (b, dim)
-            if out is not None:
-                out[chosen] = embedded
-            else:
-                for i, row in zip(chosen, embedded):
-                    results[i] = row
+        with no_grad():  # inference: nothing recorded, no activation kept
+            for start in _progress(starts, show_progress_bar, len(starts)):
+                chosen = order[start : start + batch_size]
+                batch = [text + texts[i] for i in chosen] if text else [texts[i] for i in chosen]
+                if output_value == "token_embeddings":
+                    for i, tokens in zip(chosen, self._tokens(batch)):
+                        results[i] = tokens
+                    continue
+                embedded = self._embed(batch, prompt_length, bool(normalize_embeddings))  # (b, dim)
+                if out is not None:
+                    out[chosen] = embedded
+                else:
+                    for i, row in zip(chosen, embedded):
+                        results[i] = row
         if out is not None:
             return out[0] if single else out
         return results[0] if single else results
 
     def forward(self, sentences: Union[str, Sequence[str]]) -> Any:
-        """``encode(sentences)`` with the defaults."""
+        """``encode(sentences)`` with the defaults (inference: nothing is recorded)."""
         return self.encode(sentences)
 
     def _tokens(self, batch: List[str]) -> List[np.ndarray]:
@@ -311,9 +315,12 @@ class SentenceEncoder(Module):
     def _embed(self, batch: List[str], prompt_length: Optional[int], normalize: bool) -> np.ndarray:
         """One batch's sentence embeddings ``(b, dim)``, on the host."""
         ids, mask, types = self.tokenize(batch)  # (b, S) each
-        hidden = self.bert(ids, mask, types)  # (b, S, H) on the output device
         bert, xp, s = self.bert, self.bert.backend.xp, self.settings
+        out = bert(ids, mask, types)  # (b, S, H), a Tensor on the output device
+        if bert.config.sequence_parallel:  # split along the sequence: gathered onto the output device
+            out = gather_from_region(out, bert.group)
         device = bert.output_device
+        hidden = out.blocks[device]  # (b, S, H)
 
         def to_device(arrays: Sequence[np.ndarray], dtypes: Sequence[Any]) -> List[Any]:
             return [collectives.to_devices(bert.backend, [a], [device], d)[0] for a, d in zip(arrays, dtypes)]
