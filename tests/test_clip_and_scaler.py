@@ -192,6 +192,63 @@ def test_clip_with_minus_inf_and_nan_together_is_nan_as_torch():
             assert math.isnan(check_clip(params, [g.copy() for g in grads], 1.0, norm_type))
 
 
+def host_reads(backend) -> int:
+    """How many device-to-host copies ``backend`` (simulated) made since its last reset."""
+    return sum(count for count, _ in backend.host_reads.values())
+
+
+def stacked_params(p: int, copies: int):
+    """``copies`` sets of make_params' five parameters on three simulated devices, one backend."""
+    params = [q for _ in range(copies) for q in make_params("sim3", p)]
+    assert len({id(q.backend) for q in params}) == 1
+    return params
+
+
+@pytest.mark.parametrize("p", [1, 3, 5, 8])
+@pytest.mark.parametrize("norm_type", NORM_TYPES, ids=lambda n: f"norm{n:g}")
+def test_clip_reads_the_host_once_whatever_the_number_of_parameters(p, norm_type):
+    """One device-to-host copy per clip_grad_norm call, as PyTorch and Megatron synchronise once
+    (it was one per parameter and device: 10 for 5 parameters on 3 devices, 50 for 25), and one
+    peer copy of two float64 numbers from each other device; the result is still torch's."""
+    for copies in (1, 5):
+        params = stacked_params(p, copies)
+        grads = random_grads(params, seed=copies)
+        set_grads(params, grads)
+        backend = params[0].backend
+        backend.reset_transfers()
+        max_norm = 0.5 * reference_clip(grads, 1e30, norm_type)[0]
+        total = clip_grad_norm(params, max_norm, norm_type)
+        assert host_reads(backend) == 1, backend.host_reads
+        devices = {d for q in params for d in q.grad_blocks}
+        peer_copies = backend.transfers.values()
+        assert "host" not in {src for src, _ in backend.transfers}
+        assert sum(c for c, _ in peer_copies) == len(devices) - 1, backend.transfers
+        assert sum(b for _, b in peer_copies) == 16 * (len(devices) - 1)  # [split part, whole part]
+        clipped = [q.full_grad() for q in params]
+        assert_clip_equal(total, clipped, *reference_clip(grads, max_norm, norm_type), "reference")
+        if torch is not None:
+            assert_clip_equal(total, clipped, *torch_clip(grads, max_norm, norm_type), "torch")
+
+
+@pytest.mark.parametrize("spoil", [False, True])
+def test_unscale_reads_the_host_once_whatever_the_number_of_parameters(spoil):
+    """GradScaler.unscale_'s inf/NaN check: one device-to-host copy per call (it was one per
+    parameter and device), the flags combined on the devices first."""
+    for copies in (1, 5):
+        params = stacked_params(5, copies)
+        grads = random_grads(params, seed=copies)
+        if spoil:
+            grads[-1][10, 3] = np.nan  # the embedding's last row, on the last worker's device
+        set_grads(params, grads)
+        scaler, backend = GradScaler(init_scale=4.0), params[0].backend
+        backend.reset_transfers()
+        assert scaler.unscale_(SGD(params, lr=0.1)) is spoil
+        assert host_reads(backend) == 1, backend.host_reads
+        with np.errstate(invalid="ignore"):
+            for q, g in zip(params, grads):
+                np.testing.assert_array_equal(q.full_grad(), g / 4.0)
+
+
 @needs_torch
 @pytest.mark.parametrize("norm_type", NORM_TYPES, ids=lambda n: f"norm{n:g}")
 @pytest.mark.parametrize("spoil", [None, "inf", "-inf", "nan", "inf+nan", "no-grad"])

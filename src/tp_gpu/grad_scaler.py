@@ -6,7 +6,8 @@ step the gradients are divided by ``S`` again (``unscale_``); if any of them is
 inf or NaN (the scale was too large) the step is skipped and ``S`` shrinks by
 ``backoff_factor``; after ``growth_interval`` steps without one, ``S`` grows by
 ``growth_factor``. The inf/NaN check covers every block on every device and
-every process, so all ranks skip together.
+every process, so all ranks skip together; the host reads its result once per
+backend (:func:`tp_gpu.device_totals.total_to_host`), not once per block.
 
 Without autograd, the scale enters through the loss's backward::
 
@@ -21,11 +22,13 @@ from __future__ import annotations
 import math
 import numbers
 from functools import partial
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from . import collectives
+from .device_totals import total_to_host
 from .errors import ConfigError, ShapeError
 from .optim import Optimizer
+from .parameter import ShardedParameter
 
 __all__ = ["GradScaler"]
 
@@ -69,9 +72,32 @@ def _check_optimizer(optimizer: Any, what: str) -> Optimizer:
 
 
 def _unscale_block(xp: Any, inverse: float, grad: Any) -> Any:
-    """``grad *= inverse`` in place; returns whether every element stayed finite (a 0-d array)."""
+    """``grad *= inverse`` in place; returns whether an element is inf or NaN (a 0-d bool array on
+    ``grad``'s device: nothing is read on the host here)."""
     grad *= inverse
-    return xp.isfinite(grad).all()
+    return xp.logical_not(xp.isfinite(grad).all())
+
+
+def _unscale_and_check(params: List[ShardedParameter], inverse: float) -> bool:
+    """Multiply every gradient block of ``params`` by ``inverse``; return whether one holds an inf or
+    NaN on this process. The devices' flags are combined on the devices and read on the host once per
+    backend."""
+    by_backend: Dict[int, List[ShardedParameter]] = {}
+    for p in params:
+        by_backend.setdefault(id(p.backend), []).append(p)
+    found = False
+    for group in by_backend.values():
+        backend = group[0].backend
+        unscale = partial(_unscale_block, backend.xp, inverse)
+        flags = [
+            collectives.on_devices(
+                backend, unscale, p.grad_blocks, keys=[d for d, g in p.grad_blocks.items() if g is not None]
+            )
+            for p in group
+        ]
+        flags = [f for f in flags if f]  # parameters without any gradient have no flag
+        found = (bool(total_to_host(backend, flags, "max")) if flags else False) or found
+    return found
 
 
 class GradScaler:
@@ -120,15 +146,9 @@ class GradScaler:
             return False
         if id(optimizer) in self._found_inf:
             raise ConfigError("unscale_() has already been called on this optimizer since the last update()")
-        inverse = 1.0 / self._scale
-        finite = True
-        for p in optimizer.params:
-            keys = [d for d, g in p.grad_blocks.items() if g is not None]
-            unscale = partial(_unscale_block, p.backend.xp, inverse)
-            flags = collectives.on_devices(p.backend, unscale, p.grad_blocks, keys=keys)
-            finite = finite and all(bool(collectives.to_host(p.backend, f)) for f in flags.values())
+        local = _unscale_and_check(optimizer.params, 1.0 / self._scale)
         comm = optimizer.params[0].comm
-        found = collectives.all_reduce_host_scalar(comm, 0.0 if finite else 1.0, "max") > 0.0
+        found = collectives.all_reduce_host_scalar(comm, 1.0 if local else 0.0, "max") > 0.0
         self._found_inf[id(optimizer)] = found
         return found
 

@@ -1,4 +1,4 @@
-"""Optimizers that update every parameter in place, each device block on its own device, and clipping.
+"""Optimizers that update every parameter in place, each device block on its own device.
 
 Each optimizer takes the parameters of one or more modules (``model.parameters()``)
 and keeps its state (momentum, Adam moments, step counts) block by block,
@@ -13,6 +13,8 @@ mixed-precision training does; ``torch.optim`` under AMP keeps float32 state).
 :meth:`Optimizer.state_dict` holds every state tensor as its *logical*
 (unsharded) value, so it loads into an optimizer over the same model split any
 other way; :func:`tp_gpu.save_checkpoint` stores it beside the weights.
+
+Global-norm clipping lives in :mod:`tp_gpu.clip`; ``clip_grad_norm`` is importable from here too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Dict, Hashable, Iterable, Iterator, List, Mapping, Tuple
 import numpy as np
 
 from . import collectives
+from .clip import clip_grad_norm
 from .errors import ConfigError, ShapeError
 from .parameter import ShardedParameter
 
@@ -206,9 +209,9 @@ class Optimizer:
         return {d: {"step": int(entry["step"]), **{k: a[d] for k, a in arrays.items()}} for d in p.blocks}
 
 
-def _state_dtype(p: ShardedParameter) -> Any:
+def _state_dtype(p: ShardedParameter) -> np.dtype:
     """Optimizer state is kept in float32 for float16 parameters, else in the parameter's dtype."""
-    return np.float32 if p.dtype.itemsize < 4 else p.dtype
+    return np.dtype(np.float32) if p.dtype.itemsize < 4 else p.dtype
 
 
 def _zeros_like(p: ShardedParameter, device: Hashable) -> Any:
@@ -367,110 +370,3 @@ def adam_update(
         xp.divide(m, s, out=s)
         s *= step_size
         w -= s
-
-
-def clip_grad_norm(parameters: Iterable[ShardedParameter], max_norm: float, norm_type: float = 2.0) -> float:
-    """Scale every gradient in place so that their global norm is at most ``max_norm``; return that norm.
-
-    As ``torch.nn.utils.clip_grad_norm_``: the total norm is the ``norm_type``
-    norm of all gradients together (``inf``: the largest absolute value), over
-    every shard on every device and process; the gradients are multiplied by
-    ``min(1, max_norm / (total + 1e-6))``. A non-finite norm is returned as it
-    is, and the gradients are scaled by the resulting NaN, as torch does.
-    Parameters without a gradient are skipped. A parameter kept whole (the
-    row-parallel bias) is the same on every process and counts once.
-
-    ``parameters`` is one :class:`ShardedParameter` or an iterable of them,
-    ``max_norm`` a number in ``[0, inf]`` and ``norm_type`` one in ``(0, inf]``
-    (or ``"inf"``); anything else raises ConfigError before any gradient changes
-    (torch lets a NaN ``max_norm`` make every gradient NaN and a negative one
-    flip their signs).
-    """
-    params = [p for p in _clip_parameters(parameters) if any(g is not None for g in p.grad_blocks.values())]
-    max_norm = _clip_number(max_norm, "max_norm", 0.0, allow_zero=True)
-    norm_type = _clip_number(norm_type, "norm_type", 0.0, allow_zero=False)
-    if not params:
-        return 0.0
-    total = _global_norm(params, norm_type)
-    coefficient = max_norm / (total + 1e-6)
-    if coefficient < 1.0 or math.isnan(coefficient):
-        for p in params:
-            keys = [d for d, g in p.grad_blocks.items() if g is not None]
-            collectives.on_devices(p.backend, partial(_scale_in_place, coefficient), p.grad_blocks, keys=keys)
-    return total
-
-
-def _clip_parameters(parameters: Any) -> List[ShardedParameter]:
-    """``parameters`` (one ShardedParameter or an iterable of them) as a list, or ConfigError."""
-    if isinstance(parameters, ShardedParameter):
-        return [parameters]
-    try:
-        params = list(parameters)
-    except TypeError:
-        raise ConfigError(
-            f"clip_grad_norm takes a ShardedParameter or an iterable of them (model.parameters()), "
-            f"got {type(parameters).__name__}"
-        ) from None
-    for i, p in enumerate(params):
-        if not isinstance(p, ShardedParameter):
-            raise ConfigError(
-                f"clip_grad_norm parameters must be ShardedParameter objects (model.parameters()), "
-                f"got {type(p).__name__} at position {i}"
-            )
-    return params
-
-
-def _clip_number(value: Any, name: str, low: float, allow_zero: bool) -> float:
-    """``value`` as a float in ``[low, inf]`` (``(low, inf]`` unless ``allow_zero``); ``"inf"`` is inf."""
-    if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity"):
-        return math.inf
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-    if ok:
-        ok = value >= low if allow_zero else value > low
-    if not ok:
-        bound = f"[{low:g}, inf]" if allow_zero else f"({low:g}, inf]"
-        raise ConfigError(f"clip_grad_norm {name} must be a number in {bound} or 'inf', got {value!r}")
-    return float(value)
-
-
-def _scale_in_place(factor: float, grad: Any) -> None:
-    grad *= factor
-
-
-def _block_norm(xp: Any, norm_type: float, grad: Any) -> Any:
-    """``max |g|`` (``inf``) or ``sum |g|^norm_type`` of one block, accumulated in at least float32."""
-    flat = grad.reshape(-1)
-    if flat.dtype.itemsize < 4:
-        flat = flat.astype(np.float32)
-    if math.isinf(norm_type):
-        return xp.abs(flat).max() if flat.size else xp.zeros((), dtype=flat.dtype)
-    if norm_type == 2.0:
-        return flat @ flat  # (n,) @ (n,) -> (): no temporary
-    return (xp.abs(flat) ** norm_type).sum()
-
-
-def _global_norm(params: List[ShardedParameter], norm_type: float) -> float:
-    """The ``norm_type`` norm over every gradient block of ``params``, on every process."""
-    infinite = math.isinf(norm_type)
-    split_part, whole_part = 0.0, 0.0
-    for p in params:
-        keys = [d for d, g in p.grad_blocks.items() if g is not None]
-        block_norm = partial(_block_norm, p.backend.xp, norm_type)
-        partial_norms = collectives.on_devices(p.backend, block_norm, p.grad_blocks, keys=keys)
-        values = [float(collectives.to_host(p.backend, v)) for v in partial_norms.values()]
-        local = _nan_max(*values) if infinite else sum(values)
-        if p.layout is None:
-            whole_part = _nan_max(whole_part, local) if infinite else whole_part + local
-        else:
-            split_part = _nan_max(split_part, local) if infinite else split_part + local
-    comm = params[0].comm
-    if comm.size > 1:
-        split_part = float(collectives.all_reduce_host_scalar(comm, split_part, "max" if infinite else "sum"))
-    if infinite:
-        return _nan_max(split_part, whole_part)
-    return (split_part + whole_part) ** (1.0 / norm_type)
-
-
-def _nan_max(*values: float) -> float:
-    """The largest of ``values``, NaN if any is NaN (Python's ``max`` drops a NaN that is not first)."""
-    return float(np.max(values))

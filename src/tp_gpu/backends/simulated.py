@@ -16,8 +16,10 @@ cannot be a view of a strided array returns its copy read-only, so code that
 writes into a reshaped array expecting the original to change raises
 (``ValueError: assignment destination is read-only``) instead of losing the
 write, as NumPy and CuPy silently do. Moves between devices happen only through
-:meth:`SimulatedBackend.to_device`, which counts them in ``transfers``, so tests
-can check how often data crosses devices.
+:meth:`SimulatedBackend.to_device`, which counts them in ``transfers``, and copies
+to the host through :meth:`SimulatedBackend.to_host`, which counts them in
+``host_reads``, so tests can check how often data crosses devices and how often
+the host waits for a device (each ``to_host`` is a synchronisation on a GPU).
 """
 
 from __future__ import annotations
@@ -209,6 +211,9 @@ class SimulatedBackend(Backend):
         self.devices: Tuple[int, ...] = tuple(range(devices)) if isinstance(devices, int) else devices
         #: Count and bytes of cross-device copies, keyed ``(src, dst)``.
         self.transfers: Dict[Tuple[object, int], Tuple[int, int]] = {}
+        #: Count and bytes of device-to-host copies (:meth:`to_host` of a device array), keyed by
+        #: the source device: on a GPU each one waits for the device.
+        self.host_reads: Dict[Device, Tuple[int, int]] = {}
 
     @contextlib.contextmanager
     def device(self, device: Device):
@@ -253,6 +258,15 @@ class SimulatedBackend(Backend):
             return arr
         return self.asarray(arr, arr.dtype, device)
 
+    def to_host(self, arr) -> np.ndarray:
+        """``arr`` as a host NumPy array; a device array's copy is counted in ``host_reads``."""
+        host = host_array(arr)
+        if isinstance(arr, SimArray):
+            count, total = self.host_reads.get(arr.device, (0, 0))
+            self.host_reads[arr.device] = (count + 1, total + host.nbytes)
+        return host
+
     def reset_transfers(self) -> None:
-        """Forget the recorded transfers."""
+        """Forget the recorded transfers and host reads."""
         self.transfers.clear()
+        self.host_reads.clear()
