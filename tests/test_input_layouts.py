@@ -93,7 +93,7 @@ def _host(x: Any) -> np.ndarray:
 
 def _leaf(logits: tp.ShardedTensor) -> tp.ShardedTensor:
     """A new leaf over ``logits``' own blocks (strides kept), requiring grad: its ``.grad`` is ``dZ``."""
-    return logits.map(lambda a: a).requires_grad_()
+    return logits.detach().requires_grad_()
 
 
 def _strided_sharded(full: np.ndarray, config: tp.TensorParallelConfig, axis: int = -1) -> tp.ShardedTensor:

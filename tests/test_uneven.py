@@ -66,8 +66,6 @@ def host(layer, value) -> np.ndarray:
 def leaf(value):
     """``value``'s blocks as a new leaf that requires grad (a ShardedTensor stays one): its ``.grad``
     after a backward through it is the gradient of ``value``."""
-    if isinstance(value, ShardedTensor):
-        return value.map(lambda a: a).requires_grad_()
     return value.detach().requires_grad_()
 
 
