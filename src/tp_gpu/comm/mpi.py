@@ -14,24 +14,9 @@ stops every rank of the job, instead of ``MPI_Finalize``, which would wait for
 the missing peer. (A rank that is killed outright is noticed by ``mpirun``,
 which stops the job by itself.)
 
-An uncaught exception on any rank stops the whole job at once, as under
-``python -m mpi4py``: creating an :class:`MpiComm` of more than one process
-installs a ``sys.excepthook`` that prints the traceback as usual, then calls
-``MPI.COMM_WORLD.Abort(1)``. Without it the other ranks would wait in their
-next collective for the full timeout. Set ``TP_GPU_MPI_ABORT_ON_ERROR=0`` to
-leave ``sys.excepthook`` alone (for example to debug one rank post mortem).
-
-A rank whose program *ends* (exit status 0, ``sys.exit``, falling off the end)
-while the others still call collectives would likewise leave them waiting for
-the full timeout. So each rank, as its Python exits, sends every other rank a
-one-integer "leaving" message (tag :data:`EXIT_TAG`, point to point, on the
-same communicator), and each rank keeps one receive for it posted. A rank that
-is waiting in a collective and sees that a peer has left gives the collective
-:data:`EXIT_GRACE` more seconds (a collective the peer finished before leaving
-completes in that time), then raises :class:`~tp_gpu.errors.CommError` naming
-the rank that left; uncaught, that aborts the job. At a normal end every rank
-leaves after its last collective and nobody waits in one, so nothing is
-aborted: the notices are simply not read.
+An uncaught exception on any rank, or a rank whose program ends while the
+others still wait in a collective, ends the whole job within seconds instead of
+leaving the others waiting for the timeout: see :mod:`tp_gpu.comm.mpi_exit`.
 
 Every array collective starts with one all-gather of a fixed-size buffer per
 rank: the array's shape and dtype (12 integers) and, for an array of at most
@@ -51,34 +36,40 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
-import sys
 import time
 from functools import partial
-from types import TracebackType
-from typing import Any, Callable, List, Optional, Type
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
-from ..backends.base import is_cupy_array
+from ..backends.base import Backend, is_cupy_array
 from ..errors import BackendUnavailableError, CommError, ShapeError
 from .base import Communicator
+from .mpi_exit import (
+    ABORT_ON_ERROR_ENV,
+    EXIT_GRACE,
+    EXIT_TAG,
+    LeavingNotices,
+    end_job,
+    install_abort_on_uncaught_exception,
+)
 
-__all__ = ["MpiComm", "import_mpi", "install_abort_on_uncaught_exception"]
+__all__ = [
+    "MpiComm",
+    "import_mpi",
+    # from mpi_exit, importable here as before the split
+    "ABORT_ON_ERROR_ENV",
+    "EXIT_GRACE",
+    "EXIT_TAG",
+    "end_job",
+    "install_abort_on_uncaught_exception",
+]
 
 #: Seconds a collective may take before it is declared failed.
 DEFAULT_TIMEOUT = 120.0
 
-#: Environment variable; ``0`` keeps :class:`MpiComm` from installing its excepthook.
-ABORT_ON_ERROR_ENV = "TP_GPU_MPI_ABORT_ON_ERROR"
-
 #: Environment variable; ``0`` skips the shape header before each array collective.
 CHECK_SHAPES_ENV = "TP_GPU_MPI_CHECK_SHAPES"
-
-#: Tag of the point-to-point "this rank is leaving" message sent at exit.
-EXIT_TAG = 0x7470  # "tp"
-
-#: Seconds a collective may still take after a peer has left, before CommError.
-EXIT_GRACE = 2.0
 
 #: Integers in a shape header: ndim, dtype number, itemsize, then up to 9 sizes (more are folded).
 _HEADER = 12
@@ -127,55 +118,6 @@ def import_mpi():
     return MPI
 
 
-ExceptHook = Callable[[Type[BaseException], BaseException, Optional[TracebackType]], Any]
-
-
-def install_abort_on_uncaught_exception(MPI: Any) -> bool:
-    """Make an uncaught exception abort the whole MPI job, as ``python -m mpi4py`` does.
-
-    Wraps ``sys.excepthook``: the current hook runs first (it prints the traceback), then the
-    output is flushed and ``MPI.COMM_WORLD.Abort(1)`` stops every rank; ``mpirun`` exits non-zero.
-    Installs once per process; returns whether the hook is in place.
-    """
-    if getattr(sys.excepthook, "_tp_gpu_mpi_abort", False):
-        return True
-    previous: ExceptHook = sys.excepthook
-
-    def abort_on_uncaught_exception(
-        exc_type: Type[BaseException], exc: BaseException, tb: Optional[TracebackType]
-    ) -> None:
-        try:
-            previous(exc_type, exc, tb)
-        finally:
-            end_job(MPI)
-
-    abort_on_uncaught_exception._tp_gpu_mpi_abort = True  # type: ignore[attr-defined]
-    sys.excepthook = abort_on_uncaught_exception
-    return True
-
-
-#: Set once any communicator of this process has seen a peer leave the job (its program ended).
-_PEER_LEFT = False
-
-
-def end_job(MPI: Any) -> None:
-    """Flush the output and stop the whole job with exit status 1.
-
-    ``MPI_Abort`` normally. Once a peer has *ended* (exited with status 0 after ``MPI_Finalize``),
-    Open MPI 4.1's ``mpirun`` sometimes hangs or crashes on an abort (seen here in 1 of 12 to
-    15 runs on a loaded machine, with plain mpi4py too), whereas a rank that exits with a
-    non-zero status is always noticed and the job ended; so then this rank exits with status 1.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # a closed or replaced stream must not keep the job alive
-            pass
-    if _PEER_LEFT:
-        os._exit(1)
-    MPI.COMM_WORLD.Abort(1)
-
-
 def _combine_reduce(op: str, pieces: List[np.ndarray]) -> np.ndarray:
     """``sum`` or elementwise ``max`` of every rank's array, in rank order (the same on every rank)."""
     out = pieces[0].copy()
@@ -210,7 +152,7 @@ class MpiComm(Communicator):
 
     name = "mpi"
 
-    def __init__(self, comm=None, timeout: Optional[float] = None) -> None:
+    def __init__(self, comm: Any = None, timeout: Optional[float] = None) -> None:
         MPI = import_mpi()
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
@@ -222,54 +164,25 @@ class MpiComm(Communicator):
         self.cuda_aware = os.environ.get("TP_GPU_MPI_CUDA_AWARE", "0") == "1"
         self.check_shapes = os.environ.get(CHECK_SHAPES_ENV, "1") != "0"
         self.broken = False
-        self.left: Optional[int] = None  # the first peer seen leaving the job
-        self._leaving = np.zeros(1, dtype=np.int64)
-        self._leaving_request: Any = None  # posted when a collective first has to wait
+        self.notices = LeavingNotices(MPI, self.comm, self.rank, self.size)
         atexit.register(self._at_exit)
         if self.size > 1 and os.environ.get(ABORT_ON_ERROR_ENV, "1") != "0":
             install_abort_on_uncaught_exception(MPI)
 
+    @property
+    def left(self) -> Optional[int]:
+        """The rank of the first peer seen leaving the job (its program ended), or None."""
+        return self.notices.left
+
     def _at_exit(self) -> None:
         """At exit: after a failed collective, abort the job rather than wait in MPI_Finalize; else
-        tell every peer that this rank is leaving (see the module docstring) and withdraw the
-        receive of their notices. Never raises: the interpreter is ending."""
+        tell every peer that this rank is leaving (see :mod:`tp_gpu.comm.mpi_exit`). Never raises:
+        the interpreter is ending."""
         if self.broken:
             end_job(self._MPI)
-        if self.size == 1:
-            return
-        try:
-            if self._MPI.Is_finalized():
-                return
-            notice = np.array([self.rank], dtype=np.int64)
-            sends = [
-                self.comm.Isend(notice, dest=r, tag=EXIT_TAG) for r in range(self.size) if r != self.rank
-            ]
-            if self._leaving_request is not None and not self._leaving_request.Test():
-                self._leaving_request.Cancel()
-                self._leaving_request.Wait()
-            deadline = time.monotonic() + 1.0
-            while not self._MPI.Request.Testall(sends) and time.monotonic() < deadline:
-                time.sleep(1e-3)  # one-integer messages go eagerly: complete at once in practice
-        except Exception:  # a broken or stand-in MPI: leaving quietly is all that is left to do
-            pass
+        self.notices.send()
 
-    def _peer_left(self) -> bool:
-        """Whether a peer's "leaving" notice has arrived (its rank is then in ``self.left``).
-
-        The receive is posted on the first call; notices sent before wait for it in MPI.
-        """
-        global _PEER_LEFT
-        if self.left is None:
-            if self._leaving_request is None:
-                self._leaving_request = self.comm.Irecv(
-                    self._leaving, source=self._MPI.ANY_SOURCE, tag=EXIT_TAG
-                )
-            if self._leaving_request.Test():
-                self.left = int(self._leaving[0])
-                _PEER_LEFT = True
-        return self.left is not None
-
-    def _wait(self, request, what: str) -> None:
+    def _wait(self, request: Any, what: str) -> None:
         """Poll ``request`` until it completes, or raise CommError after the timeout, or
         :data:`EXIT_GRACE` seconds after a peer has left the job."""
         if request.Test():
@@ -280,7 +193,7 @@ class MpiComm(Communicator):
         delay = 1e-5
         while not request.Test():
             now = time.monotonic()
-            if left_at is None and self._peer_left():
+            if left_at is None and self.notices.peer_left():
                 left_at = now
             if left_at is not None and now - left_at > min(EXIT_GRACE, self.timeout):
                 self.broken = True
@@ -298,7 +211,7 @@ class MpiComm(Communicator):
             time.sleep(delay)
             delay = min(delay * 2, 1e-3)
 
-    def _exchange_header(self, backend: Any, array: Any, what: str) -> Optional[List[np.ndarray]]:
+    def _exchange_header(self, backend: Backend, array: Any, what: str) -> Optional[List[np.ndarray]]:
         """Every rank's shape header, and for an array of at most :data:`SMALL_BYTES` its data too,
         in one all-gather of a fixed :data:`_HEADER_BYTES` + :data:`SMALL_BYTES` per rank.
 
@@ -334,7 +247,7 @@ class MpiComm(Communicator):
 
     def _run(
         self,
-        backend: Any,
+        backend: Backend,
         array: Any,
         make_recv: Callable[..., Any],
         start: Callable[..., Any],
@@ -374,7 +287,7 @@ class MpiComm(Communicator):
         result = post(np, recv)
         return backend.asarray(result, result.dtype, device) if device in backend.devices else result
 
-    def all_reduce(self, backend, array, op="sum"):
+    def all_reduce(self, backend: Backend, array: Any, op: str = "sum") -> Any:
         mpi_op = {"sum": self._MPI.SUM, "max": self._MPI.MAX}[op]
         return self._run(
             backend,
@@ -386,7 +299,7 @@ class MpiComm(Communicator):
             partial(_combine_reduce, op),
         )
 
-    def all_gather(self, backend, array, axis):
+    def all_gather(self, backend: Backend, array: Any, axis: int) -> Any:
         axis %= array.ndim
         return self._run(
             backend,
@@ -398,7 +311,7 @@ class MpiComm(Communicator):
             lambda pieces: np.concatenate(pieces, axis=axis),
         )
 
-    def reduce_scatter(self, backend, array, axis, sizes):
+    def reduce_scatter(self, backend: Backend, array: Any, axis: int, sizes: Sequence[int]) -> Any:
         """MPI's reduce-scatter (``(s - 1) / s`` of the array crosses per rank): ``array`` goes with
         ``axis`` swapped to the front, so that each rank's piece of any length is one contiguous run."""
         axis %= array.ndim
@@ -416,7 +329,7 @@ class MpiComm(Communicator):
             given=array,
         )
 
-    def all_gather_object(self, obj) -> List[Any]:
+    def all_gather_object(self, obj: Any) -> List[Any]:
         # Objects are small (configuration fingerprints): pickle them into byte buffers and
         # gather those with the non-blocking collectives, so the timeout applies here too.
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
@@ -430,7 +343,7 @@ class MpiComm(Communicator):
         self._wait(self.comm.Iallgather(padded, recv), "all_gather (objects)")
         return [pickle.loads(recv[r, : sizes[r]].tobytes()) for r in range(self.size)]
 
-    def broadcast_object(self, obj, root=0):
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         return self.all_gather_object(obj if self.rank == root else None)[root]
 
     def barrier(self) -> None:
