@@ -15,11 +15,14 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from .backends.base import Backend, Blocks
 from .backends.numpy_backend import CPU, NumpyBackend
+from .comm.base import Communicator
+from .comm.reduction import InProcessNcclReduction, PeerCopyReduction, Reduction
 from .errors import ConfigError
 from .partition import BlockLayout
 
@@ -46,8 +49,6 @@ __all__ = [
     "to_host",
 ]
 
-Blocks = dict[Hashable, Any]
-
 _HOST = NumpyBackend()  # host arrays, and the host side of checkpoints, travel as NumPy
 
 
@@ -55,47 +56,10 @@ def _along(axis: int, index: slice) -> tuple[slice, ...]:
     return (slice(None),) * axis + (index,)
 
 
-class Reduction(Protocol):
-    """How one array per device is combined elementwise into one array on ``dst``."""
-
-    def combine(self, backend: Any, per_device: Blocks, dst: Hashable, ufunc: str) -> Any: ...
+_reductions: weakref.WeakKeyDictionary[Backend, Reduction] = weakref.WeakKeyDictionary()
 
 
-class PeerCopyReduction:
-    """Each device's array is copied to ``dst`` (a peer copy on CuPy) and combined there."""
-
-    def combine(self, backend: Any, per_device: Blocks, dst: Hashable, ufunc: str) -> Any:
-        combine = getattr(backend.xp, ufunc)
-        arrays = list(per_device.values())
-        total = backend.to_device(arrays[0], dst)
-        with backend.device(dst):
-            for local in arrays[1:]:
-                combine(total, backend.to_device(local, dst), out=total)
-        return total
-
-
-class InProcessNcclReduction:
-    """NCCL's reduce across the GPUs of one process, where it applies; peer copies otherwise.
-
-    Chosen by :func:`default_reduction` with ``TP_GPU_NCCL=1`` on the CuPy
-    backend with two or more GPUs. NCCL applies when every GPU holds one
-    array of the same shape and dtype.
-    """
-
-    def __init__(self, nccl: Any) -> None:
-        self.nccl = nccl
-        self.fallback = PeerCopyReduction()
-
-    def combine(self, backend: Any, per_device: Blocks, dst: Hashable, ufunc: str) -> Any:
-        if self.nccl.can_reduce(per_device, dst, ufunc):
-            return self.nccl.reduce(per_device, dst, ufunc)
-        return self.fallback.combine(backend, per_device, dst, ufunc)
-
-
-_reductions: weakref.WeakKeyDictionary[Any, Reduction] = weakref.WeakKeyDictionary()
-
-
-def default_reduction(backend: Any) -> Reduction:
+def default_reduction(backend: Backend) -> Reduction:
     """The reduction strategy of ``backend``: in-process NCCL when asked for and possible, else
     peer copies."""
     key = backend
@@ -112,7 +76,7 @@ def default_reduction(backend: Any) -> Reduction:
 
 
 def on_devices(
-    backend: Any, fn: Callable[..., Any], *blocks: Blocks, keys: Iterable[Hashable] | None = None
+    backend: Backend, fn: Callable[..., Any], *blocks: Blocks, keys: Iterable[Hashable] | None = None
 ) -> Blocks:
     """``{d: fn(blocks[0][d], blocks[1][d], ...)}`` for each device ``d`` of ``keys`` (default: the
     devices of ``blocks[0]``), each call under its device, where its operands already live.
@@ -126,22 +90,22 @@ def on_devices(
     return out
 
 
-def broadcast(backend: Any, x: Any, devices: Sequence[Hashable], dtype: Any) -> Blocks:
+def broadcast(backend: Backend, x: Any, devices: Sequence[Hashable], dtype: Any) -> Blocks:
     """Copy ``x`` (host or any device) as ``dtype`` onto each distinct device, once per device."""
     return {device: backend.asarray(x, dtype, device) for device in dict.fromkeys(devices)}
 
 
-def to_devices(backend: Any, arrays: Sequence[Any], devices: Sequence[Hashable], dtype: Any) -> list[Any]:
+def to_devices(backend: Backend, arrays: Sequence[Any], devices: Sequence[Hashable], dtype: Any) -> list[Any]:
     """``arrays[i]`` on ``devices[i]`` as ``dtype`` (no copy where it already is)."""
     return [backend.asarray(a, dtype, device) for a, device in zip(arrays, devices)]
 
 
-def to_host(backend: Any, x: Any) -> np.ndarray:
+def to_host(backend: Backend, x: Any) -> np.ndarray:
     """``x`` as a host NumPy array (a device-to-host copy; on a GPU it waits for ``x``)."""
     return backend.to_host(x)
 
 
-def scatter_blocks(backend: Any, x: Any, axis: int, layout: BlockLayout, dtype: Any) -> Blocks:
+def scatter_blocks(backend: Backend, x: Any, axis: int, layout: BlockLayout, dtype: Any) -> Blocks:
     """Split ``x`` along ``axis`` into each device's block: its workers' slices, side by side.
 
     Only each block's slices cross to its device. A device whose workers own one
@@ -164,7 +128,7 @@ def scatter_blocks(backend: Any, x: Any, axis: int, layout: BlockLayout, dtype: 
 
 
 def assemble_blocks(
-    backend: Any, pieces: Sequence[Any], axis: int, layout: BlockLayout, dtype: Any
+    backend: Backend, pieces: Sequence[Any], axis: int, layout: BlockLayout, dtype: Any
 ) -> Blocks:
     """Each device's block built from per-worker ``pieces`` (worker ``w``'s slice along ``axis``,
     anywhere), with zeros on the padding of a padded layout. Each piece crosses to its device once."""
@@ -182,7 +146,12 @@ def assemble_blocks(
 
 
 def gather_blocks(
-    backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, dst: Hashable, comm: Any = None
+    backend: Backend,
+    blocks: Blocks,
+    axis: int,
+    layout: BlockLayout,
+    dst: Hashable,
+    comm: Communicator | None = None,
 ) -> Any:
     """The full array on ``dst`` from per-device ``blocks`` split along ``axis`` as ``layout`` says.
 
@@ -199,7 +168,7 @@ def gather_blocks(
 
 
 def gather_to_host(
-    backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, comm: Any = None
+    backend: Backend, blocks: Blocks, axis: int, layout: BlockLayout, comm: Communicator | None = None
 ) -> np.ndarray:
     """The full array as a new host NumPy array, from per-device ``blocks`` laid out as ``layout``.
 
@@ -212,7 +181,7 @@ def gather_to_host(
     return _all_gather_spans(_HOST, span, axis, [last - first for first, last in layout.spans], comm)
 
 
-def _gather_span(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, dst: Hashable) -> Any:
+def _gather_span(backend: Backend, blocks: Blocks, axis: int, layout: BlockLayout, dst: Hashable) -> Any:
     first_device, first_block = next(iter(blocks.items()))
     axis %= first_block.ndim
     if len(blocks) == 1 and layout.is_whole(first_device):
@@ -228,7 +197,9 @@ def _gather_span(backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, d
     return out
 
 
-def _all_gather_spans(backend: Any, span: Any, axis: int, sizes: Sequence[int], comm: Any) -> Any:
+def _all_gather_spans(
+    backend: Backend, span: Any, axis: int, sizes: Sequence[int], comm: Communicator
+) -> Any:
     """Every process's ``span`` (lengths ``sizes`` along ``axis``) concatenated in rank order.
 
     Communicators gather equal pieces, so each span is padded to the longest
@@ -256,7 +227,9 @@ def _all_gather_spans(backend: Any, span: Any, axis: int, sizes: Sequence[int], 
         return xp.concatenate(pieces, axis=axis)
 
 
-def _reduce(backend: Any, partials: Blocks, dst: Hashable, ufunc: str, reduction: Reduction | None) -> Any:
+def _reduce(
+    backend: Backend, partials: Blocks, dst: Hashable, ufunc: str, reduction: Reduction | None
+) -> Any:
     """Combine one array per device (``partials``) with ``xp.<ufunc>`` into one array on ``dst``."""
     strategy = default_reduction(backend) if reduction is None else reduction
     if len(partials) == 1:
@@ -265,7 +238,11 @@ def _reduce(backend: Any, partials: Blocks, dst: Hashable, ufunc: str, reduction
 
 
 def reduce_sum(
-    backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Reduction | None = None
+    backend: Backend,
+    partials: Blocks,
+    dst: Hashable,
+    comm: Communicator | None = None,
+    reduction: Reduction | None = None,
 ) -> Any:
     """``sum_d partials[d]`` on ``dst``; consumes the partials (one may become the result).
 
@@ -277,28 +254,32 @@ def reduce_sum(
 
 
 def reduce_max(
-    backend: Any, partials: Blocks, dst: Hashable, comm: Any = None, reduction: Reduction | None = None
+    backend: Backend,
+    partials: Blocks,
+    dst: Hashable,
+    comm: Communicator | None = None,
+    reduction: Reduction | None = None,
 ) -> Any:
     """Elementwise ``max_d partials[d]`` on ``dst``; consumes the partials (and all-reduces over ``comm``)."""
     total = _reduce(backend, partials, dst, "maximum", reduction)
     return total if comm is None or comm.size == 1 else comm.all_reduce(backend, total, "max")
 
 
-def all_reduce_host_scalar(comm: Any, value: float, op: str = "sum") -> float:
+def all_reduce_host_scalar(comm: Communicator | None, value: float, op: str = "sum") -> float:
     """``op`` ("sum" or "max") of one host number over every process of ``comm``."""
     if comm is None or comm.size == 1:
         return value
     return float(comm.all_reduce(_HOST, np.array([value], dtype=np.float64), op)[0])
 
 
-def all_reduce_sum(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
+def all_reduce_sum(backend: Backend, partials: Blocks, comm: Communicator | None = None) -> Blocks:
     """The sum of ``partials`` (over every process of ``comm``) on every device of ``partials``."""
     devices = list(partials)
     total = reduce_sum(backend, partials, devices[0], comm)
     return broadcast(backend, total, devices, total.dtype)
 
 
-def all_reduce_max(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
+def all_reduce_max(backend: Backend, partials: Blocks, comm: Communicator | None = None) -> Blocks:
     """The elementwise max of ``partials`` (over every process of ``comm``) on every device of
     ``partials``."""
     devices = list(partials)
@@ -310,7 +291,7 @@ def all_reduce_max(backend: Any, partials: Blocks, comm: Any = None) -> Blocks:
 
 
 def all_gather_blocks(
-    backend: Any, blocks: Blocks, axis: int, layout: BlockLayout, comm: Any = None
+    backend: Backend, blocks: Blocks, axis: int, layout: BlockLayout, comm: Communicator | None = None
 ) -> Blocks:
     """The whole array ``concat_w X_w`` (every process's span, in order) on every device of ``blocks``.
 
@@ -332,7 +313,7 @@ def all_gather_blocks(
 
 
 def reduce_scatter_blocks(
-    backend: Any, partials: Blocks, axis: int, layout: BlockLayout, comm: Any = None
+    backend: Backend, partials: Blocks, axis: int, layout: BlockLayout, comm: Communicator | None = None
 ) -> Blocks:
     """Each device's block of ``Y = sum_d partials[d]`` (summed over every process of ``comm`` too).
 
@@ -376,7 +357,7 @@ def reduce_scatter_blocks(
 
 
 def _slices_of(
-    backend: Any,
+    backend: Backend,
     array: Any,
     axis: int,
     layout: BlockLayout,

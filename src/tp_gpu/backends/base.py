@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ContextManager, Hashable, Sequence, Tuple
+from typing import Any, ContextManager, Dict, Hashable, Sequence, Tuple
 
 import numpy as np
 
@@ -19,6 +19,8 @@ from ..errors import ShapeError, TensorParallelError
 
 __all__ = [
     "Backend",
+    "Blocks",
+    "Device",
     "is_cupy_array",
     "is_dlpack_array",
     "from_dlpack",
@@ -28,6 +30,10 @@ __all__ = [
 ]
 
 Device = Hashable
+
+#: One array per device (NumPy, CuPy or simulated), keyed by the device it lives on: a parameter's or
+#: an activation's blocks, or one partial result per device.
+Blocks = Dict[Device, Any]
 
 #: DLPack device types (``DLDeviceType``) whose memory the host can read: CPU,
 #: CUDA pinned host, ROCm pinned host, CUDA managed. NumPy imports these.

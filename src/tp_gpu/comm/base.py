@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, List, Sequence
 
+from ..backends.base import Backend
+
 __all__ = ["Communicator", "LocalComm"]
 
 
@@ -22,16 +24,16 @@ class Communicator:
     rank: int = 0
     size: int = 1
 
-    def all_reduce(self, backend, array: Any, op: str = "sum") -> Any:
+    def all_reduce(self, backend: Backend, array: Any, op: str = "sum") -> Any:
         """``op`` ("sum" or "max") of ``array`` over every rank, on ``array``'s device, on every rank."""
         raise NotImplementedError
 
-    def all_gather(self, backend, array: Any, axis: int) -> Any:
+    def all_gather(self, backend: Backend, array: Any, axis: int) -> Any:
         """Every rank's ``array`` (all of one shape) concatenated along ``axis`` in rank order, on
         every rank."""
         raise NotImplementedError
 
-    def reduce_scatter(self, backend, array: Any, axis: int, sizes: Sequence[int]) -> Any:
+    def reduce_scatter(self, backend: Backend, array: Any, axis: int, sizes: Sequence[int]) -> Any:
         """This rank's piece of ``sum_ranks array``, on ``array``'s device.
 
         ``array`` (one shape on every rank) is cut along ``axis`` into pieces of
@@ -66,17 +68,17 @@ class LocalComm(Communicator):
 
     name = "local"
 
-    def all_reduce(self, backend, array, op="sum"):
+    def all_reduce(self, backend: Backend, array: Any, op: str = "sum") -> Any:
         return array
 
-    def all_gather(self, backend, array, axis):
+    def all_gather(self, backend: Backend, array: Any, axis: int) -> Any:
         return array
 
-    def reduce_scatter(self, backend, array, axis, sizes):
+    def reduce_scatter(self, backend: Backend, array: Any, axis: int, sizes: Sequence[int]) -> Any:
         return array
 
-    def all_gather_object(self, obj):
+    def all_gather_object(self, obj: Any) -> List[Any]:
         return [obj]
 
-    def broadcast_object(self, obj, root=0):
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         return obj

@@ -28,11 +28,11 @@ import atexit
 import multiprocessing
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ..backends.base import is_cupy_array
+from ..backends.base import Backend, is_cupy_array
 from ..backends.cupy_backend import import_cupy
 from ..errors import BackendUnavailableError, ConfigError
 from .base import Communicator
@@ -157,7 +157,7 @@ class NcclComm(Communicator):
         if self._nccl is not None:
             _stop_store(self._nccl)
 
-    def _run(self, backend, array: Any, collective, *args: Any) -> Any:
+    def _run(self, backend: Backend, array: Any, collective: Callable[..., Any], *args: Any) -> Any:
         """``collective(array on this rank's GPU, *args)``; the result lives where ``array`` did.
 
         NCCL's communicator is bound to ``self.device``: a CuPy array on another
@@ -193,13 +193,13 @@ class NcclComm(Communicator):
         self._nccl.all_gather(send, out, send.size)
         return self._cupy.concatenate([out[r] for r in range(self.size)], axis=axis)
 
-    def all_reduce(self, backend, array, op="sum"):
+    def all_reduce(self, backend: Backend, array: Any, op: str = "sum") -> Any:
         return self._run(backend, array, self._all_reduce, op)
 
-    def all_gather(self, backend, array, axis):
+    def all_gather(self, backend: Backend, array: Any, axis: int) -> Any:
         return self._run(backend, array, self._all_gather, axis % array.ndim)
 
-    def all_gather_object(self, obj) -> list[Any]:
+    def all_gather_object(self, obj: Any) -> list[Any]:
         cupy = self._cupy
         payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
         with cupy.cuda.Device(self.device):
@@ -213,7 +213,7 @@ class NcclComm(Communicator):
             host, lengths = out.get(), sizes.get()
         return [pickle.loads(host[r, : lengths[r]].tobytes()) for r in range(self.size)]
 
-    def broadcast_object(self, obj, root=0):
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         return self.all_gather_object(obj if self.rank == root else None)[root]
 
     def barrier(self) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..backends.base import Blocks
+
 __all__ = ["InProcessNccl", "maybe_in_process_nccl"]
 
 
@@ -36,7 +38,7 @@ class InProcessNccl:
         }
         self._ops = {"add": nccl.NCCL_SUM, "maximum": nccl.NCCL_MAX}
 
-    def can_reduce(self, arrays: dict[Hashable, Any], dst: Hashable, ufunc: str) -> bool:
+    def can_reduce(self, arrays: Blocks, dst: Hashable, ufunc: str) -> bool:
         """True when NCCL can do this reduction: one same-shaped array on every GPU, a known op and dtype."""
         if set(arrays) != set(self.devices) or dst not in arrays or ufunc not in self._ops:
             return False
@@ -44,7 +46,7 @@ class InProcessNccl:
         same = all(a.shape == first.shape and a.dtype == first.dtype for a in arrays.values())
         return first.dtype in self._types and same
 
-    def reduce(self, arrays: dict[Hashable, Any], dst: Hashable, ufunc: str) -> Any:
+    def reduce(self, arrays: Blocks, dst: Hashable, ufunc: str) -> Any:
         """Elementwise ``ufunc`` ("add" or "maximum") of ``arrays`` onto a new array on ``dst``."""
         cupy, nccl = self._cupy, self._nccl
         sends = {}
