@@ -20,6 +20,7 @@ import math
 import numpy as np
 import pytest
 
+import tp_gpu
 from tp_gpu import (
     SGD,
     ColumnParallelLinear,
@@ -503,3 +504,18 @@ def test_scaler_load_state_dict_checks_before_changing(state):
     assert scaler.state_dict() == before
     scaler.load_state_dict(GOOD_STATE)
     assert scaler.state_dict() == GOOD_STATE
+
+
+def test_scaled_loss_backward_scales_every_gradient():
+    """``scaler.scale(loss).backward()``, PyTorch's way: every gradient is the scale times the plain one."""
+    config = tp_gpu.TensorParallelConfig(n_workers=3, dtype="float64", backend="simulated", devices=2)
+    lin = tp_gpu.ColumnParallelLinear(4, 5, config)
+    x = np.random.default_rng(0).standard_normal((6, 4))
+    lin(x).sum().backward()
+    plain = lin.weight.full_grad()
+    lin.zero_grad()
+    scaler = GradScaler(init_scale=8.0)
+    scaled = scaler.scale(lin(x).sum())
+    assert isinstance(scaled, tp_gpu.Tensor)
+    scaled.backward()
+    np.testing.assert_allclose(lin.weight.full_grad(), 8.0 * plain, rtol=1e-14)

@@ -141,8 +141,10 @@ def test_clip_grad_norm_neighbours_that_stay_allowed():
 
 
 @pytest.mark.parametrize("value", ["abc", None, True, [1.0], 1j])
-def test_grad_scaler_scale_takes_a_real_number(value):
-    with pytest.raises(ConfigError, match="GradScaler.scale takes the loss gradient as a real number"):
+def test_grad_scaler_scale_takes_a_tensor_or_a_real_number(value):
+    with pytest.raises(
+        ConfigError, match="GradScaler.scale takes a loss Tensor or a loss gradient as a real number"
+    ):
         GradScaler().scale(value)
     assert GradScaler(init_scale=4.0).scale(np.float32(0.5)) == 2.0  # NumPy scalars are numbers
 

@@ -9,11 +9,11 @@ inf or NaN (the scale was too large) the step is skipped and ``S`` shrinks by
 every process, so all ranks skip together; the host reads its result once per
 backend (:func:`tp_gpu.device_totals.total_to_host`), not once per block.
 
-Without autograd, the scale enters through the loss's backward::
+As with PyTorch's, the scale enters through the loss::
 
     loss = loss_fn(model(x), targets)
-    model.backward(loss_fn.backward(scaler.scale(1.0)))
-    scaler.step(optimizer)   # unscales, then steps unless a gradient is inf/NaN
+    scaler.scale(loss).backward()   # d(S loss) = S d(loss)
+    scaler.step(optimizer)          # unscales, then steps unless a gradient is inf/NaN
     scaler.update()
 """
 
@@ -29,6 +29,7 @@ from .device_totals import total_to_host
 from .errors import ConfigError, ShapeError
 from .optim import Optimizer
 from .parameter import ShardedParameter
+from .tensor import Tensor
 
 __all__ = ["GradScaler"]
 
@@ -123,18 +124,21 @@ class GradScaler:
         """The current scale (1.0 when disabled)."""
         return self._scale if self.enabled else 1.0
 
-    def scale(self, grad_loss: float = 1.0) -> float:
-        """The loss gradient to start backward with: ``grad_loss * scale``.
+    def scale(self, loss: Any = 1.0) -> Any:
+        """``loss * scale``: a loss Tensor scaled (recorded, so its ``backward`` scales every gradient),
+        or a real number (a loss gradient to pass to ``backward``).
 
-        ``grad_loss`` is a real number (a Python or NumPy scalar); anything else raises ConfigError.
+        Anything else (a string, a bool, an array) raises ConfigError.
         """
-        ok = isinstance(grad_loss, numbers.Real) and not isinstance(grad_loss, bool)
+        if isinstance(loss, Tensor):
+            return loss * self.get_scale()
+        ok = isinstance(loss, numbers.Real) and not isinstance(loss, bool)
         if not ok:
             raise ConfigError(
-                f"GradScaler.scale takes the loss gradient as a real number (e.g. 1.0), got "
-                f"{type(grad_loss).__name__} {grad_loss!r}"
+                f"GradScaler.scale takes a loss Tensor or a loss gradient as a real number (e.g. 1.0), got "
+                f"{type(loss).__name__} {loss!r}"
             )
-        return float(grad_loss) * self.get_scale()
+        return float(loss) * self.get_scale()
 
     def unscale_(self, optimizer: Optimizer) -> bool:
         """Divide ``optimizer``'s gradients by the scale, in place; return whether one is inf/NaN.

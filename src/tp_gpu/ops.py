@@ -299,6 +299,15 @@ def _on(backend: Optional[Backend], device: Hashable, fn: Callable[..., Any], *a
         return fn(*args)
 
 
+#: The NumPy ufuncs that are these operations, for ``array + tensor``.
+ELEMENTWISE_UFUNCS = {np.add: "+", np.subtract: "-", np.multiply: "*", np.true_divide: "/"}
+
+
+def elementwise(a: Any, b: Any, op: str) -> Tensor:
+    """``a op b`` for ``op`` in ``+ - * /``, with the placement rules above."""
+    return _binary(a, b, op)
+
+
 def _binary(a: Any, b: Any, op: str) -> Tensor:
     a, b = _operands(a, b, op)
     placement = _output_placement(a, b, op)

@@ -196,6 +196,17 @@ class Tensor:
 
     # ------------------------------------------------------------------ arithmetic (tp_gpu.ops)
 
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        """``array + tensor`` (``- * /`` too) is the tensor operation, recorded; any other NumPy ufunc
+        of a tensor works on its host copy, as for any object with ``__array__``."""
+        from .ops import ELEMENTWISE_UFUNCS, elementwise
+
+        op = ELEMENTWISE_UFUNCS.get(ufunc)
+        if method == "__call__" and op is not None and len(inputs) == 2 and not kwargs:
+            return elementwise(inputs[0], inputs[1], op)
+        hosts = tuple(x.numpy() if isinstance(x, Tensor) else x for x in inputs)
+        return getattr(ufunc, method)(*hosts, **kwargs)
+
     def __add__(self, other: Any) -> Tensor:
         from .ops import add
 
