@@ -9,6 +9,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from .. import collectives
 from ..autograd import Context, Function
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError
@@ -38,9 +39,8 @@ def input_blocks(x: Tensor, home: Any, backend: Any, dtype: Any) -> Blocks:
     """The blocks an elementwise layer computes on, as ``dtype``: ``x``'s own, each where it lies; a
     host array's (``Dense`` on the host) moved to ``home``."""
     p = x.placement
-    if isinstance(p, Dense) and p.device == HOST:
-        return {home: backend.asarray(x.blocks[HOST], dtype, home)}
-    return {d: backend.asarray(b, dtype, d) for d, b in x.blocks.items()}
+    devices = [home] if isinstance(p, Dense) and p.device == HOST else list(x.blocks)
+    return dict(zip(devices, collectives.to_devices(backend, list(x.blocks.values()), devices, dtype)))
 
 
 def output_placement(x: Tensor, blocks: Blocks) -> Any:
