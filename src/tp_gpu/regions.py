@@ -387,16 +387,13 @@ def place_like(param: Tensor, x: Tensor, group: TensorParallelGroup) -> Tensor:
     itself beside a ``Dense`` ``x`` on its device (or on the host: the layer moves ``x`` there), else
     copied to each of ``group``'s devices (:func:`copy_to_region`; backward sums the ``Partial``
     gradient onto the parameter's device) beside an ``x`` split, replicated or whole on some of them."""
-    p, home = x.placement, param.placement
-    assert isinstance(home, Dense)
-    if isinstance(p, Dense) and p.device in (home.device, HOST):
+    p, devices = x.placement, set(_devices(group))
+    if isinstance(p, Dense) and p.device in (HOST, *param.blocks):
         return param
-    devices = set(_devices(group))
-    where = {p.device} if isinstance(p, Dense) else set(getattr(p, "devices", ()))
-    where = set(p.layout.devices) if isinstance(p, Split) else where
-    if isinstance(p, Partial) or not where <= devices:
+    on = set(p.layout.devices if isinstance(p, Split) else getattr(p, "devices", [getattr(p, "device", 0)]))
+    if isinstance(p, Partial) or not on <= devices:
         raise ShapeError(
-            f"cannot place a parameter beside an input placed {p!r} (shape {x.shape}); expected it Dense, "
-            f"or split or replicated over the group's devices {sorted(devices, key=str)}"
+            f"cannot place a parameter beside an input of shape {x.shape} placed {p!r}; expected the "
+            f"input Dense, or split or replicated over the group's devices {sorted(devices, key=str)}"
         )
     return copy_to_region(param, group)
