@@ -155,8 +155,7 @@ def build(kind: str, cfg):
         raise AssertionError(kind)
 
     def step(rng):
-        module(sample(rng))
-        module.backward(rng.standard_normal(out_shape))
+        module(sample(rng)).backward(rng.standard_normal(out_shape))
 
     return module, step, dense, sample
 
@@ -223,8 +222,7 @@ def test_one_optimizer_over_several_modules(make_config, rng, n_workers, opt_nam
     for _ in range(STEPS):
         opt.zero_grad()
         x = rng.standard_normal((6, 5))
-        row(col(x))
-        col.backward(row.backward(rng.standard_normal((6, 3))))
+        row(col(x)).backward(rng.standard_normal((6, 3)))  # the tape runs row's backward, then col's
         grads = [p.full_grad() for p in params]
         opt.step()
         ref.step(grads)
@@ -254,11 +252,9 @@ def test_params_without_gradient_are_left_unchanged(make_config, rng, n_workers,
     frozen_before = _exact_copies(frozen.parameters())
     for step_no, with_b in enumerate([True, False, True], start=1):
         opt.zero_grad()
-        a(rng.standard_normal((4, 5)))
-        a.backward(rng.standard_normal((4, 2 * n_workers)))
+        a(rng.standard_normal((4, 5))).backward(rng.standard_normal((4, 2 * n_workers)))
         if with_b:
-            b(rng.standard_normal((4, 2 * n_workers)))
-            b.backward(rng.standard_normal((4, 3)))
+            b(rng.standard_normal((4, 2 * n_workers))).backward(rng.standard_normal((4, 3)))
         grads = [p.full_grad() for p in a.parameters()]
         grads += [p.full_grad() if with_b else None for p in b.parameters()]
         grads += [None for _ in frozen.parameters()]
@@ -295,11 +291,9 @@ def test_adam_bias_correction_counts_each_parameters_own_steps(make_config, rng,
     opt, ref = make_pair("adam", params)
     for with_late in (False, True, True):  # ``late`` gets its first gradient at step 2
         opt.zero_grad()
-        a(rng.standard_normal((4, 5)))
-        a.backward(rng.standard_normal((4, 2 * n_workers)))
+        a(rng.standard_normal((4, 5))).backward(rng.standard_normal((4, 2 * n_workers)))
         if with_late:
-            late(rng.standard_normal((4, 2 * n_workers)))
-            late.backward(rng.standard_normal((4, 3)))
+            late(rng.standard_normal((4, 2 * n_workers))).backward(rng.standard_normal((4, 3)))
         grads = [p.full_grad() for p in a.parameters()] + [
             p.full_grad() if with_late else None for p in late.parameters()
         ]
@@ -317,8 +311,7 @@ def test_zero_grad_clears_gradients(make_config, rng, n_workers, opt_name):
     mlp = ParallelMLP(6, 2 * n_workers, 5, cfg, seed=4, activation="relu")
     params = mlp.parameters()
     opt, _ = make_pair(opt_name, params)
-    mlp(rng.standard_normal((4, 6)))
-    mlp.backward(rng.standard_normal((4, 5)))
+    mlp(rng.standard_normal((4, 6))).backward(rng.standard_normal((4, 5)))
     assert all(np.abs(g).max() > 0 for g in mlp.grads().values())
     opt.step()  # builds momentum / moments, so a later step without gradients would show if it moved
     opt.zero_grad()
@@ -333,12 +326,10 @@ def test_zero_grad_clears_gradients(make_config, rng, n_workers, opt_name):
         np.testing.assert_array_equal(p.full(), old)
     # and gradients after zero_grad start from zero, not from the old ones
     x, g = rng.standard_normal((4, 6)), rng.standard_normal((4, 5))
-    mlp(x)
-    mlp.backward(g)
+    mlp(x).backward(g)
     once = mlp.grads()
     mlp.zero_grad()
-    mlp(x)
-    mlp.backward(g)
+    mlp(x).backward(g)
     for name, value in mlp.grads().items():
         np.testing.assert_allclose(value, once[name], rtol=1e-12, atol=1e-15)
 
