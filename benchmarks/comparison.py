@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+import tp_gpu
+from tp_gpu.placements import Dense
 from tp_gpu.testing import compare, tolerance
 
 from .cases import LayerSpec
@@ -89,15 +91,32 @@ def dense_weights(spec: LayerSpec, layer: Any, shared: dict[str, list[Any]]) -> 
     return shared["weights"]
 
 
-def tp_run(layer: Any, x: Any, dy: Any) -> Callable[[], Any]:
-    """One TP forward, or training step (gradients zeroed, forward, backward); returns what it returns."""
+def leaf_on(backend: Any, x: Any, device: Any) -> tp_gpu.Tensor:
+    """``x`` (a backend array on ``device``) as a Dense leaf that requires grad: its gradient, dX,
+    is ``leaf.grad`` after a backward, placed where ``x`` lies (no copy of ``x`` is made)."""
+    return tp_gpu.Tensor({device: x}, Dense(device), tuple(x.shape), x.dtype, backend, requires_grad=True)
+
+
+def tp_run(layer: Any, x: Any, dy: Any, dx_leaf: tp_gpu.Tensor | None = None) -> Callable[[], Any]:
+    """One TP forward (inference: nothing recorded), or training step on the tape: gradients zeroed,
+    the forward recorded, ``y.backward(dY)``. A step returns dX (``dx_leaf.grad``; ``dx_leaf`` is the
+    input as a leaf) or, for an input with no gradient (ids), None."""
     if dy is None:
-        return lambda: layer(x)
+
+        def forward() -> Any:
+            with tp_gpu.no_grad():
+                return layer(x)
+
+        return forward
 
     def step() -> Any:
         layer.zero_grad()
-        layer(x)
-        return layer.backward(dy)
+        if dx_leaf is None:
+            layer(x).backward(dy)
+            return None
+        dx_leaf.grad = None
+        layer(dx_leaf).backward(dy)
+        return dx_leaf.grad
 
     return step
 
@@ -127,7 +146,8 @@ def make_case(
         return spec.expected_rows(backend, params, x, dense_out, mode)
 
     torch_fn = None if torch is None else torch_run(spec, torch, backend, params, x, dy)
-    return Case(spec, layer, mode, tp_run(layer, x, dy), dense, torch_fn, expected)
+    leaf = None if dy is None or spec.ids_input else leaf_on(backend, x, device)
+    return Case(spec, layer, mode, tp_run(layer, x, dy, leaf), dense, torch_fn, expected)
 
 
 def torch_run(
@@ -164,7 +184,9 @@ def torch_run(
 
 
 def _host(a: Any, backend: Any) -> np.ndarray:
-    """A backend array or a torch tensor as a host NumPy array."""
+    """A tp_gpu Tensor, a backend array or a torch tensor as a host NumPy array."""
+    if isinstance(a, tp_gpu.Tensor):
+        return a.numpy()
     return a.detach().cpu().numpy() if hasattr(a, "detach") else backend.to_host(a)
 
 
@@ -174,7 +196,7 @@ def compare_rows(
     """``(max |got - expected|, allowed)``, a chunk of rows at a time, with the allowance of
     :func:`tp_gpu.testing.compare` over the whole arrays: tolerance x max(1, max |expected|).
 
-    ``got`` is a backend array, a host array or a torch tensor; NaN anywhere gives a NaN error.
+    ``got`` is a Tensor, a backend array, a host array or a torch tensor; NaN anywhere gives a NaN error.
     """
     if got is None:
         raise ValueError("the run returned nothing to compare")
