@@ -5,7 +5,10 @@ The model the speed targets name: ``ParallelEmbedding -> ParallelMLP (GeLU, tanh
 head (gather_output=False: the logits stay split on the vocabulary) -> VocabParallelCrossEntropy
 (mean)``, then the backward of each and one Adam step. Every side runs the same phases, each timed:
 
-* **TP**: the tp_gpu layers and :class:`tp_gpu.Adam`, one model per worker count;
+* **TP**: the tp_gpu layers and :class:`tp_gpu.Adam`, one model per worker count; the forward is
+  recorded on the tape and one ``loss.backward()`` runs every layer's backward, its phases read at
+  :class:`~benchmarks.phases.PhaseBorder` marks on the values between the layers (exact borders: the
+  engine completes each layer's input gradient before the layer below starts);
 * **dense**: the same computation in plain NumPy, in place (``y = x @ W; y += b``; the loss's
   max, shift, exp and softmax gradient in the logits' own buffer), with the kernels the library uses
   for what NumPy has no one call for: ``backend.scatter_add_rows`` for the table gradient and
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +48,7 @@ from tp_gpu.optim import adam_update
 from tp_gpu.testing import tolerance
 
 from .cases import MLP_ACTIVATION
+from .phases import PhaseClock, border
 
 PHASES = (
     "embedding fwd", "mlp fwd", "head fwd", "loss fwd",
@@ -94,23 +97,6 @@ class StepShape:
     def terms(self) -> int:
         """The most products summed into one compared number (sets the tolerance)."""
         return max(self.ids, self.vocab, self.dim, self.hidden)
-
-
-class PhaseClock:
-    """The seconds of each phase of the latest run: ``start()``, then ``lap(name)`` at each phase's end."""
-
-    def __init__(self) -> None:
-        self.laps: dict[str, float] = {}
-        self.last = 0.0
-
-    def start(self) -> None:
-        self.laps = {}
-        self.last = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = self.laps.get(name, 0.0) + now - self.last
-        self.last = now
 
 
 class Side:
@@ -173,24 +159,19 @@ class TpStep(Side):
     def forward_backward(self, ids: Any, targets: Any) -> float:
         lap = self.clock.lap
         self.clock.start()
-        x = self.embedding(ids)
+        x = border(self.embedding(ids), lambda: lap("mlp bwd"))  # dX complete: the MLP's backward ended
         lap("embedding fwd")
-        y = self.mlp(x)
+        y = border(self.mlp(x), lambda: lap("head bwd"))
         lap("mlp fwd")
-        logits = self.head(y)
+        logits = border(self.head(y), lambda: lap("loss bwd"))  # dZ complete: the loss's backward ended
         lap("head fwd")
         loss = self.loss(logits, targets)
-        del logits
+        value = float(loss)
+        del x, y, logits  # the graph keeps what backward needs
         lap("loss fwd")
-        grad = self.loss.backward()
-        lap("loss bwd")
-        grad = self.head.backward(grad)
-        lap("head bwd")
-        grad = self.mlp.backward(grad)
-        lap("mlp bwd")
-        self.embedding.backward(grad)
+        loss.backward()
         lap("embedding bwd")
-        return loss
+        return value
 
     def grads(self) -> dict[str, np.ndarray]:
         return {name: p.full_grad() for name, p in self.params.items()}
@@ -362,7 +343,7 @@ def check_sides(
             continue
         errors = step_errors(one_step(side, weights), expected)
         restore()
-        worst = max(errors, key=errors.get)
+        worst = max(errors, key=lambda k: errors[k])
         report["errors"][name] = {"worst": worst, "error": errors[worst]}
         if name.startswith("tp") and not errors[worst] <= allowed:
             raise StepMismatch(

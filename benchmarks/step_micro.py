@@ -130,14 +130,13 @@ def csr_product(shape: tuple[int, int], ids: np.ndarray, rows: np.ndarray) -> np
 
 
 def layer_backward(layer: ParallelEmbedding, ids: np.ndarray, dy: np.ndarray) -> Callable[[], None]:
-    """``layer.backward(dY)`` alone: the forward runs once here, and each run restores what it kept."""
-    layer(ids)
-    saved = layer._saved
+    """The layer's backward alone, on the tape: the forward is recorded once here, and each run is
+    ``y.backward(dY, retain_graph=True)`` (the graph kept for the next run) into zeroed gradients."""
+    y = layer(ids)
 
     def run() -> None:
-        object.__setattr__(layer, "_saved", saved)
         layer.zero_grad()
-        layer.backward(dy)
+        y.backward(dy, retain_graph=True)
 
     return run
 

@@ -28,6 +28,7 @@ from tp_gpu import (  # noqa: E402
     optim,
 )
 from tp_gpu.backends import get_backend  # noqa: E402
+from tp_gpu.layers.loss_functions import CrossEntropy  # noqa: E402
 
 WORKERS = (1, 2, 4)
 TINY = [
@@ -114,16 +115,16 @@ def test_render_redraws_from_the_json(run):
 
 
 def test_a_wrong_tp_step_stops_the_run_before_timing(tmp_path, monkeypatch):
-    real = VocabParallelCrossEntropy.backward
+    real = CrossEntropy.backward
 
-    def wrong_backward(self, grad_loss=1.0):
-        grad = real(self, grad_loss)
-        return grad.map(lambda g: g * 1.01)
+    def wrong_backward(ctx, grad_loss):
+        dz, *rest = real(ctx, grad_loss)
+        return (dz * 1.01, *rest)
 
     def no_timing(*args, **kwargs):
         raise AssertionError("a wrong step must not be timed")
 
-    monkeypatch.setattr(VocabParallelCrossEntropy, "backward", wrong_backward)
+    monkeypatch.setattr(CrossEntropy, "backward", staticmethod(wrong_backward))
     monkeypatch.setattr(harness, "time_with_retries", no_timing)
     with pytest.raises(step_case.StepMismatch, match="tp p=1: grads:"):
         training_step.main(TINY + ["--no-torch", "--parts", "step", "--out", str(tmp_path)])
@@ -170,8 +171,7 @@ def test_optimizers_in_pieces_match_whole_arrays(monkeypatch, make):
         x = np.random.default_rng(0).standard_normal((5, 7))
         for _ in range(3):
             opt.zero_grad()
-            layer(x)
-            layer.backward(np.ones((5, 12)))
+            layer(x).backward(np.ones((5, 12)))
             opt.step()
         results.append(layer.full_weight())
     np.testing.assert_array_equal(results[0], results[1])
@@ -252,24 +252,26 @@ def test_loss_allocates_no_more_than_one_logits_buffer(n_workers):
     rows, vocab = 256, 4000
     layout = ColumnParallelLinear(3, vocab, config).layout  # the head's split of the vocabulary
     logits_host = rng.standard_normal((rows, vocab), dtype=np.float32)
-    logits = ShardedTensor.from_blocks({"cpu": logits_host}, -1, layout, get_backend("numpy"))
+    logits = ShardedTensor.from_blocks(
+        {"cpu": logits_host}, -1, layout, get_backend("numpy")
+    ).requires_grad_()
     targets = rng.integers(0, vocab, size=rows)
-    loss = VocabParallelCrossEntropy()
+    loss_fn = VocabParallelCrossEntropy()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        loss(logits, targets)
+        loss = loss_fn(logits, targets)
         forward_peak = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        grad = loss.backward()
+        loss.backward()
         backward_peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
     assert forward_peak <= 1.1 * logits_host.nbytes
     assert backward_peak <= 0.1 * logits_host.nbytes
-    assert grad.dtype == np.float32
+    assert logits.grad is not None and logits.grad.dtype == np.float32
 
 
 def _logits(n_workers: int, dtype: str, pad: int | None, rows: int = 64, vocab: int = 1000):
@@ -278,7 +280,8 @@ def _logits(n_workers: int, dtype: str, pad: int | None, rows: int = 64, vocab: 
     block = np.random.default_rng(2).standard_normal((rows, layout.block_lengths["cpu"])).astype(dtype)
     targets = np.random.default_rng(3).integers(0, vocab, size=rows)
     targets[::7] = -100  # some rows ignored
-    return ShardedTensor.from_blocks({"cpu": block}, -1, layout, get_backend("numpy")), targets
+    logits = ShardedTensor.from_blocks({"cpu": block}, -1, layout, get_backend("numpy")).requires_grad_()
+    return logits, targets
 
 
 @pytest.mark.parametrize("pad", [None, 64])
@@ -291,12 +294,15 @@ def test_inplace_loss_equals_the_default(pad, dtype, smoothing):
     original = kept.device_blocks()["cpu"].copy()
     default = VocabParallelCrossEntropy(label_smoothing=smoothing)
     expected_loss = default(kept, targets)
-    expected = default.backward().device_blocks()["cpu"]
+    expected_loss.backward()
+    expected = kept.grad.device_blocks()["cpu"]
     np.testing.assert_array_equal(kept.device_blocks()["cpu"], original)  # the default only reads
     logits, _ = _logits(3, dtype, pad)
     inplace = VocabParallelCrossEntropy(label_smoothing=smoothing, inplace=True)
-    assert inplace(logits, targets) == pytest.approx(expected_loss, rel=1e-12)
-    grad = inplace.backward().device_blocks()["cpu"]
+    loss = inplace(logits, targets)
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-12)
+    loss.backward()
+    grad = logits.grad.device_blocks()["cpu"]
     np.testing.assert_array_equal(grad, expected)
     block = logits.device_blocks()["cpu"]
     assert np.shares_memory(grad, block) == (dtype != "float16")
@@ -306,13 +312,12 @@ def test_inplace_loss_equals_the_default(pad, dtype, smoothing):
 
 def test_inplace_loss_allocates_no_logits_sized_array():
     logits, targets = _logits(4, "float32", None, rows=256, vocab=4000)
-    loss = VocabParallelCrossEntropy(inplace=True)
+    loss_fn = VocabParallelCrossEntropy(inplace=True)
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
-        loss(logits, targets)
-        loss.backward()
+        loss_fn(logits, targets).backward()
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
