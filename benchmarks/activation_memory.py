@@ -1,12 +1,14 @@
 """Activation memory a transformer layer keeps per worker, with and without sequence parallelism.
 
 One ``ParallelTransformerLayer`` (pre-norm, causal, dropout on) runs a
-training-mode forward on the simulated backend with 8 devices, for p = 1, 2,
-4 and 8 workers (one device each). Then every array the layer's modules keep
-for backward (``module._saved``, walked recursively) is counted on the
-device it lives on, once per underlying buffer (a view counts the buffer it
-keeps alive). The arrays are grouped by where they belong (Korthikanti et al.,
-2022, section 4):
+training-mode forward, recorded on the autograd tape, on the simulated backend
+with 8 devices, for p = 1, 2, 4 and 8 workers (one device each). Then every
+array the recorded graph keeps for backward (the contexts of its nodes, walked
+from the output: saved tensors, a sequence all-gather's rebuild recipe counted
+as the slices it holds; parameters and their per-device copies left out) is
+counted on the device it lives on, once per underlying buffer (a view counts
+the buffer it keeps alive). The arrays are grouped by the function that keeps
+them, by where they belong (Korthikanti et al., 2022, section 4):
 
 * **between the TP regions**: what LayerNorm keeps (``xhat``, ``rstd``), the
   dropout masks, and the inputs the column-parallel ``qkv`` and ``fc1`` keep
@@ -34,7 +36,7 @@ import dataclasses
 import datetime
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -42,8 +44,14 @@ if __package__ in (None, ""):  # run as a script: import tp_gpu from the checkou
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import benchmarks  # noqa: F401  (puts the checkout's src/ on the path)
 
-from tp_gpu import ParallelTransformerLayer, ShardedTensor, TensorParallelConfig
-from tp_gpu.layers import ColumnParallelLinear, Dropout, LayerNorm
+import tp_gpu
+from tp_gpu import ParallelTransformerLayer, Tensor, TensorParallelConfig
+from tp_gpu.autograd import Node, _Rebuild
+from tp_gpu.layers.dropout import DropoutFunction
+from tp_gpu.layers.linear_functions import ColumnLinear
+from tp_gpu.layers.norm import LayerNormFunction
+from tp_gpu.parameter import ShardedParameter
+from tp_gpu.regions import CopyToRegion
 
 DEVICES = 8
 WORKERS = (1, 2, 4, 8)
@@ -62,46 +70,74 @@ class Shape:
     intermediate: int = 1024  # MLP width, 4 H
 
 
-def _arrays(value: Any):
-    """Every array inside ``value`` (dicts, lists, tuples, ShardedTensors)."""
-    if isinstance(value, dict):
-        for v in value.values():
-            yield from _arrays(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _arrays(v)
-    elif isinstance(value, ShardedTensor):
-        yield from _arrays(value.device_blocks())
-    elif isinstance(value, np.ndarray):
-        yield value
-
-
 def _root(array: np.ndarray) -> np.ndarray:
     while isinstance(array.base, np.ndarray):
         array = array.base
     return array
 
 
-def _region(module: Any) -> Optional[str]:
-    """Which group a module's kept arrays belong to (None for modules that keep no arrays)."""
-    if isinstance(module, (LayerNorm, Dropout, ColumnParallelLinear)):
+def _is_parameter(t: Tensor) -> bool:
+    """A parameter, or a parameter's copy onto each device (LayerNorm's weight beside sequence
+    slices): weights, not activations."""
+    node = t.grad_fn
+    return isinstance(t, ShardedParameter) or (
+        node is not None
+        and node.function is CopyToRegion
+        and isinstance(node.edges[0][0] if node.edges[0] else None, ShardedParameter)
+    )
+
+
+def _arrays(value: Any) -> Iterator[np.ndarray]:
+    """Every activation array inside ``value`` (dicts, lists, tuples, Tensors, rebuild recipes)."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _arrays(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _arrays(v)
+    elif isinstance(value, _Rebuild):  # the sequence all-gather's output, kept as its slices
+        yield from _arrays([cell.cell_contents for cell in value.recompute.__closure__ or ()])
+    elif isinstance(value, Tensor):
+        if not _is_parameter(value):
+            yield from _arrays(value.blocks)
+    elif isinstance(value, np.ndarray):
+        yield value
+
+
+def _region(node: Node) -> str:
+    """Which group the arrays a recorded function keeps belong to."""
+    if node.function in (LayerNormFunction, DropoutFunction, ColumnLinear):
         return BETWEEN  # the column layers keep their input: the activation between the regions
     return INSIDE
 
 
-def kept_bytes(layer: Any, backend: Any) -> Dict[str, Dict[Any, int]]:
-    """``{group: {device: bytes}}`` of the buffers ``layer``'s modules keep for backward."""
+def _context_values(node: Node) -> List[Any]:
+    """What ``node``'s context holds: every slot its class declares (saved tensors included)."""
+    ctx = node.ctx
+    slots = [s for cls in type(ctx).__mro__ for s in getattr(cls, "__slots__", ())]
+    return [getattr(ctx, s) for s in slots if s != "needs_input_grad" and hasattr(ctx, s)]
+
+
+def kept_bytes(y: Tensor, backend: Any) -> Dict[str, Dict[Any, int]]:
+    """``{group: {device: bytes}}`` of the buffers the graph behind ``y`` keeps for backward."""
     counted: set = set()
     out: Dict[str, Dict[Any, int]] = {BETWEEN: {}, INSIDE: {}}
-    for _, module in layer.named_modules():
-        region = _region(module)
-        for array in _arrays(getattr(module, "_saved", None)):
+    nodes: set = set()
+    stack = [] if y.grad_fn is None else [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node in nodes:
+            continue
+        nodes.add(node)
+        region = _region(node)
+        for array in _arrays(_context_values(node)):
             root = _root(array)
             if id(root) in counted:
                 continue
             counted.add(id(root))
             device = backend.device_of(array)
             out[region][device] = out[region].get(device, 0) + root.nbytes
+        stack.extend(e[0] for e in node.edges if e is not None and isinstance(e[0], Node))
     return out
 
 
@@ -125,15 +161,16 @@ def measure(shape: Shape, p: int, sequence_parallel: bool, dtype: str, x: np.nda
     )
     backend = layer.backend
     backend.reset_transfers()
-    y = layer(x)
-    kept = kept_bytes(layer, backend)
-    dx = layer.backward(g)
+    leaf = tp_gpu.tensor(x, requires_grad=True)
+    y = layer(leaf)
+    kept = kept_bytes(y, backend)
+    y.backward(g)
     moved = transfer_bytes(backend)
-    dense = [np.asarray(backend.to_host(v.gather() if isinstance(v, ShardedTensor) else v)) for v in (y, dx)]
-    return kept, dense[0], dense[1], moved
+    assert leaf.grad is not None
+    return kept, np.asarray(y), np.asarray(leaf.grad), moved
 
 
-def run(shape: Shape, dtype: str, workers: Sequence[int]) -> List[Dict[str, Any]]:
+def run(shape: Shape, dtype: str, workers: Sequence[int]) -> List[Dict[Any, Any]]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((shape.batch, shape.seq, shape.hidden)).astype(dtype)
     g = rng.standard_normal((shape.batch, shape.seq, shape.hidden)).astype(dtype)
@@ -145,7 +182,7 @@ def run(shape: Shape, dtype: str, workers: Sequence[int]) -> List[Dict[str, Any]
         for what, a, b in (("output", y1, y0), ("dX", dx1, dx0)):
             if not np.allclose(a, b, rtol=tol, atol=tol):
                 raise SystemExit(f"p={p}: the sequence-parallel {what} differs from the layer without it")
-        row: Dict[str, Any] = {"p": p, "moved": moved0, "moved_sp": moved1}  # (all, most into one device)
+        row: Dict[Any, Any] = {"p": p, "moved": moved0, "moved_sp": moved1}  # (all, most into one device)
         for key, kept in (("base", base), ("sp", sp)):
             for region in (BETWEEN, INSIDE):
                 row[key, region] = max(kept[region].values(), default=0)
@@ -158,7 +195,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
-def render(rows: List[Dict[str, Any]], shape: Shape, dtype: str) -> str:
+def render(rows: List[Dict[Any, Any]], shape: Shape, dtype: str) -> str:
     first = rows[0]
     lines = [
         f"# Activation memory per worker, with and without sequence parallelism ({datetime.date.today()})",
