@@ -31,6 +31,7 @@ from .module import IncompatibleKeys, Module, ModuleDict, Sequential
 from .optim import SGD, Adam, Optimizer, clip_grad_norm
 from .parameter import ShardedParameter
 from .placement import worker_devices
+from .placements import Dense, Partial, Replicated, Split
 from .shape_ops import cat
 from .sharded import ShardedTensor
 from .tensor import Tensor, tensor
@@ -42,6 +43,10 @@ __all__ = [
     "Tensor",
     "tensor",
     "cat",
+    "Dense",
+    "Replicated",
+    "Split",
+    "Partial",
     "Function",
     "FunctionContext",
     "no_grad",

@@ -100,6 +100,11 @@ def to_devices(backend: Backend, arrays: Sequence[Any], devices: Sequence[Hashab
     return [backend.asarray(a, dtype, device) for a, device in zip(arrays, devices)]
 
 
+def to_device(backend: Backend, x: Any, device: Hashable, dtype: Any) -> Any:
+    """``x`` (host or any device) as a ``dtype`` array on ``device`` (itself when it already is one)."""
+    return backend.asarray(x, dtype, device)
+
+
 def to_host(backend: Backend, x: Any) -> np.ndarray:
     """``x`` as a host NumPy array (a device-to-host copy; on a GPU it waits for ``x``)."""
     return backend.to_host(x)

@@ -31,6 +31,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
+from . import collectives
 from .backends.base import Backend, as_array
 from .errors import ShapeError, TensorParallelError
 from .placements import HOST
@@ -81,7 +82,7 @@ class DeferredCheck:
     def verify(self) -> None:
         """Raise the error the numbers show, if any (reading them on the first call)."""
         if not self.read:
-            host = self.backend.to_host(self.stats)  # the one device-to-host copy of this check
+            host = collectives.to_host(self.backend, self.stats)  # the one device-to-host copy of this check
             self.error, self.read, self.stats = self.judge(np.asarray(host)), True, None
         if self.error is not None:
             raise self.error

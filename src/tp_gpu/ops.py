@@ -400,7 +400,7 @@ def filled_like(x: Tensor, value: Any) -> Tensor:
         if backend is None:
             blocks[d] = np.full(shape, value, dtype=x.dtype)
             continue
-        v = backend.asarray(value, x.dtype, d)
+        v = collectives.to_device(backend, value, d, x.dtype)
         with backend.device(d):
             block = backend.xp.zeros(shape, x.dtype) + v
             if isinstance(target, Split) and target.layout.padded:
@@ -451,7 +451,7 @@ def _same_dense(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     if isinstance(pa, Dense) and isinstance(pb, Dense):
         backend = a.backend or b.backend
         if backend is not None:
-            moved = backend.asarray(b.blocks[pb.device], a.dtype, pa.device)
+            moved = collectives.to_device(backend, b.blocks[pb.device], pa.device, a.dtype)
             return a, new_tensor({pa.device: moved}, pa, b.shape, a.dtype, backend, a.comm)
     raise TensorParallelError(f"cannot add gradients placed as {pa!r} and {pb!r}")
 
@@ -500,11 +500,11 @@ def _placed_gradient(root: Tensor, array: Any) -> Tensor:
     if backend is None:
         return new_tensor({HOST: np.asarray(array, dtype)}, target, root.shape, dtype, None, root.comm)
     if isinstance(target, Dense):
-        blocks = {target.device: backend.asarray(array, dtype, target.device)}
+        blocks = {target.device: collectives.to_device(backend, array, target.device, dtype)}
     elif isinstance(target, Split):
         blocks = collectives.scatter_blocks(backend, array, target.axis, target.layout, dtype)
     elif isinstance(target, Partial):
-        blocks = {target.devices[0]: backend.asarray(array, dtype, target.devices[0])}
+        blocks = {target.devices[0]: collectives.to_device(backend, array, target.devices[0], dtype)}
         target = Partial((target.devices[0],))
     else:
         blocks = collectives.broadcast(backend, array, list(target.devices), dtype)  # type: ignore[attr-defined]

@@ -154,7 +154,11 @@ class ShardedParameter(Tensor):
         if isinstance(self.placement, Dense) and list(grad.blocks) != self.block_devices:
             (block,) = grad.blocks.values()
             grad = new_tensor(
-                {self.block_devices[0]: self.backend.asarray(block, self.dtype, self.block_devices[0])},
+                {
+                    self.block_devices[0]: collectives.to_device(
+                        self.backend, block, self.block_devices[0], self.dtype
+                    )
+                },
                 self.placement,
                 grad.shape,
                 self.dtype,

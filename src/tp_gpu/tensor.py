@@ -146,7 +146,9 @@ class Tensor:
             total = collectives.reduce_sum(self.backend, dict(self.blocks), p.devices[0], self.comm)
             return np.array(host_array(total))
         first = next(iter(self.blocks.values()))
-        return np.asarray(host_array(first) if self.backend is None else self.backend.to_host(first))
+        return np.asarray(
+            host_array(first) if self.backend is None else collectives.to_host(self.backend, first)
+        )
 
     def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
         out = self.numpy()

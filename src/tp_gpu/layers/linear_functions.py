@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from .. import collectives
 from ..autograd import Context, Function
 from ..parameter import ShardedParameter
 from ..placements import Partial, Placement, Split
@@ -107,7 +108,7 @@ class RowLinear(Function):
                 partials[d] = matmul(x.blocks[d], w)  # (..., n_in_d) @ (n_in_d, n_out) -> (..., n_out)
         if bias is not None and weight.comm.rank == 0:
             first = bias.block_devices[0] if bias.block_devices[0] in partials else next(iter(partials))
-            b = backend.asarray(bias.blocks[bias.block_devices[0]], bias.dtype, first)
+            b = collectives.to_device(backend, bias.blocks[bias.block_devices[0]], first, bias.dtype)
             with backend.device(first):
                 partials[first] += b  # (..., n_out) + (n_out,), into the new product
         if ctx.needs_input_grad:
@@ -137,6 +138,6 @@ class RowLinear(Function):
             g = grad.blocks[device] if device in grad.blocks else next(iter(grad.blocks.values()))
             with backend.device(backend.device_of(g)):
                 db = bias_grad(g)  # (..., n_out) -> (n_out,)
-            grad_b = _grad_of(bias, {device: backend.asarray(db, bias.dtype, device)})
+            grad_b = _grad_of(bias, {device: collectives.to_device(backend, db, device, bias.dtype)})
         grad_x = new_tensor(dx, x.placement, x.shape, grad.dtype, backend, grad.comm) if dx else None
         return grad_x, (_grad_of(weight, dw) if dw else None), grad_b

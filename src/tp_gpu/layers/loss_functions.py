@@ -172,7 +172,9 @@ class CrossEntropy(Function):
         backend = logits.backend
         assert backend is not None
         xp = backend.xp
-        g = backend.asarray(next(iter(grad.blocks.values())), acc, out)  # () or (...) on the output device
+        g = collectives.to_device(
+            backend, next(iter(grad.blocks.values())), out, acc
+        )  # () or (...) on the output device
         with backend.device(out):
             if options.reduction == "mean":
                 nonzero = rows.denominator != 0
