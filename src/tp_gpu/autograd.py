@@ -286,7 +286,7 @@ def run_backward(root: Tensor, grad: Any, retain_graph: bool = False) -> None:
     shape, and that no node of the graph was already released by an earlier
     backward. A failed call leaves the graph as it was, so a corrected call works.
     """
-    from .ops import add_gradients, root_gradient
+    from .gradients import add_gradients, root_gradient
 
     if root.checks or device_checks.has_pending():
         device_checks.verify_all(root.checks)  # a bad id checked on a device raises before anything runs

@@ -189,7 +189,7 @@ class Tensor:
 
     def accumulate_grad(self, grad: Tensor) -> None:
         """Add ``grad`` to ``self.grad`` (a leaf's gradient); safe from several threads."""
-        from .ops import add_gradients
+        from .gradients import add_gradients
 
         if self._lock is None:
             self._lock = threading.Lock()

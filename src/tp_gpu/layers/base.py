@@ -15,7 +15,6 @@ from ..group import get_group
 from ..module import Module
 from ..parameter import ShardedParameter
 from ..partition import BlockLayout
-from ..sharded import ShardedTensor
 from ..tensor import Tensor
 
 __all__ = ["ParallelModule", "as_array_like", "check_seed", "check_layout", "LAYOUTS"]
@@ -120,15 +119,6 @@ class ParallelModule(Module):
     def workers(self) -> List[int]:
         """The global ids of the workers this process holds (every worker with one process)."""
         return self.group.workers
-
-    def _check_grad_shape(self, grad: Any, expected, what: str, sharded: bool = False) -> Any:
-        """``grad`` as an array (or, with ``sharded``, a ShardedTensor as it is), checked to have
-        the logical shape ``expected`` (else ShapeError)."""
-        if not (sharded and isinstance(grad, ShardedTensor)):
-            grad = as_array_like(grad, f"{what} grad_output")
-        if tuple(grad.shape) != tuple(expected):
-            raise ShapeError(f"{what} grad_output must have shape {tuple(expected)}, got {tuple(grad.shape)}")
-        return grad
 
     def _check_features(self, x: Any, n_features: int, what: str) -> Any:
         """Check that ``x`` is a real array of rank >= 1 with ``n_features`` on its last axis."""
