@@ -1,4 +1,4 @@
-"""BertModel (issue 13, section 2 and 3): Hugging Face checkpoints, tensor-parallel, equal to the references.
+"""BertModel: Hugging Face checkpoints, tensor-parallel, equal to the references.
 
 * A tiny random BERT with uneven sizes (37-token vocabulary, 5 heads, 13 MLP
   units, 3 token types), written as a Hugging Face folder, against a dense

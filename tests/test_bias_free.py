@@ -1,4 +1,4 @@
-"""Linear layers and the MLP without a bias (issue 25, items 7 and 9a).
+"""Linear layers and the MLP without a bias.
 
 ``bias=False`` registers no bias parameter at all: ``named_parameters()``, state dicts, checkpoints
 and optimizers see only the weights, ``full_bias()`` is None, and the layer computes ``Y = X A``
@@ -169,7 +169,7 @@ def test_dense_loading(rng):
 @pytest.mark.parametrize("kind", ["column", "row"])
 @pytest.mark.parametrize("n_workers", [1, 3, 8])
 def test_from_torch_against_torch(kind, n_workers):
-    """Issue 25 9a: a bias-free nn.Linear gave parameters ['weight', 'bias'] and a nonzero bias after
+    """A bias-free nn.Linear gave parameters ['weight', 'bias'] and a nonzero bias after
     one SGD step."""
     torch = pytest.importorskip("torch")
     torch.manual_seed(n_workers)

@@ -1,4 +1,4 @@
-"""Checkpoint files the file system refuses, and partial loads (issue 16, section 4).
+"""Checkpoint files the file system refuses, and partial loads.
 
 Every file-system failure of ``save_checkpoint`` / ``load_checkpoint`` is a
 ``CheckpointFileError``: a ``CheckpointError`` and an ``OSError`` (a missing

@@ -1,4 +1,4 @@
-"""Class-weighted vocab-parallel cross-entropy (issue 12, part 4).
+"""Class-weighted vocab-parallel cross-entropy.
 
 The loss is checked, forward and gradient, against a dense float64 NumPy
 reference written here from the formula in ``tp_gpu/layers/loss.py``'s

@@ -1,4 +1,4 @@
-"""Global-norm clipping and dynamic loss scaling against PyTorch (issue 15, sections 4 and 5).
+"""Global-norm clipping and dynamic loss scaling against PyTorch.
 
 Every comparison runs against a NumPy transcription of PyTorch's code (``reference_clip``,
 ``RefScaler``), so that it runs without torch (CI); where torch is installed, the same runs are

@@ -1,4 +1,4 @@
-"""The README's code runs as written, and its API tables match the signatures (issue 16, section 1).
+"""The README's code runs as written, and its API tables match the signatures.
 
 Code blocks
     Every ```` ```python ```` block of README.md and benchmarks/README.md runs on

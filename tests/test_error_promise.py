@@ -1,9 +1,9 @@
-"""The error promise (issue 20, section 4): a bad value raises a TensorParallelError that names the
+"""The error promise: a bad value raises a TensorParallelError that names the
 value it got and the one it expected, before anything is computed or changed.
 
 Each case was a raw exception (TypeError, ZeroDivisionError, ...) or a silent acceptance; each test
 checks the typed error, its message, and that nothing changed. Also: many-problem errors give a
-count and the first five problems (issue 25, item 3), ``load_checkpoint(dtype_cast=True)``, stale
+count and the first five problems, ``load_checkpoint(dtype_cast=True)``, stale
 temporary files of killed saves, saving through a symbolic link, and loading while another thread
 runs forwards (documented as not atomic; the documented remedy, one lock, is tested). Gradients
 too: a bad gradient given to ``y.backward(g)`` raises before any node of the tape runs, so a corrected

@@ -1,4 +1,4 @@
-"""Ids and sizes in error messages are the values the caller passed (issue 16, section 5).
+"""Ids and sizes in error messages are the values the caller passed.
 
 * A uint64 id of ``2**64 - 1`` is reported as itself, not as the ``-1`` of its
   int64 copy; ``2**63`` is not reported as a negative number.

@@ -1,6 +1,6 @@
 """Every layer and the loss give the same result whatever the memory layout of their inputs.
 
-Issue 20, section 1: logits that were a strided view (a ShardedTensor of ``np.moveaxis`` views, as a
+Logits that were a strided view (a ShardedTensor of ``np.moveaxis`` views, as a
 port of PyTorch's loss-parallel test builds them) lost the -1 at every row's target in the loss
 gradient, because the subtraction landed in a reshaped copy. Here every layer runs forward and
 backward on inputs and upstream gradients that are C-contiguous, Fortran-ordered, transposed views,

@@ -1,4 +1,4 @@
-"""An uncaught exception on one MPI rank ends the whole job within seconds (issue 16, section 2).
+"""An uncaught exception on one MPI rank ends the whole job within seconds.
 
 Without the excepthook that ``MpiComm`` installs, the other ranks would wait in
 their next collective for ``TP_GPU_COMM_TIMEOUT`` seconds (120 by default).

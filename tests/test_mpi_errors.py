@@ -1,4 +1,4 @@
-"""Errors across processes (issue 20, section 4), under mpirun with 2 and 3 ranks.
+"""Errors across processes, under mpirun with 2 and 3 ranks.
 
 - Ranks that pass different row counts to a layer all raise ShapeError naming every rank's shape
   (not MPI_ERR_TRUNCATE on one rank and the full timeout on the others), and the communicator

@@ -1,4 +1,4 @@
-"""Opt-in padding of a split dimension (issue 12, part 3): ``pad_to_multiple_of=k``.
+"""Opt-in padding of a split dimension: ``pad_to_multiple_of=k``.
 
 Every worker's physical shard then has the same size, a multiple of ``k``;
 the padded rows and columns are zero and never leak: not into

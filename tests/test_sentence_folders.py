@@ -1,4 +1,4 @@
-"""SentenceEncoder on folders that sentence-transformers 2.x to 6.x write (issue 20, section 2).
+"""SentenceEncoder on folders that sentence-transformers 2.x to 6.x write.
 
 The folders in ``tests/data/st_folders`` were written by sentence-transformers
 6.3 itself around a tiny random BERT (``make_st_folders.py``; one rewritten in

@@ -1,7 +1,7 @@
 """The tape: reused modules, user Functions, no_grad, freed graphs, bad gradients, threads.
 
-Every gradient here is compared with PyTorch's (float64) or with a dense NumPy
-reference built from the layers' own logical weights.
+Every gradient here is compared with PyTorch's (float64; those tests skip without it) or with a
+dense NumPy reference built from the layers' own logical weights.
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ import pytest
 import tp_gpu
 from tp_gpu.testing import GradcheckError, gradcheck
 
-torch = pytest.importorskip("torch", reason="torch is not installed: the gradients are compared with PyTorch's")
+
+@pytest.fixture
+def torch():
+    """PyTorch, for the tests that compare with its gradients (they skip without it; the rest run)."""
+    return pytest.importorskip("torch")
 
 
-def _torch_linear(layer: tp_gpu.ColumnParallelLinear) -> torch.nn.Linear:
+def _torch_linear(torch, layer: tp_gpu.ColumnParallelLinear):
     lin = torch.nn.Linear(layer.n_in, layer.n_out).double()
     with torch.no_grad():
         lin.weight.copy_(torch.tensor(layer.full_weight().T))
@@ -28,7 +32,7 @@ def _torch_linear(layer: tp_gpu.ColumnParallelLinear) -> torch.nn.Linear:
 
 
 @pytest.mark.parametrize("n_workers", [1, 2, 3, 5, 8])
-def test_module_used_twice_sums_its_gradients_like_torch(make_config, rng, n_workers):
+def test_module_used_twice_sums_its_gradients_like_torch(torch, make_config, rng, n_workers):
     """``lin(lin(x))`` then backward: each parameter gets the sum of both uses' gradients."""
     lin = tp_gpu.ColumnParallelLinear(6, 6, make_config(n_workers), seed=3)
     lin.bias.load(rng.standard_normal(6))
@@ -37,7 +41,7 @@ def test_module_used_twice_sums_its_gradients_like_torch(make_config, rng, n_wor
     y = lin(lin(x))
     (y * w_np).sum().backward()
 
-    ref = _torch_linear(lin)
+    ref = _torch_linear(torch, lin)
     xt = torch.tensor(x_np, requires_grad=True)
     (ref(ref(xt)) * torch.tensor(w_np)).sum().backward()
     np.testing.assert_allclose(np.asarray(y), ref(ref(xt)).detach().numpy(), rtol=1e-12, atol=1e-12)
@@ -46,8 +50,25 @@ def test_module_used_twice_sums_its_gradients_like_torch(make_config, rng, n_wor
     np.testing.assert_allclose(lin.bias.full_grad(), ref.bias.grad.numpy(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n_workers", list(range(1, 9)))
+def test_module_used_twice_equals_the_dense_chain_rule(make_config, rng, n_workers):
+    """Without PyTorch: ``y = (x W + b) W + b``, ``L = sum(y * w)`` by hand in float64:
+    ``dW = h^T dy + x^T dh`` and ``db = sum(dy) + sum(dh)`` with ``dh = dy W^T``."""
+    lin = tp_gpu.RowParallelLinear(5, 5, make_config(n_workers), seed=2)
+    lin.bias.load(rng.standard_normal(5))
+    x_np, w_np = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    x = tp_gpu.tensor(x_np, requires_grad=True)
+    (lin(lin(x)) * w_np).sum().backward()
+    W, b = lin.full_weight(), lin.full_bias()
+    h = x_np @ W + b  # (3, 5) @ (5, 5)
+    dh = w_np @ W.T  # (3, 5) @ (5, 5)
+    np.testing.assert_allclose(np.asarray(x.grad), dh @ W.T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lin.weight.full_grad(), h.T @ w_np + x_np.T @ dh, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lin.bias.full_grad(), w_np.sum(0) + dh.sum(0), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("n_workers", [1, 3, 4])
-def test_weight_shared_block_applied_three_times(make_config, rng, n_workers):
+def test_weight_shared_block_applied_three_times(torch, make_config, rng, n_workers):
     """A residual MLP block reused three times in one step (a weight-shared block) equals PyTorch's."""
     mlp = tp_gpu.ParallelMLP(5, 7, 5, make_config(n_workers), seed=1)
     block = tp_gpu.Residual(mlp)
@@ -111,7 +132,8 @@ class ScaledProduct(tp_gpu.Function):
 
 def test_user_function_passes_the_gradient_check(rng):
     assert gradcheck(Cube.apply, [rng.standard_normal((3, 4))])
-    assert gradcheck(lambda a, b: ScaledProduct.apply(a, b, 2.5), [rng.standard_normal(5), rng.standard_normal(5)])
+    inputs = [rng.standard_normal(5), rng.standard_normal(5)]
+    assert gradcheck(lambda a, b: ScaledProduct.apply(a, b, 2.5), inputs)
 
 
 def test_the_gradient_check_catches_a_wrong_backward(rng):
@@ -136,7 +158,7 @@ def test_function_backward_of_the_wrong_shape_is_named(rng):
             return grad.sum()
 
     x = tp_gpu.tensor(rng.standard_normal(3), requires_grad=True)
-    with pytest.raises(tp_gpu.ShapeError, match=r"Broken.backward returned a gradient of shape \(\) .*\(3,\)"):
+    with pytest.raises(tp_gpu.ShapeError, match=r"Broken.backward returned a gradient of shape \(\) .*\(3,"):
         Broken.apply(x).sum().backward()
 
 
@@ -189,7 +211,9 @@ def test_wrong_gradient_raises_before_anything_is_consumed(make_config, rng):
     lin = tp_gpu.RowParallelLinear(6, 4, make_config(3))
     x = tp_gpu.tensor(rng.standard_normal((2, 6)), requires_grad=True)
     y = lin(x)
-    with pytest.raises(tp_gpu.ShapeError, match=r"grad has shape \(4, 2\); expected the tensor's shape \(2, 4\)"):
+    with pytest.raises(
+        tp_gpu.ShapeError, match=r"grad has shape \(4, 2\); expected the tensor's shape \(2, 4"
+    ):
         y.backward(np.ones((4, 2)))
     assert x.grad is None and not lin.weight.full_grad().any()
     g = rng.standard_normal((2, 4))
@@ -264,7 +288,7 @@ def test_host_operand_moves_where_the_tensor_lives(make_config, rng):
     np.testing.assert_allclose(np.asarray(x.grad), expected, rtol=1e-12)
 
 
-def test_broadcast_gradients_are_summed_like_numpy(rng):
+def test_broadcast_gradients_are_summed_like_torch(torch, rng):
     a = tp_gpu.tensor(rng.standard_normal((2, 3, 4)), requires_grad=True)
     b = tp_gpu.tensor(rng.standard_normal((3, 1)), requires_grad=True)
     ((a * b) / (b + 3.0) - a).sum().backward()
@@ -274,13 +298,15 @@ def test_broadcast_gradients_are_summed_like_numpy(rng):
     np.testing.assert_allclose(np.asarray(b.grad), bt.grad.numpy(), rtol=1e-12)
 
 
-def test_shape_operations_record_their_gradients(rng):
+def test_shape_operations_record_their_gradients(torch, rng):
     x_np = rng.standard_normal((3, 4))
     x = tp_gpu.tensor(x_np, requires_grad=True)
-    y = tp_gpu.cat([x[1:], x.transpose()[:1].reshape(1, 3).transpose().reshape(1, 3)[:, :1].reshape(1, 1) * x[:1]], 0)
+    corner = x.transpose()[:1].reshape(1, 3).transpose().reshape(1, 3)[:, :1].reshape(1, 1)
+    y = tp_gpu.cat([x[1:], corner * x[:1]], 0)
     (y * y).sum().backward()
     xt = torch.tensor(x_np, requires_grad=True)
-    yt = torch.cat([xt[1:], xt.T[:1].reshape(1, 3).T.reshape(1, 3)[:, :1].reshape(1, 1) * xt[:1]], 0)
+    corner_t = xt.T[:1].reshape(1, 3).T.reshape(1, 3)[:, :1].reshape(1, 1)
+    yt = torch.cat([xt[1:], corner_t * xt[:1]], 0)
     (yt * yt).sum().backward()
     np.testing.assert_allclose(np.asarray(y), yt.detach().numpy())
     np.testing.assert_allclose(np.asarray(x.grad), xt.grad.numpy(), rtol=1e-12)

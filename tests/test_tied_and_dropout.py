@@ -1,4 +1,4 @@
-"""Tied embeddings, worker-count-independent dropout and backward discipline (issue 15, sections 2, 3, 7).
+"""Tied embeddings, worker-count-independent dropout and backward discipline.
 
 * ``TiedLMHead`` over a ``ParallelEmbedding`` equals a PyTorch model with ``lm_head.weight =
   wte.weight`` (where torch is installed; always a NumPy twin with the backward written out): the

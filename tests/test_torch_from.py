@@ -1,4 +1,4 @@
-"""PyTorch weights cannot be loaded transposed by accident (issue 16, section 3).
+"""PyTorch weights cannot be loaded transposed by accident.
 
 * ``from_torch(module)`` reads the layout, dtype, device and mode from an
   ``nn.Linear``, ``nn.Embedding`` or ``nn.Sequential(Linear, act, Linear)``.
@@ -128,7 +128,7 @@ def test_linear_without_bias_and_layer_arguments(torch):
         linear, TensorParallelConfig(n_workers=4, backend="simulated", devices=3, dtype="float64"), unit=3
     )
     assert layer.unit == 3 and layer.n_workers == 4 and layer.backend.name == "simulated"
-    assert layer.full_bias() is None and layer.bias is None  # bias-free, as the module (issue 25, 9a)
+    assert layer.full_bias() is None and layer.bias is None  # bias-free, as the module
     assert [name for name, _ in layer.named_parameters()] == ["weight"]
     x = torch.randn(5, 6, dtype=torch.float64)
     assert_close(to_host(layer, layer(x)), linear(x).detach().numpy())

@@ -1,4 +1,4 @@
-"""Any size on any number of workers (issue 12, parts 1, 2 and 5).
+"""Any size on any number of workers.
 
 Every layer is compared, forward and backward (dX and every parameter
 gradient), with a dense float64 reference built from its own logical weights,
