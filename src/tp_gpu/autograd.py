@@ -112,7 +112,9 @@ class Context:
         its rebuild recipe, which holds ``1/p`` of it: the whole is gathered
         again when ``backward`` reads it, as Megatron-core does.
         """
-        if all(t is None or t.recompute is None for t in tensors):
+        if len(tensors) == 1 and (tensors[0] is None or tensors[0].recompute is None):
+            self._saved = tensors
+        elif all(t is None or t.recompute is None for t in tensors):
             self._saved = tensors
         else:
             self._saved = tuple(t if t is None or t.recompute is None else _Rebuild(t) for t in tensors)
@@ -202,16 +204,14 @@ class Function:
         """Run ``forward`` on ``args``; record it when an input requires grad and recording is on."""
         mode = _mode
         enabled = mode.enabled
-        record = False
-        if enabled:
-            for a in args:
-                if isinstance(a, Tensor) and a.requires_grad:
-                    record = True
-                    break
         ctx = cls.ctx_class()
-        ctx.needs_input_grad = (
-            tuple(isinstance(a, Tensor) and a.requires_grad for a in args) if record else ()
-        )
+        needs: Tuple[bool, ...] = ()
+        if enabled:
+            needs = tuple([isinstance(a, Tensor) and a.requires_grad for a in args])
+            if True not in needs:
+                needs = ()
+        record = bool(needs)
+        ctx.needs_input_grad = needs
         mode.enabled = False
         try:
             outputs = cls.forward(ctx, *args)  # type: ignore[attr-defined]

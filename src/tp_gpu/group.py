@@ -24,6 +24,7 @@ from .config import TensorParallelConfig
 from .errors import ConfigError
 from .partition import BlockLayout
 from .placement import worker_devices
+from .placements import Dense, Replicated
 
 __all__ = ["TensorParallelGroup", "get_group"]
 
@@ -56,6 +57,11 @@ class TensorParallelGroup:
             )
         #: Where gathered and reduced outputs land.
         self.output_device: Hashable = out
+        #: Each device of this process's workers once, in worker order.
+        self.distinct_devices: Tuple[Hashable, ...] = tuple(dict.fromkeys(self.devices))
+        #: The placements of a value whole on the output device, and copied to every device.
+        self.dense: Dense = Dense(out)
+        self.replicated: Replicated = Replicated(self.distinct_devices)
 
     @property
     def workers(self) -> List[int]:

@@ -276,6 +276,11 @@ def elementwise(a: Any, b: Any, op: str) -> Tensor:
 
 
 def _binary(a: Any, b: Any, op: str) -> Tensor:
+    if isinstance(a, Tensor) and not isinstance(a.placement, Partial):
+        if type(b) is float or type(b) is int:  # the common cases first: a tensor and a number,
+            return Elementwise.apply(a, b, op, a.placement, a.shape)
+        if isinstance(b, Tensor) and b.shape == a.shape and b.placement == a.placement:  # or alike
+            return Elementwise.apply(a, b, op, a.placement, a.shape)
     a, b = _operands(a, b, op)
     placement = _output_placement(a, b, op)
     return Elementwise.apply(a, b, op, placement, _broadcast_shape(a, b, op))

@@ -78,7 +78,7 @@ def sequence_layout(group: TensorParallelGroup, seq: int) -> BlockLayout:
 
 
 def _devices(group: TensorParallelGroup) -> Tuple[Any, ...]:
-    return tuple(dict.fromkeys(group.devices))
+    return group.distinct_devices
 
 
 def _dense_value(x: Any) -> Any:
@@ -97,8 +97,7 @@ class _RegionContext(Context):
 
 
 def _dense(group: TensorParallelGroup, array: Any, shape: Tuple[int, ...]) -> Tensor:
-    out = group.output_device
-    return Tensor({out: array}, Dense(out), shape, array.dtype, group.backend, group.comm)
+    return Tensor({group.output_device: array}, group.dense, shape, array.dtype, group.backend, group.comm)
 
 
 class CopyToRegion(Function):
@@ -109,9 +108,8 @@ class CopyToRegion(Function):
     @staticmethod
     def forward(ctx: _RegionContext, x: Any, group: TensorParallelGroup, dtype: Any) -> Tensor:
         ctx.group = group
-        devices = _devices(group)
-        blocks = collectives.broadcast(group.backend, _dense_value(x), devices, dtype)
-        return new_tensor(blocks, Replicated(devices), tuple(x.shape), dtype, group.backend, group.comm)
+        blocks = collectives.broadcast(group.backend, _dense_value(x), group.distinct_devices, dtype)
+        return Tensor(blocks, group.replicated, tuple(x.shape), dtype, group.backend, group.comm)
 
     @staticmethod
     def backward(ctx: _RegionContext, grad: Tensor) -> Tuple[Tensor, None, None]:

@@ -31,6 +31,10 @@ __all__ = [
 
 Device = Hashable
 
+#: What ``Backend.device`` returns where there is no current device to switch (the host):
+#: ``contextlib.nullcontext`` is reentrant and reusable, so one serves every call.
+_NO_DEVICE_SWITCH = contextlib.nullcontext()
+
 #: One array per device (NumPy, CuPy or simulated), keyed by the device it lives on: a parameter's or
 #: an activation's blocks, or one partial result per device.
 Blocks = Dict[Device, Any]
@@ -277,8 +281,8 @@ class Backend:
     devices: Tuple[Device, ...] = ()
 
     def device(self, device: Device) -> ContextManager:
-        """Context manager under which ``device`` is the current device."""
-        return contextlib.nullcontext()
+        """Context manager under which ``device`` is the current device (one reusable no-op here)."""
+        return _NO_DEVICE_SWITCH
 
     def device_of(self, arr: Any) -> Device:
         """The device ``arr`` lives on."""
