@@ -16,7 +16,8 @@ The programs on it, each declaring its cases, targets and tables:
   its check), :mod:`benchmarks.runner` (every worker count of a group), :mod:`benchmarks.layer_report`;
 * :mod:`benchmarks.training_step`: a whole training step, phase by phase; :mod:`benchmarks.step_case`,
   :mod:`benchmarks.step_micro` (Adam, the embedding backward), :mod:`benchmarks.step_report`;
-* :mod:`benchmarks.bench_encode`: sentence embeddings against sentence-transformers.
+* :mod:`benchmarks.bench_encode`: sentence embeddings against sentence-transformers;
+* :mod:`benchmarks.tape_overhead`: the autograd tape's cost per recorded op.
 
 Beside them, :mod:`benchmarks.scaling_model` and :mod:`benchmarks.transfers` (the multi-GPU model and
 its transfer counts), ``activation_memory.py`` and ``gpu_check.py``.

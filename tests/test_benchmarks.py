@@ -34,6 +34,7 @@ from benchmarks import (  # noqa: E402
     runner,
     scaling_model,
     skeleton,
+    tape_overhead,
 )
 from tp_gpu import TensorParallelConfig  # noqa: E402
 from tp_gpu.layers.embedding_functions import EmbeddingLookup  # noqa: E402
@@ -269,6 +270,7 @@ def test_the_package_and_the_script_start():
         ["benchmarks/bench_layers.py", "--help"],
         ["-m", "benchmarks.training_step", "--help"],
         ["benchmarks/bench_encode.py", "--help"],
+        ["-m", "benchmarks.tape_overhead", "--help"],
     ):
         done = subprocess.run(
             [sys.executable, *command], check=False, cwd=ROOT, capture_output=True, text=True, timeout=60
@@ -307,6 +309,30 @@ def test_the_encode_benchmark_times_its_contenders_on_the_skeleton(tmp_path, mon
     with pytest.raises(SystemExit, match="tp_gpu p=4 disagrees"):
         bench_encode.main(argv + ["--model-dir", str(tmp_path), "--out", str(tmp_path / "wrong")])
     assert not (tmp_path / "wrong").exists()
+
+
+def test_the_tape_overhead_benchmark_writes_every_side_and_derived_cost(tmp_path):
+    """--quick into tmp_path: each side of both cases and each derived cost in the JSON and the Markdown,
+    every side's time positive (its speed is not tested); --render redraws the same Markdown."""
+    assert tape_overhead.main(["--quick", "--ops", "20", "--retries", "0", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("tape-overhead-*-quick.json")
+    data = json.loads(path.read_text())
+    markdown = path.with_suffix(".md").read_text()
+    sides = {"chain": ["numpy", "no_grad", "recorded", "recorded+backward"],
+             "column": ["no_grad", "recorded", "recorded+backward"]}  # fmt: skip
+    assert [r["case"] for r in data["results"]] == list(sides) and data["machine"]["complete"] is True
+    for r in data["results"]:
+        assert list(r["sides"]) == list(r["us_per_unit"]) == sides[r["case"]]
+        for name, side in r["sides"].items():
+            assert len(side["times_s"]) >= 5 and all(t > 0 for t in side["times_s"])
+            assert side["median_s"] > 0 and r["us_per_unit"][name] > 0
+            assert f"| {r['case']} | {name} | {r['us_per_unit'][name]:.2f} / {r['unit']} |" in markdown
+        assert set(r["derived_us"]) == {"recording", "backward"}
+        for name, value in r["derived_us"].items():
+            assert np.isfinite(value) and f"| {r['case']} | {name} per " in markdown
+    path.with_suffix(".md").unlink()
+    assert tape_overhead.main(["--render", str(path)]) == 0
+    assert path.with_suffix(".md").read_text() == markdown
 
 
 # --------------------------------------------------------------------------- scaling model
