@@ -64,8 +64,8 @@ class Dense(Placement):
         return f"Dense({self.device!r})"
 
 
-class Replicated(Placement):
-    """A whole copy of the value on each of ``devices``."""
+class _OverDevices(Placement):
+    """A placement with one whole-shaped block on each of ``devices``."""
 
     __slots__ = ("devices",)
 
@@ -76,7 +76,13 @@ class Replicated(Placement):
         return self.devices
 
     def __repr__(self) -> str:
-        return f"Replicated({list(self.devices)!r})"
+        return f"{type(self).__name__}({list(self.devices)!r})"
+
+
+class Replicated(_OverDevices):
+    """A whole copy of the value on each of ``devices``."""
+
+    __slots__ = ()
 
 
 class Split(Placement):
@@ -95,16 +101,7 @@ class Split(Placement):
         return f"Split(axis={self.axis}, sizes={self.layout.sizes}, devices={self.layout.devices!r})"
 
 
-class Partial(Placement):
+class Partial(_OverDevices):
     """Partial sums on each of ``devices``: the value is their sum (over every process too)."""
 
-    __slots__ = ("devices",)
-
-    def __init__(self, devices: Tuple[Hashable, ...]) -> None:
-        self.devices = tuple(devices)
-
-    def key(self) -> Tuple[object, ...]:
-        return self.devices
-
-    def __repr__(self) -> str:
-        return f"Partial({list(self.devices)!r})"
+    __slots__ = ()

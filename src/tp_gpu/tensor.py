@@ -41,6 +41,20 @@ def device_of_array(x: Any) -> Hashable:
     return int(x.device.id) if is_cupy_array(x) else HOST
 
 
+def _arithmetic(name: str, reflected: bool = False) -> Callable[[Tensor, Any], Tensor]:
+    """The operator method ``self <op> other`` (``other <op> self`` when ``reflected``): :mod:`tp_gpu.ops`'
+    function ``name``, which runs per device and records itself."""
+
+    def method(self: Tensor, other: Any) -> Tensor:
+        from . import ops
+
+        fn = getattr(ops, name)
+        return fn(other, self) if reflected else fn(self, other)
+
+    method.__name__ = f"__{'r' if reflected else ''}{name if name != 'div' else 'truediv'}__"
+    return method
+
+
 class Tensor:
     """A logical array of ``shape`` and ``dtype``, kept as ``blocks`` placed as ``placement``.
 
@@ -209,45 +223,14 @@ class Tensor:
         hosts = tuple(x.numpy() if isinstance(x, Tensor) else x for x in inputs)
         return getattr(ufunc, method)(*hosts, **kwargs)
 
-    def __add__(self, other: Any) -> Tensor:
-        from .ops import add
-
-        return add(self, other)
-
-    def __radd__(self, other: Any) -> Tensor:
-        from .ops import add
-
-        return add(other, self)
-
-    def __sub__(self, other: Any) -> Tensor:
-        from .ops import sub
-
-        return sub(self, other)
-
-    def __rsub__(self, other: Any) -> Tensor:
-        from .ops import sub
-
-        return sub(other, self)
-
-    def __mul__(self, other: Any) -> Tensor:
-        from .ops import mul
-
-        return mul(self, other)
-
-    def __rmul__(self, other: Any) -> Tensor:
-        from .ops import mul
-
-        return mul(other, self)
-
-    def __truediv__(self, other: Any) -> Tensor:
-        from .ops import div
-
-        return div(self, other)
-
-    def __rtruediv__(self, other: Any) -> Tensor:
-        from .ops import div
-
-        return div(other, self)
+    __add__ = _arithmetic("add")
+    __radd__ = _arithmetic("add", reflected=True)
+    __sub__ = _arithmetic("sub")
+    __rsub__ = _arithmetic("sub", reflected=True)
+    __mul__ = _arithmetic("mul")
+    __rmul__ = _arithmetic("mul", reflected=True)
+    __truediv__ = _arithmetic("div")
+    __rtruediv__ = _arithmetic("div", reflected=True)
 
     def __neg__(self) -> Tensor:
         from .ops import mul
