@@ -398,7 +398,7 @@ def test_replicate_picks_the_region_from_the_placement(make_config, rng, n_worke
     split_last = split(dense, group, group.split(3), np.float64, -1)
     with pytest.raises(
         ShapeError,
-        match=r"layer input is placed Split\(axis=2.*expected a Dense tensor or one split along the "
+        match=r"layer input is placed Split\(axis=2.*expected a Dense tensor, one split along the "
         r"sequence \(axis 1\)",
     ):
         replicate(split_last, group, np.float64, "layer input")

@@ -349,8 +349,8 @@ def replicate(x: Any, group: TensorParallelGroup, dtype: Any, what: str = "input
         x = split(x, group, sequence_layout(group, x.shape[p.axis]), dtype, SEQUENCE_AXIS, what)
         return gather_from_sequence_parallel_region(x, group)
     raise ShapeError(
-        f"{what} is placed {p!r} (shape {x.shape}); expected a Dense tensor or one split along the "
-        f"sequence (axis {x.ndim + SEQUENCE_AXIS})"
+        f"{what} is placed {p!r} (shape {x.shape}, dtype {x.dtype}); expected a Dense tensor, one split "
+        f"along the sequence (axis {x.ndim + SEQUENCE_AXIS}), or one replicated in {np.dtype(dtype)}"
     )
 
 
