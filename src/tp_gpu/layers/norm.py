@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Tuple
+from typing import Any, Hashable, Optional, Tuple
 
 import numpy as np
 
 from .. import collectives
 from ..autograd import Context, Function
+from ..backends.base import Backend
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError
 from ..parameter import ShardedParameter
-from ..placements import HOST, Dense, Partial, Replicated, Split
+from ..placements import HOST, Dense, Partial, Placement, Replicated, Split
 from ..regions import place_like
 from ..tensor import Blocks, Tensor, new_tensor, tensor
 from .base import ParallelModule
@@ -35,7 +36,7 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
-def input_blocks(x: Tensor, home: Any, backend: Any, dtype: Any) -> Blocks:
+def input_blocks(x: Tensor, home: Hashable, backend: Backend, dtype: Any) -> Blocks:
     """The blocks an elementwise layer computes on, as ``dtype``: ``x``'s own, each where it lies; a
     host array's (``Dense`` on the host) moved to ``home``."""
     p = x.placement
@@ -43,7 +44,7 @@ def input_blocks(x: Tensor, home: Any, backend: Any, dtype: Any) -> Blocks:
     return dict(zip(devices, collectives.to_devices(backend, list(x.blocks.values()), devices, dtype)))
 
 
-def output_placement(x: Tensor, blocks: Blocks) -> Any:
+def output_placement(x: Tensor, blocks: Blocks) -> Placement:
     """Where an elementwise layer's output of ``blocks`` lies: as ``x``, or beside a host ``x``'s block."""
     return Dense(next(iter(blocks))) if isinstance(x.placement, Dense) else x.placement
 
