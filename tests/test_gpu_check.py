@@ -107,11 +107,21 @@ def test_takes_its_own_longer_limit():
 NOT_GPU = "def test_not_marked_gpu():\n    pass\n"
 
 
+def _case_folder(tmp_path):
+    """A folder of its own for the cases, whose name no ``-k`` expression below matches (a test
+    folder's name is a keyword too), given to pytest as its rootdir: test ids read
+    ``test_cases::...`` wherever the checkout and the temporary folder are."""
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    return folder
+
+
 def test_pass_fail_skip_and_the_time_limit_per_test(tmp_path, capsys):
-    (tmp_path / "test_cases.py").write_text(CASES)
-    (tmp_path / "test_plain.py").write_text(NOT_GPU)
+    folder = _case_folder(tmp_path)
+    (folder / "test_cases.py").write_text(CASES)
+    (folder / "test_plain.py").write_text(NOT_GPU)
     out = tmp_path / "results"
-    args = ["--out", str(out), "--timeout", "0.5", "--", str(tmp_path / "test_cases.py"), str(tmp_path)]
+    args = ["--out", str(out), "--timeout", "0.5", "--", "--rootdir", str(folder), str(folder)]
     assert gpu_check.main(args) == 1
     statuses = _statuses(out)
     assert "test_not_marked_gpu" not in statuses  # only tests marked gpu run
@@ -128,10 +138,12 @@ def test_pass_fail_skip_and_the_time_limit_per_test(tmp_path, capsys):
 
 
 def test_passes_and_skips_exit_0(tmp_path, capsys):
-    cases = tmp_path / "test_cases.py"
+    folder = _case_folder(tmp_path)
+    cases = folder / "test_cases.py"
     cases.write_text(CASES)
     out = tmp_path / "results"
-    assert gpu_check.main(["--out", str(out), "--", str(cases), "-k", "passes or skips"]) == 0
+    args = ["--out", str(out), "--", "--rootdir", str(folder), str(cases), "-k", "passes or skips"]
+    assert gpu_check.main(args) == 0
     assert (
         capsys.readouterr().out.rstrip().endswith(f"gpu_check: 1 PASS, 0 FAIL, 1 SKIP; see {out}/summary.md")
     )
