@@ -740,3 +740,8 @@ def test_no_grad_keeps_no_logits_sized_array(rng):
         tracemalloc.stop()
     assert kept <= 0.1 * logits.blocks["cpu"].nbytes
     assert np.isfinite(float(loss))
+
+
+def test_inplace_must_be_a_bool():
+    with pytest.raises(ConfigError, match="inplace must be True or False"):
+        VocabParallelCrossEntropy(inplace="yes")

@@ -21,7 +21,6 @@ from tp_gpu import (  # noqa: E402
     SGD,
     Adam,
     ColumnParallelLinear,
-    ConfigError,
     ShardedTensor,
     TensorParallelConfig,
     VocabParallelCrossEntropy,
@@ -272,58 +271,3 @@ def test_loss_allocates_no_more_than_one_logits_buffer(n_workers):
     assert forward_peak <= 1.1 * logits_host.nbytes
     assert backward_peak <= 0.1 * logits_host.nbytes
     assert logits.grad is not None and logits.grad.dtype == np.float32
-
-
-def _logits(n_workers: int, dtype: str, pad: int | None, rows: int = 64, vocab: int = 1000):
-    config = TensorParallelConfig(n_workers=n_workers, backend="numpy", dtype=dtype)
-    layout = ColumnParallelLinear(3, vocab, config, pad_to_multiple_of=pad).layout
-    block = np.random.default_rng(2).standard_normal((rows, layout.block_lengths["cpu"])).astype(dtype)
-    targets = np.random.default_rng(3).integers(0, vocab, size=rows)
-    targets[::7] = -100  # some rows ignored
-    logits = ShardedTensor.from_blocks({"cpu": block}, -1, layout, get_backend("numpy")).requires_grad_()
-    return logits, targets
-
-
-@pytest.mark.parametrize("pad", [None, 64])
-@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_inplace_loss_equals_the_default(pad, dtype, smoothing):
-    """``inplace=True`` gives the default's loss and dZ; it overwrites float32/float64 logits (and
-    returns dZ in their memory), and leaves float16 logits alone (they are widened into a copy)."""
-    kept, targets = _logits(3, dtype, pad)
-    original = kept.device_blocks()["cpu"].copy()
-    default = VocabParallelCrossEntropy(label_smoothing=smoothing)
-    expected_loss = default(kept, targets)
-    expected_loss.backward()
-    expected = kept.grad.device_blocks()["cpu"]
-    np.testing.assert_array_equal(kept.device_blocks()["cpu"], original)  # the default only reads
-    logits, _ = _logits(3, dtype, pad)
-    inplace = VocabParallelCrossEntropy(label_smoothing=smoothing, inplace=True)
-    loss = inplace(logits, targets)
-    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-12)
-    loss.backward()
-    grad = logits.grad.device_blocks()["cpu"]
-    np.testing.assert_array_equal(grad, expected)
-    block = logits.device_blocks()["cpu"]
-    assert np.shares_memory(grad, block) == (dtype != "float16")
-    if dtype == "float16":
-        np.testing.assert_array_equal(block, original)
-
-
-def test_inplace_loss_allocates_no_logits_sized_array():
-    logits, targets = _logits(4, "float32", None, rows=256, vocab=4000)
-    loss_fn = VocabParallelCrossEntropy(inplace=True)
-    tracemalloc.start()
-    try:
-        base = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        loss_fn(logits, targets).backward()
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
-    assert peak <= 0.1 * logits.device_blocks()["cpu"].nbytes
-
-
-def test_inplace_must_be_a_bool():
-    with pytest.raises(ConfigError, match="inplace must be True or False"):
-        VocabParallelCrossEntropy(inplace="yes")
