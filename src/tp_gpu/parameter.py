@@ -141,30 +141,18 @@ class ShardedParameter(Tensor):
                 self.accumulate(device, grad)
 
     def accumulate_grad(self, grad: Tensor) -> None:
-        """Add a gradient from the tape: placed like the parameter (``Partial`` parts summed first)."""
-        if isinstance(grad.placement, Partial):
+        """Add a gradient from the tape. A whole parameter takes it on its device (``Partial`` parts
+        summed there, over every process too); a split one takes its blocks as they lie."""
+        if isinstance(self.placement, Dense):
             device = self.block_devices[0]
-            grad = new_tensor(
-                {device: collectives.reduce_sum(self.backend, dict(grad.blocks), device, None)},
-                Dense(device),
-                grad.shape,
-                grad.dtype,
-                grad.backend,
-            )
-        if isinstance(self.placement, Dense) and list(grad.blocks) != self.block_devices:
-            (block,) = grad.blocks.values()
-            grad = new_tensor(
-                {
-                    self.block_devices[0]: collectives.to_device(
-                        self.backend, block, self.block_devices[0], self.dtype
-                    )
-                },
-                self.placement,
-                grad.shape,
-                self.dtype,
-                self.backend,
-            )
-        self.accumulate_blocks(grad.blocks)
+            if isinstance(grad.placement, Partial):
+                block = collectives.reduce_sum(self.backend, dict(grad.blocks), device, self.comm)
+            else:
+                (block,) = grad.blocks.values()
+            grad_blocks = {device: collectives.to_device(self.backend, block, device, self.dtype)}
+            self.accumulate_blocks(grad_blocks)
+        else:
+            self.accumulate_blocks(grad.blocks)
 
     @property
     def grad(self) -> Optional[Tensor]:

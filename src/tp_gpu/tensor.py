@@ -35,6 +35,10 @@ Blocks = Dict[Hashable, Any]
 
 _LOCAL = LocalComm()
 
+#: Guards leaves' ``grad`` against two threads' backward passes adding at once (parameters have
+#: their own lock). A leaf made lazily per tensor could be made twice by two threads.
+_LEAF_GRAD_LOCK = threading.Lock()
+
 
 def device_of_array(x: Any) -> Hashable:
     """The device of a raw array that no backend has claimed: a CuPy array's GPU id, else :data:`HOST`."""
@@ -85,7 +89,6 @@ class Tensor:
         "grad",
         "recompute",
         "checks",
-        "_lock",
         "__weakref__",
     )
 
@@ -115,7 +118,6 @@ class Tensor:
         #: Device-side checks of the values this tensor was computed from (:mod:`tp_gpu.device_checks`),
         #: read before a host copy or a backward.
         self.checks: Tuple[DeferredCheck, ...] = ()
-        self._lock: Optional[threading.Lock] = None
 
     # ------------------------------------------------------------------ what it is
 
@@ -205,9 +207,7 @@ class Tensor:
         """Add ``grad`` to ``self.grad`` (a leaf's gradient); safe from several threads."""
         from .gradients import add_gradients
 
-        if self._lock is None:
-            self._lock = threading.Lock()
-        with self._lock:
+        with _LEAF_GRAD_LOCK:
             self.grad = grad if self.grad is None else add_gradients(self.grad, grad)
 
     # ------------------------------------------------------------------ arithmetic (tp_gpu.ops)
