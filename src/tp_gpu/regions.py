@@ -271,7 +271,7 @@ class ReduceScatterToSequenceParallelRegion(Function):
 # ---------------------------------------------------------------------- what layers call
 
 
-def _as_input(x: Any, what: str) -> Tensor:
+def _as_input(x: Any) -> Tensor:
     """A Tensor as it is; a raw array (NumPy, CuPy, DLPack, nested lists) as a Dense constant."""
     return x if isinstance(x, Tensor) else tensor(x)
 
@@ -279,7 +279,7 @@ def _as_input(x: Any, what: str) -> Tensor:
 def copy_to_region(x: Any, group: TensorParallelGroup, dtype: Any = None) -> Tensor:
     """``Dense X`` (or a raw array) copied once to each of ``group``'s devices, as ``dtype``."""
     if not isinstance(x, Tensor) and not hasattr(x, "shape"):
-        x = _as_input(x, "copy_to_region")
+        x = _as_input(x)
     return CopyToRegion.apply(x, group, np.dtype(x.dtype if dtype is None else dtype))
 
 
@@ -293,7 +293,7 @@ def scatter_to_region(
     x: Any, group: TensorParallelGroup, layout: BlockLayout, dtype: Any = None, axis: int = -1
 ) -> Tensor:
     """``X`` split along ``axis`` as ``layout`` says: a Dense ``X`` is scattered."""
-    x = _as_input(x, "scatter_to_region")
+    x = _as_input(x)
     return ScatterToRegion.apply(x, group, layout, axis, np.dtype(x.dtype if dtype is None else dtype))
 
 
@@ -319,7 +319,7 @@ def reduce_scatter_to_sequence_parallel_region(x: Tensor, group: TensorParallelG
 def scatter_to_sequence_parallel_region(x: Any, group: TensorParallelGroup, dtype: Any = None) -> Tensor:
     """``X`` ``(..., S, H)`` split along the sequence: a Dense ``X`` scattered, a sequence-split one
     moved to the group's layout if it lies elsewhere."""
-    x = _as_input(x, "scatter_to_sequence_parallel_region")
+    x = _as_input(x)
     if x.ndim < 2:
         raise ShapeError(f"sequence parallelism needs a sequence axis: shape (..., S, H), got {x.shape}")
     return split(x, group, sequence_layout(group, x.shape[SEQUENCE_AXIS]), dtype, SEQUENCE_AXIS)
@@ -365,7 +365,7 @@ def split(
     """``X`` split along ``axis`` as ``layout`` says: a Dense ``X`` scattered
     (:func:`scatter_to_region`), a split one used as it lies (moved where ``layout``'s devices differ).
     A tensor split otherwise is a ShapeError naming both splits."""
-    x = _as_input(x, what)
+    x = _as_input(x)
     p = x.placement
     dtype = np.dtype(x.dtype if dtype is None else dtype)
     if isinstance(p, Dense):
