@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 from .. import collectives
 from ..autograd import Context, Function
 from ..parameter import ShardedParameter
-from ..placements import Partial, Placement, Split
+from ..placements import Partial, Split
 from ..tensor import Tensor, new_tensor
 from .gemm import bias_grad, matmul, matmul_bias, matmul_transposed, weight_grad
 
@@ -29,11 +29,10 @@ __all__ = ["ColumnLinear", "RowLinear"]
 
 
 class _LinearContext(Context):
-    __slots__ = ("weight", "bias", "x_placement")
+    __slots__ = ("weight", "bias")
 
     weight: ShardedParameter
     bias: Optional[ShardedParameter]
-    x_placement: Placement
 
 
 def _grad_of(param: ShardedParameter, blocks: dict) -> Tensor:
@@ -61,7 +60,7 @@ class ColumnLinear(Function):
                     blocks[d] = matmul_bias(x.blocks[d], w, bias.blocks[d])  # ... + (n_d,)
         if ctx.needs_input_grad:
             ctx.save_for_backward(x)
-            ctx.weight, ctx.bias, ctx.x_placement = weight, bias, x.placement
+            ctx.weight, ctx.bias = weight, bias
         placement = weight.placement
         assert isinstance(placement, Split)
         shape = x.shape[:-1] + (weight.shape[1],)
