@@ -25,6 +25,7 @@ from .backends.base import Backend
 from .device_totals import total_to_host
 from .errors import ConfigError
 from .parameter import ShardedParameter
+from .placements import Replicated
 
 __all__ = ["clip_grad_norm"]
 
@@ -138,6 +139,8 @@ def _global_norm(params: List[ShardedParameter], norm_type: float) -> float:
         partials = []
         for p in group:
             keys = [d for d, g in p.grad_blocks.items() if g is not None]
+            if isinstance(p.placement, Replicated):
+                keys = keys[:1]  # the copies hold one gradient: count it once
             norm = partial(_block_norm, backend.xp, norm_type, p.layout is None)
             partials.append(collectives.on_devices(backend, norm, p.grad_blocks, keys=keys))
         parts.append(np.asarray(total_to_host(backend, partials, op), dtype=np.float64))

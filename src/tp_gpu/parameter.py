@@ -13,7 +13,7 @@ array, on the host.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Hashable, List, Optional, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from .backends.base import Backend, as_array
 from .comm.base import Communicator, LocalComm
 from .errors import ShapeError
 from .partition import BlockLayout
-from .placements import Dense, Partial, Placement, Split
+from .placements import Dense, Partial, Placement, Replicated, Split
 from .tensor import Tensor, new_tensor
 
 __all__ = ["ShardedParameter"]
@@ -55,6 +55,14 @@ class ShardedParameter(Tensor):
     comm : Communicator, optional
         With several processes, ``layout`` covers this process's span only and
         :meth:`full` / :meth:`full_grad` all-gather the spans (collectives).
+    replicate_on : sequence of hashable, optional
+        Keep one whole copy on each of these devices (placement ``Replicated``)
+        instead of one on ``device``: for a small weight every device reads at
+        every step (the key and value projections when attention has fewer
+        key-value heads than workers), so that no step copies it. The gradient
+        of each copy is ``Partial``; :meth:`accumulate_grad` sums the parts of
+        every device and process and gives each copy the sum, so an optimizer
+        step keeps the copies equal.
     """
 
     backend: Backend  # always set: a parameter is placed by its layer's backend
@@ -69,12 +77,16 @@ class ShardedParameter(Tensor):
         axis: Optional[int] = None,
         device: Hashable = None,
         comm: Optional[Communicator] = None,
+        replicate_on: Optional[Sequence[Hashable]] = None,
     ) -> None:
         self.name = name
         self.axis = axis
         self.layout = layout
         self.block_devices: List[Hashable] = [device] if layout is None else list(layout.groups)
         placement: Placement = Dense(device) if layout is None or axis is None else Split(axis, layout)
+        if replicate_on is not None and layout is None:
+            self.block_devices = list(dict.fromkeys(replicate_on))
+            placement = Replicated(tuple(self.block_devices))
         Tensor.__init__(self, {}, placement, tuple(full.shape), dtype, backend, comm or LocalComm(), True)
         self.blocks = self._place(np.array(full))  # a copy: never the caller's array
         self.grad_blocks: Dict[Hashable, Optional[Any]] = dict.fromkeys(self.blocks)
@@ -143,13 +155,13 @@ class ShardedParameter(Tensor):
     def accumulate_grad(self, grad: Tensor) -> None:
         """Add a gradient from the tape. A whole parameter takes it on its device (``Partial`` parts
         summed there, over every process too); a split one takes its blocks as they lie."""
-        if isinstance(self.placement, Dense):
+        if isinstance(self.placement, (Dense, Replicated)):
             device = self.block_devices[0]
             if isinstance(grad.placement, Partial):
                 block = collectives.reduce_sum(self.backend, dict(grad.blocks), device, self.comm)
             else:
                 (block,) = grad.blocks.values()
-            grad_blocks = {device: collectives.to_device(self.backend, block, device, self.dtype)}
+            grad_blocks = collectives.broadcast(self.backend, block, self.block_devices, self.dtype)
             self.accumulate_blocks(grad_blocks)
         else:
             self.accumulate_blocks(grad.blocks)

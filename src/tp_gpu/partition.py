@@ -154,14 +154,36 @@ class BlockLayout:
                 raise ConfigError(f"{what}: padding and whole-unit splits cannot be combined (unit={unit})")
             sizes, capacity = padded_split_sizes(size, local * world_size, pad_to_multiple_of, what)
             capacities = [capacity] * len(sizes)
+        return cls.from_sizes(sizes, devices, rank, world_size, capacities)
+
+    @classmethod
+    def from_sizes(
+        cls,
+        sizes: Sequence[int],
+        devices: Sequence[Hashable],
+        rank: int = 0,
+        world_size: int = 1,
+        capacities: Sequence[int] | None = None,
+    ) -> BlockLayout:
+        """The layout of a dimension cut into the given consecutive ``sizes``, one per worker of every
+        process (``len(devices) * world_size`` of them), of which this process (``rank``) holds the
+        ``len(devices)`` placed on ``devices``. :meth:`split` chooses the sizes; a caller with its own
+        rule (whole groups of attention heads) passes them here.
+        """
+        local = len(devices)
+        if len(sizes) != local * world_size:
+            raise ConfigError(
+                f"got {len(sizes)} sizes for {local} workers on each of {world_size} processes; "
+                f"expected {local * world_size}"
+            )
+        capacities = list(sizes) if capacities is None else list(capacities)
         bounds = [0]
         for r in range(world_size):
             bounds.append(bounds[-1] + sum(sizes[r * local : (r + 1) * local]))
         spans = list(zip(bounds[:-1], bounds[1:]))
         mine = slice(rank * local, (rank + 1) * local)
-        return cls(
-            sizes[mine], devices, start=spans[rank][0], total=size, spans=spans, capacities=capacities[mine]
-        )
+        start, total = spans[rank][0], bounds[-1]
+        return cls(sizes[mine], devices, start=start, total=total, spans=spans, capacities=capacities[mine])
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BlockLayout) and (

@@ -94,13 +94,20 @@ class ParallelModule(Module):
         )
 
     def _add_parameter(
-        self, name: str, full: np.ndarray, layout: Optional[BlockLayout] = None, axis: Optional[int] = None
+        self,
+        name: str,
+        full: np.ndarray,
+        layout: Optional[BlockLayout] = None,
+        axis: Optional[int] = None,
+        replicate: bool = False,
     ) -> ShardedParameter:
         """Register the host array ``full`` as parameter ``name``: split along ``axis`` as
-        ``layout`` says, or kept whole on the output device when ``layout`` is None."""
+        ``layout`` says, or kept whole on the output device when ``layout`` is None (with
+        ``replicate``, whole on every device of the group: ``Replicated``)."""
         group = self.group
+        copies = group.distinct_devices if replicate else None
         param = ShardedParameter(
-            name, full, group.backend, self.dtype, layout, axis, group.output_device, group.comm
+            name, full, group.backend, self.dtype, layout, axis, group.output_device, group.comm, copies
         )
         setattr(self, name, param)
         return param

@@ -102,6 +102,22 @@ class _ParallelLinear(ParallelModule, DenseLoading):
         else:
             self.bias = None
 
+    def _layout(self, layout: Optional[BlockLayout], size: int, what: str) -> BlockLayout:
+        """``layout`` checked to split ``size`` over this group's workers, or the balanced split."""
+        if layout is None:
+            return self.group.split(size, self.unit, what, self.pad_to_multiple_of)
+        expected = self.group.split(size, 1, what)
+        if not isinstance(layout, BlockLayout) or (layout.total, layout.devices, layout.spans[0][0]) != (
+            expected.total,
+            expected.devices,
+            0,
+        ):
+            raise ConfigError(
+                f"layout must be a BlockLayout of {what}={size} over devices {expected.devices}, "
+                f"got {layout!r}"
+            )
+        return layout
+
     @property
     def weight_shards(self) -> List[Any]:
         """Worker i's slice of ``A``, on its device."""
@@ -168,6 +184,10 @@ class ColumnParallelLinear(_ParallelLinear):
         of it (vLLM's ``padding_size``, Megatron's ``make_vocab_size_divisible_by``).
         The padded columns are zero and never appear in ``full_weight()``, state
         dicts, checkpoints or a gathered output; the vocab-parallel loss masks them.
+    layout : BlockLayout, optional
+        The split of ``n_out`` to use instead of the balanced one (``unit`` and
+        padding then do not apply): attention's query heads grouped by the
+        key-value head they read (:class:`~tp_gpu.layers.head_plan.HeadPlan`).
     """
 
     def __init__(
@@ -180,9 +200,10 @@ class ColumnParallelLinear(_ParallelLinear):
         bias: bool = True,
         unit: int = 1,
         pad_to_multiple_of: Optional[int] = None,
+        layout: Optional[BlockLayout] = None,
     ) -> None:
         super().__init__(n_in, n_out, config, seed, unit, pad_to_multiple_of, bias)
-        self.layout = self.group.split(self.n_out, self.unit, "n_out", self.pad_to_multiple_of)
+        self.layout = self._layout(layout, self.n_out, "n_out")
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=1)
         self._add_bias(self.layout, axis=0)
 
@@ -245,6 +266,9 @@ class RowParallelLinear(_ParallelLinear):
     pad_to_multiple_of : int, optional
         Pad ``n_in`` to equal shards of a multiple of it, matching a column
         layer padded alike; the padded rows of the weight are zero.
+    layout : BlockLayout, optional
+        The split of ``n_in`` to use instead of the balanced one, matching a
+        column layer built with the same ``layout``.
     """
 
     def __init__(
@@ -258,10 +282,11 @@ class RowParallelLinear(_ParallelLinear):
         bias: bool = True,
         unit: int = 1,
         pad_to_multiple_of: Optional[int] = None,
+        layout: Optional[BlockLayout] = None,
     ) -> None:
         super().__init__(n_in, n_out, config, seed, unit, pad_to_multiple_of, bias)
         self.input_is_parallel = bool(input_is_parallel)
-        self.layout = self.group.split(self.n_in, self.unit, "n_in", self.pad_to_multiple_of)
+        self.layout = self._layout(layout, self.n_in, "n_in")
         self._add_parameter("weight", xavier_uniform(self.n_in, self.n_out, self.seed), self.layout, axis=0)
         self._add_bias()  # whole, on the output device
 

@@ -12,6 +12,13 @@ blocks ``A_d`` gives the ``Partial`` products ``Y_d = X_d A_d``, whose sum is
 so ``sum_d Y_d = X A + b`` (on every process, only the first adds it).
 Backward, from ``dY`` whole on every device (``Replicated``):
 ``dA_d = X_d^T dY``, ``dX_d = dY A_d^T`` (``Split(-1)``) and ``db = sum(dY)``.
+
+``ReplicatedLinearFunction``: ``X`` and a weight ``A`` both whole on every device
+(``Replicated``) give ``Y_d = X A + b`` on each, a ``Replicated`` ``Y``: for a
+small projection every device needs whole (attention's keys and values when
+there are fewer key-value heads than workers). Backward, from the ``Partial``
+parts ``dY_d`` of its gradient: ``dA_d = X^T dY_d``, ``db_d = sum(dY_d)`` and
+``dX_d = dY_d A^T``, all ``Partial`` (their sums are the gradients).
 """
 
 from __future__ import annotations
@@ -21,11 +28,11 @@ from typing import Optional, Tuple
 from .. import collectives
 from ..autograd import Context, Function
 from ..parameter import ShardedParameter
-from ..placements import Partial, Split
+from ..placements import Partial, Replicated, Split
 from ..tensor import Tensor, new_tensor
 from .gemm import bias_grad, matmul, matmul_bias, matmul_transposed, weight_grad
 
-__all__ = ["ColumnLinear", "RowLinear"]
+__all__ = ["ColumnLinear", "ReplicatedLinearFunction", "RowLinear"]
 
 
 class _LinearContext(Context):
@@ -140,3 +147,54 @@ class RowLinear(Function):
             grad_b = _grad_of(bias, {device: collectives.to_device(backend, db, device, bias.dtype)})
         grad_x = new_tensor(dx, x.placement, x.shape, grad.dtype, backend, grad.comm) if dx else None
         return grad_x, (_grad_of(weight, dw) if dw else None), grad_b
+
+
+class ReplicatedLinearFunction(Function):
+    """``Y_d = X A + b`` on every device for a Replicated ``X``, ``A`` and ``b``: a Replicated ``Y``."""
+
+    ctx_class = _LinearContext
+
+    @staticmethod
+    def forward(
+        ctx: _LinearContext, x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]
+    ) -> Tensor:
+        backend = weight.backend
+        assert backend is not None
+        blocks = {}
+        for d, w in weight.blocks.items():
+            with backend.device(d):
+                if bias is None:
+                    blocks[d] = matmul(x.blocks[d], w)  # (..., n_in) @ (n_in, n_out) -> (..., n_out)
+                else:
+                    blocks[d] = matmul_bias(x.blocks[d], w, bias.blocks[d])  # ... + (n_out,)
+        if ctx.needs_input_grad:
+            ctx.save_for_backward(x)
+            ctx.weight, ctx.bias = weight, bias
+        shape = x.shape[:-1] + (weight.shape[1],)
+        return new_tensor(blocks, Replicated(tuple(blocks)), shape, weight.dtype, backend, weight.comm)
+
+    @staticmethod
+    def backward(ctx: _LinearContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        (x,) = ctx.saved_tensors
+        weight, bias = ctx.weight, ctx.bias
+        backend = weight.backend
+        assert backend is not None and isinstance(grad.placement, Partial)
+        needs = ctx.needs_input_grad
+        dw, db, dx = {}, {}, {}
+        for d, g in grad.blocks.items():  # dY_d, a part of dY
+            with backend.device(d):
+                if needs[1]:
+                    dw[d] = weight_grad(x.blocks[d], g)  # (..., n_in)^T (..., n_out) -> (n_in, n_out)
+                if bias is not None and needs[2]:
+                    db[d] = bias_grad(g)  # (..., n_out) -> (n_out,)
+                if needs[0]:
+                    dx[d] = matmul_transposed(g, weight.blocks[d])  # (..., n_out) @ (n_out, n_in)
+
+        def part(blocks: dict, like: Tensor) -> Optional[Tensor]:
+            return (
+                new_tensor(blocks, Partial(tuple(blocks)), like.shape, grad.dtype, backend, grad.comm)
+                if blocks
+                else None
+            )
+
+        return part(dx, x), part(dw, weight), (part(db, bias) if bias is not None else None)
