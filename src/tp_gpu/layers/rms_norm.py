@@ -1,0 +1,156 @@
+"""RMSNorm over the last axis (Zhang & Sennrich, 2019), Llama's and Qwen2's norm, run where its input lies.
+
+As :class:`~tp_gpu.layers.norm.LayerNorm`: on the output device for dense activations, on each device's
+slices of a sequence-split (or replicated) activation, with the weight copied beside each block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from ..autograd import Context, Function
+from ..config import TensorParallelConfig, check_positive_int
+from ..parameter import ShardedParameter
+from ..regions import place_like
+from ..tensor import Blocks, Tensor, new_tensor, tensor
+from .base import ParallelModule
+from .norm import _param_grad, check_eps, check_placement, compute_dtype, input_blocks, output_placement
+
+__all__ = ["RMSNorm", "RMSNormFunction"]
+
+
+class _RMSNormContext(Context):
+    __slots__ = ("xhat", "rstd", "weight", "dtype")
+
+    xhat: Blocks  # {d: (..., H)} in the compute dtype
+    rstd: Blocks  # {d: (..., 1)}
+    weight: Tensor  # placed beside the blocks
+    dtype: np.dtype  # of the output
+
+
+class RMSNormFunction(Function):
+    """``y = xhat * weight``, ``xhat = x * rstd``, ``rstd = 1 / sqrt(mean(x^2) + eps)``, on each device's
+    block of ``x`` beside ``weight`` placed there (:func:`~tp_gpu.regions.place_like`).
+
+    ``forward(ctx, x, weight, eps, dtype)``. Statistics are computed in float32 for float16 (else in
+    ``dtype``), and ``xhat`` is cast to ``dtype`` before it meets the weight, as transformers'
+    ``LlamaRMSNorm`` does. Backward, per device, with ``g = dy * weight``:
+    ``dx = rstd * (g - xhat * mean(g * xhat))`` and ``dweight_d = sum(dy * xhat)`` over the block's rows,
+    placed like the weight's gradient (``Partial`` for a copied weight: the copy's backward adds them up).
+    """
+
+    ctx_class = _RMSNormContext
+
+    @staticmethod
+    def forward(ctx: _RMSNormContext, x: Tensor, weight: Tensor, eps: float, dtype: np.dtype) -> Tensor:
+        backend = weight.backend
+        assert backend is not None
+        home = next(iter(weight.blocks))
+        xs = input_blocks(x, home, backend, dtype)  # {d: (..., H)}
+        ys, xhats, rstds = {}, {}, {}
+        for d, xb in xs.items():
+            with backend.device(d):
+                ys[d], xhats[d], rstds[d] = _normalise(backend.xp, xb, weight.blocks[d], eps, dtype)
+        if ctx.needs_input_grad:
+            ctx.xhat, ctx.rstd, ctx.weight, ctx.dtype = xhats, rstds, weight, dtype
+        return new_tensor(ys, output_placement(x, xs), x.shape, dtype, backend, weight.comm)
+
+    @staticmethod
+    def backward(ctx: _RMSNormContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        weight, dtype = ctx.weight, ctx.dtype
+        backend = weight.backend
+        assert backend is not None
+        needs = ctx.needs_input_grad
+        dx, dweight = {}, {}
+        for d, g in grad.blocks.items():
+            with backend.device(d):
+                dx[d], dweight[d] = _normalise_grad(g, ctx.xhat[d], ctx.rstd[d], weight.blocks[d], dtype)
+        grad_x = new_tensor(dx, grad.placement, grad.shape, dtype, backend, grad.comm) if needs[0] else None
+        return grad_x, _param_grad(weight, dweight, needs[1]), None, None
+
+
+def _normalise(xp: Any, x: Any, weight: Any, eps: float, out_dtype: np.dtype):
+    """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype."""
+    dtype = compute_dtype(out_dtype)
+    xc = x.astype(dtype)  # (..., H), a new array normalised in place below
+    ms = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1): mean of squares
+    rstd = 1.0 / xp.sqrt(ms + dtype.type(eps))  # (..., 1)
+    xc *= rstd  # xhat (..., H)
+    y = xc.astype(out_dtype, copy=False) * weight  # cast first: LlamaRMSNorm's weight * xhat.to(dtype)
+    return y, xc, rstd
+
+
+def _normalise_grad(grad: Any, xhat: Any, rstd: Any, weight: Any, out_dtype: np.dtype):
+    """``(dx, dweight)`` from ``dy``: see :class:`RMSNormFunction`."""
+    dtype = compute_dtype(out_dtype)
+    h = xhat.shape[-1]
+    dy = grad.astype(dtype, copy=False)  # (..., H)
+    dweight = (dy.reshape(-1, h) * xhat.reshape(-1, h)).sum(axis=0)  # (N, H) -> (H,)
+    g = dy * weight.astype(dtype, copy=False)  # (..., H)
+    dx = g - xhat * (g * xhat).mean(axis=-1, keepdims=True)
+    dx *= rstd
+    return dx.astype(out_dtype, copy=False), dweight.astype(out_dtype)
+
+
+class RMSNorm(ParallelModule):
+    """``y = x / sqrt(mean(x^2) + eps) * weight`` over the last axis, as Llama's ``LlamaRMSNorm``.
+
+    ``mean`` is taken over the last axis of size ``hidden``; there is no
+    centring and no bias. ``weight`` (ones) is kept whole on the group's
+    output device. Statistics are computed in float32 for float16 input, and
+    the normalised ``xhat`` is cast back to float16 before it is multiplied
+    by the weight (transformers' numerics); float32 and float64 compute in
+    their own dtype.
+
+    Backward, with ``xhat = x * rstd`` and ``rstd = 1 / sqrt(mean(x^2) + eps)``:
+    ``dweight = sum(dy * xhat)`` over the leading axes and
+    ``dx = rstd * (g - xhat * mean(g * xhat))`` with ``g = dy * weight``.
+
+    The layer runs where ``x`` lies (:class:`RMSNormFunction`), as
+    :class:`~tp_gpu.LayerNorm` does: a dense ``x`` on its device (a host
+    array is moved to the output device), an ``x`` split on any axis but the
+    last (the sequence, with sequence parallelism) or replicated on each
+    device's block, with ``weight`` copied to each device; the per-device
+    ``dweight`` are then reduced onto the output device. The output is placed like ``x``.
+
+    Hugging Face names: ``...input_layernorm.weight``, ``...post_attention_layernorm.weight``
+    and ``model.norm.weight`` of a Llama or Qwen2 checkpoint are this layer's ``weight``.
+
+    Parameters
+    ----------
+    hidden : int
+        Size of the last axis.
+    config : TensorParallelConfig, optional
+        Backend, devices, dtype and output device (default ``TensorParallelConfig()``).
+    eps : float
+        Added to the mean of squares (1e-6, Llama's ``rms_norm_eps``; Qwen2 uses 1e-6 too).
+    """
+
+    weight: ShardedParameter
+
+    def __init__(
+        self, hidden: int, config: Optional[TensorParallelConfig] = None, *, eps: float = 1e-6
+    ) -> None:
+        super().__init__(config)
+        self.hidden = check_positive_int(hidden, "hidden")
+        self.eps = check_eps(eps)
+        self._join_group(hidden=self.hidden, eps=self.eps)
+        self._add_parameter("weight", np.ones(self.hidden))
+
+    def load_dense(self, weight: Any) -> None:
+        """Overwrite ``weight`` (``(hidden,)``, any array kind), checked first."""
+        self.load_state_dict({"weight": weight})
+
+    def forward(self, x: Any) -> Tensor:
+        """``y`` shaped as ``x`` ``(..., hidden)``, in the layer's dtype, placed like ``x``
+        (on the output device for a host ``x``)."""
+        x = self._check_features(x, self.hidden, "RMSNorm input")
+        x = x if isinstance(x, Tensor) else tensor(x)
+        check_placement(x, "RMSNorm input", last_axis=False)
+        weight = place_like(self.weight, x, self.group)  # (H,) beside each block of x
+        return RMSNormFunction.apply(x, weight, self.eps, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden}, eps={self.eps}, dtype={self.dtype.name!r}, on={self.output_device!r}"
