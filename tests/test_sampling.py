@@ -135,6 +135,20 @@ def test_greedy_ties_go_to_the_smallest_id_and_nan_wins(backend_spec, rng, n_wor
     assert tokens[1] == 0 and tokens[2] == 9 and tokens[3] == 17 and tokens[4] == 0 and tokens[5] == 60
 
 
+def test_more_workers_than_tokens_and_no_rows(rng):
+    """Three tokens over 8 workers (empty blocks, blocks of padding only), and a batch of no rows."""
+    z = rng.standard_normal((4, 3))
+    config = SamplingConfig(top_k=5, seed=2)  # k > V: every token kept
+    expected = sample_tokens(split_logits(get_backend("numpy"), 1, z), config, 0)
+    for spec, pad in [(("simulated", 8), None), (("simulated", 8), 8), (("numpy", None), 8)]:
+        logits = split_logits(get_backend(*spec), 8, z, pad)
+        np.testing.assert_array_equal(greedy_tokens(logits), np.argmax(z, axis=-1))
+        np.testing.assert_array_equal(sample_tokens(logits, config, 0), expected)
+    empty = split_logits(get_backend("simulated", 3), 5, np.zeros((0, 13)), 8)
+    for config in SAMPLED[:3]:
+        assert next_tokens(empty, config, 0).shape == (0,)
+
+
 def test_greedy_ties_as_torch_argmax(rng):
     torch = pytest.importorskip("torch")
     z = tie_rows(rng, 61)
