@@ -113,6 +113,24 @@ def _relu_grad(xp, x, dy):
     return dy * (x > 0)
 
 
+def _silu(xp, x):
+    """SiLU (swish, Llama's MLP): x sigmoid(x), with sigmoid(x) = 1 / (1 + e^-x) from e = exp(-|x|), which
+    never overflows."""
+    return x * _sigmoid(xp, x)
+
+
+def _silu_grad(xp, x, dy):
+    """d/dx x sigmoid(x) = s (1 + x (1 - s)), s = sigmoid(x)."""
+    s = _sigmoid(xp, x)
+    return dy * (s * (1 + x * (1 - s)))
+
+
+def _sigmoid(xp, x):
+    """1 / (1 + e^-x) as ``where(x >= 0, 1, e) / (1 + e)``, ``e = exp(-|x|)`` in (0, 1]."""
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1, e) / (1 + e)
+
+
 def _identity(xp, x):
     return x
 
@@ -125,12 +143,13 @@ ACTIVATIONS: Dict[Optional[str], Activation] = {
     "gelu": Activation("gelu", _gelu, _gelu_grad),
     "gelu_tanh": Activation("gelu_tanh", _gelu_tanh, _gelu_tanh_grad),
     "relu": Activation("relu", _relu, _relu_grad),
+    "silu": Activation("silu", _silu, _silu_grad),
     None: Activation("none", _identity, _identity_grad),
 }
 
 
 def get_activation(name: Optional[str]) -> Activation:
-    """The activation called ``name`` (``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``None``)."""
+    """The activation called ``name`` (``"gelu"``, ``"gelu_tanh"``, ``"relu"``, ``"silu"`` or ``None``)."""
     try:
         return ACTIVATIONS[name]
     except (KeyError, TypeError):
