@@ -232,7 +232,7 @@ def test_checkpoint_of_replicated_weights_loads_at_a_worker_count_that_splits_th
     saved = DecoderAttention(
         12, 6, 2, tp_gpu.TensorParallelConfig(n_workers=3, backend="simulated", devices=3)
     )
-    saved.k_proj.load_dense(rng.normal(size=(12, 4)), rng.normal(size=4))  # 2 heads of 2
+    saved.k_proj.load_dense(rng.normal(size=(12, 4)), None)  # 2 heads of 2, no bias
     tp_gpu.save_checkpoint(tmp_path / "attention.safetensors", saved)
     loaded = DecoderAttention(
         12, 6, 2, tp_gpu.TensorParallelConfig(n_workers=2, backend="simulated", devices=2), seed=9
