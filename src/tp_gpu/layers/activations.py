@@ -126,9 +126,11 @@ def _silu_grad(xp, x, dy):
 
 
 def _sigmoid(xp, x):
-    """1 / (1 + e^-x) as ``where(x >= 0, 1, e) / (1 + e)``, ``e = exp(-|x|)`` in (0, 1]."""
+    """1 / (1 + e^-x) as ``1 / (1 + e)`` where ``x >= 0``, else ``e / (1 + e)``, ``e = exp(-|x|)`` in (0, 1]
+    (arrays only in ``where``: a Python scalar there could promote the dtype on CuPy)."""
     e = xp.exp(-xp.abs(x))
-    return xp.where(x >= 0, 1, e) / (1 + e)
+    s = 1 / (1 + e)
+    return xp.where(x >= 0, s, e * s)
 
 
 def _identity(xp, x):
