@@ -123,15 +123,17 @@ def load_weights(model: DecoderForCausalLM, get: Getter) -> None:
     c = model.decoder_config
     gpt2 = c.model_type == "gpt2"
     model.embed_tokens.load_dense(get("wte.weight" if gpt2 else "embed_tokens.weight"))
+    norm: Any = model.norm  # LayerNorm (GPT-2) or RMSNorm
     if gpt2:
         model.embed_positions.load_dense(get("wpe.weight"))
-        model.norm.load_dense(get("ln_f.weight"), get("ln_f.bias"))
+        norm.load_dense(get("ln_f.weight"), get("ln_f.bias"))
     else:
-        model.norm.load_dense(get("norm.weight"))
+        norm.load_dense(get("norm.weight"))
     for layer in model.decoder_layers:
         (_load_gpt2_layer if gpt2 else _load_llama_layer)(layer, get, c.hidden_size)
     if not c.tie_word_embeddings:
-        model.lm_head.load_dense(get("lm_head.weight"), None, layout="out_in")  # type: ignore[operator]
+        head: Any = model.lm_head  # a ColumnParallelLinear when untied
+        head.load_dense(get("lm_head.weight"), None, layout="out_in")
 
 
 def _load_gpt2_layer(layer: DecoderLayer, get: Getter, hidden: int) -> None:
