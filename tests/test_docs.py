@@ -58,6 +58,11 @@ DOCUMENTED = [
     "from_torch",
     "save_checkpoint",
     "load_checkpoint",
+    "ReplicatedLinear",
+    "RMSNorm",
+    "GatedMLP",
+    "RotaryEmbedding",
+    "DecoderAttention",
 ]
 
 #: Seconds one block may run.
@@ -314,11 +319,11 @@ def signature_problems(row: Row) -> List[str]:
 
 #: Parameter lists for ColumnParallelLinear that the checker must accept (True) or reject (False).
 CHECKER_CASES = [
-    ("n_in, n_out, config=None, *, seed=0, bias=True, unit=1, pad_to_multiple_of=None", True),
+    ("n_in, n_out, config=None, *, seed=0, bias=True, unit=1, pad_to_multiple_of=None, layout=None", True),
     ("n_in, n_out, config=None, *, seed=0, ...", True),
     ("n_in, n_out, config=None, seed=0", False),  # seed is keyword-only
     ("n_in, n_out, config=None, *, seed=1, ...", False),  # wrong default
-    ("n_in, n_out, config=None, *, seed=0", False),  # omits bias, unit and pad_to_multiple_of without '...'
+    ("n_in, n_out, config=None, *, seed=0", False),  # omits the keywords after seed without '...'
     ("n_in, config=None, ...", False),  # skips n_out
     ("n_in, n_out, n_workers=2, ...", False),  # no such parameter
 ]
