@@ -48,6 +48,7 @@ def test_every_missing_library_is_named_at_once(train_gpt, monkeypatch, capsys):
     [
         ("train_gpt.py", ["(default: 100)", "(default: float32)", "(default: [1, 2, 4])"]),
         ("train_tiny_lm.py", ["(default: 200)", "(default: float32)", "(default: 2)"]),
+        ("generate.py", ["(default: 2)", "(default: 32)", "(default: float32)", "(default: 0)"]),
     ],
 )
 def test_help_shows_the_defaults(script, shown):
@@ -72,3 +73,35 @@ def test_tiny_lm_prints_a_few_lines_into_a_log(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = (out.stdout + out.stderr).count("\n") + (out.stdout + out.stderr).count("\r")
     assert 15 <= lines <= 30, out.stdout + out.stderr
+
+
+def test_generate_streams_a_tiny_llama_and_checks_it_against_transformers():
+    """No folder given: it writes one, streams greedy text after the prompt, compares with transformers."""
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / "generate.py"), "--workers", "3", "--backend", "simulated",
+         "--devices", "2", "--max-new-tokens", "6", "--prompt", "A man"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert "LlamaForCausalLM" in lines[0] and "3 workers" in lines[0] and lines[1].startswith("A man")
+    assert len(lines[1]) > len("A man") and " tokens/s" in lines[-2]  # the text may hold a newline
+    if all(importlib.util.find_spec(m) for m in ("torch", "transformers")):
+        assert lines[-1] == "transformers' greedy generate gives the same token ids: True"
+    else:
+        assert lines[-1].startswith("transformers check: skipped")
+
+
+def test_generate_without_tokenizers_stops_before_any_work(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    import generate
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tokenizers" else real(name)
+    )
+    monkeypatch.setattr(generate, "write_tiny_llama", lambda *a, **k: pytest.fail("wrote a folder first"))
+    assert generate.main(["--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "generate.py: error: tokenizers is not installed: pip install 'tp_gpu[models]'"
+    )
