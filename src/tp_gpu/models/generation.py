@@ -86,7 +86,7 @@ class GenerationMixin:
         applies ``temperature``, then ``top_k``, then ``top_p`` (None: off; note
         transformers' own default is ``top_k=50``); ``eos_token_id`` (default:
         the model config's) finishes a row, which is then filled with
-        ``pad_token_id`` (default: the first end-of-sequence id); it stops
+        ``pad_token_id`` (default: the config's, else the first end-of-sequence id); it stops
         early when every row is finished. Sampling is keyed by ``seed``, the
         step, the row and the vocabulary index, so the same seed gives the
         same tokens at every worker count.
@@ -142,7 +142,7 @@ class GenerationMixin:
         c = model.decoder_config
         eos = _token_set(c.eos_token_ids if eos_token_id is None else eos_token_id, "eos_token_id")
         pad = (
-            _token_set(pad_token_id, "pad_token_id") or eos[:1] or _token_set(c.pad_token_id, "pad_token_id")
+            _token_set(pad_token_id, "pad_token_id") or _token_set(c.pad_token_id, "pad_token_id") or eos[:1]
         )
         if model.config.sequence_parallel:
             raise ConfigError(
