@@ -27,6 +27,7 @@ from .pooling import POOLING_MODES, PoolingConfig
 from .sampling import SamplingConfig, greedy_tokens, next_tokens, sample_tokens
 from .sentence import SentenceEncoder, packaged_model_dir
 from .st_files import MissingDependencyError, SentenceConfig, read_sentence_config
+from .text_generation import TextGenerator
 
 __all__ = [
     "AutoModelForCausalLM",
@@ -38,6 +39,7 @@ __all__ = [
     "Qwen2ForCausalLM",
     "RopeScaling",
     "SamplingConfig",
+    "TextGenerator",
     "decoder_tensor_shapes",
     "greedy_tokens",
     "next_tokens",
