@@ -29,7 +29,7 @@ from typing import Any, List, Optional, Union
 import numpy as np
 
 from ..config import TensorParallelConfig
-from ..errors import ConfigError, ShapeError
+from ..errors import ConfigError, IndexOutOfRangeError, ShapeError
 from ..layers.base import check_seed
 from ..layers.decoder_attention import AttentionStep, DecoderAttention, attention_masks
 from ..layers.embedding import ParallelEmbedding
@@ -256,6 +256,12 @@ class DecoderForCausalLM(Module, GenerationMixin):
                     f"position_ids must be integers of the shape of input_ids {ids.shape}, got shape "
                     f"{positions.shape} of dtype {positions.dtype}"
                 )
+        limit = self.decoder_config.max_position_embeddings
+        if self.decoder_config.learned_positions and (positions.min() < 0 or positions.max() >= limit):
+            raise IndexOutOfRangeError(
+                f"position ids must lie in [0, {limit}) (max_position_embeddings, GPT-2's n_positions), got "
+                f"[{int(positions.min())}, {int(positions.max())}] for input_ids of shape {ids.shape}"
+            )
         step = self.step(ids.shape, keep, positions)
         return self.lm_head(self.hidden_states(ids, positions, step))  # (B, S, V), split on V
 
