@@ -488,12 +488,13 @@ def test_bad_arguments_are_refused_before_anything_runs(
 def test_sequence_parallel_models_and_gpt2_positions_are_refused(error_models, nothing_runs, how):
     with pytest.raises(ConfigError, match="sequence_parallel"):
         call(error_models["sequence_parallel"], how, {})
-    # GPT-2 learns 16 positions: a 5-token prompt feeds positions 0 .. 3 + n, so n = 12 is past them
-    with pytest.raises(ConfigError, match=re.escape("max_new_tokens=12") + ".*16"):
-        call(error_models["gpt2"], how, {"max_new_tokens": 12})
+    # GPT-2 learns 16 positions: a 5-token prompt and n new tokens feed positions 0 .. 3 + n (the last
+    # new token is never fed), so n = 13 is past them and n = 12 fits, as transformers' generate runs it
+    with pytest.raises(ConfigError, match=re.escape("max_new_tokens=13") + ".*up to 16.*16"):
+        call(error_models["gpt2"], how, {"max_new_tokens": 13})
 
 
 def test_gpt2_generates_up_to_its_positions(error_models):
-    """A 5-token prompt and 11 new tokens: 16 tokens, GPT-2's 16 learned positions."""
-    out = error_models["gpt2"].generate(PROMPT, max_new_tokens=11, eos_token_id=[])
-    assert out.shape == (1, 16)
+    """A 5-token prompt and 12 new tokens feed positions 0 .. 15, GPT-2's 16 learned positions."""
+    out = error_models["gpt2"].generate(PROMPT, max_new_tokens=12, eos_token_id=[])
+    assert out.shape == (1, 17)

@@ -7,7 +7,7 @@ stay split on the vocabulary: the next token is picked per shard and then
 reduced (:mod:`.sampling`). A batch of prompts of different lengths is
 padded on the left, and its ``attention_mask`` hides the padding; the
 position of token ``i`` of a row is the number of real tokens before it
-(``cumsum(mask) - 1``, 1 on padding), as transformers' ``generate`` sets
+(``cumsum(mask) - 1``, 0 on padding), as transformers' ``generate`` sets
 ``position_ids``.
 
 A row that emits an end-of-sequence id is finished: it gets ``pad_token_id``
@@ -33,9 +33,9 @@ TokenIds = Union[None, int, Sequence[int]]
 
 
 def left_padded_positions(mask: np.ndarray) -> np.ndarray:
-    """``cumsum(mask) - 1`` per row, 1 where ``mask`` is 0: transformers' ``generate`` position ids."""
+    """``cumsum(mask) - 1`` per row, 0 where ``mask`` is 0: transformers' ``generate`` position ids."""
     positions = np.cumsum(mask != 0, axis=1) - 1  # (B, S)
-    return np.where(mask != 0, positions, 1)
+    return np.where(mask != 0, positions, 0)
 
 
 def _check_left_padded(mask: np.ndarray) -> None:
@@ -122,11 +122,11 @@ class GenerationMixin:
         eos_token_id: TokenIds = None,
         pad_token_id: Optional[int] = None,
     ) -> Iterator[np.ndarray]:
-        """Yield each step's new tokens ``(B,)`` as they are made (see :meth:`generate`).
+        """An iterator of each step's new tokens ``(B,)``, made as they are read (see :meth:`generate`).
 
-        Everything is checked before the first pass: the ids, the mask
-        (padding on the left), the sampling settings, and room for
-        ``max_new_tokens`` within the model's positions.
+        Everything is checked by the call itself, before the first pass: the
+        ids, the mask (padding on the left), the sampling settings, and room
+        for ``max_new_tokens`` within the model's positions.
         """
         model: Any = self
         ids = model.check_ids(input_ids)
@@ -146,17 +146,19 @@ class GenerationMixin:
         )
         if model.config.sequence_parallel:
             raise ConfigError(
-                "generate runs with sequence_parallel=False (a decoding step has one position per row); "
-                "build the model with a config whose sequence_parallel is False"
+                "generate needs sequence_parallel=False (a decoding step has one position per row), got "
+                "a model built with sequence_parallel=True; build it with sequence_parallel=False"
             )
         positions = left_padded_positions(mask)  # (B, S)
-        if c.learned_positions and int(positions.max()) + new >= c.max_position_embeddings:
+        last = int(positions[mask != 0].max()) + new - 1  # the position of the last token fed
+        if c.learned_positions and last >= c.max_position_embeddings:
             raise ConfigError(
-                f"a prompt of {int(positions.max()) + 1} positions and max_new_tokens={new} need "
-                f"{int(positions.max()) + 1 + new} positions; the model has {c.max_position_embeddings}"
+                f"a prompt reaching position {int(positions[mask != 0].max())} and max_new_tokens={new} feed "
+                f"positions up to {last}; the model has {c.max_position_embeddings} (0 .. "
+                f"{c.max_position_embeddings - 1})"
             )
         model.embed_tokens._check_ids(ids)  # ids in range, before anything runs
-        yield from self._decode(ids, mask, positions, new, sampling, eos, pad[0] if pad else None)
+        return self._decode(ids, mask, positions, new, sampling, eos, pad[0] if pad else None)
 
     def _decode(
         self,
