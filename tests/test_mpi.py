@@ -114,3 +114,15 @@ def test_processes_hold_spans_of_different_lengths(dtype):
     assert (
         f"3 mpi ranks x 2 workers each (numpy backend, {dtype}): rank 0 holds [9, 9] of 52" in result.stdout
     )
+
+
+@pytest.mark.parametrize("n_procs", [2, 3])
+@pytest.mark.parametrize("backend, devices", [("numpy", None), ("simulated", 2)], ids=["numpy", "sim2"])
+def test_decoder_over_processes_matches_single_process(n_procs, backend, devices):
+    """Llama-shaped decoders with key-value heads split and replicated: logits, gradients, greedy and
+    sampled generation over MPI equal one process's (tests/mpi_programs/check_decoder.py)."""
+    args = ["--backend", backend] + (["--devices", str(devices)] if devices else [])
+    result = mpirun(n_procs, "check_decoder.py", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for rank in range(n_procs):
+        assert f"rank {rank}: 20 checks passed" in result.stdout, result.stdout + result.stderr
