@@ -1,4 +1,5 @@
-"""Phase borders of a timed step: a clock of laps, and where the tape's backward crosses a border.
+"""Phase borders of a timed step: a clock of laps, timing sides phase by phase, and where the tape's
+backward crosses a border.
 
 A step's forward phases end where the code says so (``clock.lap(name)`` after each call). Its backward
 is one ``loss.backward()``: the engine runs the layers' backward functions in reverse order, so a
@@ -10,11 +11,13 @@ then and calls the lap (as a gradient hook on the intermediate tensor does on th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tp_gpu.autograd import Context, Function
 from tp_gpu.tensor import Tensor, new_tensor
+
+from . import harness
 
 
 class PhaseClock:
@@ -32,6 +35,35 @@ class PhaseClock:
         now = time.perf_counter()
         self.laps[name] = self.laps.get(name, 0.0) + now - self.last
         self.last = now
+
+
+Phases = dict[str, dict[str, list[float]]]  # side -> phase -> seconds of each kept run
+
+
+def time_phases(
+    fns: Mapping[str, harness.Fn], clocks: Mapping[str, PhaseClock], phases: tuple[str, ...],
+    timing: harness.Timing,
+) -> tuple[harness.Timed, Phases]:  # fmt: skip
+    """Every side's run in the same shuffled rounds (:func:`harness.time_with_retries`), and the
+    phases of each kept run: ``clocks[name]`` is the clock side ``name``'s run laps.
+
+    The harness keeps only each run's seconds; the timer here also keeps the run's laps under
+    (function, seconds), so that the kept attempt's runs find theirs (a phase not lapped is 0)."""
+    timer = harness.cpu_timer(lambda: None)
+    clock_of = {fns[name]: clocks[name] for name in fns}
+    laps: dict[tuple, dict[str, float]] = {}
+
+    def once(fn: harness.Fn) -> float:
+        seconds = timer(fn)
+        laps[(fn, seconds)] = clock_of[fn].laps  # start() makes a new dict: this run's stays
+        return seconds
+
+    timed = harness.time_with_retries(dict(fns), once, timing)
+    kept = {
+        name: {ph: [laps[(fns[name], s)].get(ph, 0.0) for s in times] for ph in phases}
+        for name, times in timed.times.items()
+    }
+    return timed, kept
 
 
 class _BorderContext(Context):

@@ -19,6 +19,7 @@ from typing import Any
 from tp_gpu.backends import get_backend
 
 from . import harness, machine, skeleton, step_micro
+from .phases import time_phases
 from .report import Record, file_stem, sides_record
 from .skeleton import option, positive_int
 from .step_case import PHASES, StepShape, build_sides, check_sides, step_functions
@@ -76,26 +77,8 @@ PROGRAM = skeleton.Program(
 
 
 def time_step(sides: dict, timing: harness.Timing) -> tuple[harness.Timed, dict[str, dict[str, list[float]]]]:
-    """Every side's step in the same shuffled rounds; and each kept run's phases, per side.
-
-    The harness keeps only each run's seconds; the timer here also keeps the run's phases under
-    (function, seconds), so that the kept attempt's runs find theirs."""
-    fns = step_functions(sides)
-    side_of = {fn: sides[name] for name, fn in fns.items()}
-    timer = harness.cpu_timer(lambda: None)
-    laps: dict[tuple, dict[str, float]] = {}
-
-    def once(fn: Any) -> float:
-        seconds = timer(fn)
-        laps[(fn, seconds)] = side_of[fn].clock.laps
-        return seconds
-
-    timed = harness.time_with_retries(fns, once, timing)
-    phases = {
-        name: {ph: [laps[(fns[name], s)].get(ph, 0.0) for s in times] for ph in PHASES}
-        for name, times in timed.times.items()
-    }
-    return timed, phases
+    """Every side's step in the same shuffled rounds; and each kept run's phases, per side."""
+    return time_phases(step_functions(sides), {n: s.clock for n, s in sides.items()}, PHASES, timing)
 
 
 def run_step(args: argparse.Namespace, dtype: str, threads: int, torch: Any) -> Record:
