@@ -57,14 +57,7 @@ class ColumnLinear(Function):
         ctx: _LinearContext, x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]
     ) -> Tensor:
         backend = weight.backend
-        assert backend is not None
-        blocks = {}
-        for d, w in weight.blocks.items():
-            with backend.device(d):
-                if bias is None:
-                    blocks[d] = matmul(x.blocks[d], w)  # (..., n_in) @ (n_in, n_d) -> (..., n_d)
-                else:
-                    blocks[d] = matmul_bias(x.blocks[d], w, bias.blocks[d])  # ... + (n_d,)
+        blocks = _products(x, weight, bias)  # device d: (..., n_d)
         if ctx.needs_input_grad:
             ctx.save_for_backward(x)
             ctx.weight, ctx.bias = weight, bias
@@ -80,17 +73,7 @@ class ColumnLinear(Function):
         (x,) = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
         backend = weight.backend
-        assert backend is not None
-        needs = ctx.needs_input_grad
-        dw, db, dx = {}, {}, {}
-        for d, g in grad.blocks.items():
-            with backend.device(d):
-                if needs[1]:
-                    dw[d] = weight_grad(x.blocks[d], g)  # (..., n_in)^T (..., n_d) -> (n_in, n_d)
-                if bias is not None and needs[2]:
-                    db[d] = bias_grad(g)  # (..., n_d) -> (n_d,)
-                if needs[0]:
-                    dx[d] = matmul_transposed(g, weight.blocks[d])  # (..., n_d) @ (n_d, n_in) -> (..., n_in)
+        dw, db, dx = _product_grads(x, weight, bias, grad, ctx.needs_input_grad)
         grad_x = new_tensor(dx, Partial(tuple(dx)), x.shape, grad.dtype, backend, grad.comm) if dx else None
         grad_w = _grad_of(weight, dw) if dw else None
         grad_b = _grad_of(bias, db) if db and bias is not None else None
@@ -158,43 +141,61 @@ class ReplicatedLinearFunction(Function):
     def forward(
         ctx: _LinearContext, x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]
     ) -> Tensor:
-        backend = weight.backend
-        assert backend is not None
-        blocks = {}
-        for d, w in weight.blocks.items():
-            with backend.device(d):
-                if bias is None:
-                    blocks[d] = matmul(x.blocks[d], w)  # (..., n_in) @ (n_in, n_out) -> (..., n_out)
-                else:
-                    blocks[d] = matmul_bias(x.blocks[d], w, bias.blocks[d])  # ... + (n_out,)
+        blocks = _products(x, weight, bias)  # device d: (..., n_out), the same on every device
         if ctx.needs_input_grad:
             ctx.save_for_backward(x)
             ctx.weight, ctx.bias = weight, bias
         shape = x.shape[:-1] + (weight.shape[1],)
-        return new_tensor(blocks, Replicated(tuple(blocks)), shape, weight.dtype, backend, weight.comm)
+        return new_tensor(blocks, Replicated(tuple(blocks)), shape, weight.dtype, weight.backend, weight.comm)
 
     @staticmethod
     def backward(ctx: _LinearContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         (x,) = ctx.saved_tensors
         weight, bias = ctx.weight, ctx.bias
-        backend = weight.backend
-        assert backend is not None and isinstance(grad.placement, Partial)
-        needs = ctx.needs_input_grad
-        dw, db, dx = {}, {}, {}
-        for d, g in grad.blocks.items():  # dY_d, a part of dY
-            with backend.device(d):
-                if needs[1]:
-                    dw[d] = weight_grad(x.blocks[d], g)  # (..., n_in)^T (..., n_out) -> (n_in, n_out)
-                if bias is not None and needs[2]:
-                    db[d] = bias_grad(g)  # (..., n_out) -> (n_out,)
-                if needs[0]:
-                    dx[d] = matmul_transposed(g, weight.blocks[d])  # (..., n_out) @ (n_out, n_in)
+        assert isinstance(grad.placement, Partial)  # dY_d: parts of dY, whose sums are the gradients
+        dw, db, dx = _product_grads(x, weight, bias, grad, ctx.needs_input_grad)
 
         def part(blocks: dict, like: Tensor) -> Optional[Tensor]:
+            placement = Partial(tuple(blocks))
             return (
-                new_tensor(blocks, Partial(tuple(blocks)), like.shape, grad.dtype, backend, grad.comm)
+                new_tensor(blocks, placement, like.shape, grad.dtype, weight.backend, grad.comm)
                 if blocks
                 else None
             )
 
         return part(dx, x), part(dw, weight), (part(db, bias) if bias is not None else None)
+
+
+def _products(x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]) -> dict:
+    """``{d: X_d A_d + b_d}`` over the devices of ``weight``'s blocks (``b_d`` left out without a bias)."""
+    backend = weight.backend
+    blocks = {}
+    for d, w in weight.blocks.items():
+        with backend.device(d):
+            if bias is None:
+                blocks[d] = matmul(x.blocks[d], w)  # (..., n_in) @ (n_in, n_d) -> (..., n_d)
+            else:
+                blocks[d] = matmul_bias(x.blocks[d], w, bias.blocks[d])  # ... + (n_d,)
+    return blocks
+
+
+def _product_grads(
+    x: Tensor,
+    weight: ShardedParameter,
+    bias: Optional[ShardedParameter],
+    grad: Tensor,
+    needs: Tuple[bool, ...],
+) -> Tuple[dict, dict, dict]:
+    """``({d: dA_d}, {d: db_d}, {d: dX_d})`` of :func:`_products` from ``{d: dY_d}``, each only where needed:
+    ``dA_d = X_d^T dY_d``, ``db_d = sum(dY_d)``, ``dX_d = dY_d A_d^T``."""
+    backend = weight.backend
+    dw, db, dx = {}, {}, {}
+    for d, g in grad.blocks.items():
+        with backend.device(d):
+            if needs[1]:
+                dw[d] = weight_grad(x.blocks[d], g)  # (..., n_in)^T (..., n_d) -> (n_in, n_d)
+            if bias is not None and needs[2]:
+                db[d] = bias_grad(g)  # (..., n_d) -> (n_d,)
+            if needs[0]:
+                dx[d] = matmul_transposed(g, weight.blocks[d])  # (..., n_d) @ (n_d, n_in) -> (..., n_in)
+    return dw, db, dx
