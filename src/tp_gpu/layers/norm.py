@@ -58,7 +58,9 @@ def check_placement(x: Tensor, what: str, last_axis: bool = True) -> None:
         raise ShapeError(f"{what} must be whole or split on {where}; got shape {x.shape} placed {p!r}")
 
 
-class _LayerNormContext(Context):
+class NormContext(Context):
+    """What the backward of a normalisation (LayerNorm, RMSNorm) keeps: per device ``xhat`` and ``rstd``."""
+
     __slots__ = ("xhat", "rstd", "weight", "dtype")
 
     xhat: Blocks  # {d: (..., H)} in the compute dtype
@@ -76,11 +78,11 @@ class LayerNormFunction(Function):
     weight's gradient (``Partial`` for a copied weight: the copy's backward adds them up).
     """
 
-    ctx_class = _LayerNormContext
+    ctx_class = NormContext
 
     @staticmethod
     def forward(
-        ctx: _LayerNormContext, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: np.dtype
+        ctx: NormContext, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: np.dtype
     ) -> Tensor:
         backend = weight.backend
         assert backend is not None
@@ -97,7 +99,7 @@ class LayerNormFunction(Function):
         return new_tensor(ys, output_placement(x, xs), x.shape, dtype, backend, weight.comm)
 
     @staticmethod
-    def backward(ctx: _LayerNormContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def backward(ctx: NormContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         weight, dtype = ctx.weight, ctx.dtype
         backend = weight.backend
         assert backend is not None
@@ -111,14 +113,14 @@ class LayerNormFunction(Function):
         grad_x = new_tensor(dx, grad.placement, grad.shape, dtype, backend, grad.comm) if needs[0] else None
         return (
             grad_x,
-            _param_grad(weight, dweight, needs[1]),
-            _param_grad(weight, dbias, needs[2]),
+            param_grad(weight, dweight, needs[1]),
+            param_grad(weight, dbias, needs[2]),
             None,
             None,
         )
 
 
-def _param_grad(placed: Tensor, blocks: Blocks, needed: bool) -> Optional[Tensor]:
+def param_grad(placed: Tensor, blocks: Blocks, needed: bool) -> Optional[Tensor]:
     """A parameter's per-device gradient ``blocks``: ``Partial`` for a copy on each device, else as the
     parameter (``Dense`` on its device)."""
     if not needed:

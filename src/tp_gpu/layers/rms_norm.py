@@ -10,24 +10,23 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ..autograd import Context, Function
+from ..autograd import Function
 from ..config import TensorParallelConfig, check_positive_int
 from ..parameter import ShardedParameter
 from ..regions import place_like
-from ..tensor import Blocks, Tensor, new_tensor, tensor
+from ..tensor import Tensor, new_tensor, tensor
 from .base import ParallelModule
-from .norm import _param_grad, check_eps, check_placement, compute_dtype, input_blocks, output_placement
+from .norm import (
+    NormContext,
+    check_eps,
+    check_placement,
+    compute_dtype,
+    input_blocks,
+    output_placement,
+    param_grad,
+)
 
 __all__ = ["RMSNorm", "RMSNormFunction"]
-
-
-class _RMSNormContext(Context):
-    __slots__ = ("xhat", "rstd", "weight", "dtype")
-
-    xhat: Blocks  # {d: (..., H)} in the compute dtype
-    rstd: Blocks  # {d: (..., 1)}
-    weight: Tensor  # placed beside the blocks
-    dtype: np.dtype  # of the output
 
 
 class RMSNormFunction(Function):
@@ -41,10 +40,10 @@ class RMSNormFunction(Function):
     placed like the weight's gradient (``Partial`` for a copied weight: the copy's backward adds them up).
     """
 
-    ctx_class = _RMSNormContext
+    ctx_class = NormContext
 
     @staticmethod
-    def forward(ctx: _RMSNormContext, x: Tensor, weight: Tensor, eps: float, dtype: np.dtype) -> Tensor:
+    def forward(ctx: NormContext, x: Tensor, weight: Tensor, eps: float, dtype: np.dtype) -> Tensor:
         backend = weight.backend
         assert backend is not None
         home = next(iter(weight.blocks))
@@ -58,7 +57,7 @@ class RMSNormFunction(Function):
         return new_tensor(ys, output_placement(x, xs), x.shape, dtype, backend, weight.comm)
 
     @staticmethod
-    def backward(ctx: _RMSNormContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def backward(ctx: NormContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         weight, dtype = ctx.weight, ctx.dtype
         backend = weight.backend
         assert backend is not None
@@ -68,7 +67,7 @@ class RMSNormFunction(Function):
             with backend.device(d):
                 dx[d], dweight[d] = _normalise_grad(g, ctx.xhat[d], ctx.rstd[d], weight.blocks[d], dtype)
         grad_x = new_tensor(dx, grad.placement, grad.shape, dtype, backend, grad.comm) if needs[0] else None
-        return grad_x, _param_grad(weight, dweight, needs[1]), None, None
+        return grad_x, param_grad(weight, dweight, needs[1]), None, None
 
 
 def _normalise(xp: Any, x: Any, weight: Any, eps: float, out_dtype: np.dtype):
