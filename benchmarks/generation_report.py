@@ -181,8 +181,8 @@ def ops_table(r: Record) -> list[str]:
     steps = r["new_tokens"]
     total, in_ops = (us_per_token(r, ops[k], "decode") for k in ("decode_s", "ops_self_s"))
     lines = [
-        f"**{r['model']}, B={r['batch']}, decode, torch.profiler**: {total:.1f} µs per token profiled, "
-        f"{in_ops:.1f} of it in operators (self time), {total - in_ops:.1f} in none "
+        f"**{r['model']}, B={r['batch']}, decode, torch.profiler**: {us(total)} µs per token profiled, "
+        f"{us(in_ops)} of it in operators (self time), {us(total - in_ops)} in none "
         "(Python, dispatch, the profiler)",
         "",
         "| operator | calls per step | self µs per token |",
@@ -190,7 +190,7 @@ def ops_table(r: Record) -> list[str]:
     ]
     for op in ops["top"]:
         per_token = us_per_token(r, op["self_s"], "decode")
-        lines.append(f"| `{op['op']}` | {op['calls'] / steps:g} | {per_token:.1f} |")
+        lines.append(f"| `{op['op']}` | {op['calls'] / steps:g} | {us(per_token)} |")
     return lines + [""]
 
 
@@ -221,9 +221,10 @@ def markdown(meta: dict[str, Any], options: dict[str, Any], records: list[Record
     if any("breakdown" in r for r in records):
         lines += [
             "", "## Where the time goes", "",
-            "One instrumented run per side (`benchmarks/generation_profile.py`): tp_gpu's Function "
-            "calls timed by class, transformers' modules by forward hooks; *other* is the phase less "
-            "the kinds timed. µs per token (per decoded token: a step makes B of them).",
+            f"The fastest of {options.get('profile_runs', 1)} instrumented run(s) per side "
+            "(`benchmarks/generation_profile.py`): tp_gpu's Function calls timed by class, transformers' "
+            "modules by forward hooks; *other* is the phase less the kinds timed. µs per token (per "
+            "decoded token: a step makes B of them); *p=1 / transformers*: > 1 where tp_gpu spends more.",
             "", "### Decode, µs per token", "", *kind_table(records, "decode"),
             "", "### Prefill, µs per prompt token", "", *kind_table(records, "prefill"),
         ]  # fmt: skip
