@@ -40,11 +40,13 @@ path the caller gave and the cause, never a temporary file.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from . import training_state
+from . import checkpoint_background, training_state
+from .checkpoint_background import SaveHandle
 from .checkpoint_format import (  # noqa: F401  (_metadata_sha256, _METADATA_CHECKSUM: for tests and tools)
     _METADATA_CHECKSUM,
     FORMAT,
@@ -128,12 +130,10 @@ def _summary(values) -> str:
     return ",".join(distinct)
 
 
-def _metadata(
-    module: ModuleLike,
-    tensors: Dict[str, np.ndarray],
-    named: List[Tuple[str, ShardedParameter]],
-    extra: Mapping[str, str],
+def _metadata_head(
+    module: ModuleLike, tensors: Dict[str, np.ndarray], named: List[Tuple[str, ShardedParameter]]
 ) -> Dict[str, str]:
+    """The metadata entries before ``tensors``: what wrote the file and how it was split (cheap)."""
     from . import __version__
 
     leaves = [m for _, m in as_module(module).named_modules() if isinstance(m, ParallelModule)]
@@ -145,11 +145,7 @@ def _metadata(
         }
         for name, p in named
     }
-    described = {
-        name: {"shape": list(a.shape), "dtype": a.dtype.name, "sha256": _sha256(a)}
-        for name, a in tensors.items()
-    }
-    metadata = {
+    return {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "tp_gpu_version": __version__,
@@ -157,11 +153,70 @@ def _metadata(
         "backend": _summary(leaf.backend.name for leaf in leaves),
         "dtype": _summary(a.dtype.name for a in tensors.values()),
         "partition": json.dumps(partition),
-        "tensors": json.dumps(described),
-        **extra,
     }
+
+
+def _metadata_finish(
+    head: Mapping[str, str], tensors: Dict[str, np.ndarray], extra: Mapping[str, str]
+) -> Dict[str, str]:
+    """The whole metadata: ``head``, every tensor's shape, dtype and SHA-256, ``extra``, the checksum."""
+    described = {
+        name: {"shape": list(a.shape), "dtype": a.dtype.name, "sha256": _sha256(a)}
+        for name, a in tensors.items()
+    }
+    metadata = {**head, "tensors": json.dumps(described), **extra}
     metadata[_METADATA_CHECKSUM] = _metadata_sha256(metadata)
     return metadata
+
+
+def _metadata(
+    module: ModuleLike,
+    tensors: Dict[str, np.ndarray],
+    named: List[Tuple[str, ShardedParameter]],
+    extra: Mapping[str, str],
+) -> Dict[str, str]:
+    return _metadata_finish(_metadata_head(module, tensors, named), tensors, extra)
+
+
+class SingleFileSave:
+    """A single-file save, prepared: the logical tensors as new host arrays (rank 0 only), the
+    metadata but the checksums, and the target. :meth:`write` serializes and writes the file
+    atomically on rank 0 and does nothing elsewhere; it runs no collective, so it may run in a
+    thread (:mod:`tp_gpu.checkpoint_background`). It drops the tensors as soon as they are
+    serialized, so that the host buffers live no longer than the write."""
+
+    def __init__(
+        self, path: str, tensors: Optional[Dict[str, np.ndarray]], head: Dict[str, str], extra: Dict[str, str]
+    ) -> None:
+        self.path, self.tensors, self.head, self.extra = path, tensors, head, extra
+
+    def write(self) -> None:
+        """Write the file (rank 0), or nothing (other ranks). CheckpointFileError on a file-system failure."""
+        tensors, self.tensors = self.tensors, None
+        if tensors is None:
+            return
+        _, st_numpy = _safetensors()
+        data = st_numpy.save(tensors, metadata=_metadata_finish(self.head, tensors, self.extra))
+        del tensors
+        try:
+            write_atomically(self.path, data)
+        except OSError as exc:
+            raise file_error(self.path, "write", exc) from exc
+
+
+def prepare_save(
+    path: str, module: ModuleLike, optimizer: Optional[Optimizer] = None, scaler: Optional[GradScaler] = None
+) -> SingleFileSave:
+    """Gather ``module``'s logical tensors and training state to new host arrays (collective with
+    several processes; only rank 0 keeps them) and the metadata: the first half of a save."""
+    named = named_parameters(module)
+    comm = named[0][1].comm if named else LocalComm()
+    tensors = {name: _little_endian(param.full()) for name, param in named}  # collective with several ranks
+    extra_tensors, extra_metadata = training_state.collect(as_module(module), named, optimizer, scaler)
+    tensors.update({name: _little_endian(a) for name, a in extra_tensors.items()})
+    if comm.rank != 0:
+        return SingleFileSave(path, None, {}, {})
+    return SingleFileSave(path, tensors, _metadata_head(module, tensors, named), extra_metadata)
 
 
 def save_checkpoint(
@@ -170,7 +225,8 @@ def save_checkpoint(
     *,
     optimizer: Optional[Optimizer] = None,
     scaler: Optional[GradScaler] = None,
-) -> None:
+    background: bool = False,
+) -> Optional[SaveHandle]:
     """Write ``module``'s logical weights to the safetensors file ``path``, atomically.
 
     Parameters
@@ -206,32 +262,39 @@ def save_checkpoint(
     every rank must call it; the weights are gathered and rank 0 writes the
     file (on a file system the others can read); a failure there is raised on
     every rank.
+
+    With ``background=True`` the tensors are copied to host buffers here, and the
+    file is serialized and written in a thread: the call returns a
+    :class:`~tp_gpu.checkpoint_background.SaveHandle` (``wait()``, ``done()``) at
+    once and training may go on. Without it the call returns None once the file is
+    on disk. Either way a background save still in flight is waited for first, and
+    its error, if it failed unreported, is raised here instead of saving (see
+    :mod:`tp_gpu.checkpoint_background`).
     """
     path = check_path(path)  # before any collective: every rank refuses alike
-    _, st_numpy = _safetensors()
+    if not isinstance(background, bool):
+        raise ConfigError(f"background must be True or False, got {background!r}")
+    _safetensors()  # ImportError before any collective
     named = named_parameters(module)
     comm = named[0][1].comm if named else LocalComm()
-    tensors = {name: _little_endian(param.full()) for name, param in named}  # collective with several ranks
-    extra_tensors, extra_metadata = training_state.collect(as_module(module), named, optimizer, scaler)
-    tensors.update({name: _little_endian(a) for name, a in extra_tensors.items()})
+    checkpoint_background.wait_previous()  # collective; raises the previous background save's error
+    started = time.perf_counter()
+    prepared = prepare_save(path, module, optimizer, scaler)
+    if background:
+        return checkpoint_background.start(prepared, path, comm, started)
     failure = None
-    if comm.rank == 0:
-        metadata = _metadata(module, tensors, named, extra_metadata)
-        data = st_numpy.save(tensors, metadata=metadata)
-        del tensors
-        try:
-            try:
-                write_atomically(path, data)
-            except OSError as exc:
-                raise file_error(path, "write", exc) from exc
-        except BaseException as exc:
-            failure = exc
+    try:
+        prepared.write()
+    except BaseException as exc:
+        failure = exc
+    del prepared
     if comm.size > 1:
         outcome = comm.broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
         if outcome is not None and failure is None:
             raise CheckpointError(f"rank 0 failed to write checkpoint {path!r}: {outcome}")
     if failure is not None:
         raise failure
+    return None
 
 
 def load_checkpoint(
@@ -290,6 +353,7 @@ def load_checkpoint(
         ``OSError`` (``CheckpointNotFoundError``, a ``FileNotFoundError``, when missing).
     """
     path = check_path(path)
+    checkpoint_background.wait_for(path)  # a background save of this file in flight: wait, or raise its error
     if not isinstance(dtype_cast, bool):
         raise ConfigError(f"dtype_cast must be True or False, got {dtype_cast!r}")
     named = named_parameters(module)
