@@ -132,6 +132,14 @@ class BertModel(Module):
         model.eval()
         return model
 
+    def save_pretrained(self, folder: PathLike, *, max_shard_size: Union[int, str] = "50GB") -> None:
+        """Write a Hugging Face folder (``config.json``, ``model.safetensors`` or shards and an index)
+        that ``transformers.BertModel`` and :meth:`from_pretrained` load; collective with several
+        processes (rank 0 writes). See :func:`tp_gpu.models.hf_export.save_pretrained`."""
+        from .hf_export import save_pretrained
+
+        save_pretrained(self, folder, max_shard_size=max_shard_size)
+
     # ------------------------------------------------------------------ properties
 
     @property

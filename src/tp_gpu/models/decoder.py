@@ -182,6 +182,14 @@ class DecoderForCausalLM(Module, GenerationMixin):
 
         return load_decoder(model_dir, config, pad_to_multiple_of=pad_to_multiple_of, expected=cls)
 
+    def save_pretrained(self, folder: Any, *, max_shard_size: Union[int, str] = "50GB") -> None:
+        """Write a Hugging Face folder (``config.json``, ``model.safetensors`` or shards and an index)
+        that transformers' ``AutoModelForCausalLM`` and :meth:`from_pretrained` load; collective with
+        several processes (rank 0 writes). See :func:`tp_gpu.models.hf_export.save_pretrained`."""
+        from .hf_export import save_pretrained
+
+        save_pretrained(self, folder, max_shard_size=max_shard_size)
+
     # ------------------------------------------------------------------ properties
 
     @property
