@@ -22,7 +22,7 @@ The :class:`SaveHandle` that the call returns has
                         an ``OSError`` naming the path and the cause); ``TimeoutError``
                         if it is still running after ``timeout`` seconds (it goes on)
 ``done()``              True once the thread has ended (reports nothing, runs no collective)
-``path``                the checkpoint path, as given
+``path``                the checkpoint path (a ``str``)
 ``prepare_seconds``     the time the caller was blocked (the host copies)
 ``write_seconds``       the time the thread took to write, None until done
 ``seconds``             both: from the call until the checkpoint was on disk, None until done
