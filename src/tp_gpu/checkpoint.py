@@ -40,6 +40,7 @@ path the caller gave and the cause, never a temporary file.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -225,9 +226,13 @@ def save_checkpoint(
     *,
     optimizer: Optional[Optimizer] = None,
     scaler: Optional[GradScaler] = None,
+    sharded: bool = False,
     background: bool = False,
 ) -> Optional[SaveHandle]:
     """Write ``module``'s logical weights to the safetensors file ``path``, atomically.
+
+    With ``sharded=True``, ``path`` is a folder in which every process writes its own shards, no
+    tensor gathered (see :mod:`tp_gpu.checkpoint_sharded`); the rest of this text is about the file.
 
     Parameters
     ----------
@@ -274,11 +279,22 @@ def save_checkpoint(
     path = check_path(path)  # before any collective: every rank refuses alike
     if not isinstance(background, bool):
         raise ConfigError(f"background must be True or False, got {background!r}")
+    if not isinstance(sharded, bool):
+        raise ConfigError(f"sharded must be True or False, got {sharded!r}")
     _safetensors()  # ImportError before any collective
     named = named_parameters(module)
     comm = named[0][1].comm if named else LocalComm()
     checkpoint_background.wait_previous()  # collective; raises the previous background save's error
     started = time.perf_counter()
+    if sharded:
+        from .checkpoint_sharded import prepare_sharded_save, save_sharded
+
+        if background:
+            return checkpoint_background.start(
+                prepare_sharded_save(path, module, optimizer, scaler), path, comm, started
+            )
+        save_sharded(path, module, optimizer, scaler)
+        return None
     prepared = prepare_save(path, module, optimizer, scaler)
     if background:
         return checkpoint_background.start(prepared, path, comm, started)
@@ -307,6 +323,9 @@ def load_checkpoint(
     dtype_cast: bool = False,
 ) -> LoadedCheckpoint:
     """Load the checkpoint ``path`` into ``module``, re-sharding every tensor for it.
+
+    ``path`` is a single file or a sharded checkpoint folder (written with ``sharded=True``; read by
+    :func:`tp_gpu.checkpoint_sharded.load_sharded`, each process reading only its slices).
 
     ``module`` is what was saved, or the same architecture built with any
     worker count, placement or backend. A loaded tensor must have the module's
@@ -354,6 +373,10 @@ def load_checkpoint(
     """
     path = check_path(path)
     checkpoint_background.wait_for(path)  # a background save of this file in flight: wait, or raise its error
+    if os.path.isdir(path):
+        from .checkpoint_sharded import load_sharded
+
+        return load_sharded(path, module, strict, optimizer, scaler, dtype_cast)
     if not isinstance(dtype_cast, bool):
         raise ConfigError(f"dtype_cast must be True or False, got {dtype_cast!r}")
     named = named_parameters(module)
