@@ -9,11 +9,11 @@ with its original type, leaving the previous checkpoint loadable. Writes are mad
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 import weakref
@@ -24,6 +24,8 @@ from test_resume import make_model, make_optimizer, train
 
 import tp_gpu.checkpoint as checkpoint_module
 import tp_gpu.checkpoint_background as background_module
+import tp_gpu.checkpoint_pieces as pieces_module
+import tp_gpu.checkpoint_sharded as sharded_module
 from tp_gpu import (
     CheckpointError,
     CheckpointFileError,
@@ -55,7 +57,8 @@ class Gate:
     """A write_atomically that, in a background thread, waits for ``open()`` (or fails with ``error``),
     and records its calls. Synchronous saves (in the main thread) pass at once."""
 
-    def __init__(self, error: BaseException | None = None) -> None:
+    def __init__(self, error: BaseException | None = None, real=None) -> None:
+        self.real = REAL_WRITE if real is None else real
         self.event = threading.Event()
         self.error = error
         self.calls: list[tuple[str, float, float, str]] = []  # (path, start, end, thread name)
@@ -63,23 +66,47 @@ class Gate:
     def open(self) -> None:
         self.event.set()
 
-    def __call__(self, path: str, data: bytes) -> None:
+    def __call__(self, path: str, *rest) -> None:
         start = time.perf_counter()
         if threading.current_thread() is not threading.main_thread():
             assert self.event.wait(30), "the test never opened the gate"
         try:
             if self.error is not None:
                 raise self.error
-            REAL_WRITE(path, data)
+            self.real(path, *rest)
         finally:
             self.calls.append((path, start, time.perf_counter(), threading.current_thread().name))
 
 
+#: format -> (checkpoint name, save_checkpoint keywords, (module, function) that writes its bytes).
+FORMATS = {
+    "file": ("m.safetensors", {}, (checkpoint_module, "write_atomically")),
+    "sharded": ("m", {"sharded": True}, (pieces_module, "write_rank_file")),
+}
+
+
+def install_gate(monkeypatch, fmt: str, error: BaseException | None = None) -> Gate:
+    module, name = FORMATS[fmt][2]
+    gate = Gate(error, getattr(module, name))
+    monkeypatch.setattr(module, name, gate)
+    return gate
+
+
 @pytest.fixture
 def gate(monkeypatch):
-    g = Gate()
-    monkeypatch.setattr(checkpoint_module, "write_atomically", g)
-    return g
+    return install_gate(monkeypatch, "file")
+
+
+def assert_resumes_alike(path, model, optimizer, scaler, p, backend, steps=(3, 6), kind="adam"):
+    """A fresh model (``p`` workers on ``backend``, as ``model``) loading ``path`` has ``model``'s weights
+    bit for bit and trains ``steps`` exactly as ``model`` does from there (``model`` is trained by this)."""
+    fresh = make_model(p, backend)
+    fresh_optimizer = make_optimizer(kind, fresh)
+    fresh_scaler = None if scaler is None else GradScaler()
+    load_checkpoint(path, fresh, optimizer=fresh_optimizer, scaler=fresh_scaler)
+    for name, value in weights(model).items():
+        assert value.tobytes() == weights(fresh)[name].tobytes(), name
+    assert train(fresh, fresh_optimizer, *steps, fresh_scaler) == train(model, optimizer, *steps, scaler)
 
 
 def trained(p=2, backend="numpy", steps=3, kind="adam", scaler=False):
@@ -105,75 +132,83 @@ def assert_same_file_contents(a, b) -> None:
         assert tensor.tobytes() == second.tensors[name].tobytes(), name
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("p, backend", [(1, "numpy"), (3, "numpy"), (4, "sim3")])
-def test_background_file_equals_a_synchronous_save_and_resumes_exactly(tmp_path, p, backend):
+def test_background_save_equals_a_synchronous_one_and_resumes_exactly(tmp_path, p, backend, fmt):
+    name, keywords, _ = FORMATS[fmt]
     model, optimizer, scaler = trained(p, backend, scaler=True)
-    save_checkpoint(tmp_path / "sync.safetensors", model, optimizer=optimizer, scaler=scaler)
+    sync, background = tmp_path / "sync" / name, tmp_path / "background" / name
+    sync.parent.mkdir(), background.parent.mkdir()
+    save_checkpoint(sync, model, optimizer=optimizer, scaler=scaler, **keywords)
     handle = save_checkpoint(
-        tmp_path / "background.safetensors", model, optimizer=optimizer, scaler=scaler, background=True
+        background, model, optimizer=optimizer, scaler=scaler, background=True, **keywords
     )
     assert isinstance(handle, SaveHandle)
-    assert handle.path == str(tmp_path / "background.safetensors")
+    assert handle.path == str(background)
     handle.wait()
     assert handle.done()
     assert handle.write_seconds is not None
     assert handle.seconds == handle.prepare_seconds + handle.write_seconds
-    assert_same_file_contents(tmp_path / "sync.safetensors", tmp_path / "background.safetensors")
-    expected = train(model, optimizer, 3, 6, scaler)
-    fresh = make_model(p, backend)
-    fresh_optimizer = make_optimizer("adam", fresh)
-    fresh_scaler = GradScaler()
-    load_checkpoint(
-        tmp_path / "background.safetensors", fresh, optimizer=fresh_optimizer, scaler=fresh_scaler
-    )
-    assert train(fresh, fresh_optimizer, 3, 6, fresh_scaler) == expected
-    for name, value in weights(model).items():
-        assert value.tobytes() == weights(fresh)[name].tobytes(), name
+    if fmt == "file":
+        assert_same_file_contents(sync, background)
+    else:
+        assert sorted(f.name.split("-")[0] for f in background.iterdir()) == ["index.json"] + ["rank"]
+    state = (weights(model), optimizer.state_dict()["state"])
+    for path in (sync, background):  # each loads the same weights and optimizer state, at 2 workers
+        clone = make_model(2)
+        clone_optimizer = make_optimizer("adam", clone)
+        load_checkpoint(path, clone, optimizer=clone_optimizer)
+        assert {n: v.tobytes() for n, v in weights(clone).items()} == {
+            n: v.tobytes() for n, v in state[0].items()
+        }
+        loaded_state = clone_optimizer.state_dict()["state"]
+        for i, entry in state[1].items():
+            for key, value in entry.items():
+                assert np.asarray(loaded_state[i][key]).tobytes() == np.asarray(value).tobytes(), (i, key)
+    assert_resumes_alike(background, model, optimizer, scaler, p, backend)
 
 
-def test_synchronous_save_returns_none(tmp_path):
-    model, _, _ = trained(steps=1)
-    assert save_checkpoint(tmp_path / "m.safetensors", model) is None
-
-
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_training_goes_on_while_the_save_is_in_flight_and_the_file_holds_the_weights_of_the_call(
-    tmp_path, gate
+    tmp_path, monkeypatch, fmt
 ):
+    name, keywords, _ = FORMATS[fmt]
+    gate = install_gate(monkeypatch, fmt)
     model, optimizer, _ = trained(p=3, steps=4, kind="sgd")
     at_call = weights(model)
-    path = tmp_path / "m.safetensors"
-    handle = save_checkpoint(path, model, optimizer=optimizer, background=True)
+    path = tmp_path / name
+    handle = save_checkpoint(path, model, optimizer=optimizer, background=True, **keywords)
     during = train(model, optimizer, 4, 9)  # 5 steps while the write waits at the gate
-    assert not handle.done() and not path.exists()
+    assert not handle.done() and not (path / "index.json" if fmt == "sharded" else path).exists()
     after_steps = weights(model)
     assert all(not np.array_equal(after_steps[n], at_call[n]) for n in at_call)
     gate.open()
     handle.wait()
     assert gate.calls[0][3] != threading.current_thread().name  # written in the thread
-    saved = read_checkpoint(path).tensors
-    for name, value in at_call.items():
-        assert saved[name].tobytes() == value.tobytes(), name
     # The optimizer state is that of the call too: resuming from it replays the same 5 steps.
     fresh = make_model(2)
     fresh_optimizer = make_optimizer("sgd", fresh)
     load_checkpoint(path, fresh, optimizer=fresh_optimizer)
+    for n, value in at_call.items():
+        assert weights(fresh)[n].tobytes() == value.tobytes(), n
     assert train(fresh, fresh_optimizer, 4, 9) == during
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_a_background_write_error_surfaces_on_wait_with_its_type_and_the_previous_checkpoint_loads(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, fmt
 ):
+    name, keywords, (module, function) = FORMATS[fmt]
     model, optimizer, _ = trained(steps=2)
-    path = tmp_path / "m.safetensors"
-    save_checkpoint(path, model, optimizer=optimizer)
+    path = tmp_path / name
+    save_checkpoint(path, model, optimizer=optimizer, **keywords)
     previous = weights(model)
     train(model, optimizer, 2, 4)
-    full = Gate(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    full = install_gate(monkeypatch, fmt, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     full.open()
-    monkeypatch.setattr(checkpoint_module, "write_atomically", full)
-    handle = save_checkpoint(path, model, optimizer=optimizer, background=True)
+    handle = save_checkpoint(path, model, optimizer=optimizer, background=True, **keywords)
     with pytest.raises(
-        CheckpointFileError, match=r"cannot write checkpoint .*m\.safetensors'.*ENOSPC"
+        CheckpointFileError, match=rf"cannot write .*{name}'.*No space left on device"
     ) as info:
         handle.wait()
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
@@ -181,12 +216,14 @@ def test_a_background_write_error_surfaces_on_wait_with_its_type_and_the_previou
         handle.wait()
     fresh = make_model(2)
     load_checkpoint(path, fresh)
-    for name, value in previous.items():
-        assert weights(fresh)[name].tobytes() == value.tobytes(), name
+    for n, value in previous.items():
+        assert weights(fresh)[n].tobytes() == value.tobytes(), n
     # Reported on wait(), so the next save goes ahead.
-    monkeypatch.setattr(checkpoint_module, "write_atomically", REAL_WRITE)
-    assert save_checkpoint(path, model) is None
-    assert read_checkpoint(path).tensors.keys() == weights(model).keys()
+    monkeypatch.setattr(module, function, full.real)
+    assert save_checkpoint(path, model, **keywords) is None
+    load_checkpoint(path, fresh)
+    for n, value in weights(model).items():
+        assert weights(fresh)[n].tobytes() == value.tobytes(), n
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["then-sync", "then-background"])
@@ -292,34 +329,30 @@ def test_a_bad_background_flag_is_refused_before_anything(tmp_path, bad):
     assert not any(tmp_path.iterdir()) and background_module.pending() is None
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("fails", [False, True], ids=["written", "failed"])
-def test_the_host_buffers_are_released_when_the_write_ends(tmp_path, monkeypatch, fails):
+def test_the_host_buffers_are_released_when_the_write_ends(tmp_path, monkeypatch, fails, fmt):
+    name, keywords, _ = FORMATS[fmt]
     model, optimizer, _ = trained(steps=2)
     refs = []
+    module, function = (
+        (checkpoint_module, "prepare_save") if fmt == "file" else (sharded_module, "prepare_sharded_save")
+    )
+    real_prepare = getattr(module, function)
 
     def prepare(*args, **kwargs):
-        prepared = REAL_PREPARE(*args, **kwargs)
-        refs.extend([weakref.ref(prepared), weakref.ref(next(iter(prepared.tensors.values())))])
+        prepared = real_prepare(*args, **kwargs)
+        buffers = prepared.tensors if fmt == "file" else prepared.arrays
+        refs.extend([weakref.ref(prepared), weakref.ref(next(iter(buffers.values())))])
         return prepared
 
-    REAL_PREPARE = checkpoint_module.prepare_save
-    monkeypatch.setattr(checkpoint_module, "prepare_save", prepare)
+    monkeypatch.setattr(module, function, prepare)
     if fails:
-        failing = Gate(MemoryError("no room to serialize"))
-        failing.open()
-        monkeypatch.setattr(checkpoint_module, "write_atomically", failing)
-    handle = save_checkpoint(tmp_path / "m.safetensors", model, optimizer=optimizer, background=True)
-    with pytest.raises(MemoryError) if fails else _nothing():
+        install_gate(monkeypatch, fmt, MemoryError("no room")).open()
+    handle = save_checkpoint(tmp_path / name, model, optimizer=optimizer, background=True, **keywords)
+    with pytest.raises(MemoryError) if fails else contextlib.nullcontext():
         handle.wait()
-    assert [ref() for ref in refs] == [None, None]  # nothing (not the handle, not the error) holds them
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    assert len(refs) == 2 and [ref() for ref in refs] == [None, None]  # not held by the handle or the error
 
 
 def test_the_lock_against_two_saves_at_once_cannot_be_bypassed(tmp_path, gate):
@@ -330,45 +363,30 @@ def test_the_lock_against_two_saves_at_once_cannot_be_bypassed(tmp_path, gate):
     gate.open()
 
 
-def _run_python(script: str, tmp_path) -> subprocess.CompletedProcess:
-    code = textwrap.dedent(script).format(folder=str(tmp_path))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-
-
-PROGRAM_HEAD = """
-    import time
-    import tp_gpu.checkpoint as checkpoint_module
-    from tp_gpu import ColumnParallelLinear, TensorParallelConfig, save_checkpoint, read_checkpoint
-    layer = ColumnParallelLinear(6, 8, TensorParallelConfig(n_workers=2, dtype="float64"), seed=3)
+EXIT_PROGRAM = """
+import sys, time
+import tp_gpu.checkpoint as checkpoint_module
+from tp_gpu import ColumnParallelLinear, TensorParallelConfig, save_checkpoint
+layer = ColumnParallelLinear(6, 8, TensorParallelConfig(n_workers=2, dtype="float64"), seed=3)
+real = checkpoint_module.write_atomically
+checkpoint_module.write_atomically = lambda path, data: (time.sleep(0.5), real(path, data))
+save_checkpoint(sys.argv[1], layer, background=True)
+print("program ended")
 """
 
 
-def test_an_unreported_failure_is_raised_at_exit(tmp_path):
-    result = _run_python(
-        PROGRAM_HEAD
-        + """
-    save_checkpoint("{folder}/missing/m.safetensors", layer, background=True)
-    print("program ended")
-    """,
-        tmp_path,
-    )
-    assert "program ended" in result.stdout
+@pytest.mark.parametrize("fails", [False, True], ids=["completed", "failed"])
+def test_at_exit_a_save_in_flight_completes_and_an_unreported_failure_is_raised(tmp_path, fails):
+    path = tmp_path / "missing" / "m.safetensors" if fails else tmp_path / "m.safetensors"
+    command = [sys.executable, "-c", EXIT_PROGRAM, str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert "program ended" in result.stdout, result.stderr
+    if not fails:
+        assert result.returncode == 0 and result.stderr == "", result.stderr
+        assert read_checkpoint(path).tensors["weight"].shape == (6, 8)
+        return
     assert (
-        "tp_gpu: the background save of checkpoint '" + str(tmp_path) + "/missing/m.safetensors' failed, "
-        "and nothing waited for it: CheckpointNotFoundError: cannot write checkpoint" in result.stderr
+        f"tp_gpu: the background save of checkpoint '{path}' failed, and nothing waited for it: "
+        "CheckpointNotFoundError: cannot write checkpoint" in result.stderr
     ), result.stderr
     assert "tp_gpu.errors.CheckpointNotFoundError" in result.stderr  # the traceback, from the atexit hook
-
-
-def test_a_save_in_flight_at_exit_is_completed(tmp_path):
-    result = _run_python(
-        PROGRAM_HEAD
-        + """
-    real = checkpoint_module.write_atomically
-    checkpoint_module.write_atomically = lambda path, data: (time.sleep(0.5), real(path, data))
-    save_checkpoint("{folder}/m.safetensors", layer, background=True)
-    """,
-        tmp_path,
-    )
-    assert result.returncode == 0 and result.stderr == "", result.stderr
-    assert read_checkpoint(tmp_path / "m.safetensors").tensors["weight"].shape == (6, 8)

@@ -170,15 +170,6 @@ def _metadata_finish(
     return metadata
 
 
-def _metadata(
-    module: ModuleLike,
-    tensors: Dict[str, np.ndarray],
-    named: List[Tuple[str, ShardedParameter]],
-    extra: Mapping[str, str],
-) -> Dict[str, str]:
-    return _metadata_finish(_metadata_head(module, tensors, named), tensors, extra)
-
-
 class SingleFileSave:
     """A single-file save, prepared: the logical tensors as new host arrays (rank 0 only), the
     metadata but the checksums, and the target. :meth:`write` serializes and writes the file

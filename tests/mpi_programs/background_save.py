@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import errno
 import os
+import sys
 import threading
 
 import numpy as np
@@ -90,6 +91,12 @@ def train(model, optimizer, start: int, stop: int) -> list[float]:
     return losses
 
 
+def say(text: str) -> None:
+    """One line, in one write: the ranks' lines never interleave inside a line."""
+    sys.stdout.write(f"rank {rank}: {text}\n")
+    sys.stdout.flush()
+
+
 def weights(model) -> dict:
     return {name: p.full() for name, p in model.named_parameters()}
 
@@ -148,23 +155,23 @@ handle = save_checkpoint(path, model, optimizer=optimizer, sharded=args.sharded,
 during = train(model, optimizer, 2, 5)
 in_flight = not handle.done()
 gate.set()
-print(f"rank {rank}: in flight during 3 steps: {in_flight}", flush=True)
+say(f"in flight during 3 steps: {in_flight}")
 
 if args.fail_rank < 0:
     handle.wait()
-    print(f"rank {rank}: wait returned, on disk after {handle.seconds:.3f} s", flush=True)
+    say(f"wait returned, on disk after {handle.seconds:.3f} s")
 else:
     other = os.path.join(args.folder, "other" + ("" if args.sharded else ".safetensors"))
     try:
         save_checkpoint(other, model, sharded=args.sharded)
-        print(f"rank {rank}: the next save did not raise", flush=True)
+        say("the next save did not raise")
     except Exception as exc:  # noqa: BLE001
-        print(f"rank {rank}: next save raised {type(exc).__name__}: {exc}", flush=True)
-    print(f"rank {rank}: next save's target exists: {os.path.exists(other)}", flush=True)
+        say(f"next save raised {type(exc).__name__}: {exc}")
+    say(f"next save's target exists: {os.path.exists(other)}")
     try:
         handle.wait()  # reported already: the same error again, without a collective
     except Exception as exc:  # noqa: BLE001
-        print(f"rank {rank}: wait raised {type(exc).__name__} again", flush=True)
+        say(f"wait raised {type(exc).__name__} again")
 
 fresh = make_model(2)
 fresh_optimizer = SGD(fresh.parameters(), lr=0.1, momentum=0.9)
@@ -174,9 +181,9 @@ expected, what = (
     (at_call, "the weights at the call") if args.fail_rank < 0 else (previous, "the previous save")
 )
 same = all(loaded[n].tobytes() == expected[n].tobytes() for n in expected)
-print(f"rank {rank}: loaded equals {what}: {same}", flush=True)
+say(f"loaded equals {what}: {same}")
 if args.fail_rank < 0:
-    print(f"rank {rank}: resumed steps equal: {train(fresh, fresh_optimizer, 2, 5) == during}", flush=True)
+    say(f"resumed steps equal: {train(fresh, fresh_optimizer, 2, 5) == during}")
     if not args.sharded and rank == 0:
-        print(f"rank 0: tensors in the file: {len(read_checkpoint(path).tensors)}", flush=True)
-print(f"rank {rank}: communicator calls outside the main thread: {len(outside_main)}", flush=True)
+        say(f"tensors in the file: {len(read_checkpoint(path).tensors)}")
+say(f"communicator calls outside the main thread: {len(outside_main)}")
