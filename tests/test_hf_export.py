@@ -117,13 +117,14 @@ def test_llama_kv_heads_are_replicated_at_three_workers():
     assert type(decoder("llama", 2).decoder_layers[0].attention.k_proj).__name__ == "ColumnParallelLinear"
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
 @pytest.mark.parametrize("p_save, p_load", [(1, 3), (3, 1)])
-def test_bert_round_trip_is_exact_in_float64(tmp_path, p_save, p_load):
-    model = bert(p_save, "float64")
+def test_bert_round_trip_is_exact(tmp_path, p_save, p_load, dtype):
+    model = bert(p_save, dtype)
     model.save_pretrained(tmp_path / "bert")
     config = json.loads((tmp_path / "bert" / "config.json").read_text())
-    assert config["dtype"] == "float64" and config["architectures"] == ["BertModel"]
-    loaded = BertModel.from_pretrained(tmp_path / "bert", tp(p_load, "float64"))
+    assert config["dtype"] == dtype and config["architectures"] == ["BertModel"]
+    loaded = BertModel.from_pretrained(tmp_path / "bert", tp(p_load, dtype))
     assert loaded.bert_config == TINY_BERT
     same_weights(model, loaded)
 
@@ -187,6 +188,38 @@ def test_existing_folder_is_overwritten_and_other_files_kept(tmp_path):
     assert "model.safetensors" not in os.listdir(out) and "tokenizer.json" in os.listdir(out)
     same_weights(first, AutoModelForCausalLM.from_pretrained(out, tp(1)))
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no staging folder left
+
+
+def test_empty_folder_and_link_targets(tmp_path):
+    """An existing empty folder is replaced whole; a link to a folder is followed and stays a link."""
+    (tmp_path / "empty").mkdir()
+    model = decoder("gpt2", 3)
+    model.save_pretrained(tmp_path / "empty")
+    same_weights(model, AutoModelForCausalLM.from_pretrained(tmp_path / "empty", tp(1)))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    model.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / "model.safetensors").is_file()
+
+
+def test_host_memory_is_bounded_by_the_largest_tensor(tmp_path):
+    """Tensors are gathered and written one at a time, even into one file: the peak of host
+    allocations during the export stays near twice the largest tensor (plus a fixed 200 kB), far
+    below the model's size (1.4 MB)."""
+    import tracemalloc
+
+    config = DecoderConfig.from_dict(dict(DECODERS["llama"], num_hidden_layers=12, hidden_size=96))
+    model = MODEL_CLASSES["llama"](config, tp(3), seed=1)
+    weights = sum(p.full().nbytes for p in model.parameters())
+    largest = max(p.full().nbytes for p in model.parameters())
+    tracemalloc.start()
+    try:
+        model.save_pretrained(tmp_path / "out")  # one file, streamed
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert weights > 35 * largest
+    assert peak < 3 * largest + 200_000, (peak, largest, weights)
 
 
 class _FullDisk:

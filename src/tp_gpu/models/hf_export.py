@@ -19,8 +19,8 @@ taken apart from :class:`~tp_gpu.layers.gated_mlp.GatedMLP`'s interleaved ``gate
 
 Memory: every tensor's shape is known before any is gathered, so each shard file's header is
 written first and its tensors are then gathered and streamed in one at a time. The host holds at
-most one exported tensor (with GPT-2's ``c_attn``, the three it joins; with BERT's Q/K/V and
-Llama's gate/up, the one fused weight they are cut from).
+most one exported tensor and what it was gathered from (GPT-2's ``c_attn``: the three it joins;
+BERT's Q/K/V and Llama's gate/up: the fused weight they are cut from), about twice the largest.
 
 With several processes every rank calls ``save_pretrained`` (gathering is collective) and rank 0
 writes; a failure there is raised on every rank. Atomicity: everything is written and fsynced
@@ -234,7 +234,7 @@ def save_pretrained(model: Any, folder: Any, *, max_shard_size: Any = DEFAULT_SH
     CheckpointFileError (an OSError) naming the folder when it cannot be written; both before the
     folder changes. See the module docstring for the files, the names and the atomicity.
     """
-    path = os.path.abspath(check_path(folder, "save_pretrained folder"))
+    path = os.path.realpath(check_path(folder, "save_pretrained folder"))  # a link: its target
     limit = parse_shard_size(max_shard_size)
     dtype = np.dtype(model.config.dtype)
     if hasattr(model, "decoder_config"):
