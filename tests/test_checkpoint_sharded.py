@@ -402,3 +402,39 @@ def test_a_partial_read_checks_the_chunks_it_reads_and_only_those(tmp_path, monk
             reader.read("weight", entry, ((1, 2), (19, 21)))  # chunks 4 and 5: rows 16..23
     message = str(info.value)
     assert os.path.basename(path) in message and "'weight'" in message and "rows 16..24" in message, message
+
+
+def test_padded_and_uneven_layouts_round_trip(tmp_path):
+    """Blocks with padding inside (a padded vocabulary split) and empty workers (3 columns on 8)."""
+    from tp_gpu import ParallelEmbedding
+
+    source = {
+        "embed": ParallelEmbedding(50, 6, config(4, devices=3), seed=1, pad_to_multiple_of=8),
+        "narrow": ColumnParallelLinear(5, 3, config(8, devices=3), seed=2),
+    }
+    save_checkpoint(tmp_path / "ckpt", source, sharded=True)
+    for q, devices in ((1, None), (3, 2), (8, 3)):
+        target = {
+            "embed": ParallelEmbedding(50, 6, config(q, devices=devices), seed=3, pad_to_multiple_of=16),
+            "narrow": ColumnParallelLinear(5, 3, config(q, devices=devices), seed=4),
+        }
+        load_checkpoint(tmp_path / "ckpt", target)
+        for key in source:
+            assert_same_state(target[key], source[key])
+        weight = target["embed"].weight
+        for device, block in weight.blocks.items():  # the padding rows of each block stay zero
+            mask = weight.layout.logical_mask(np, device)
+            padding = weight.backend.to_host(block)[~mask] if mask is not None else np.zeros(0)
+            assert padding.size == (mask is not None) * (~mask).sum() * 6 and not padding.any()
+
+
+def test_a_file_in_the_way_is_refused_naming_it(tmp_path):
+    model = ParallelMLP(6, 10, 6, config(2), seed=1)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"not a folder")
+    with pytest.raises(CheckpointFileError, match="it is a file, not a folder") as info:
+        save_checkpoint(path, model, sharded=True)
+    assert str(path) in str(info.value) and path.read_bytes() == b"not a folder"
+    save_checkpoint(tmp_path / "ckpt", model, sharded=True)
+    modes = {os.stat(tmp_path / "ckpt" / n).st_mode & 0o777 for n in os.listdir(tmp_path / "ckpt")}
+    assert len(modes) == 1, modes  # the rank files get the index's mode (a new file's), not 0o600

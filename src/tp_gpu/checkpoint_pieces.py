@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import stat
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -122,6 +123,9 @@ def write_rank_file(path: str, arrays: Dict[str, np.ndarray], metadata: Dict[str
     """
     _, st_numpy = _safetensors()
     st_numpy.save_file(arrays, path, metadata=metadata)
+    # safetensors creates the file 0o600; give it a new file's mode (0o666 less the umask), read off
+    # the folder (0o777 less the umask) without touching the process-wide umask.
+    os.chmod(path, stat.S_IMODE(os.stat(os.path.dirname(path) or ".").st_mode) & 0o666)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -127,6 +127,7 @@ class PreparedSave:
         self.arrays: Dict[str, np.ndarray] = {}  # stored key -> moved-first host copy
         self.pieces: List[Tuple[str, str, Tuple[int, ...]]] = []  # (tensor, key, logical start)
         self.timeout = float(os.environ.get("TP_GPU_COMM_TIMEOUT", 600))
+        self.committed = False  # rank 0: the index names this save's files; never remove them after
 
     def add(self, name: str, host: np.ndarray, start: Tuple[int, ...]) -> None:
         key = f"{name}#{sum(1 for t, _, _ in self.pieces if t == name)}"
@@ -183,6 +184,8 @@ class PreparedSave:
     def _give_up(self, exc: BaseException) -> None:
         """After a failure: remove this save's files that nothing references, tell rank 0 (best effort)."""
         self.arrays = {}
+        if self.committed:
+            return
         mine = [_rank_file(self.rank, self.save_id)] + ([] if self.rank else self._save_files())
         for name in mine:
             _remove(os.path.join(self.path, name))
@@ -241,7 +244,12 @@ class PreparedSave:
             _write_index(target, json.dumps(index, indent=1).encode())
         except OSError as exc:
             raise self._file_error(exc, target) from exc
-        for name in os.listdir(self.path):
+        self.committed = True
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return  # the older files stay until a later save; the checkpoint is complete
+        for name in names:
             found = _FILES.fullmatch(name)
             if found and (found.group(2) != self.save_id or found.group(3) == "json"):
                 _remove(os.path.join(self.path, name))
