@@ -16,6 +16,7 @@ weights and the state dict.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -278,8 +279,9 @@ SCRIPT = ["ok", "ok", "inf", "ok", "ok", "ok", "unscale", "ok", "nan", "inf", "o
 class RefRun:
     """``torch.amp.GradScaler`` + ``torch.optim.SGD`` transcribed: skip the step on inf/NaN, then
     ``_amp_update_scale_``: on inf/NaN ``scale *= backoff`` and the tracker resets, else the tracker
-    counts and at ``growth_interval`` ``scale *= growth`` and resets. (Torch keeps the scale in
-    float32; the scales of these scripts are exact in float32.)"""
+    counts and at ``growth_interval`` ``scale *= growth`` and resets, unless the grown scale overflows
+    float32. Torch keeps the scale in float32: each new scale is the product in float64 rounded to
+    float32 (``static_cast<float>``)."""
 
     def __init__(
         self, weights, lr, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5, growth_interval=2000
@@ -287,7 +289,7 @@ class RefRun:
         self.w = [np.array(w) for w in weights]
         self.lr = lr
         self.state = dict(
-            scale=init_scale,
+            scale=float(np.float32(init_scale)),
             growth_factor=growth_factor,
             backoff_factor=backoff_factor,
             growth_interval=growth_interval,
@@ -300,12 +302,15 @@ class RefRun:
             self.w = [w - self.lr * g for w, g in zip(self.w, grads)]
         st = self.state
         if found_inf:
-            st["scale"] *= st["backoff_factor"]
+            st["scale"] = float(np.float32(st["scale"] * st["backoff_factor"]))
             st["_growth_tracker"] = 0
         else:
             st["_growth_tracker"] += 1
             if st["_growth_tracker"] == st["growth_interval"]:
-                st["scale"] *= st["growth_factor"]
+                with np.errstate(over="ignore"):
+                    grown = np.float32(st["scale"] * st["growth_factor"])
+                if np.isfinite(grown):
+                    st["scale"] = float(grown)
                 st["_growth_tracker"] = 0
         return not found_inf, st["scale"], dict(st)
 
@@ -404,6 +409,40 @@ def test_grad_scaler_follows_torch_with_other_factors():
     float32), the weights agree to float32 rounding of torch's 1/scale."""
     args = dict(init_scale=1024.0, growth_factor=1.5, backoff_factor=0.25, growth_interval=2)
     run_script("sim3", 3, SCRIPT, args, weight_rtol=1e-6)
+
+
+def test_grad_scaler_stops_growing_before_float32_overflows_as_torch():
+    """From 2^126 with growth every clean step: 2^127, then it stays (2^128 is beyond float32), as
+    torch's ``_amp_update_scale_``; a float64 scale would have grown to 2^128."""
+    script = ["ok", "ok", "ok", "inf", "ok", "ok", "ok"]
+    args = dict(init_scale=2.0**126, growth_interval=1)
+    trajectory, _, _ = run_script("numpy", 2, script, args, weight_rtol=1e-6)
+    assert [scale for _, scale, _ in trajectory] == [2.0**127] * 3 + [2.0**126] + [2.0**127] * 3
+
+
+def test_grad_scaler_rounds_each_scale_to_float32_as_torch():
+    """Factors whose products are not float32 numbers: every scale is the float32 rounding of the
+    float64 product, step for step (a float64 scale drifts from torch's after one step)."""
+    args = dict(init_scale=1000.0, growth_factor=1.1, backoff_factor=0.3, growth_interval=1)
+    trajectory, _, _ = run_script("sim3", 2, SCRIPT, args, weight_rtol=1e-6)
+    scales = [scale for _, scale, _ in trajectory]
+    assert all(scale == float(np.float32(scale)) for scale in scales)
+    drift, float64_scale = [], 1000.0  # the same factors applied in float64
+    for kind, scale in zip(SCRIPT, scales):
+        float64_scale *= 0.3 if kind in ("inf", "nan") else 1.1
+        drift.append(scale != float64_scale)
+    assert any(drift)
+
+
+@pytest.mark.parametrize("value", [1e39, 1e-46])
+def test_grad_scaler_refuses_a_scale_float32_cannot_hold(value):
+    with pytest.raises(
+        ConfigError,
+        match="init_scale must be a positive number float32 can hold .*got " + re.escape(repr(value)),
+    ):
+        GradScaler(init_scale=value)
+    with pytest.raises(ConfigError, match="new_scale"):
+        GradScaler().update(new_scale=value)
 
 
 def test_grad_scaler_state_dict_round_trips():

@@ -5,7 +5,12 @@ every gradient by ``S`` and keeps them representable. Before the optimizer
 step the gradients are divided by ``S`` again (``unscale_``); if any of them is
 inf or NaN (the scale was too large) the step is skipped and ``S`` shrinks by
 ``backoff_factor``; after ``growth_interval`` steps without one, ``S`` grows by
-``growth_factor``. The inf/NaN check covers every block on every device and
+``growth_factor``, unless the grown scale would overflow float32. As in
+PyTorch, the scale is a float32 number: it starts as ``float32(init_scale)``,
+and each change is computed in float64 and rounded to float32
+(``float32(S * factor)``), so a scaler's trajectory equals
+``torch.amp.GradScaler``'s step for step, near overflow too (2^127 does not
+grow to 2^128, which float32 cannot hold). The inf/NaN check covers every block on every device and
 every process, so all ranks skip together; the host reads its result once per
 backend (:func:`tp_gpu.device_totals.total_to_host`), not once per block.
 
@@ -23,6 +28,8 @@ import math
 import numbers
 from functools import partial
 from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
 
 from . import collectives
 from .device_totals import total_to_host
@@ -45,6 +52,24 @@ def _positive(value: Any, name: str, above_one: Optional[bool] = None) -> float:
         bound = {True: "> 1", False: "in (0, 1)", None: "> 0"}[above_one]
         raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
     return float(value)
+
+
+def _float32_scale(value: Any, name: str) -> np.float32:
+    """``value`` (checked by :func:`_positive`) rounded to float32, or ConfigError when float32 cannot
+    hold it (it overflows to inf or underflows to 0)."""
+    scale = _to_float32(_positive(value, name))
+    if not (np.isfinite(scale) and scale > 0):
+        largest = float(np.finfo(np.float32).max)
+        raise ConfigError(
+            f"{name} must be a positive number float32 can hold (up to {largest:.4g}), got {value!r}"
+        )
+    return scale
+
+
+def _to_float32(value: float) -> np.float32:
+    """``value`` rounded to float32 (inf where it overflows, without NumPy's overflow warning)."""
+    with np.errstate(over="ignore"):
+        return np.float32(value)
 
 
 def _interval(value: Any, name: str = "growth_interval") -> int:
@@ -112,7 +137,7 @@ class GradScaler:
         growth_interval: int = 2000,
         enabled: bool = True,
     ) -> None:
-        self._scale: float = _positive(init_scale, "init_scale")
+        self._scale: np.float32 = _float32_scale(init_scale, "init_scale")
         self._growth_factor: float = _positive(growth_factor, "growth_factor", above_one=True)
         self._backoff_factor: float = _positive(backoff_factor, "backoff_factor", above_one=False)
         self._growth_interval: int = _interval(growth_interval)
@@ -121,8 +146,8 @@ class GradScaler:
         self._found_inf: Dict[int, bool] = {}  # per optimizer unscaled since the last update
 
     def get_scale(self) -> float:
-        """The current scale (1.0 when disabled)."""
-        return self._scale if self.enabled else 1.0
+        """The current scale, a float32 value (1.0 when disabled)."""
+        return float(self._scale) if self.enabled else 1.0
 
     def scale(self, loss: Any = 1.0) -> Any:
         """``loss * scale``: a loss Tensor scaled (recorded, so its ``backward`` scales every gradient),
@@ -150,7 +175,8 @@ class GradScaler:
             return False
         if id(optimizer) in self._found_inf:
             raise ConfigError("unscale_() has already been called on this optimizer since the last update()")
-        local = _unscale_and_check(optimizer.params, 1.0 / self._scale)
+        inverse = float(_to_float32(1.0 / float(self._scale)))  # as torch: 1 / S in float64, then float32
+        local = _unscale_and_check(optimizer.params, inverse)
         comm = optimizer.params[0].comm
         found = collectives.all_reduce_host_scalar(comm, 1.0 if local else 0.0, "max") > 0.0
         self._found_inf[id(optimizer)] = found
@@ -172,18 +198,21 @@ class GradScaler:
         return True
 
     def update(self, new_scale: Optional[float] = None) -> None:
-        """Shrink the scale after an inf/NaN, grow it after ``growth_interval`` clean steps."""
+        """Shrink the scale after an inf/NaN, grow it after ``growth_interval`` clean steps unless the
+        grown scale would overflow float32 (PyTorch's ``_amp_update_scale_``): ``float32(S * factor)``."""
         if not self.enabled:
             return
         if new_scale is not None:
-            self._scale = _positive(new_scale, "new_scale")
+            self._scale = _float32_scale(new_scale, "new_scale")
         elif any(self._found_inf.values()):
-            self._scale *= self._backoff_factor
+            self._scale = _to_float32(float(self._scale) * self._backoff_factor)
             self._growth_tracker = 0
         else:
             self._growth_tracker += 1
             if self._growth_tracker == self._growth_interval:
-                self._scale *= self._growth_factor
+                grown = _to_float32(float(self._scale) * self._growth_factor)
+                if np.isfinite(grown):  # PyTorch keeps the scale when growing it would overflow
+                    self._scale = grown
                 self._growth_tracker = 0
         self._found_inf.clear()
 
@@ -192,7 +221,7 @@ class GradScaler:
         if not self.enabled:
             return {}
         return {
-            "scale": self._scale,
+            "scale": float(self._scale),
             "growth_factor": self._growth_factor,
             "backoff_factor": self._backoff_factor,
             "growth_interval": self._growth_interval,
@@ -212,7 +241,7 @@ class GradScaler:
         try:
             interval = _interval(state["growth_interval"])
             values = (
-                _positive(state["scale"], "scale"),
+                _float32_scale(state["scale"], "scale"),
                 _positive(state["growth_factor"], "growth_factor", above_one=True),
                 _positive(state["backoff_factor"], "backoff_factor", above_one=False),
                 interval,
