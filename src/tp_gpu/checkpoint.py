@@ -39,6 +39,7 @@ path the caller gave and the cause, never a temporary file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -157,12 +158,17 @@ def _metadata_head(
     }
 
 
+def _sha256_in_place(a: np.ndarray) -> str:
+    """``checkpoint_format._sha256(a)`` without a copy (hashlib lets a background save's training run)."""
+    return hashlib.sha256(memoryview(_little_endian(a).reshape(-1).view(np.uint8))).hexdigest()
+
+
 def _metadata_finish(
     head: Mapping[str, str], tensors: Dict[str, np.ndarray], extra: Mapping[str, str]
 ) -> Dict[str, str]:
     """The whole metadata: ``head``, every tensor's shape, dtype and SHA-256, ``extra``, the checksum."""
     described = {
-        name: {"shape": list(a.shape), "dtype": a.dtype.name, "sha256": _sha256(a)}
+        name: {"shape": list(a.shape), "dtype": a.dtype.name, "sha256": _sha256_in_place(a)}
         for name, a in tensors.items()
     }
     metadata = {**head, "tensors": json.dumps(described), **extra}
@@ -171,11 +177,9 @@ def _metadata_finish(
 
 
 class SingleFileSave:
-    """A single-file save, prepared: the logical tensors as new host arrays (rank 0 only), the
-    metadata but the checksums, and the target. :meth:`write` serializes and writes the file
-    atomically on rank 0 and does nothing elsewhere; it runs no collective, so it may run in a
-    thread (:mod:`tp_gpu.checkpoint_background`). It drops the tensors as soon as they are
-    serialized, so that the host buffers live no longer than the write."""
+    """A prepared single-file save: the logical tensors as new host arrays (rank 0 only), the metadata
+    but the checksums. :meth:`write` (no collective: it may run in a thread, see
+    :mod:`tp_gpu.checkpoint_background`) writes the file on rank 0, dropping the tensors once serialized."""
 
     def __init__(
         self, path: str, tensors: Optional[Dict[str, np.ndarray]], head: Dict[str, str], extra: Dict[str, str]
