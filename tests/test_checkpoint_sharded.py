@@ -438,3 +438,30 @@ def test_a_file_in_the_way_is_refused_naming_it(tmp_path):
     save_checkpoint(tmp_path / "ckpt", model, sharded=True)
     modes = {os.stat(tmp_path / "ckpt" / n).st_mode & 0o777 for n in os.listdir(tmp_path / "ckpt")}
     assert len(modes) == 1, modes  # the rank files get the index's mode (a new file's), not 0o600
+
+
+def test_pieces_are_read_in_bounded_batches_and_still_checked_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(pieces, "CHUNK_BYTES", 96)  # 4 stored rows of the weight a chunk
+    monkeypatch.setattr(pieces, "BATCH_BYTES", 200)  # 2 chunks (8 rows) a batch
+    source = ColumnParallelLinear(3, 40, config(1), seed=1)
+    save_checkpoint(tmp_path / "ckpt", source, sharded=True)
+    reads = spy_reads(monkeypatch)
+    target = ColumnParallelLinear(3, 40, config(1), seed=2)
+    load_checkpoint(tmp_path / "ckpt", target)
+    assert_same_state(target, source)
+    assert [r for r in reads if r[0] == "weight#0"] == [
+        ("weight#0", a, min(a + 8, 40)) for a in range(0, 40, 8)
+    ]
+    path = rank_file(tmp_path / "ckpt")
+    # Flip a byte of stored row 37, in the last batch: a whole read checks the piece's SHA-256.
+    with open(path, "r+b") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        key_offset = 8 + length + json.loads(fh.read(length))["weight#0"]["data_offsets"][0]
+        fh.seek(key_offset + 37 * 24)
+        byte = fh.read(1)
+        fh.seek(key_offset + 37 * 24)
+        fh.write(bytes([byte[0] ^ 0x01]))
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match="'weight'.*fails its SHA-256 check"):
+        load_checkpoint(tmp_path / "ckpt", target)
+    assert_unchanged(target, before)

@@ -10,6 +10,7 @@ saver's split. A rank killed in the middle of writing leaves the previous checkp
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -30,13 +31,11 @@ def run_alone(*args: str):
 
 
 def passed(result, n_procs: int) -> list:
-    """Each rank's number of checks; the run must have succeeded."""
+    """Each rank's number of checks; the run must have succeeded. (Ranks' lines may interleave.)"""
     assert result.returncode == 0, result.stdout + result.stderr
-    counts = []
-    for rank in range(n_procs):
-        line = next(x for x in result.stdout.splitlines() if x.startswith(f"rank {rank}: ") and "checks" in x)
-        counts.append(int(line.split()[2]))
-    return counts
+    found = dict(re.findall(r"rank (\d+): (\d+) checks passed", result.stdout))
+    assert sorted(found) == [str(r) for r in range(n_procs)], result.stdout
+    return [int(found[str(r)]) for r in range(n_procs)]
 
 
 def test_save_at_8_over_2_and_4_processes_loads_at_1_3_8_over_1_2_3_processes(tmp_path):

@@ -20,7 +20,7 @@ import math
 import os
 import re
 import stat
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -72,6 +72,9 @@ def failed_rank(comm: Any, failure: Optional[BaseException]) -> Optional[int]:
 
 #: Target bytes per hashed chunk of a piece's leading rows.
 CHUNK_BYTES = 4 << 20
+
+#: Most bytes a reader holds of one piece at a time (whole chunks; at least one chunk).
+BATCH_BYTES = 64 << 20
 
 Box = Tuple[Tuple[int, int], ...]  # per axis, a half-open [first, last)
 
@@ -207,21 +210,21 @@ def _read_whole(handle: Any, key: str) -> np.ndarray:
 class PieceReader:
     """Reads boxes of logical tensors from the pieces of one checkpoint folder, verifying each byte read.
 
-    Files are opened once each, on first use; use as a context manager to close them.
+    A piece is read in batches of whole chunks of at most about :data:`BATCH_BYTES` (one bounded
+    buffer), each copied straight into the destination. Files are opened once each, on first use;
+    use as a context manager to close them.
     """
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self._stack = contextlib.ExitStack()
         self._handles: Dict[str, Any] = {}
-        self._last: Optional[Tuple[Tuple[str, str], np.ndarray]] = None  # the last whole piece read
 
     def __enter__(self) -> PieceReader:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()
-        self._last = None
 
     def _handle(self, name: str, piece: Dict[str, Any]) -> Any:
         file = piece["file"]
@@ -257,73 +260,89 @@ class PieceReader:
             f"tensor {name!r}: {why}"
         )
 
-    def _rows(self, name: str, piece: Dict[str, Any], dtype: np.dtype, first: int, last: int) -> np.ndarray:
-        """Rows ``[first, last)`` of a piece: chunk-rounded reads verified by their chunk hashes, or the
-        whole piece by its SHA-256."""
-        rows_total = piece["shape"][0] if piece["shape"] else 1
-        step = piece["chunk_rows"]
-        lo, hi = first // step * step, min(rows_total, -(-last // step) * step)
-        whole = (lo, hi) == (0, rows_total) or not piece["shape"]
-        cache_key = (piece["file"], piece["key"])
-        if whole and self._last is not None and self._last[0] == cache_key:
-            data = self._last[1]
-        else:
-            handle = self._handle(name, piece)
+    def _batches(
+        self, name: str, piece: Dict[str, Any], dtype: np.dtype, lo: int, hi: int
+    ) -> Iterator[Tuple[int, np.ndarray]]:
+        """``(first row, rows)`` of the stored piece over ``[lo, hi)`` (whole chunks, or the whole
+        piece), in verified batches: each batch's chunk hashes, or, when the range is the whole piece,
+        the piece's SHA-256 once the last batch is read (before it is yielded)."""
+        handle, key, step = self._handle(name, piece), piece["key"], piece["chunk_rows"]
+        total = piece["shape"][0]
+        whole = (lo, hi) == (0, total)
+        row_bytes = dtype.itemsize * math.prod(piece["shape"][1:])
+        batch = max(1, BATCH_BYTES // max(row_bytes * step, 1)) * step
+        digest = hashlib.sha256()
+        for first in range(lo, max(hi, lo + 1), batch):
+            last = min(hi, first + batch)
             try:
-                data = (
-                    _read_whole(handle, piece["key"]) if whole else _read_rows(handle, piece["key"], lo, hi)
-                )
+                one = whole and last - first == total
+                data = _read_whole(handle, key) if one else _read_rows(handle, key, first, last)
             except Exception as exc:
                 raise self._error(name, piece, f"cannot be read ({type(exc).__name__}: {exc})") from exc
-            if data.dtype != dtype:
-                raise self._error(name, piece, f"holds dtype {data.dtype.name}, its index says {dtype.name}")
+            if data.dtype != dtype or tuple(data.shape[:1]) != (last - first,):
+                raise self._error(name, piece, f"reads as {data.shape} {data.dtype.name}, not {dtype.name}")
             data = np.ascontiguousarray(data)
-            if whole:
-                if describe(data)["sha256"] != piece["sha256"]:
-                    raise self._error(
-                        name, piece, "fails its SHA-256 check: its data was changed after saving"
-                    )
-                self._last = (cache_key, data)
-            elif _chunk_hashes(data, step) != piece["chunk_sha256"][lo // step : -(-hi // step)]:
+            hashes = _chunk_hashes(data, step, digest if whole else None)
+            if not whole and hashes != piece["chunk_sha256"][first // step : -(-last // step)]:
                 raise self._error(
                     name,
                     piece,
-                    f"rows {lo}..{hi} fail their SHA-256 check: its data was changed after saving",
+                    f"rows {first}..{last} fail their SHA-256 check: its data was changed after saving",
                 )
-        if not piece["shape"]:
-            return data
-        return data[first - lo : last - lo]
+            if whole and last == hi and digest.hexdigest() != piece["sha256"]:
+                raise self._error(name, piece, "fails its SHA-256 check: its data was changed after saving")
+            yield first, data
 
-    def read(self, name: str, entry: Dict[str, Any], box: Box) -> np.ndarray:
-        """The part ``box`` of the logical tensor ``name`` (an entry of :func:`check_tensor`), as a new
-        host array in the tensor's logical axis order. Only the rows of the pieces that ``box``
-        overlaps are read (rounded out to whole chunks); a whole-stored tensor is read whole."""
+    def read(
+        self, name: str, entry: Dict[str, Any], box: Box, out: Optional[np.ndarray] = None
+    ) -> np.ndarray:
+        """The part ``box`` of the logical tensor ``name`` (an entry of :func:`check_tensor`) in the
+        tensor's axis order, written into ``out`` (shaped like ``box``; a new array by default).
+
+        Only the rows of the pieces that ``box`` overlaps are read, rounded out to whole chunks; a
+        whole-stored tensor (``axis`` None) is read whole, to check its SHA-256, even when ``box`` is
+        part of it."""
         axis = entry["axis"]
-        out = np.empty(tuple(b - a for a, b in box), dtype=entry["dtype"])
-        if out.size == 0 and out.ndim:
+        if out is None:
+            out = np.empty(tuple(b - a for a, b in box), dtype=entry["dtype"])
+        if not out.ndim:  # a scalar: one piece, read whole
+            (piece,) = entry["pieces"]
+            data = _read_whole(self._handle(name, piece), piece["key"])
+            if (
+                data.dtype != entry["dtype"]
+                or describe(np.ascontiguousarray(data))["sha256"] != piece["sha256"]
+            ):
+                raise self._error(name, piece, "fails its SHA-256 check: its data was changed after saving")
+            out[...] = data
             return out
+        lead = 0 if axis is None else axis  # the logical axis of the stored rows
         for piece in entry["pieces"]:
             start = piece["start"]
             logical = logical_shape(piece["shape"], axis)
             overlap = [(max(a, s), min(b, s + n)) for (a, b), s, n in zip(box, start, logical)]
             if any(a >= b for a, b in overlap):
                 continue
-            if axis is None:
-                data = self._rows(name, piece, entry["dtype"], 0, piece["shape"][0] if piece["shape"] else 1)
-                if not piece["shape"]:
-                    out[...] = data
+            first, last = overlap[lead][0] - start[lead], overlap[lead][1] - start[lead]
+            step, total = piece["chunk_rows"], piece["shape"][0]
+            lo, hi = (
+                (0, total) if axis is None else (first // step * step, min(total, -(-last // step) * step))
+            )
+            for at, data in self._batches(name, piece, entry["dtype"], lo, hi):
+                a, b = max(first, at), min(last, at + data.shape[0])
+                if a >= b:
                     continue
-                part = data[tuple(slice(a - s, b - s) for (a, b), s in zip(overlap, start))]
-            else:
-                first, last = overlap[axis][0] - start[axis], overlap[axis][1] - start[axis]
-                rows = np.moveaxis(self._rows(name, piece, entry["dtype"], first, last), 0, axis)
-                part = rows[
-                    tuple(
-                        slice(None) if k == axis else slice(a - s, b - s)
-                        for k, ((a, b), s) in enumerate(zip(overlap, start))
-                    )
-                ]
-            out[tuple(slice(a - b0, b - b0) for (a, b), (b0, _) in zip(overlap, box))] = part
+                rows = np.moveaxis(data[a - at : b - at], 0, lead)
+                source = tuple(
+                    slice(None) if k == lead else slice(p - s, q - s)
+                    for k, ((p, q), s) in enumerate(zip(overlap, start))
+                )
+                target = tuple(
+                    slice(a + start[lead] - box[k][0], b + start[lead] - box[k][0])
+                    if k == lead
+                    else slice(p - box[k][0], q - box[k][0])
+                    for k, (p, q) in enumerate(overlap)
+                )
+                out[target] = rows[source]
         return out
 
 

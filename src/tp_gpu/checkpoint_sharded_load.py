@@ -109,7 +109,7 @@ def _blocks(
         for (first, last), (lo, hi) in parts:
             if last > first:
                 box = tuple((first, last) if k == axis else (0, n) for k, n in enumerate(p.shape))
-                host[_along(axis, slice(lo, hi))] = reader.read(name, entry, box)
+                reader.read(name, entry, box, out=host[_along(axis, slice(lo, hi))])
         blocks[device] = collectives.to_device(p.backend, host, device, dtype)
     return blocks
 
