@@ -121,6 +121,12 @@ def weights(model):
     return {name: p.full() for name, p in checkpoint_module.named_parameters(model)}
 
 
+def assert_weights(model, expected) -> None:
+    assert {n: a.tobytes() for n, a in weights(model).items()} == {
+        n: a.tobytes() for n, a in expected.items()
+    }
+
+
 def assert_same_file_contents(a, b) -> None:
     """Two checkpoints with the same metadata and bit-identical tensors (safetensors orders the
     metadata at random, so the bytes of two equal saves differ there)."""
@@ -189,8 +195,7 @@ def test_training_goes_on_while_the_save_is_in_flight_and_the_file_holds_the_wei
     fresh = make_model(2)
     fresh_optimizer = make_optimizer("sgd", fresh)
     load_checkpoint(path, fresh, optimizer=fresh_optimizer)
-    for n, value in at_call.items():
-        assert weights(fresh)[n].tobytes() == value.tobytes(), n
+    assert_weights(fresh, at_call)
     assert train(fresh, fresh_optimizer, 4, 9) == during
 
 
@@ -216,14 +221,12 @@ def test_a_background_write_error_surfaces_on_wait_with_its_type_and_the_previou
         handle.wait()
     fresh = make_model(2)
     load_checkpoint(path, fresh)
-    for n, value in previous.items():
-        assert weights(fresh)[n].tobytes() == value.tobytes(), n
+    assert_weights(fresh, previous)
     # Reported on wait(), so the next save goes ahead.
     monkeypatch.setattr(module, function, full.real)
     assert save_checkpoint(path, model, **keywords) is None
     load_checkpoint(path, fresh)
-    for n, value in weights(model).items():
-        assert weights(fresh)[n].tobytes() == value.tobytes(), n
+    assert_weights(fresh, weights(model))
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["then-sync", "then-background"])
@@ -245,15 +248,17 @@ def test_an_unreported_error_raises_on_the_next_save_which_does_not_start(tmp_pa
     assert read_checkpoint(other).tensors.keys() == weights(model).keys()
 
 
-def test_a_load_of_the_same_path_waits_for_the_save_first(tmp_path, gate):
+def test_a_load_waits_for_a_save_of_its_path_only(tmp_path, gate):
     model, _, _ = trained(steps=1)
+    save_checkpoint(tmp_path / "old.safetensors", model)
     path = tmp_path / "m.safetensors"
-    save_checkpoint(path, model, background=True)
+    handle = save_checkpoint(path, model, background=True)
+    load_checkpoint(tmp_path / "old.safetensors", make_model(2))
+    assert not handle.done()  # another path: no wait
     threading.Timer(0.3, gate.open).start()
     fresh = make_model(3)
     load_checkpoint(path, fresh)  # no file yet: this must wait for the save
-    for name, value in weights(model).items():
-        assert weights(fresh)[name].tobytes() == value.tobytes(), name
+    assert_weights(fresh, weights(model))
     assert background_module.pending() is None
 
 
@@ -261,23 +266,11 @@ def test_a_load_of_the_same_path_raises_the_background_error(tmp_path, monkeypat
     model, _, _ = trained(steps=1)
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, model)
-    failing = Gate(OSError(errno.EIO, os.strerror(errno.EIO)))
-    failing.open()
-    monkeypatch.setattr(checkpoint_module, "write_atomically", failing)
+    install_gate(monkeypatch, "file", OSError(errno.EIO, os.strerror(errno.EIO))).open()
     save_checkpoint(path, model, background=True)
     with pytest.raises(CheckpointFileError, match="EIO"):
         load_checkpoint(path, make_model(2))
     load_checkpoint(path, make_model(2))  # reported once; the previous file loads
-
-
-def test_a_load_of_another_path_does_not_wait(tmp_path, gate):
-    model, _, _ = trained(steps=1)
-    save_checkpoint(tmp_path / "old.safetensors", model)
-    handle = save_checkpoint(tmp_path / "new.safetensors", model, background=True)
-    load_checkpoint(tmp_path / "old.safetensors", make_model(2))
-    assert not handle.done()
-    gate.open()
-    handle.wait()
 
 
 def test_two_background_saves_in_a_row_run_one_after_the_other(tmp_path, gate):
@@ -329,16 +322,19 @@ def test_a_bad_background_flag_is_refused_before_anything(tmp_path, bad):
     assert not any(tmp_path.iterdir()) and background_module.pending() is None
 
 
+Canary = type("Canary", (), {})  # an object only a frame's locals refer to: its weakref dies with them
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("fails", [False, True], ids=["written", "failed"])
+@pytest.mark.parametrize("fails", [None, MemoryError, OSError], ids=["written", "MemoryError", "OSError"])
 def test_the_host_buffers_are_released_when_the_write_ends(tmp_path, monkeypatch, fails, fmt):
-    name, keywords, _ = FORMATS[fmt]
+    name, keywords, (module, function) = FORMATS[fmt]
     model, optimizer, _ = trained(steps=2)
     refs = []
-    module, function = (
+    prepare_module, prepare_name = (
         (checkpoint_module, "prepare_save") if fmt == "file" else (sharded_module, "prepare_sharded_save")
     )
-    real_prepare = getattr(module, function)
+    real_prepare, real_write = getattr(prepare_module, prepare_name), getattr(module, function)
 
     def prepare(*args, **kwargs):
         prepared = real_prepare(*args, **kwargs)
@@ -346,13 +342,23 @@ def test_the_host_buffers_are_released_when_the_write_ends(tmp_path, monkeypatch
         refs.extend([weakref.ref(prepared), weakref.ref(next(iter(buffers.values())))])
         return prepared
 
-    monkeypatch.setattr(module, function, prepare)
-    if fails:
-        install_gate(monkeypatch, fmt, MemoryError("no room")).open()
+    def write(path, *rest):  # its locals hold the serialized file (or the shards): so does a canary
+        canary = Canary()
+        refs.append(weakref.ref(canary))
+        if fails is not None:
+            raise fails(errno.ENOSPC, "no room") if fails is OSError else fails("no room")
+        return real_write(path, *rest)
+
+    monkeypatch.setattr(prepare_module, prepare_name, prepare)
+    monkeypatch.setattr(module, function, write)
     handle = save_checkpoint(tmp_path / name, model, optimizer=optimizer, background=True, **keywords)
-    with pytest.raises(MemoryError) if fails else contextlib.nullcontext():
+    with (
+        pytest.raises(CheckpointFileError if fails is OSError else fails)
+        if fails
+        else contextlib.nullcontext()
+    ):
         handle.wait()
-    assert len(refs) == 2 and [ref() for ref in refs] == [None, None]  # not held by the handle or the error
+    assert len(refs) == 3 and [ref() for ref in refs] == [None] * 3  # not held by the handle or the error
 
 
 def test_the_lock_against_two_saves_at_once_cannot_be_bypassed(tmp_path, gate):

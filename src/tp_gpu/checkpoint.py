@@ -160,7 +160,7 @@ def _metadata_head(
 
 def _sha256_in_place(a: np.ndarray) -> str:
     """``checkpoint_format._sha256(a)`` without a copy (hashlib lets a background save's training run)."""
-    return hashlib.sha256(memoryview(_little_endian(a).reshape(-1).view(np.uint8))).hexdigest()
+    return hashlib.sha256(_little_endian(a).reshape(-1).view(np.uint8).data).hexdigest()
 
 
 def _metadata_finish(

@@ -62,7 +62,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Optional, Protocol
+from typing import Optional, Protocol, Set
 
 from . import collectives
 from .comm.base import Communicator
@@ -103,7 +103,7 @@ class SaveHandle:
         try:
             prepared.write()
         except BaseException as exc:  # kept for wait(): an error is never dropped
-            traceback.clear_frames(exc.__traceback__)  # the frames' locals may hold the host buffers
+            _clear_frames(exc)  # the frames' locals may hold the host buffers (or the serialized file)
             self._error = exc
         finally:
             del prepared
@@ -150,6 +150,18 @@ class SaveHandle:
     def __repr__(self) -> str:
         state = "reported" if self._reported else ("done" if self.done() else "writing")
         return f"SaveHandle({self.path!r}, {state})"
+
+
+def _clear_frames(error: Optional[BaseException], seen: Optional[Set[int]] = None) -> None:
+    """Clear the locals of the finished frames in the tracebacks of ``error`` and of its causes and
+    contexts (a CheckpointFileError raised ``from`` an OSError keeps the writer's frames there)."""
+    seen = set() if seen is None else seen
+    if error is None or id(error) in seen:
+        return
+    seen.add(id(error))
+    traceback.clear_frames(error.__traceback__)
+    _clear_frames(error.__cause__, seen)
+    _clear_frames(error.__context__, seen)
 
 
 _lock = threading.Lock()
