@@ -33,6 +33,9 @@ def test_background_save_while_training_on_two_ranks(tmp_path, kind):
             "communicator calls outside the main thread: 0",
         ):
             assert f"rank {rank}: {line}" in result.stdout, output
+    # wait(timeout) while rank 0 alone still writes: a timeout on both ranks, though rank 1 is done
+    assert "rank 0: wait(timeout) raised TimeoutError; done here: False" in result.stdout, output
+    assert "rank 1: wait(timeout) raised TimeoutError; done here: True" in result.stdout, output
     if kind == "file":
         assert "rank 0: tensors in the file: 14" in result.stdout, output  # 7 weights, 7 momenta
     assert (tmp_path / name).exists()

@@ -4,7 +4,8 @@
 
 Every rank trains a small float64 model (4 workers over the ranks, comm="mpi") for 2 steps,
 starts ``save_checkpoint(..., background=True)`` and trains 3 more steps while the write is held
-at a gate (so it is certainly in flight), then opens the gate and calls ``wait()``. The file must
+at a gate (so it is certainly in flight); ``wait(timeout=0.5)`` with only rank 0's gate closed must
+raise TimeoutError on both ranks; then the gates open and ``wait()`` returns. The file must
 hold the weights of the call: a fresh model (2 workers) loads it, equals them bit for bit, and
 resuming from it replays the same 3 steps. Every communicator call is checked to run in the main
 thread: the writing thread must run none.
@@ -154,8 +155,16 @@ at_call = weights(model)
 handle = save_checkpoint(path, model, optimizer=optimizer, sharded=args.sharded, background=True)
 during = train(model, optimizer, 2, 5)
 in_flight = not handle.done()
-gate.set()
 say(f"in flight during 3 steps: {in_flight}")
+if args.fail_rank < 0:  # only rank 0 is still writing: wait(timeout) must time out on every rank
+    if rank != 0:
+        gate.set()
+    try:
+        handle.wait(timeout=0.5)
+        say("wait(timeout) returned")
+    except TimeoutError:
+        say(f"wait(timeout) raised TimeoutError; done here: {handle.done()}")
+gate.set()
 
 if args.fail_rank < 0:
     handle.wait()
