@@ -6,6 +6,7 @@ Importing tp_gpu never imports CuPy; the backend is chosen when a layer is built
 from .autograd import Function, FunctionContext, enable_grad, is_grad_enabled, no_grad
 from .backends import get_backend
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint_background import SaveHandle
 from .comm import get_communicator
 from .config import TensorParallelConfig
 from .errors import *  # noqa: F403  (every exception, as listed in errors.__all__)
@@ -94,6 +95,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
+    "SaveHandle",
     "from_torch",
     "to_numpy",
     "get_backend",
