@@ -46,6 +46,19 @@ _CHECKSUM = "index_sha256"
 _FILES = re.compile(r"rank-(\d+)-([0-9a-f]+)\.(safetensors|json)")
 
 
+def _rank_file(rank: int, save_id: str, ext: str = "safetensors") -> str:
+    """The name of ``rank``'s file (or, with ``ext="json"``, marker) of the save ``save_id``."""
+    return f"rank-{rank}-{save_id}.{ext}"
+
+
+def _remove(path: str) -> None:
+    """Remove ``path`` if it can be (a failed save's leftovers; a later save removes what stays)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _digest(value: Dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``value`` without its checksum entry."""
     rest = {k: v for k, v in value.items() if k != _CHECKSUM}

@@ -73,7 +73,7 @@ import numpy as np
 from . import checkpoint_pieces as pieces
 from . import collectives, training_state
 from .checkpoint_io import check_path, file_error, write_atomically
-from .checkpoint_pieces import _CHECKSUM, _FILES, FORMAT, FORMAT_VERSION, INDEX, _digest
+from .checkpoint_pieces import _CHECKSUM, _FILES, FORMAT, FORMAT_VERSION, INDEX, _digest, _rank_file, _remove
 from .checkpoint_sharded_load import load_sharded, read_index  # noqa: F401  (the load side, re-exported)
 from .errors import CheckpointError, CheckpointFileError, ConfigError
 from .layers.base import ParallelModule
@@ -92,10 +92,6 @@ __all__ = [
 
 
 Named = List[Tuple[str, ShardedParameter]]
-
-
-def _rank_file(rank: int, save_id: str, ext: str = "safetensors") -> str:
-    return f"rank-{rank}-{save_id}.{ext}"
 
 
 def _along(axis: int, index: slice) -> Tuple[slice, ...]:
@@ -258,13 +254,6 @@ class PreparedSave:
 def _write_index(target: str, data: bytes) -> None:
     """The commit point of a save (a hook for tests that interrupt a save just before it)."""
     write_atomically(target, data)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _host_copy(
