@@ -4,7 +4,8 @@ A float64 decoder at 8 workers is saved sharded over 2 and over 4 processes (eac
 file; its save's peak extra host memory is about its own shards, not the model), then loaded at 1, 3
 and 8 workers over 1, 2 and 3 processes: the weights equal the saved ones bit for bit, and 5 more
 Adam steps equal those of a twin resumed from the single-file format, and the uninterrupted run at the
-saver's split. A rank killed in the middle of writing leaves the previous checkpoint loading.
+saver's split. A rank killed in the middle of writing leaves the previous checkpoint loading; a rank
+whose disk is full fails the save on every rank, and leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -62,3 +63,9 @@ def test_a_rank_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tm
     assert len({n.split("-")[2].split(".")[0] for n in names if n.startswith("rank-")}) == 2, names  # 2 saves
     (tmp_path / "world").write_text("2")
     assert passed(run_alone("load", str(tmp_path), "--no-resume", "--loads", "1", "3", "8"), 1) == [3]
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_full_disk_on_one_rank_fails_the_save_on_every_rank_and_keeps_the_previous(tmp_path, failing):
+    result = mpirun(2, PROGRAM, "full", str(tmp_path), "--kill-rank", str(failing))
+    assert passed(result, 2) == [3, 3]  # the errors, the folder as before the save, the first save loads

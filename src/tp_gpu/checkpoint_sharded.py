@@ -130,17 +130,10 @@ class PreparedSave:
         self.arrays[key] = host
         self.pieces.append((name, key, start))
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of host buffers this process holds for the save."""
-        return sum(a.nbytes for a in self.arrays.values())
-
     def write(self) -> None:
         """Write this process's file and marker; on rank 0 also wait for every marker and commit the index.
-
-        No collective. Raises CheckpointFileError (an OSError) for a file-system failure,
-        CheckpointError when another rank failed or its marker did not come in time.
-        """
+        No collective. CheckpointFileError (an OSError) for a file-system failure, CheckpointError
+        when another rank failed or its marker did not come in time."""
         file = os.path.join(self.path, _rank_file(self.rank, self.save_id))
         try:
             try:
@@ -192,6 +185,19 @@ class PreparedSave:
                 )
             except OSError:
                 pass  # rank 0 will time out waiting
+
+    def discard(self) -> None:
+        """Remove this rank's files of a save that failed on some rank (call once every rank is done
+        writing); nothing once the index names them."""
+        try:
+            with open(os.path.join(self.path, INDEX), "rb") as fh:
+                named = json.loads(fh.read()).get("save_id") == self.save_id
+        except (OSError, ValueError, AttributeError):
+            named = False
+        if not (self.committed or named):
+            for name in self._save_files():
+                if name.startswith(f"rank-{self.rank}-"):
+                    _remove(os.path.join(self.path, name))
 
     def _save_files(self) -> List[str]:
         try:
@@ -382,6 +388,8 @@ def save_sharded(path: str, module: Any, optimizer: Optional[Optimizer] = None, 
     except Exception as exc:
         failure = exc
     failed = pieces.failed_rank(comm, failure)
+    if failed is not None:  # every rank is done writing: remove what this save left on any rank
+        prepared.discard()
     if failure is None and failed is not None:
         raise CheckpointError(
             f"rank {failed} failed to save sharded checkpoint {prepared.path!r} (its error is raised "

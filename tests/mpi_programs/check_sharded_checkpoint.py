@@ -17,12 +17,17 @@ which gathers), and those of the uninterrupted run where the split is the saver'
 ``os._exit`` in the middle of writing its rank file. Run ``load`` on ``DIR`` afterwards: the first
 save is what loads.
 
+``full DIR``: the same, but rank ``--kill-rank`` runs out of disk space writing its file: every rank
+raises (that rank the ENOSPC CheckpointFileError, the others a CheckpointError naming it), and the
+folder holds exactly the first save's files.
+
 Prints ``rank R: N checks passed`` and exits 0, or raises.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import tracemalloc
 
@@ -30,7 +35,15 @@ import numpy as np
 
 import tp_gpu
 import tp_gpu.checkpoint_pieces as pieces
-from tp_gpu import Adam, TensorParallelConfig, get_communicator, load_checkpoint, save_checkpoint
+from tp_gpu import (
+    Adam,
+    CheckpointError,
+    TensorParallelConfig,
+    get_communicator,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tp_gpu.errors import CheckpointFileError
 from tp_gpu.models import DecoderConfig, DecoderForCausalLM
 
 VOCAB, STEPS, MORE = 2048, 3, 5  # about 660,000 parameters: 16 MB with Adam's state
@@ -128,6 +141,39 @@ def killed(args, comm) -> int:
     raise AssertionError("the killed save returned")
 
 
+def full(args, comm) -> int:
+    """Rank ``--kill-rank``'s disk is full during the second save: every rank raises, the first stays."""
+    model, optimizer = make(args.p, args.comm)
+    train(model, optimizer, 0, STEPS)
+    folder = os.path.join(args.dirs[0], "sharded")
+    save_checkpoint(folder, model, optimizer=optimizer, sharded=True)
+    first, saved = sorted(os.listdir(folder)), model.state_dict()
+    train(model, optimizer, STEPS, STEPS + 1)
+    if comm.rank == args.kill_rank:
+
+        def full_disk(path, arrays, metadata):
+            with open(path, "wb") as fh:
+                fh.write(b"\0" * 1000)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+        pieces.write_rank_file = full_disk
+    try:
+        save_checkpoint(folder, model, optimizer=optimizer, sharded=True)
+    except CheckpointFileError as exc:
+        assert comm.rank == args.kill_rank and exc.errno == errno.ENOSPC, exc
+    except CheckpointError as exc:
+        assert comm.rank != args.kill_rank and f"rank {args.kill_rank} failed" in str(exc), exc
+    else:
+        raise AssertionError("the save with a full disk succeeded")
+    comm.barrier()
+    assert sorted(os.listdir(folder)) == first, (sorted(os.listdir(folder)), first)  # nothing of it stays
+    fresh, fresh_optimizer = make(args.p, args.comm)
+    load_checkpoint(folder, fresh, optimizer=fresh_optimizer)
+    for name, value in fresh.state_dict().items():
+        assert np.array_equal(value, saved[name]), name
+    return 3
+
+
 def load(args, comm) -> int:
     checks = 0
     for directory in args.dirs:
@@ -164,7 +210,7 @@ def load(args, comm) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["save", "load", "killed"])
+    parser.add_argument("mode", choices=["save", "load", "killed", "full"])
     parser.add_argument("dirs", nargs="+")
     parser.add_argument("--p", type=int, default=8)
     parser.add_argument("--loads", type=int, nargs="*", default=[1, 3, 8])
@@ -173,7 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     args.comm = "mpi" if "OMPI_COMM_WORLD_SIZE" in os.environ else "local"
     comm = get_communicator(args.comm)
-    checks = {"save": save, "load": load, "killed": killed}[args.mode](args, comm)
+    checks = {"save": save, "load": load, "killed": killed, "full": full}[args.mode](args, comm)
     print(f"rank {comm.rank}: {checks} checks passed", flush=True)
 
 
