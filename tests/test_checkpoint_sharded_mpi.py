@@ -51,6 +51,8 @@ def test_save_at_8_over_2_and_4_processes_loads_at_1_3_8_over_1_2_3_processes(tm
     # p = 8 over 2 processes, and the uninterrupted run of the 2-process saver
     assert passed(mpirun(2, PROGRAM, "load", *map(str, dirs)), 2) == [5, 5]
     assert passed(mpirun(3, PROGRAM, "load", *map(str, dirs)), 3) == [4, 4, 4]  # p = 3 over 3 processes
+    # a byte only loading rank 1 reads: both ranks raise, neither model changes
+    assert passed(mpirun(2, PROGRAM, "corrupt", str(dirs[0])), 2) == [2, 2]
 
 
 def test_a_rank_killed_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):

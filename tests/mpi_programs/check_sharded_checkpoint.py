@@ -21,6 +21,9 @@ save is what loads.
 raises (that rank the ENOSPC CheckpointFileError, the others a CheckpointError naming it), and the
 folder holds exactly the first save's files.
 
+``corrupt DIR`` (2 processes, after ``save DIR`` over 2): one byte of rank 1's file is flipped; a load
+at 8 workers raises on both ranks (only rank 1 reads that byte) and changes no rank's model.
+
 Prints ``rank R: N checks passed`` and exits 0, or raises.
 """
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import struct
 import tracemalloc
 
 import numpy as np
@@ -174,6 +178,33 @@ def full(args, comm) -> int:
     return 3
 
 
+def corrupt(args, comm) -> int:
+    """One byte of rank 1's file flipped: at 8 workers over 2 processes only loading rank 1 reads it,
+    yet every rank raises and no rank's model changes."""
+    folder = os.path.join(args.dirs[0], "sharded")
+    if comm.rank == 0:
+        path = next(os.path.join(folder, n) for n in os.listdir(folder) if n.startswith("rank-1-"))
+        with open(path, "r+b") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            fh.seek(8 + length + 100)
+            byte = fh.read(1)
+            fh.seek(8 + length + 100)
+            fh.write(bytes([byte[0] ^ 1]))
+    comm.barrier()
+    model, _ = make(args.p, args.comm)
+    before = model.state_dict()
+    try:
+        load_checkpoint(folder, model)
+    except CheckpointError as exc:
+        expected = "fails its SHA-256 check" if comm.rank == 1 else "rank 1 failed to load"
+        assert expected in str(exc), exc
+    else:
+        raise AssertionError("the corrupted checkpoint loaded")
+    for name, value in model.state_dict().items():
+        assert np.array_equal(value, before[name]), name
+    return 2
+
+
 def load(args, comm) -> int:
     checks = 0
     for directory in args.dirs:
@@ -210,7 +241,7 @@ def load(args, comm) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["save", "load", "killed", "full"])
+    parser.add_argument("mode", choices=["save", "load", "killed", "full", "corrupt"])
     parser.add_argument("dirs", nargs="+")
     parser.add_argument("--p", type=int, default=8)
     parser.add_argument("--loads", type=int, nargs="*", default=[1, 3, 8])
@@ -219,7 +250,9 @@ def main() -> None:
     args = parser.parse_args()
     args.comm = "mpi" if "OMPI_COMM_WORLD_SIZE" in os.environ else "local"
     comm = get_communicator(args.comm)
-    checks = {"save": save, "load": load, "killed": killed, "full": full}[args.mode](args, comm)
+    checks = {"save": save, "load": load, "killed": killed, "full": full, "corrupt": corrupt}[args.mode](
+        args, comm
+    )
     print(f"rank {comm.rank}: {checks} checks passed", flush=True)
 
 
