@@ -30,7 +30,22 @@ from .checkpoint_format import _safetensors
 from .checkpoint_io import open_checked
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["CHUNK_BYTES", "chunk_rows", "describe", "write_rank_file", "check_tensor", "PieceReader"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "INDEX",
+    "CHUNK_BYTES",
+    "BATCH_BYTES",
+    "chunk_rows",
+    "logical_shape",
+    "describe",
+    "write_rank_file",
+    "check_tensor",
+    "PieceReader",
+    "max_over_ranks",
+    "failed_rank",
+    "full_box",
+]
 
 #: ``format`` of a sharded checkpoint's index, and the version written here (newer ones are refused).
 FORMAT = "tp_gpu-sharded"
@@ -366,9 +381,5 @@ def safetensors_dtype_ok(dtype: np.dtype) -> None:
 
 
 def full_box(shape: Sequence[int]) -> Box:
+    """The box of a whole tensor of ``shape``."""
     return tuple((0, int(n)) for n in shape)
-
-
-def piece_boxes(shape: Sequence[int], axis: int, ranges: List[Tuple[int, int]]) -> List[Box]:
-    """The boxes of ``ranges`` along ``axis`` of a tensor of ``shape``."""
-    return [tuple(r if k == axis else (0, int(n)) for k, n in enumerate(shape)) for r in ranges]
