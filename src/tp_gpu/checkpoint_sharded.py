@@ -26,7 +26,7 @@ float32 ``master``) is laid out like its parameter and stored the same way as
      "tensors": {
        "fc1.weight": {"shape": [8, 10], "dtype": "float64", "axis": 1, "pieces": [
          {"file": "rank-0-3f2a....safetensors", "key": "fc1.weight#0", "start": [0, 0],
-          "shape": [5, 8], "sha256": "...", "chunk_rows": 5, "chunk_sha256": ["..."]},
+          "shape": [5, 8], "sha256": "...", "chunk_rows": 65536, "chunk_sha256": ["..."]},
          {"file": "rank-1-3f2a....safetensors", "key": "fc1.weight#0", "start": [0, 5],
           "shape": [5, 8], ...}]},
        "fc2.bias": {"shape": [8], "dtype": "float64", "axis": null, "pieces": [{"start": [0], ...}]}},
@@ -49,15 +49,15 @@ collective): each rank writes its file and fsyncs it, then a small marker
 atomically (temporary file, fsync, rename) and removes the files of older
 saves. Until that rename the previous index and its files are untouched: a
 save that is killed or runs out of disk leaves the previous checkpoint
-loadable. Concurrent saves into one folder are not supported.
+loadable (its files go at the next save). A save holds its own shards in host
+memory, no more; concurrent saves into one folder are not supported.
 
 **Loading** (:func:`load_sharded`, through ``load_checkpoint`` given a folder)
 works at any worker count over any number of processes: each process reads,
 for each of its device blocks, only the rows of the pieces it overlaps,
 rounded out to whole chunks whose hashes it checks (a piece read whole: its
-SHA-256). Everything is checked and staged before any parameter or optimizer
-state changes; with several processes the ranks agree first, so an error on
-one is raised on all.
+SHA-256), in batches of at most 64 MiB. Everything is checked and staged before
+any change; with several processes the ranks agree first: an error on one is raised on all.
 """
 
 from __future__ import annotations
