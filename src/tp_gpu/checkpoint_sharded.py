@@ -26,16 +26,16 @@ float32 ``master``) is laid out like its parameter and stored the same way as
      "tensors": {
        "fc1.weight": {"shape": [8, 10], "dtype": "float64", "axis": 1, "pieces": [
          {"file": "rank-0-3f2a....safetensors", "key": "fc1.weight#0", "start": [0, 0],
-          "shape": [5, 8], "sha256": "...", "chunk_rows": 65536, "chunk_sha256": ["..."]},
-         {"file": "rank-1-3f2a....safetensors", "key": "fc1.weight#0", "start": [0, 5],
-          "shape": [5, 8], ...}]},
+          "shape": [6, 8], "sha256": "...", "chunk_rows": 65536, "chunk_sha256": ["..."]},
+         {"file": "rank-1-3f2a....safetensors", "key": "fc1.weight#0", "start": [0, 6],
+          "shape": [4, 8], ...}]},
        "fc2.bias": {"shape": [8], "dtype": "float64", "axis": null, "pieces": [{"start": [0], ...}]}},
      "training": {"dropout_steps": {...}, "optimizer": {"type", "param_groups", "steps"}, "scaler": {...}},
      "index_sha256": "..."}
 
-In that example ``fc1.weight`` (logical 8 x 10, split on axis 1 over 4 workers on
-2 processes, one device each) has two pieces, each the 8 x 5 columns of one
-process, stored transposed as 5 x 8. ``start`` is the piece's offset on every
+In that example (``ParallelMLP(8, 10, 8)`` at 4 workers over 2 processes)
+``fc1.weight`` (8 x 10, split on axis 1 as 3, 3, 2, 2 columns) has two pieces:
+rank 0's 6 columns stored as 6 x 8, rank 1's 4 as 4 x 8. ``start`` is the piece's offset on every
 axis of the logical tensor; ``shape`` the stored (moved-first) shape;
 ``chunk_sha256`` the SHA-256 of every ``chunk_rows`` leading rows (about 4 MiB,
 at least one row), ``sha256`` that of the whole piece.
