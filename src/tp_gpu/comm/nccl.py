@@ -28,16 +28,16 @@ import atexit
 import multiprocessing
 import os
 import pickle
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from ..backends.base import Backend, is_cupy_array
 from ..backends.cupy_backend import import_cupy
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import BackendUnavailableError, ConfigError, ShapeError
 from .base import Communicator
 
-__all__ = ["NcclComm", "launcher_rank"]
+__all__ = ["NcclComm", "launcher_rank", "reduce_scatter_rows"]
 
 _RANK_VARS = ("TP_GPU_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 _SIZE_VARS = ("TP_GPU_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
@@ -59,6 +59,21 @@ def launcher_rank():
     rank = _first_env(_RANK_VARS, 0)
     size = _first_env(_SIZE_VARS, 1)
     return rank, size, _first_env(_LOCAL_RANK_VARS, rank)
+
+
+def reduce_scatter_rows(sizes: Sequence[int]) -> Optional[int]:
+    """Rows per rank that NCCL's native reduce-scatter is given for pieces of ``sizes`` rows, or None
+    where the all-reduce + slice moves less.
+
+    ``ncclReduceScatter`` cuts its input into ``s`` equal pieces, so every piece is padded to
+    ``L = max(sizes)`` rows (zeros, trimmed after). On a ring it sends ``(s - 1) L`` rows per rank,
+    where the all-reduce sends ``2 (s - 1) T / s`` for ``T = sum(sizes)``: the native call is used
+    when ``s L < 2 T``. Pieces that differ by at most ``k`` rows (a sequence-parallel split: ``k`` is
+    the devices per process) pad at most ``(s - 1) k`` rows in all, so it is used whenever
+    ``T > (s - 1) k``; it falls back only for sequences about as short as the job is wide.
+    """
+    longest, total = max(sizes), sum(sizes)
+    return longest if len(sizes) * longest < 2 * total else None
 
 
 def _join(process, timeout: float) -> None:
@@ -193,8 +208,51 @@ class NcclComm(Communicator):
         self._nccl.all_gather(send, out, send.size)
         return self._cupy.concatenate([out[r] for r in range(self.size)], axis=axis)
 
+    def _reduce_scatter(self, array, axis, sizes, rows):
+        """This rank's piece of the sum, through ``reduce_scatter``, pieces padded to ``rows`` rows.
+
+        ``axis`` goes to the front, so that piece ``r`` is one contiguous run of ``sizes[r]`` rows of
+        ``m`` elements (``m`` the product of the other axes). NCCL needs ``s`` equal runs of
+        ``count = rows * m``: equal pieces are the array itself (one copy only where ``axis`` was not
+        first), uneven ones are copied into a zero ``(s, rows, m)`` buffer. The result is the first
+        ``sizes[rank]`` of this rank's ``rows`` rows, with ``axis`` put back (a view).
+        """
+        cupy = self._cupy
+        front = array.swapaxes(0, axis)  # (total, ...) view
+        rest = tuple(front.shape[1:])
+        if all(n == rows for n in sizes):
+            send = cupy.ascontiguousarray(front)
+        else:
+            send = cupy.zeros((self.size, rows) + rest, dtype=array.dtype)
+            first = 0
+            for r, n in enumerate(sizes):
+                send[r, :n] = front[first : first + n]
+                first += n
+        out = cupy.empty((rows,) + rest, dtype=array.dtype)
+        self._nccl.reduce_scatter(send, out, out.size, "sum")
+        return out[: sizes[self.rank]].swapaxes(0, axis)
+
     def all_reduce(self, backend: Backend, array: Any, op: str = "sum") -> Any:
         return self._run(backend, array, self._all_reduce, op)
+
+    def reduce_scatter(self, backend: Backend, array: Any, axis: int, sizes: Sequence[int]) -> Any:
+        """NCCL's native reduce-scatter: ``(s - 1) / s`` of the (padded) array crosses per rank on a
+        ring, half of the all-reduce + slice of :meth:`Communicator.reduce_scatter`, and the result
+        buffer is one piece, not the whole. Pieces of different lengths are padded to the longest
+        (see :func:`reduce_scatter_rows`); where padding would cost more than it saves, this falls
+        back to the all-reduce + slice.
+        """
+        axis %= array.ndim
+        sizes = [int(n) for n in sizes]
+        if len(sizes) != self.size or sum(sizes) != array.shape[axis]:
+            raise ShapeError(
+                f"rank {self.rank}/{self.size}: reduce_scatter got pieces {sizes} for axis {axis} of "
+                f"shape {tuple(array.shape)}; expected {self.size} pieces summing to {array.shape[axis]}"
+            )
+        rows = reduce_scatter_rows(sizes)
+        if rows is None:
+            return super().reduce_scatter(backend, array, axis, sizes)
+        return self._run(backend, array, self._reduce_scatter, axis, sizes, rows)
 
     def all_gather(self, backend: Backend, array: Any, axis: int) -> Any:
         return self._run(backend, array, self._all_gather, axis % array.ndim)
