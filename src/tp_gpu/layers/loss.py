@@ -46,7 +46,7 @@ from ..module import Module
 from ..placements import Dense, Split
 from ..tensor import Tensor
 from .base import as_array_like
-from .loss_functions import CrossEntropy, CrossEntropyOptions
+from .loss_functions import CrossEntropy, CrossEntropyOptions, LogitsWorkspace
 
 __all__ = ["VocabParallelCrossEntropy"]
 
@@ -83,7 +83,13 @@ class VocabParallelCrossEntropy(Module):
     unless ``inplace``, each device keeps one accumulator-dtype array the size
     of its logits for backward, written in one pass from them (none when
     nothing is recorded: logits that need no gradient, or ``tp_gpu.no_grad()``),
-    and the caller's logits are never modified. The steps and the backward
+    and the caller's logits are never modified. When recorded, that array is the device's
+    buffer in :attr:`workspace`, kept between calls and reused while its
+    shape, dtype and device stay the same and no live loss or held ``dZ``
+    still uses it (then a fresh one is allocated for that call), so a step
+    allocates no logits-sized array; the module holds it between steps,
+    ``loss_fn.workspace.clear()`` releases it, and ``loss_fn.workspace = None``
+    allocates a fresh one every call instead. The steps and the backward
     live in :mod:`tp_gpu.layers.loss_functions`.
     """
 
@@ -111,6 +117,9 @@ class VocabParallelCrossEntropy(Module):
         self.label_smoothing: float = float(label_smoothing)
         self.reduction: str = reduction
         self.inplace: bool = bool(inplace)
+        #: The kept-logits path's logits-sized buffer per device, reused from one call to the next
+        #: (None: a fresh array every call).
+        self.workspace: LogitsWorkspace | None = LogitsWorkspace()
 
     def extra_repr(self) -> str:
         weighted = ", weight=..." if self.class_weight is not None else ""
@@ -236,7 +245,7 @@ class VocabParallelCrossEntropy(Module):
         options = CrossEntropyOptions(
             self.ignore_index, self.label_smoothing, self.reduction, self.inplace, self.class_weight
         )
-        return CrossEntropy.apply(logits, target_copies, options, check)
+        return CrossEntropy.apply(logits, target_copies, options, check, self.workspace)
 
 
 def _check_weight(weight: Any) -> np.ndarray:

@@ -17,11 +17,14 @@ device): 0-d for ``"mean"`` and ``"sum"``, ``targets.shape`` for ``"none"``.
 Nothing is read back to the host. Backward (:func:`shard_grad`) turns the
 saved ``exp(z)`` of each device into ``dZ_d`` in place: the only logits-sized
 array each device keeps (none when nothing is recorded), and with
-``inplace`` that array is the logits' own memory.
+``inplace`` that array is the logits' own memory; without, it is the device's
+buffer of a :class:`LogitsWorkspace`, kept from one call to the next, so a
+step allocates (and page-faults) no fresh logits-sized array.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -39,6 +42,7 @@ from .gemm import as_rows
 __all__ = [
     "CrossEntropy",
     "CrossEntropyOptions",
+    "LogitsWorkspace",
     "ShardState",
     "RowLosses",
     "prepare_shard",
@@ -66,14 +70,59 @@ class CrossEntropyOptions:
         return float(vocab) if self.class_weight is None else float(self.class_weight.sum())
 
 
+class LogitsWorkspace:
+    """One logits-sized buffer per device, reused by the kept-logits loss from one call to the next.
+
+    Only a recorded call uses it (outside the tape the array lives during the call only).
+    :meth:`take` gives device ``d`` its buffer of ``shape`` in ``dtype`` (the accumulator dtype:
+    float32 for float16 logits): the kept one when its shape, dtype and device match and nothing
+    else holds it, a new kept one when they do not match, and a fresh one, not kept, while the
+    kept one is still in use. "In use" is read from the buffer's reference count: an earlier
+    loss still alive on the tape (two forwards before one backward), or its ``dZ`` (which is
+    written into the buffer) still held, as a leaf's ``.grad`` or any view, keeps it busy, so a
+    live graph never shares its buffer. Holding it costs one logits-sized array per device
+    between steps; :meth:`clear` drops them. Copies (``copy.deepcopy``, pickling) start empty.
+    """
+
+    __slots__ = ("buffers",)
+
+    def __init__(self) -> None:
+        self.buffers: Dict[Hashable, Any] = {}  # device -> (..., V_d) buffer
+
+    def take(self, backend: Any, device: Hashable, like: Any, dtype: Any) -> Any:
+        """A writable ``like.shape`` buffer in ``dtype`` on ``device`` (call it under that device)."""
+        shape, buffers = tuple(like.shape), self.buffers
+        kept = buffers.get(device)
+        if kept is not None and tuple(kept.shape) == shape and kept.dtype == dtype:
+            if backend.device_of(kept) == backend.device_of(like):
+                if sys.getrefcount(kept) <= 3:  # only the dict's, ``kept``'s and the argument's
+                    return kept
+                return backend.xp.empty(shape, dtype=dtype)  # a live graph holds it: a fresh one
+        buffers[device] = backend.xp.empty(shape, dtype=dtype)  # new, or shape/dtype/device changed
+        return buffers[device]
+
+    def clear(self) -> None:
+        """Drop every kept buffer (the next call allocates again)."""
+        self.buffers = {}
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> LogitsWorkspace:
+        return LogitsWorkspace()
+
+    def __reduce__(self) -> Tuple[Any, Tuple[()]]:
+        return (LogitsWorkspace, ())
+
+
 class ShardState:
     """One device's part of the loss: its shifted logits (then ``exp``), weights, targets and row sums."""
 
-    __slots__ = ("z", "writable", "w", "mask", "owned", "local", "row_max", "sum", "z_t", "w_t", "wz")
+    __slots__ = ("z", "writable", "out", "w", "mask", "owned", "local", "row_max", "sum", "z_t", "w_t", "wz")
 
-    def __init__(self, z: Any, writable: bool, w: Any, mask: Any, owned: Any, local: Any, row_max: Any):
+    def __init__(
+        self, z: Any, writable: bool, out: Any, w: Any, mask: Any, owned: Any, local: Any, row_max: Any
+    ) -> None:
         self.z = z  # (..., V_d): the logits (or a copy), shifted and then exp(z) in place by shard_terms
         self.writable = writable  # whether z may be written (a copy, or the logits with inplace)
+        self.out = out  # (..., V_d) in acc: where shard_terms shifts read-only z (None: a new array)
         self.w = w  # (V_d,) class weights, or None
         self.mask = mask  # (V_d,) True on logical columns, or None without padding
         self.owned = owned  # (...) whether this device holds the row's target
@@ -123,6 +172,7 @@ class CrossEntropy(Function):
         targets: Blocks,
         options: CrossEntropyOptions,
         check: Optional[DeferredCheck],
+        workspace: Optional[LogitsWorkspace] = None,
     ) -> Tensor:
         backend, comm = logits.backend, logits.comm
         assert backend is not None
@@ -136,7 +186,14 @@ class CrossEntropy(Function):
         for d, block in logits.blocks.items():
             with backend.device(d):
                 w = None if weights is None else weights[d]
-                shards[d] = prepare_shard(xp, layout, acc, options.inplace, block, targets[d], d, w)
+                out = None
+                if (
+                    workspace is not None
+                    and ctx.needs_input_grad
+                    and not (options.inplace and block.dtype == acc)
+                ):
+                    out = workspace.take(backend, d, block, acc)  # kept for backward: the kept buffer
+                shards[d] = prepare_shard(xp, layout, acc, options.inplace, block, targets[d], d, w, out)
         row_max = collectives.all_reduce_max(backend, {d: s.row_max for d, s in shards.items()}, comm)
         for d, s in shards.items():
             with backend.device(d):
@@ -164,7 +221,7 @@ class CrossEntropy(Function):
         return reading_checks(loss, () if check is None else (check,))
 
     @staticmethod
-    def backward(ctx: _CrossEntropyContext, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None]:
+    def backward(ctx: _CrossEntropyContext, grad: Tensor) -> Tuple[Optional[Tensor], None, None, None, None]:
         raise_pending()  # targets (and ids) checked on a device: a bad one raises here, before any dZ
         if ctx.check is not None:
             ctx.check.verify()
@@ -192,21 +249,36 @@ class CrossEntropy(Function):
                     scales[d], w_ts[d],
                 )  # fmt: skip
         dz = new_tensor(grads, logits.placement, logits.shape, logits.dtype, backend, logits.comm)
-        return dz, None, None, None
+        return dz, None, None, None, None
 
 
 def prepare_shard(
-    xp: Any, layout: Any, acc: Any, inplace: bool, block: Any, t: Any, device: Hashable, w: Any
+    xp: Any,
+    layout: Any,
+    acc: Any,
+    inplace: bool,
+    block: Any,
+    t: Any,
+    device: Hashable,
+    w: Any,
+    out: Any = None,
 ) -> ShardState:
-    """One device's state: ``z`` (its logits, or with padding a copy in ``acc``; padded columns at
-    -inf) and whether it is ``writable`` (a copy, or the logits with ``inplace``), its class weights
-    ``w``, padding ``mask``, the row ``max`` (in ``acc``) and, for each row, whether it ``owned`` the
-    target and where (``local``). Without ``inplace`` the caller's logits are only read."""
+    """One device's state: ``z`` (its logits, or with padding a copy in ``acc``, written into ``out``
+    when given; padded columns at -inf) and whether it is ``writable`` (a copy, or the logits with
+    ``inplace``), its class weights ``w``, padding ``mask``, the row ``max`` (in ``acc``) and, for
+    each row, whether it ``owned`` the target and where (``local``). Without ``inplace`` the
+    caller's logits are only read; ``out`` (a buffer of ``block``'s shape in ``acc``, or None for a
+    new array) receives the copy that the forward shifts and exponentiates."""
     mask = layout.logical_mask(xp, device)
     z, writable = block, inplace and block.dtype == acc
     if mask is not None:
         if not writable:
-            z, writable = block.astype(acc), True  # the forward shifts it in place
+            if out is None:
+                z = block.astype(acc)  # the forward shifts it in place
+            else:
+                xp.copyto(out, block)  # the same values, in the kept buffer
+                z = out
+            writable, out = True, None
         xp.copyto(z, -np.inf, where=~mask)  # padded columns: no probability
     owned, local = layout.owned_local(xp, t, device)
     if owned is None:  # this device holds the whole vocabulary: only ignored (or bad) rows are not owned
@@ -216,18 +288,23 @@ def prepare_shard(
         row_max = z.max(axis=-1).astype(acc, copy=False)
     else:
         row_max = xp.full(z.shape[:-1], -np.inf, dtype=acc)
-    return ShardState(z, writable, w, mask, owned, local, row_max)
+    return ShardState(z, writable, out, w, mask, owned, local, row_max)
 
 
 def shard_terms(xp: Any, eps: float, s: ShardState, m: Any) -> None:
     """On one device: ``z = Z_d - m`` (in place where ``z`` may be written, else one pass into the
-    device's one logits-sized array), then ``z`` becomes ``exp(z)`` in place; the row sums of it, and
-    the target's ``z_t`` and ``w_t`` where this device owns the target, and ``sum_j w_j z_j``."""
+    device's one logits-sized array: ``s.out``, or a new one), then ``z`` becomes ``exp(z)`` in
+    place; the row sums of it, and the target's ``z_t`` and ``w_t`` where this device owns the
+    target, and ``sum_j w_j z_j``."""
     z, w, owned, local = s.z, s.w, s.owned, s.local
     if s.writable:
         z -= m[..., None]  # a masked copy, or the logits themselves (inplace)
     else:
-        z = xp.subtract(z, m[..., None], dtype=m.dtype)  # the caller's logits, shifted into a new array
+        if s.out is None:
+            z = xp.subtract(z, m[..., None], dtype=m.dtype)  # the caller's logits, shifted into a new array
+        else:
+            z = xp.subtract(z, m[..., None], out=s.out, dtype=m.dtype)  # ... into the kept buffer
+        s.out = None
     if z.shape[-1]:
         s.z_t = xp.where(owned, xp.take_along_axis(z, local[..., None], axis=-1)[..., 0], 0)
         s.w_t = None if w is None else xp.where(owned, xp.take(w, local), 0)
