@@ -38,6 +38,8 @@ __all__ = [
     "remove_stale_temporaries",
     "temporary_pattern",
     "open_checked",
+    "lock_file",
+    "fsync_directory",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -101,7 +103,7 @@ def temporary_pattern(target: str) -> re.Pattern[str]:
     return re.compile(rf"\.{re.escape(os.path.basename(target))}\.[0-9a-f]{{12}}\.tmp")
 
 
-def _lock(fd: int, blocking: bool) -> bool:
+def lock_file(fd: int, blocking: bool) -> bool:
     """Take an exclusive flock on ``fd``; False when ``blocking`` is False and another holds it."""
     if fcntl is None:  # pragma: no cover - Windows
         return True
@@ -128,7 +130,7 @@ def _create_locked(target: str) -> Tuple[int, str]:
         except FileExistsError:
             continue
         try:
-            _lock(fd, blocking=True)
+            lock_file(fd, blocking=True)
             same = os.path.samestat(os.fstat(fd), os.stat(candidate))
         except FileNotFoundError:
             same = False
@@ -166,7 +168,7 @@ def remove_stale_temporaries(target: str) -> List[str]:
         except OSError:
             continue  # gone already, a link, or not ours to read
         try:
-            if _lock(fd, blocking=False) and os.path.samestat(os.fstat(fd), os.lstat(path)):
+            if lock_file(fd, blocking=False) and os.path.samestat(os.fstat(fd), os.lstat(path)):
                 os.unlink(path)  # still locked by us, so no save can have taken it meanwhile
                 removed.append(name)
         except OSError:
@@ -183,7 +185,7 @@ def _write_all(fh: Any, data: bytes) -> None:
         fh.write(view[start : start + CHUNK])
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str) -> None:
     """Make a rename in ``directory`` durable (POSIX; Windows cannot open a directory).
 
     File systems that cannot fsync a directory (EINVAL, ENOTSUP) are let be:
@@ -229,7 +231,7 @@ def write_atomically(path: str, data: bytes) -> None:
         raise
     finally:
         os.close(fd)
-    _fsync_directory(directory)
+    fsync_directory(directory)
 
 
 def open_checked(safe_open: Any, path: str) -> Any:

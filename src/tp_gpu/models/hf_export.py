@@ -48,7 +48,7 @@ from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ..checkpoint_io import check_path, file_error
+from ..checkpoint_io import check_path, file_error, fsync_directory, lock_file
 from ..collectives import all_reduce_host_scalar
 from ..errors import CheckpointError, CheckpointFileError, ConfigError
 from .decoder_checkpoint import decoder_tensor_shapes
@@ -133,27 +133,6 @@ def _header(items: List[_Item], st_dtype: str, itemsize: int) -> bytes:
 # --------------------------------------------------------------------------------------- the folder
 
 
-def _lock(fd: int, blocking: bool) -> bool:
-    if fcntl is None:  # pragma: no cover - Windows
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    return True
-
-
-def _fsync_dir(path: str) -> None:
-    if os.name == "nt":  # pragma: no cover
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _Staging:
     """The hidden folder ``.NAME.<hex>.tmp`` beside ``target`` that a save writes into, locked."""
 
@@ -172,7 +151,7 @@ class _Staging:
         self._lock_fd: Optional[int] = os.open(
             os.path.join(self.path, ".lock"), os.O_WRONLY | os.O_CREAT, 0o644
         )
-        _lock(self._lock_fd, blocking=True)
+        lock_file(self._lock_fd, blocking=True)
 
     @staticmethod
     def _remove_if_stale(path: str) -> None:
@@ -181,7 +160,7 @@ class _Staging:
         except OSError:
             return  # no lock file: being created or being renamed into place; leave it
         try:
-            if fcntl is not None and _lock(fd, blocking=False):
+            if fcntl is not None and lock_file(fd, blocking=False):
                 shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(fd)
@@ -205,15 +184,15 @@ class _Staging:
             for old in (SINGLE, INDEX):  # no entry point while the files change: nothing loads a mix
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.target, old))
-            _fsync_dir(self.target)
+            fsync_directory(self.target)
             for name in names:
                 os.replace(os.path.join(self.path, name), os.path.join(self.target, name))
             for name in os.listdir(self.target):
                 if SHARD.fullmatch(name) and name not in names:
                     os.unlink(os.path.join(self.target, name))
             os.rmdir(self.path)
-            _fsync_dir(self.target)
-        _fsync_dir(os.path.dirname(self.target))
+            fsync_directory(self.target)
+        fsync_directory(os.path.dirname(self.target))
         self.close()
 
     def close(self) -> None:
