@@ -43,7 +43,6 @@ __all__ = [
     "check_tensor",
     "PieceReader",
     "max_over_ranks",
-    "failed_rank",
     "full_box",
 ]
 
@@ -90,12 +89,6 @@ def max_over_ranks(comm: Any, values: Sequence[float]) -> np.ndarray:
     if comm is None or comm.size == 1:
         return vector
     return np.asarray(collectives.reduce_max(_HOST, {CPU: vector}, CPU, comm))
-
-
-def failed_rank(comm: Any, failure: Optional[BaseException]) -> Optional[int]:
-    """The highest rank whose ``failure`` is not None (collective with several processes), or None."""
-    worst = int(max_over_ranks(comm, [-1.0 if failure is None else float(comm.rank)])[0])
-    return None if worst < 0 else worst
 
 
 #: Target bytes per hashed chunk of a piece's leading rows.

@@ -387,7 +387,7 @@ def save_sharded(path: str, module: Any, optimizer: Optional[Optimizer] = None, 
         prepared.write()
     except Exception as exc:
         failure = exc
-    failed = pieces.failed_rank(comm, failure)
+    failed = collectives.failed_rank(comm, failure)
     if failed is not None:  # every rank is done writing: remove what this save left on any rank
         prepared.discard()
     if failure is None and failed is not None:

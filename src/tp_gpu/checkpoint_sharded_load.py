@@ -29,7 +29,6 @@ from .checkpoint_pieces import (
     PieceReader,
     _digest,
     check_tensor,
-    failed_rank,
     full_box,
 )
 from .errors import CheckpointError, ConfigError
@@ -213,7 +212,7 @@ def load_sharded(
         commits.append(training_state.stage(path, as_module(module), named, {}, metadata, None, scaler))
     except Exception as exc:
         failure = exc
-    failed = failed_rank(comm, failure)
+    failed = collectives.failed_rank(comm, failure)
     if failure is None and failed is not None:
         raise CheckpointError(
             f"rank {failed} failed to load sharded checkpoint {path!r} (its error is raised there); "

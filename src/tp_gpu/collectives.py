@@ -277,6 +277,14 @@ def all_reduce_host_scalar(comm: Communicator | None, value: float, op: str = "s
     return float(comm.all_reduce(_HOST, np.array([value], dtype=np.float64), op)[0])
 
 
+def failed_rank(comm: Communicator | None, failure: BaseException | None) -> int | None:
+    """The highest rank whose ``failure`` is not None, or None when no rank failed: how the ranks agree
+    that an operation failed somewhere (one host all-reduce with several processes)."""
+    rank = 0 if comm is None else comm.rank
+    worst = int(all_reduce_host_scalar(comm, -1.0 if failure is None else float(rank), "max"))
+    return None if worst < 0 else worst
+
+
 def all_reduce_sum(backend: Backend, partials: Blocks, comm: Communicator | None = None) -> Blocks:
     """The sum of ``partials`` (over every process of ``comm``) on every device of ``partials``."""
     devices = list(partials)

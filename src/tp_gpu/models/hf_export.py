@@ -49,7 +49,7 @@ from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from ..checkpoint_io import check_path, file_error, fsync_directory, lock_file
-from ..collectives import all_reduce_host_scalar
+from ..collectives import failed_rank
 from ..errors import CheckpointError, CheckpointFileError, ConfigError
 from .decoder_checkpoint import decoder_tensor_shapes
 from .hf_export_names import Fetch, bert_config_dict, bert_fetches, decoder_config_dict, decoder_fetches
@@ -315,9 +315,10 @@ class _Writer:
 
 def _share(comm: Any, failure: Optional[BaseException], path: str) -> None:
     """Raise rank 0's ``failure`` on every rank (itself on rank 0, a CheckpointError elsewhere)."""
-    if comm.size > 1 and all_reduce_host_scalar(comm, float(failure is not None), "max") and failure is None:
+    failed = failed_rank(comm, failure)
+    if failure is None and failed is not None:
         raise CheckpointError(
-            f"rank 0 failed to write the Hugging Face folder {path!r} (its error there says why)"
+            f"rank {failed} failed to write the Hugging Face folder {path!r} (its error there says why)"
         )
     if failure is not None:
         raise failure
