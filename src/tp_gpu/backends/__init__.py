@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..config import BACKEND_NAMES, normalize_devices
 from ..errors import ConfigError
+from ..host_memory import retain_freed_host_memory
 from .base import Backend, as_array, from_dlpack, host_array, is_cupy_array, is_dlpack_array
 from .numpy_backend import CPU, NumpyBackend
 from .simulated import SimArray, SimulatedBackend
@@ -78,6 +79,7 @@ def get_backend(name: Optional[str] = None, devices: Any = None) -> Backend:
 
 
 def _build_backend(name: str, devices: Any) -> Backend:
+    retain_freed_host_memory()  # every backend computes on the host too (see tp_gpu.host_memory)
     if name == "numpy":
         return NumpyBackend(devices)
     if name == "simulated":
