@@ -101,3 +101,15 @@ def test_the_floor_is_the_math_it_states():
             step[i] = 1e-6
             numeric[i] = np.sum((floor(x + step, p) - floor(x - step, p)) * dy) / 2e-6
         np.testing.assert_allclose(dx, numeric, rtol=1e-6, atol=1e-7, err_msg=case)
+
+
+def test_the_linear_floor_takes_the_outer_product_for_one_row():
+    """Batch 1: ``dW = x^T dy`` is the outer product (taken as a broadcast multiply), ``dX = dy W^T``."""
+    rng = np.random.default_rng(2)
+    p = layer_calls.logical_params("column", 8, rng)
+    for rows in (1, 3):
+        x, dy = rng.standard_normal((rows, 8)), rng.standard_normal((rows, 32))
+        dx, dw, db = layer_calls.linear_np(x, p, dy)
+        np.testing.assert_allclose(dw, np.einsum("ni,no->io", x, dy), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dx, np.einsum("no,io->ni", dy, p["w"]), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(db, dy.sum(0), rtol=1e-12, atol=1e-12)
