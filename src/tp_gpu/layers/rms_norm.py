@@ -24,6 +24,7 @@ from .norm import (
     input_blocks,
     output_placement,
     param_grad,
+    row_mean,
 )
 
 __all__ = ["RMSNorm", "RMSNormFunction"]
@@ -65,7 +66,9 @@ class RMSNormFunction(Function):
         dx, dweight = {}, {}
         for d, g in grad.blocks.items():
             with backend.device(d):
-                dx[d], dweight[d] = _normalise_grad(g, ctx.xhat[d], ctx.rstd[d], weight.blocks[d], dtype)
+                dx[d], dweight[d] = _normalise_grad(
+                    backend.xp, g, ctx.xhat[d], ctx.rstd[d], weight.blocks[d], dtype
+                )
         grad_x = new_tensor(dx, grad.placement, grad.shape, dtype, backend, grad.comm) if needs[0] else None
         return grad_x, param_grad(weight, dweight, needs[1]), None, None
 
@@ -74,21 +77,23 @@ def _normalise(xp: Any, x: Any, weight: Any, eps: float, out_dtype: np.dtype):
     """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype."""
     dtype = compute_dtype(out_dtype)
     xc = x.astype(dtype)  # (..., H), a new array normalised in place below
-    ms = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1): mean of squares
-    rstd = 1.0 / xp.sqrt(ms + dtype.type(eps))  # (..., 1)
+    ms = row_mean(xp, xc * xc)  # (..., 1): mean of squares
+    ms += dtype.type(eps)
+    rstd = xp.sqrt(ms, out=ms)
+    rstd = xp.reciprocal(rstd, out=rstd)  # (..., 1)
     xc *= rstd  # xhat (..., H)
     y = xc.astype(out_dtype, copy=False) * weight  # cast first: LlamaRMSNorm's weight * xhat.to(dtype)
     return y, xc, rstd
 
 
-def _normalise_grad(grad: Any, xhat: Any, rstd: Any, weight: Any, out_dtype: np.dtype):
+def _normalise_grad(xp: Any, grad: Any, xhat: Any, rstd: Any, weight: Any, out_dtype: np.dtype):
     """``(dx, dweight)`` from ``dy``: see :class:`RMSNormFunction`."""
     dtype = compute_dtype(out_dtype)
     h = xhat.shape[-1]
     dy = grad.astype(dtype, copy=False)  # (..., H)
     dweight = (dy.reshape(-1, h) * xhat.reshape(-1, h)).sum(axis=0)  # (N, H) -> (H,)
     g = dy * weight.astype(dtype, copy=False)  # (..., H)
-    dx = g - xhat * (g * xhat).mean(axis=-1, keepdims=True)
+    dx = g - xhat * row_mean(xp, g * xhat)
     dx *= rstd
     return dx.astype(out_dtype, copy=False), dweight.astype(out_dtype)
 
