@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tp_gpu.backends import get_backend
-from tp_gpu.layers.gemm import product
+from tp_gpu.layers.gemm import product, weight_grad
 
 
 @pytest.mark.parametrize("shapes", [((7, 13), (13, 5)), ((2, 3, 7, 4), (2, 3, 4, 6)), ((1, 1), (1, 1))])
@@ -35,3 +35,28 @@ def test_simulated_device_arrays_stay_on_their_device(rng):
     with backend.device(device):
         out = product(a, b)
     assert out.dtype == np.float16 and backend.device_of(out) == device
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (2,), (3, 2)])
+def test_weight_grad_of_one_row_is_the_outer_product(rng, dtype, lead):
+    """One row takes the broadcast product; it must equal the GEMM's numbers (each a single product) and
+    keep the dtype; several rows still take the GEMM."""
+    inp = rng.standard_normal((*lead, 7)).astype(dtype)
+    grad = rng.standard_normal((*lead, 5)).astype(dtype)
+    out = weight_grad(inp, grad)
+    rows_in, rows_grad = inp.reshape(-1, 7), grad.reshape(-1, 5)
+    assert out.shape == (7, 5) and out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out, product(rows_in.T, rows_grad))
+    exact = rows_in.astype(np.float64).T @ rows_grad.astype(np.float64)  # (7, N) @ (N, 5)
+    np.testing.assert_allclose(out, exact, rtol=1e-3 if dtype == "float16" else 1e-6, atol=1e-6)
+
+
+def test_weight_grad_of_one_row_stays_on_its_simulated_device(rng):
+    backend = get_backend("simulated", 2)
+    device = backend.devices[1]
+    inp = backend.to_device(rng.standard_normal((1, 6)).astype(np.float32), device)
+    grad = backend.to_device(rng.standard_normal((1, 3)).astype(np.float32), device)
+    with backend.device(device):
+        out = weight_grad(inp, grad)
+    assert out.shape == (6, 3) and backend.device_of(out) == device
