@@ -78,29 +78,63 @@ class ApplyActivation(Function):
 
 def _gelu(xp, x):
     """Exact GELU, PyTorch's default and BERT's: x Phi(x) = 0.5 x (1 + erf(x / sqrt(2)))."""
-    return 0.5 * x * (1.0 + erf_function(xp)(x * _SQRT_HALF))
+    y = erf_function(xp, x.dtype)(x * _SQRT_HALF)  # a new array, turned into x Phi(x) in place
+    y += 1.0
+    y *= 0.5
+    y *= x
+    return y
 
 
 def _gelu_grad(xp, x, dy):
     """d/dx x Phi(x) = Phi(x) + x phi(x), with phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
-    cdf = 0.5 * (1.0 + erf_function(xp)(x * _SQRT_HALF))
-    return dy * (cdf + x * xp.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+    cdf = erf_function(xp, x.dtype)(x * _SQRT_HALF)  # new arrays, each worked on in place
+    cdf += 1.0
+    cdf *= 0.5  # Phi(x)
+    pdf = x * x
+    pdf *= -0.5
+    xp.exp(pdf, out=pdf)
+    pdf *= _INV_SQRT_2PI  # phi(x)
+    pdf *= x
+    cdf += pdf
+    cdf *= dy
+    return cdf
 
 
 def _gelu_tanh(xp, x):
-    """GELU, tanh approximation (GPT-2, Megatron): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
-    return 0.5 * x * (1.0 + xp.tanh(inner))
+    """GELU, tanh approximation (GPT-2, Megatron): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+    with the inner argument as ``x (sqrt(2/pi) + sqrt(2/pi) 0.044715 x^2)``."""
+    t = _tanh_inner(xp, x, x * x)
+    t += 1.0
+    t *= 0.5
+    t *= x
+    return t
 
 
 def _gelu_tanh_grad(xp, x, dy):
     """d/dx GELU_tanh(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2), t =
     tanh(inner)."""
-    inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
-    t = xp.tanh(inner)
-    return dy * (
-        0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
-    )
+    x2 = x * x  # new arrays, each worked on in place
+    t = _tanh_inner(xp, x, x2)
+    slope = t * t
+    slope -= 1.0
+    slope *= -0.5
+    slope *= x  # 0.5 x (1 - t^2)
+    x2 *= 3.0 * _GELU_CUBIC * _SQRT_2_OVER_PI
+    x2 += _SQRT_2_OVER_PI  # sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    slope *= x2
+    t += 1.0
+    t *= 0.5
+    t += slope
+    t *= dy
+    return t
+
+
+def _tanh_inner(xp, x, x2):
+    """``tanh(sqrt(2/pi) (x + 0.044715 x^3))`` as a new array, from ``x`` and ``x2 = x^2`` (kept)."""
+    t = x2 * (_GELU_CUBIC * _SQRT_2_OVER_PI)
+    t += _SQRT_2_OVER_PI
+    t *= x
+    return xp.tanh(t, out=t)
 
 
 def _relu(xp, x):
