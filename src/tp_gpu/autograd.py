@@ -28,6 +28,8 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, T
 
 from . import device_checks
 from .errors import ShapeError, TensorParallelError
+from .gradients import add_gradients, root_gradient
+from .placements import Dense
 from .tensor import Tensor
 
 __all__ = [
@@ -251,8 +253,6 @@ def _first_tensor(args: Tuple[Any, ...]) -> Optional[Tensor]:
 def _wrap_output(value: Any, args: Tuple[Any, ...], function: type) -> Tensor:
     """A raw array that ``forward`` (or ``backward``) returned, placed like the first tensor of ``args``
     (its inputs, or its output gradients), which must be Dense."""
-    from .placements import Dense
-
     like = _first_tensor(args)
     if like is None or not isinstance(like.placement, Dense):
         raise TensorParallelError(
@@ -286,8 +286,6 @@ def run_backward(root: Tensor, grad: Any, retain_graph: bool = False) -> None:
     shape, and that no node of the graph was already released by an earlier
     backward. A failed call leaves the graph as it was, so a corrected call works.
     """
-    from .gradients import add_gradients, root_gradient
-
     if root.checks or device_checks.has_pending():
         device_checks.verify_all(root.checks)  # a bad id checked on a device raises before anything runs
     if not root.requires_grad:

@@ -45,14 +45,24 @@ def device_of_array(x: Any) -> Hashable:
     return int(x.device.id) if is_cupy_array(x) else HOST
 
 
+#: :mod:`tp_gpu.ops`' functions by name, filled on first use (``ops`` imports this module, so it
+#: cannot be imported at the top; an import inside each operator call would cost 0.5 µs a call).
+_OPS: Dict[str, Callable[..., Tensor]] = {}
+
+
+def _load_op(name: str) -> Callable[..., Tensor]:
+    from . import ops
+
+    fn = _OPS[name] = getattr(ops, name)
+    return fn
+
+
 def _arithmetic(name: str, reflected: bool = False) -> Callable[[Tensor, Any], Tensor]:
     """The operator method ``self <op> other`` (``other <op> self`` when ``reflected``): :mod:`tp_gpu.ops`'
     function ``name``, which runs per device and records itself."""
 
     def method(self: Tensor, other: Any) -> Tensor:
-        from . import ops
-
-        fn = getattr(ops, name)
+        fn = _OPS.get(name) or _load_op(name)
         return fn(other, self) if reflected else fn(self, other)
 
     method.__name__ = f"__{'r' if reflected else ''}{name if name != 'div' else 'truediv'}__"
