@@ -9,7 +9,7 @@ import scipy.special
 
 from tp_gpu.backends import get_backend
 from tp_gpu.backends.base import erf_function
-from tp_gpu.backends.host_erf import PIECE, erf_float32
+from tp_gpu.backends.host_erf import NUMBERS_PER_THREAD, PIECE, erf_float32
 
 
 def exact(z: np.ndarray) -> np.ndarray:
@@ -58,8 +58,16 @@ def test_strided_input_and_input_unchanged():
     np.testing.assert_array_equal(base, before)
 
 
-def test_chosen_only_for_float32_numpy():
-    assert erf_function(np, np.float32) is erf_float32
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threads_give_the_same_numbers(threads):
+    z = np.random.default_rng(2).standard_normal(3 * NUMBERS_PER_THREAD + 12345).astype(np.float32) * 3
+    np.testing.assert_array_equal(erf_float32(z, threads=threads), erf_float32(z))
+
+
+def test_chosen_only_for_float32_numpy(monkeypatch):
+    monkeypatch.setenv("TP_GPU_NUM_THREADS", "3")
+    chosen = erf_function(np, np.float32)
+    assert chosen.func is erf_float32 and chosen.keywords == {"threads": 3}
     assert erf_function(np, np.float64) is scipy.special.erf
     assert erf_function(np) is scipy.special.erf
     assert erf_function(np, np.float16) is scipy.special.erf

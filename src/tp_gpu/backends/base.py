@@ -9,6 +9,7 @@ only :mod:`tp_gpu.collectives` moves arrays between devices.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ContextManager, Dict, Hashable, Sequence, Tuple
@@ -16,6 +17,7 @@ from typing import Any, ContextManager, Dict, Hashable, Sequence, Tuple
 import numpy as np
 
 from ..errors import ShapeError, TensorParallelError
+from .host_erf import erf_float32
 
 __all__ = [
     "Backend",
@@ -168,7 +170,8 @@ def erf_function(xp: Any, dtype: Any = None) -> Any:
     arrays of ``dtype``.
 
     NumPy has none. float32 NumPy arrays are served by the vectorised rational approximation of
-    :func:`~tp_gpu.backends.host_erf.erf_float32` (within 1e-7, three times SciPy's speed); other host
+    :func:`~tp_gpu.backends.host_erf.erf_float32` (within 1e-7, three times SciPy's speed, on
+    :func:`host_threads` threads); other host
     dtypes, and the simulated devices' arrays, by SciPy's ``scipy.special.erf`` ufunc, and CuPy by
     ``cupyx.scipy.special.erf``.
     """
@@ -177,9 +180,7 @@ def erf_function(xp: Any, dtype: Any = None) -> Any:
 
         return cupyx.scipy.special.erf
     if xp is np and dtype is not None and np.dtype(dtype) == np.float32:
-        from .host_erf import erf_float32
-
-        return erf_float32
+        return functools.partial(erf_float32, threads=host_threads())
     try:
         import scipy.special
     except ImportError as exc:  # pragma: no cover - scipy is a dependency
