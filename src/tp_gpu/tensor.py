@@ -42,7 +42,7 @@ _LEAF_GRAD_LOCK = threading.Lock()
 
 def device_of_array(x: Any) -> Hashable:
     """The device of a raw array that no backend has claimed: a CuPy array's GPU id, else :data:`HOST`."""
-    return int(x.device.id) if is_cupy_array(x) else HOST
+    return int(x.device.id) if type(x) is not np.ndarray and is_cupy_array(x) else HOST
 
 
 #: :mod:`tp_gpu.ops`' functions by name, filled on first use (``ops`` imports this module, so it
