@@ -21,7 +21,15 @@ from ..regions import place_like
 from ..tensor import Blocks, Tensor, new_tensor, tensor
 from .base import ParallelModule
 
-__all__ = ["LayerNorm", "LayerNormFunction", "check_eps", "compute_dtype", "input_blocks", "row_mean"]
+__all__ = [
+    "LayerNorm",
+    "LayerNormFunction",
+    "check_eps",
+    "compute_dtype",
+    "input_blocks",
+    "row_mean",
+    "column_sum",
+]
 
 
 def check_eps(eps: Any) -> float:
@@ -33,8 +41,11 @@ def check_eps(eps: Any) -> float:
 
 def compute_dtype(dtype: Any) -> np.dtype:
     """The dtype that statistics and softmaxes are computed in: float32 for float16, else ``dtype``."""
-    dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
+    return _FLOAT32 if dtype == np.float16 else dtype
+
+
+_FLOAT32 = np.dtype(np.float32)
 
 
 def input_blocks(x: Tensor, home: Hashable, backend: Backend, dtype: Any) -> Blocks:
@@ -152,33 +163,41 @@ def _averaging_column(h: int, dtype: np.dtype) -> np.ndarray:
 def _normalise(xp: Any, x: Any, weight: Any, bias: Any, eps: float, out_dtype: np.dtype):
     """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype."""
     dtype = compute_dtype(out_dtype)
-    xc = x.astype(dtype, copy=False)  # (..., H)
+    xc = _as(x, dtype)  # (..., H)
     xc = xc - row_mean(xp, xc)  # a new array, normalised in place below
-    var = row_mean(xp, xc * xc)  # (..., 1), biased as torch
-    var += dtype.type(eps)
-    rstd = xp.sqrt(var, out=var)
-    rstd = xp.reciprocal(rstd, out=rstd)  # (..., 1)
+    rstd = (row_mean(xp, xc * xc) + dtype.type(eps)) ** -0.5  # (..., 1), of the variance biased as torch
     xc *= rstd  # xhat (..., H)
-    y = xc * weight.astype(dtype, copy=False)
-    y += bias.astype(dtype, copy=False)
-    return y.astype(out_dtype, copy=False), xc, rstd
+    y = xc * _as(weight, dtype)
+    y += _as(bias, dtype)
+    return _as(y, out_dtype), xc, rstd
+
+
+def _as(a: Any, dtype: np.dtype) -> Any:
+    """``a`` in ``dtype``: itself when it already is (a call of ``astype`` costs more at a few rows)."""
+    return a if a.dtype == dtype else a.astype(dtype)
 
 
 def _normalise_grad(xp: Any, grad: Any, xhat: Any, rstd: Any, weight: Any, out_dtype: np.dtype):
     """``(dx, dweight, dbias)`` from ``dy``: see :class:`LayerNormFunction`."""
     dtype = compute_dtype(out_dtype)
     h = xhat.shape[-1]
-    dy = grad.astype(dtype, copy=False)
+    dy = _as(grad, dtype)
     dy_xhat = dy * xhat  # (..., H)
-    dweight = dy_xhat.reshape(-1, h).sum(axis=0)  # (H,)
-    dbias = dy.reshape(-1, h).sum(axis=0)  # (H,)
-    w = weight.astype(dtype, copy=False)
+    dweight = column_sum(xp, dy_xhat.reshape(-1, h))  # (H,)
+    dbias = column_sum(xp, dy.reshape(-1, h))  # (H,)
+    w = _as(weight, dtype)
     g = dy * w  # (..., H)
     dy_xhat *= w  # g * xhat
     dx = g - row_mean(xp, g)
     dx -= xhat * row_mean(xp, dy_xhat)
     dx *= rstd
-    return dx.astype(out_dtype, copy=False), dweight.astype(out_dtype), dbias.astype(out_dtype)
+    return _as(dx, out_dtype), _as(dweight, out_dtype), _as(dbias, out_dtype)
+
+
+def column_sum(xp: Any, a: Any) -> Any:
+    """``a.sum(axis=0)`` of an ``(N, H)`` array, ``(H,)``; on the host as ``np.add.reduce``, without
+    ``sum``'s Python wrapper."""
+    return np.add.reduce(a, axis=0) if xp is np else a.sum(axis=0)
 
 
 class LayerNorm(ParallelModule):

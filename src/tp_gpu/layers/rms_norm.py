@@ -20,6 +20,7 @@ from .norm import (
     NormContext,
     check_eps,
     check_placement,
+    column_sum,
     compute_dtype,
     input_blocks,
     output_placement,
@@ -77,10 +78,7 @@ def _normalise(xp: Any, x: Any, weight: Any, eps: float, out_dtype: np.dtype):
     """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype."""
     dtype = compute_dtype(out_dtype)
     xc = x.astype(dtype)  # (..., H), a new array normalised in place below
-    ms = row_mean(xp, xc * xc)  # (..., 1): mean of squares
-    ms += dtype.type(eps)
-    rstd = xp.sqrt(ms, out=ms)
-    rstd = xp.reciprocal(rstd, out=rstd)  # (..., 1)
+    rstd = (row_mean(xp, xc * xc) + dtype.type(eps)) ** -0.5  # (..., 1), of the mean of squares
     xc *= rstd  # xhat (..., H)
     y = xc.astype(out_dtype, copy=False) * weight  # cast first: LlamaRMSNorm's weight * xhat.to(dtype)
     return y, xc, rstd
@@ -91,7 +89,7 @@ def _normalise_grad(xp: Any, grad: Any, xhat: Any, rstd: Any, weight: Any, out_d
     dtype = compute_dtype(out_dtype)
     h = xhat.shape[-1]
     dy = grad.astype(dtype, copy=False)  # (..., H)
-    dweight = (dy.reshape(-1, h) * xhat.reshape(-1, h)).sum(axis=0)  # (N, H) -> (H,)
+    dweight = column_sum(xp, dy.reshape(-1, h) * xhat.reshape(-1, h))  # (N, H) -> (H,)
     g = dy * weight.astype(dtype, copy=False)  # (..., H)
     dx = g - xhat * row_mean(xp, g * xhat)
     dx *= rstd
