@@ -210,6 +210,22 @@ def test_silu_against_its_formula_and_float32(rng):
     assert act.forward(np, x32).dtype == np.float32 and act.grad(np, x32, x32).dtype == np.float32
 
 
+@pytest.mark.parametrize("dtype, rtol", [("float32", 4e-7), ("float16", 1e-3)])
+def test_silu_in_low_precision_on_the_whole_range(dtype, rtol):
+    """Rounded once or twice per value, everywhere from -120 to 120 (the exponent is capped short of
+    overflow: beyond the cap the value is below 1e-35 where it is not 0), with no warning."""
+    act = get_activation("silu")
+    x = np.linspace(-120, 120, 24001).astype(dtype)
+    x64 = x.astype(np.float64)
+    exact, s = silu(x64), 1 / (1 + np.exp(-x64))
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        y, g = act.forward(np, x), act.grad(np, x, np.ones_like(x))
+    assert y.dtype == np.dtype(dtype) and g.dtype == np.dtype(dtype)
+    tiny = 1e-35 if dtype == "float32" else 6e-8  # float16's smallest subnormal
+    np.testing.assert_allclose(y.astype(np.float64), exact, rtol=rtol, atol=tiny)
+    np.testing.assert_allclose(g.astype(np.float64), s * (1 + x64 * (1 - s)), rtol=rtol, atol=4 * rtol)
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh", None])
 def test_gradcheck_of_swiglu(rng, activation):
     assert gradcheck(lambda h: SwiGLU.apply(h, activation), [rng.standard_normal((2, 3, 10))])

@@ -9,8 +9,11 @@ but ``Partial`` (``f`` of a sum is not a sum of ``f``), with no communication.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+import numpy as np
 
 from ..autograd import Context, Function
 from ..backends.base import erf_function
@@ -148,23 +151,44 @@ def _relu_grad(xp, x, dy):
 
 
 def _silu(xp, x):
-    """SiLU (swish, Llama's MLP): x sigmoid(x), with sigmoid(x) = 1 / (1 + e^-x) from e = exp(-|x|), which
-    never overflows."""
-    return x * _sigmoid(xp, x)
+    """SiLU (swish, Llama's MLP): x sigmoid(x) = x / (1 + e^-x) (see :func:`_one_plus_exp_neg`);
+    float16 through float32, whose exponent cap lies where float16's silu is 0 already."""
+    if x.dtype == np.float16:
+        return _silu(xp, x.astype(np.float32)).astype(np.float16)
+    d = _one_plus_exp_neg(xp, x)
+    return xp.divide(x, d, out=d)
 
 
 def _silu_grad(xp, x, dy):
-    """d/dx x sigmoid(x) = s (1 + x (1 - s)), s = sigmoid(x)."""
-    s = _sigmoid(xp, x)
-    return dy * (s * (1 + x * (1 - s)))
+    """d/dx x sigmoid(x) = s (1 + x (1 - s)), s = sigmoid(x) (float16 through float32, as the SiLU)."""
+    if x.dtype == np.float16:
+        return _silu_grad(xp, x.astype(np.float32), dy.astype(np.float32)).astype(np.float16)
+    s = _one_plus_exp_neg(xp, x)
+    s = xp.reciprocal(s, out=s)  # sigmoid(x)
+    g = 1 - s  # a new array, worked on in place
+    g *= x
+    g += 1
+    g *= s
+    g *= dy
+    return g
 
 
-def _sigmoid(xp, x):
-    """1 / (1 + e^-x) as ``1 / (1 + e)`` where ``x >= 0``, else ``e / (1 + e)``, ``e = exp(-|x|)`` in (0, 1]
-    (arrays only in ``where``: a Python scalar there could promote the dtype on CuPy)."""
-    e = xp.exp(-xp.abs(x))
-    s = 1 / (1 + e)
-    return xp.where(x >= 0, s, e * s)
+def _one_plus_exp_neg(xp, x):
+    """``1 + e^-x`` as a new array, the exponent capped at ``log(max) - 1`` of ``x``'s dtype so that it
+    never overflows: past the cap (x below -87 in float32) ``1 / (1 + e^-x)`` is below ``e / max``,
+    where the true sigmoid is smaller still, and ``x sigmoid(x)`` rounds to 0 or nearly either way.
+    Four passes, where ``exp(-|x|)`` with a ``where`` on the sign took eight."""
+    d = -x
+    xp.minimum(d, _exp_limit(x.dtype), out=d)
+    xp.exp(d, out=d)
+    d += 1
+    return d
+
+
+@functools.lru_cache(maxsize=8)
+def _exp_limit(dtype: Any) -> float:
+    """``log(finfo(dtype).max) - 1``: ``exp`` of it is finite, and so is 1 plus it."""
+    return math.log(float(np.finfo(dtype).max)) - 1.0
 
 
 def _identity(xp, x):
