@@ -203,6 +203,37 @@ def test_gradients_accumulate_until_zero_grad(make_config, rng):
     assert all(not v.any() for v in layer.grads().values())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("kind", ["column", "row"])
+@pytest.mark.parametrize("n_workers", [1, 3])
+def test_weight_gradients_add_up_over_backward_calls(make_config, kind, rows, dtype, n_workers, monkeypatch):
+    """The second and third backward add X^T dY into the gradient already there (on the host in place,
+    by BLAS: ger for one row, gemm with beta = 1 for more), as the first one set it."""
+    from tp_gpu.layers import linear_functions
+
+    fused = []
+    add = linear_functions.accumulate_weight_grad
+    monkeypatch.setattr(linear_functions, "accumulate_weight_grad", lambda *a: fused.append(a) or add(*a))
+    rng = np.random.default_rng([rows, n_workers, len(kind)])
+    n_in, n_out = (5, 7) if kind == "column" else (7, 5)
+    layer_class = ColumnParallelLinear if kind == "column" else RowParallelLinear
+    layer = layer_class(n_in, n_out, make_config(n_workers, dtype=dtype), seed=1)
+    xs = [rng.standard_normal((rows, n_in)) for _ in range(3)]
+    gs = [rng.standard_normal((rows, n_out)) for _ in range(3)]
+    for x, g in zip(xs, gs):
+        layer(x.astype(dtype)).backward(g.astype(dtype))
+    expected = sum(x.T @ g for x, g in zip(xs, gs))  # (n_in, rows) @ (rows, n_out), float64
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == "float32" else TOL
+    np.testing.assert_allclose(layer.grads()["weight"], expected, **tol)
+    np.testing.assert_allclose(layer.grads()["bias"], sum(g.sum(0) for g in gs), **tol)
+    on_host = layer.backend.name == "numpy"  # device arrays (simulated, CuPy) keep dA + add
+    assert len(fused) == (2 * len(layer.weight.blocks) if on_host else 0)
+    layer.zero_grad()
+    layer(xs[0].astype(dtype)).backward(gs[0].astype(dtype))  # after zero_grad: the first one's alone
+    np.testing.assert_allclose(layer.grads()["weight"], xs[0].T @ gs[0], **tol)
+
+
 @pytest.mark.parametrize("n_workers", WORKER_COUNTS)
 def test_mlp_needs_one_reduction_each_way(rng, n_workers):
     """Forward: only the row layer's partial sums cross devices; backward: only fc1's dX partials

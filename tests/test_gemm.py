@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tp_gpu.backends import get_backend
-from tp_gpu.layers.gemm import product, weight_grad
+from tp_gpu.layers.gemm import accumulate_weight_grad, can_accumulate_weight_grad, product, weight_grad
 
 
 @pytest.mark.parametrize("shapes", [((7, 13), (13, 5)), ((2, 3, 7, 4), (2, 3, 4, 6)), ((1, 1), (1, 1))])
@@ -60,3 +60,32 @@ def test_weight_grad_of_one_row_stays_on_its_simulated_device(rng):
     with backend.device(device):
         out = weight_grad(inp, grad)
     assert out.shape == (6, 3) and backend.device_of(out) == device
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (1,), (1, 1), (5,), (2, 3)])
+def test_accumulate_weight_grad_adds_in_place(rng, dtype, lead):
+    """BLAS's ger (one row) or gemm with beta = 1 (more) adds inp^T grad into the target's own memory."""
+    target = rng.standard_normal((7, 5)).astype(dtype)
+    before, memory = target.copy(), target
+    inp = rng.standard_normal((*lead, 7)).astype(dtype)
+    grad = rng.standard_normal((*lead, 5)).astype(dtype)
+    assert can_accumulate_weight_grad(target, inp, grad)
+    accumulate_weight_grad(target, inp, grad)
+    assert target is memory and target.flags.c_contiguous
+    rows_in, rows_grad = inp.reshape(-1, 7).astype(np.float64), grad.reshape(-1, 5).astype(np.float64)
+    exact = before.astype(np.float64) + rows_in.T @ rows_grad  # (7, N) @ (N, 5)
+    np.testing.assert_allclose(target, exact, rtol=1e-5 if dtype == "float32" else 1e-13, atol=1e-6)
+
+
+def test_accumulate_weight_grad_refuses_what_blas_cannot_take_in_place(rng):
+    inp, grad = rng.standard_normal((1, 4)), rng.standard_normal((1, 3))
+    assert not can_accumulate_weight_grad(np.zeros((4, 3), np.float16), inp, grad)
+    assert not can_accumulate_weight_grad(np.zeros((3, 4)).T, inp, grad)  # not C-contiguous
+    frozen = np.zeros((4, 3))
+    frozen.flags.writeable = False
+    assert not can_accumulate_weight_grad(frozen, inp, grad)
+    assert not can_accumulate_weight_grad(np.zeros((4, 3), np.float32), inp, grad)  # dtypes differ
+    simulated = get_backend("simulated", 2)
+    on_device = simulated.to_device(np.zeros((4, 3)), simulated.devices[0])
+    assert not can_accumulate_weight_grad(on_device, inp, grad)  # a device array keeps its own path

@@ -146,6 +146,11 @@ class ShardedParameter(Tensor):
             with self.backend.device(device):
                 self.grad_blocks[device] += grad
 
+    @property
+    def grad_lock(self) -> threading.Lock:
+        """Held while a gradient is added to ``grad_blocks`` (backward passes may run in threads)."""
+        return self._grad_lock
+
     def accumulate_blocks(self, grads: Dict[Hashable, Any]) -> None:
         """Add each device's gradient block ``grads[d]`` (on ``d``) to the gradient."""
         with self._grad_lock:

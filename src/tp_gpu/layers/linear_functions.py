@@ -30,7 +30,15 @@ from ..autograd import Context, Function
 from ..parameter import ShardedParameter
 from ..placements import Partial, Replicated, Split
 from ..tensor import Tensor, new_tensor
-from .gemm import bias_grad, matmul, matmul_bias, matmul_transposed, weight_grad
+from .gemm import (
+    accumulate_weight_grad,
+    bias_grad,
+    can_accumulate_weight_grad,
+    matmul,
+    matmul_bias,
+    matmul_transposed,
+    weight_grad,
+)
 
 __all__ = ["ColumnLinear", "ReplicatedLinearFunction", "RowLinear"]
 
@@ -40,6 +48,29 @@ class _LinearContext(Context):
 
     weight: ShardedParameter
     bias: Optional[ShardedParameter]
+
+
+def _accumulated_in_place(weight: ShardedParameter, inputs: dict, grads: dict) -> bool:
+    """Add ``X_d^T dY_d`` (``inputs[d]``, ``grads[d]``) to each device's block of ``weight``'s gradient in
+    place, one BLAS call each (:func:`~tp_gpu.layers.gemm.accumulate_weight_grad`), and return True;
+    or change nothing and return False, unless every device's block can take it.
+
+    A split weight's gradient blocks are what its backward returns, added as they lie, so adding them
+    here is the same sum without the ``dA`` temporary (Megatron's gradient-accumulation fusion); a
+    first backward after ``zero_grad`` (no block yet) returns its ``dA`` as usual.
+    """
+    if not isinstance(weight, ShardedParameter) or not isinstance(weight.placement, Split):
+        return False
+    with weight.grad_lock:
+        targets = weight.grad_blocks
+        if not all(
+            targets.get(d) is not None and can_accumulate_weight_grad(targets[d], inputs[d], g)
+            for d, g in grads.items()
+        ):
+            return False
+        for d, g in grads.items():
+            accumulate_weight_grad(targets[d], inputs[d], g)  # A_d.grad += X_d^T dY_d
+    return True
 
 
 def _grad_of(param: ShardedParameter, blocks: dict) -> Tensor:
@@ -114,10 +145,13 @@ class RowLinear(Function):
         assert backend is not None
         needs = ctx.needs_input_grad
         dw, dx = {}, {}
+        fused = needs[1] and _accumulated_in_place(
+            weight, x.blocks, {d: grad.blocks[d] for d in weight.blocks}
+        )
         for d, w in weight.blocks.items():
             g = grad.blocks[d]  # dY, whole
             with backend.device(d):
-                if needs[1]:
+                if needs[1] and not fused:
                     dw[d] = weight_grad(x.blocks[d], g)  # (..., n_in_d)^T (..., n_out) -> (n_in_d, n_out)
                 if needs[0]:
                     dx[d] = matmul_transposed(g, w)  # (..., n_out) @ (n_out, n_in_d) -> (..., n_in_d)
@@ -190,9 +224,10 @@ def _product_grads(
     ``dA_d = X_d^T dY_d``, ``db_d = sum(dY_d)``, ``dX_d = dY_d A_d^T``."""
     backend = weight.backend
     dw, db, dx = {}, {}, {}
+    fused = needs[1] and _accumulated_in_place(weight, x.blocks, grad.blocks)
     for d, g in grad.blocks.items():
         with backend.device(d):
-            if needs[1]:
+            if needs[1] and not fused:
                 dw[d] = weight_grad(x.blocks[d], g)  # (..., n_in)^T (..., n_d) -> (n_in, n_d)
             if bias is not None and needs[2]:
                 db[d] = bias_grad(g)  # (..., n_d) -> (n_d,)
