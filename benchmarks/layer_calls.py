@@ -108,14 +108,15 @@ def layernorm_np(x: np.ndarray, p: Params, dy: np.ndarray | None = None) -> Any:
 def linear_np(x: np.ndarray, p: Params, dy: np.ndarray | None = None) -> Any:
     """``y = x W + b``; with ``dy``: ``(dX = dy W^T, dW = x^T dy, db = sum(dy))``.
 
-    ``dW`` of one row is the outer product, taken by ``np.dot`` (BLAS): NumPy's ``matmul`` does not
-    hand an inner dimension of 1 to BLAS, and its own loop is 3-7x slower here, a broadcast multiply
-    1.3x (a floor must be a floor).
+    ``dW`` of one row is the outer product, taken as a broadcast multiply: with OpenBLAS's native
+    SkylakeX kernel, (256, 1) x (1, 1024) took 61 µs in float32 and 117 in float64, against
+    ``np.dot``'s 119 and 361 and ``matmul``'s 311 and 300 (``np.dot`` wins only under
+    ``OPENBLAS_CORETYPE=Haswell``: 32 and 83). A floor must be a floor.
     """
     y = x @ p["w"] + p["b"]  # (N, n_in) @ (n_in, n_out)
     if dy is None:
         return y
-    dw = np.dot(x.T, dy) if x.shape[0] == 1 else x.T @ dy  # (n_in, N) @ (N, n_out)
+    dw = x.T * dy if x.shape[0] == 1 else x.T @ dy  # (n_in, 1) * (1, n_out); (n_in, N) @ (N, n_out)
     return dy @ p["w"].T, dw, dy.sum(0)  # (N, n_out) @ (n_out, n_in)
 
 

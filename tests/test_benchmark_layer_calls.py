@@ -104,7 +104,7 @@ def test_the_floor_is_the_math_it_states():
 
 
 def test_the_linear_floor_takes_the_outer_product_for_one_row():
-    """``dW = x^T dy`` (batch 1: the outer product, by ``np.dot``), ``dX = dy W^T``, ``db = sum(dy)``."""
+    """``dW = x^T dy`` (batch 1: the outer product, as a broadcast multiply), ``dX = dy W^T``."""
     rng = np.random.default_rng(2)
     p = layer_calls.logical_params("column", 8, rng)
     for rows in (1, 3):
