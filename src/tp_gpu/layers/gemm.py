@@ -79,17 +79,17 @@ def matmul_transposed(g: Any, w: Any) -> Any:
 def weight_grad(inp: Any, grad: Any) -> Any:
     """``inp^T @ grad`` over every leading axis: (..., a), (..., b) -> (a, b).
 
-    One row on the host (``N = 1``, a batch-1 step) is the outer product: NumPy's ``matmul`` does not
-    hand an inner dimension of 1 to BLAS, and its own loop took 265 µs for (256, 1) @ (1, 1024) in
-    float32, where ``np.dot`` (BLAS) takes 37 µs (float16, which BLAS lacks: a broadcast multiply,
-    50 µs). Each element is one product either way, so the values are the same.
+    One row on the host (``N = 1``, a batch-1 step) is the outer product, taken as a broadcast
+    multiply: NumPy's ``matmul`` does not hand an inner dimension of 1 to BLAS, and its own loop took
+    265 µs for (256, 1) @ (1, 1024) in float32, ``np.dot`` (BLAS) 111 µs with OpenBLAS's SkylakeX
+    kernel, the multiply 50 µs. Each element is one product either way, so the values are the same.
+    (A gradient that already holds a block takes the product in place instead:
+    :func:`accumulate_weight_grad`.)
     """
     inp2 = as_rows(inp)  # (N, a)
     grad2 = as_rows(grad)  # (N, b)
     if inp2.shape[0] == 1 and isinstance(inp2, np.ndarray):
-        if inp2.dtype == np.float16:
-            return np.multiply(inp2.T, grad2)  # (a, 1) * (1, b) -> (a, b)
-        return np.dot(inp2.T, grad2)  # (a, 1) @ (1, b) -> (a, b)
+        return np.multiply(inp2.T, grad2)  # (a, 1) * (1, b) -> (a, b)
     return product(inp2.T, grad2)  # (a, N) @ (N, b) -> (a, b)
 
 
@@ -112,9 +112,10 @@ def accumulate_weight_grad(target: Any, inp: Any, grad: Any) -> None:
     """``target += inp^T @ grad`` in place over every leading axis, as one BLAS call: ``target``
     ``(a, b)``, ``inp`` ``(..., a)``, ``grad`` ``(..., b)``, as :func:`can_accumulate_weight_grad` says.
 
-    One row is BLAS's rank-1 update ``?ger`` (19 µs in float32 at 256 x 1024, where the outer product
-    and the addition took 51; 30 against 137 in float64); more rows are ``?gemm`` with ``beta = 1``,
-    which adds the product without a temporary of ``target``'s size. Both run on ``target^T``, which
+    One row is BLAS's rank-1 update ``?ger`` (16 µs in float32 at 256 x 1024 with OpenBLAS's SkylakeX
+    kernel, where the outer product and the addition took 74; 29 against 152 in float64); more rows
+    are ``?gemm`` with ``beta = 1``, which adds the product without a temporary of ``target``'s size
+    (171 against 213 µs at 64 rows). Both run on ``target^T``, which
     is Fortran-ordered as BLAS wants: ``target^T += grad^T inp``.
     """
     inp2, grad2 = as_rows(inp), as_rows(grad)  # (N, a), (N, b)
