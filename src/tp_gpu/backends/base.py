@@ -171,9 +171,8 @@ def erf_function(xp: Any, dtype: Any = None) -> Any:
 
     NumPy has none. float32 NumPy arrays are served by the vectorised rational approximation of
     :func:`~tp_gpu.backends.host_erf.erf_float32` (within 1e-7, three times SciPy's speed, on
-    :func:`host_threads` threads); other host
-    dtypes, and the simulated devices' arrays, by SciPy's ``scipy.special.erf`` ufunc, and CuPy by
-    ``cupyx.scipy.special.erf``.
+    :func:`host_threads` threads); other host dtypes, and the simulated devices' arrays, by SciPy's
+    ``scipy.special.erf`` ufunc; CuPy by ``cupyx.scipy.special.erf``.
     """
     if getattr(xp, "__name__", "") == "cupy":
         import cupyx.scipy.special

@@ -7,12 +7,13 @@ where NumPy's own SIMD ``tanh`` takes 0.3 ms. Here ``erf`` is the odd rational f
 
     erf(x) ~= x P(x^2) / Q(x^2),   x clamped to [-4, 4]   (|erf(x)| rounds to 1 beyond),
 
-``P`` of degree 6 and ``Q`` of degree 4 in ``x^2`` (the coefficients of Eigen's and XLA's float
-``erf``), evaluated by Horner's rule with NumPy's vectorised ufuncs. Its own error is below 7e-8;
-evaluated in float64 and rounded once to float32, the result is within 1e-7 of the exact ``erf``
-(below two float32 ulps of 1). Evaluated in float32 instead, the rounding of Horner's steps would
-reach 4.4e-7. Each piece of :data:`PIECE` numbers (256 KiB in float64) stays in the core's cache
-through its 20 ufunc passes: 7.7 ms in all for those 2M numbers, against 18 ms without pieces.
+``P`` of degree 6 and ``Q`` of degree 4 in ``x^2`` (the coefficients of Eigen's float ``erf``,
+``generic_fast_erf_float``), evaluated by Horner's rule with NumPy's vectorised ufuncs. Its own
+error is below 7e-8; evaluated in float64 and rounded once to float32, the result is within 1e-7
+of the exact ``erf`` (below two float32 ulps of 1). Evaluated in float32 instead, the rounding of
+Horner's steps would reach 4.4e-7. Each piece of :data:`PIECE` numbers (256 KiB in float64) stays
+in the core's cache through its 20 ufunc passes: 7.7 ms in all for those 2M numbers, against 18 ms
+without pieces.
 
 NumPy's ufuncs release the GIL, so with ``threads > 1`` (tp_gpu's host threads, as BLAS has its
 own) large inputs are shared among that many threads, each taking whole pieces: the numbers are the

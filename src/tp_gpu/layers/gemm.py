@@ -115,8 +115,8 @@ def accumulate_weight_grad(target: Any, inp: Any, grad: Any) -> None:
     One row is BLAS's rank-1 update ``?ger`` (16 µs in float32 at 256 x 1024 with OpenBLAS's SkylakeX
     kernel, where the outer product and the addition took 74; 29 against 152 in float64); more rows
     are ``?gemm`` with ``beta = 1``, which adds the product without a temporary of ``target``'s size
-    (171 against 213 µs at 64 rows). Both run on ``target^T``, which
-    is Fortran-ordered as BLAS wants: ``target^T += grad^T inp``.
+    (171 against 213 µs at 64 rows). Both run on ``target^T``, which is Fortran-ordered as BLAS
+    wants: ``target^T += grad^T inp``.
     """
     inp2, grad2 = as_rows(inp), as_rows(grad)  # (N, a), (N, b)
     ger, gemm = _BLAS[target.dtype]
