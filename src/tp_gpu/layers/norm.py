@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Any, Hashable, Optional, Tuple
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 import numpy as np
 
@@ -29,6 +29,8 @@ __all__ = [
     "input_blocks",
     "row_mean",
     "column_sum",
+    "normalise_blocks",
+    "normalise_grads",
 ]
 
 
@@ -81,6 +83,41 @@ class NormContext(Context):
     dtype: np.dtype  # of the output
 
 
+def normalise_blocks(
+    ctx: NormContext, x: Tensor, weight: Tensor, dtype: np.dtype, kernel: Callable
+) -> Tensor:
+    """The forward of a normalisation: ``kernel(xp, block, d) -> (y, xhat, rstd)`` on each device's
+    block of ``x`` (a host ``x`` moved beside ``weight``), ``xhat`` and ``rstd`` kept on ``ctx`` when a
+    gradient is needed; ``y`` placed like ``x``."""
+    backend = weight.backend
+    assert backend is not None
+    xs = input_blocks(x, next(iter(weight.blocks)), backend, dtype)  # {d: (..., H)}
+    ys, xhats, rstds = {}, {}, {}
+    for d, xb in xs.items():
+        with backend.device(d):
+            ys[d], xhats[d], rstds[d] = kernel(backend.xp, xb, d)
+    if ctx.needs_input_grad:
+        ctx.xhat, ctx.rstd, ctx.weight, ctx.dtype = xhats, rstds, weight, dtype
+    return new_tensor(ys, output_placement(x, xs), x.shape, dtype, backend, weight.comm)
+
+
+def normalise_grads(ctx: NormContext, grad: Tensor, kernel: Callable) -> Tuple[Optional[Tensor], ...]:
+    """The backward of a normalisation: ``kernel(xp, dy, xhat, rstd, weight, dtype) -> (dx, dparam,
+    ...)`` on each device's block of ``dy``; returns ``dX`` placed like ``dy``, then each parameter's
+    gradient placed like the weight's (each only where needed, as ``ctx.needs_input_grad`` says)."""
+    weight, dtype = ctx.weight, ctx.dtype
+    backend = weight.backend
+    assert backend is not None
+    needs = ctx.needs_input_grad
+    parts = {}
+    for d, g in grad.blocks.items():
+        with backend.device(d):
+            parts[d] = kernel(backend.xp, g, ctx.xhat[d], ctx.rstd[d], weight.blocks[d], dtype)
+    dx, *params = (dict(zip(parts, column)) for column in zip(*parts.values()))  # {d: block} each
+    grad_x = new_tensor(dx, grad.placement, grad.shape, dtype, backend, grad.comm) if needs[0] else None
+    return (grad_x, *(param_grad(weight, blocks, needs[k]) for k, blocks in enumerate(params, start=1)))
+
+
 class LayerNormFunction(Function):
     """``y = xhat * weight + bias`` on each device's block of ``x``, beside ``weight`` and ``bias``
     placed there (:func:`~tp_gpu.regions.place_like`).
@@ -96,40 +133,17 @@ class LayerNormFunction(Function):
     def forward(
         ctx: NormContext, x: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: np.dtype
     ) -> Tensor:
-        backend = weight.backend
-        assert backend is not None
-        home = next(iter(weight.blocks))
-        xs = input_blocks(x, home, backend, dtype)  # {d: (..., H)}
-        ys, xhats, rstds = {}, {}, {}
-        for d, xb in xs.items():
-            with backend.device(d):
-                ys[d], xhats[d], rstds[d] = _normalise(
-                    backend.xp, xb, weight.blocks[d], bias.blocks[d], eps, dtype
-                )
-        if ctx.needs_input_grad:
-            ctx.xhat, ctx.rstd, ctx.weight, ctx.dtype = xhats, rstds, weight, dtype
-        return new_tensor(ys, output_placement(x, xs), x.shape, dtype, backend, weight.comm)
+        return normalise_blocks(
+            ctx,
+            x,
+            weight,
+            dtype,
+            lambda xp, xb, d: _normalise(xp, xb, weight.blocks[d], bias.blocks[d], eps, dtype),
+        )
 
     @staticmethod
     def backward(ctx: NormContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        weight, dtype = ctx.weight, ctx.dtype
-        backend = weight.backend
-        assert backend is not None
-        needs = ctx.needs_input_grad
-        dx, dweight, dbias = {}, {}, {}
-        for d, g in grad.blocks.items():
-            with backend.device(d):
-                dx[d], dweight[d], dbias[d] = _normalise_grad(
-                    backend.xp, g, ctx.xhat[d], ctx.rstd[d], weight.blocks[d], dtype
-                )
-        grad_x = new_tensor(dx, grad.placement, grad.shape, dtype, backend, grad.comm) if needs[0] else None
-        return (
-            grad_x,
-            param_grad(weight, dweight, needs[1]),
-            param_grad(weight, dbias, needs[2]),
-            None,
-            None,
-        )
+        return (*normalise_grads(ctx, grad, _normalise_grad), None, None)  # dX, dweight, dbias; eps, dtype
 
 
 def param_grad(placed: Tensor, blocks: Blocks, needed: bool) -> Optional[Tensor]:

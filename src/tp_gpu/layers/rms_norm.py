@@ -14,7 +14,7 @@ from ..autograd import Function
 from ..config import TensorParallelConfig, check_positive_int
 from ..parameter import ShardedParameter
 from ..regions import place_like
-from ..tensor import Tensor, new_tensor, tensor
+from ..tensor import Tensor, tensor
 from .base import ParallelModule
 from .norm import (
     NormContext,
@@ -22,9 +22,8 @@ from .norm import (
     check_placement,
     column_sum,
     compute_dtype,
-    input_blocks,
-    output_placement,
-    param_grad,
+    normalise_blocks,
+    normalise_grads,
     row_mean,
 )
 
@@ -46,32 +45,13 @@ class RMSNormFunction(Function):
 
     @staticmethod
     def forward(ctx: NormContext, x: Tensor, weight: Tensor, eps: float, dtype: np.dtype) -> Tensor:
-        backend = weight.backend
-        assert backend is not None
-        home = next(iter(weight.blocks))
-        xs = input_blocks(x, home, backend, dtype)  # {d: (..., H)}
-        ys, xhats, rstds = {}, {}, {}
-        for d, xb in xs.items():
-            with backend.device(d):
-                ys[d], xhats[d], rstds[d] = _normalise(backend.xp, xb, weight.blocks[d], eps, dtype)
-        if ctx.needs_input_grad:
-            ctx.xhat, ctx.rstd, ctx.weight, ctx.dtype = xhats, rstds, weight, dtype
-        return new_tensor(ys, output_placement(x, xs), x.shape, dtype, backend, weight.comm)
+        return normalise_blocks(
+            ctx, x, weight, dtype, lambda xp, xb, d: _normalise(xp, xb, weight.blocks[d], eps, dtype)
+        )
 
     @staticmethod
     def backward(ctx: NormContext, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
-        weight, dtype = ctx.weight, ctx.dtype
-        backend = weight.backend
-        assert backend is not None
-        needs = ctx.needs_input_grad
-        dx, dweight = {}, {}
-        for d, g in grad.blocks.items():
-            with backend.device(d):
-                dx[d], dweight[d] = _normalise_grad(
-                    backend.xp, g, ctx.xhat[d], ctx.rstd[d], weight.blocks[d], dtype
-                )
-        grad_x = new_tensor(dx, grad.placement, grad.shape, dtype, backend, grad.comm) if needs[0] else None
-        return grad_x, param_grad(weight, dweight, needs[1]), None, None
+        return (*normalise_grads(ctx, grad, _normalise_grad), None, None)  # dX, dweight; eps, dtype
 
 
 def _normalise(xp: Any, x: Any, weight: Any, eps: float, out_dtype: np.dtype):
