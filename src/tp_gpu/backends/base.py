@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ContextManager, Dict, Hashable, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import ShapeError, TensorParallelError
 from .host_erf import erf_float32
+from .host_pool import run_ranges
 
 __all__ = [
     "Backend",
@@ -241,8 +241,7 @@ def host_scatter_add_rows(
     def part(first: int, last: int) -> None:
         out[first:last] = _scatter_ids(index, rows, mask, first, last)
 
-    with ThreadPoolExecutor(len(bounds) - 1) as pool:
-        list(pool.map(part, bounds[:-1], bounds[1:]))
+    run_ranges(part, bounds[:-1].tolist(), bounds[1:].tolist())
     return out
 
 

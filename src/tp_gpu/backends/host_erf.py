@@ -23,11 +23,11 @@ keeps SciPy's exact ``erf`` for it.
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict
+from typing import Any
 
 import numpy as np
+
+from .host_pool import run_ranges
 
 __all__ = ["erf_float32", "PIECE", "NUMBERS_PER_THREAD"]
 
@@ -54,9 +54,6 @@ PIECE = 32768
 #: Each thread beyond the first takes at least this many numbers (below, starting it costs more).
 NUMBERS_PER_THREAD = 8 * PIECE
 
-_pools: Dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
 
 def erf_float32(z: Any, threads: int = 1) -> np.ndarray:
     """``erf(z)`` of a float32 host array, as a new float32 array of its shape (within 1e-7), on up to
@@ -78,16 +75,8 @@ def erf_float32(z: Any, threads: int = 1) -> np.ndarray:
         return out
     per_thread = -(-n // (threads * PIECE)) * PIECE  # whole pieces
     firsts = range(0, n, per_thread)
-    list(_pool(threads).map(pieces, firsts, [min(f + per_thread, n) for f in firsts]))
+    run_ranges(pieces, firsts, [min(f + per_thread, n) for f in firsts])
     return out
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    """A pool of ``threads`` threads, made once per size and kept."""
-    with _pools_lock:
-        if threads not in _pools:
-            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="tp_gpu-erf")
-        return _pools[threads]
 
 
 def _rational(z: np.ndarray) -> np.ndarray:
