@@ -9,7 +9,7 @@ import resource
 import numpy as np
 import pytest
 
-from tp_gpu import host_memory
+from tp_gpu import ConfigError, host_memory
 from tp_gpu.backends import get_backend
 from tp_gpu.layers.activations import get_activation
 
@@ -62,6 +62,19 @@ def test_opt_out(fresh, monkeypatch, value):
     monkeypatch.setenv(host_memory.ENV_VAR, value)
     assert "TP_GPU_HOST_MALLOC=system" in host_memory.retain_freed_host_memory()
     assert fresh.calls == []
+
+
+def test_retain_is_the_default_said_out_loud(fresh, monkeypatch):
+    monkeypatch.setenv(host_memory.ENV_VAR, "retain")
+    assert host_memory.retain_freed_host_memory() == "retained"
+
+
+@pytest.mark.parametrize("value", ["sytem", "off", "1"])
+def test_an_unknown_choice_is_refused_before_anything_changes(fresh, monkeypatch, value):
+    monkeypatch.setenv(host_memory.ENV_VAR, value)
+    with pytest.raises(ConfigError, match=f"TP_GPU_HOST_MALLOC={value!r}.*expected one of"):
+        host_memory.retain_freed_host_memory()
+    assert fresh.calls == [] and host_memory.host_malloc_status() is None
 
 
 def test_other_libc_is_left_alone(fresh, monkeypatch):

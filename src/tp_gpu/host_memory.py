@@ -30,7 +30,10 @@ import os
 import platform
 from typing import Optional
 
+from .errors import ConfigError
+
 __all__ = [
+    "CHOICES",
     "ENV_VAR",
     "MMAP_THRESHOLD",
     "TRIM_THRESHOLD",
@@ -38,8 +41,10 @@ __all__ = [
     "host_malloc_status",
 ]
 
-#: ``TP_GPU_HOST_MALLOC=system`` leaves glibc's thresholds as they are.
+#: ``TP_GPU_HOST_MALLOC=system`` leaves glibc's thresholds as they are; ``retain`` (the default, as
+#: unset) pins them.
 ENV_VAR = "TP_GPU_HOST_MALLOC"
+CHOICES = ("", "retain", "system")
 #: Arrays up to this size come from the heap and are reused from it (glibc's dynamic ceiling).
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: The heap's free top is given back to the system only beyond this size (glibc's rule: twice the
@@ -63,7 +68,8 @@ def retain_freed_host_memory() -> str:
     """Pin glibc's mmap threshold at :data:`MMAP_THRESHOLD` and its trim threshold at
     :data:`TRIM_THRESHOLD`, once per process; return :func:`host_malloc_status`.
 
-    Later calls return the first call's outcome and change nothing.
+    Later calls return the first call's outcome and change nothing. A ``TP_GPU_HOST_MALLOC`` that is
+    neither ``retain`` nor ``system`` raises :class:`~tp_gpu.ConfigError`, and is asked again next time.
     """
     global _status
     if _status is None:
@@ -72,7 +78,12 @@ def retain_freed_host_memory() -> str:
 
 
 def _pin_thresholds() -> str:
-    if os.environ.get(ENV_VAR, "").strip().lower() == "system":
+    choice = os.environ.get(ENV_VAR, "").strip().lower()
+    if choice not in CHOICES:
+        raise ConfigError(
+            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a choice; expected one of {CHOICES[1:]} (or unset)"
+        )
+    if choice == "system":
         return f"left to the system ({ENV_VAR}=system)"
     user_set = [name for name in _GLIBC_VARIABLES if name in os.environ]
     if user_set:
