@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 import tp_gpu
+from tp_gpu.backends import host_norm
 
 #: Environment variables that choose a BLAS's kernels or threads; each is recorded, None when unset.
 BLAS_ENV = (
@@ -175,6 +176,16 @@ def tp_gpu_source() -> dict[str, Any]:
     return out
 
 
+def host_kernels() -> str:
+    """What tp_gpu's host LayerNorm and RMSNorm run on here: ``numba <version>`` or NumPy's ufuncs
+    (:mod:`tp_gpu.backends.host_norm`)."""
+    if host_norm.host_kernels() == "numba":
+        import numba
+
+        return f"numba {numba.__version__}"
+    return "NumPy ufuncs"
+
+
 def machine_info(backend: Any, torch: Any) -> dict[str, Any]:
     """Everything recorded about the machine at the start of a run."""
     torch_meta = torch_info(torch)
@@ -189,6 +200,7 @@ def machine_info(backend: Any, torch: Any) -> dict[str, Any]:
         "blas_env": blas_env(),
         "tp_gpu": tp_gpu.__version__,
         "tp_gpu_source": tp_gpu_source(),
+        "host_kernels": host_kernels(),
         "torch": torch_meta["version"],
         "torch_threads": torch_meta["threads"],
         "torch_blas": torch_meta["blas"],

@@ -132,6 +132,7 @@ def machine_lines(machine: dict[str, Any]) -> list[str]:
             f"({blas['name']} {blas['version']}, {blas['threads']} threads); "
             f"torch {machine['torch'] or 'not installed'}"
             f"{torch_note}; tp_gpu {machine['tp_gpu']} at commit {source['commit'] or 'unknown'}"
+            f"{', host norms on ' + machine['host_kernels'] if 'host_kernels' in machine else ''}"
         ),
         f"- BLAS core type {blas.get('core') or 'not recorded'}; BLAS environment: {env}",
         f"- load average (1 min) at start {num(load[0])}, at end {num(load[1])}",

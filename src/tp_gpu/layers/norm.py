@@ -12,6 +12,7 @@ import numpy as np
 
 from .. import collectives
 from ..autograd import Context, Function
+from ..backends import host_norm
 from ..backends.base import Backend
 from ..config import TensorParallelConfig, check_positive_int
 from ..errors import ConfigError, ShapeError
@@ -175,7 +176,10 @@ def _averaging_column(h: int, dtype: np.dtype) -> np.ndarray:
 
 
 def _normalise(xp: Any, x: Any, weight: Any, bias: Any, eps: float, out_dtype: np.dtype):
-    """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype."""
+    """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype; in
+    one compiled pass on host float32 and float64 arrays (:mod:`~tp_gpu.backends.host_norm`)."""
+    if host_norm.serves(xp, out_dtype, x, weight, bias):
+        return host_norm.layer_norm(x, weight, bias, eps)
     dtype = compute_dtype(out_dtype)
     xc = _as(x, dtype)  # (..., H)
     xc = xc - row_mean(xp, xc)  # a new array, normalised in place below
@@ -193,6 +197,8 @@ def _as(a: Any, dtype: np.dtype) -> Any:
 
 def _normalise_grad(xp: Any, grad: Any, xhat: Any, rstd: Any, weight: Any, out_dtype: np.dtype):
     """``(dx, dweight, dbias)`` from ``dy``: see :class:`LayerNormFunction`."""
+    if host_norm.serves(xp, out_dtype, grad, xhat, rstd, weight):
+        return host_norm.layer_norm_grad(grad, xhat, rstd, weight)
     dtype = compute_dtype(out_dtype)
     h = xhat.shape[-1]
     dy = _as(grad, dtype)

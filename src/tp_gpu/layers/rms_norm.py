@@ -11,6 +11,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ..autograd import Function
+from ..backends import host_norm
 from ..config import TensorParallelConfig, check_positive_int
 from ..parameter import ShardedParameter
 from ..regions import place_like
@@ -55,7 +56,10 @@ class RMSNormFunction(Function):
 
 
 def _normalise(xp: Any, x: Any, weight: Any, eps: float, out_dtype: np.dtype):
-    """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype."""
+    """``(y, xhat, rstd)``: the output in ``out_dtype``, what backward needs in the compute dtype; in
+    one compiled pass on host float32 and float64 arrays (:mod:`~tp_gpu.backends.host_norm`)."""
+    if host_norm.serves(xp, out_dtype, x, weight):
+        return host_norm.rms_norm(x, weight, eps)
     dtype = compute_dtype(out_dtype)
     xc = x.astype(dtype)  # (..., H), a new array normalised in place below
     rstd = (row_mean(xp, xc * xc) + dtype.type(eps)) ** -0.5  # (..., 1), of the mean of squares
@@ -66,6 +70,8 @@ def _normalise(xp: Any, x: Any, weight: Any, eps: float, out_dtype: np.dtype):
 
 def _normalise_grad(xp: Any, grad: Any, xhat: Any, rstd: Any, weight: Any, out_dtype: np.dtype):
     """``(dx, dweight)`` from ``dy``: see :class:`RMSNormFunction`."""
+    if host_norm.serves(xp, out_dtype, grad, xhat, rstd, weight):
+        return host_norm.rms_norm_grad(grad, xhat, rstd, weight)
     dtype = compute_dtype(out_dtype)
     h = xhat.shape[-1]
     dy = grad.astype(dtype, copy=False)  # (..., H)
