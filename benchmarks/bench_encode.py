@@ -1,6 +1,6 @@
 """Sentence-embedding throughput: tp_gpu's SentenceEncoder against sentence-transformers on one CPU.
 
-all-MiniLM-L6-v2 encodes the 64 real sentences of ``CORPUS`` (5 to 88 tokens, 19 on average) in batches
+all-MiniLM-L6-v2 encodes the 128 real sentences of ``CORPUS`` (5 to 88 tokens, 18 on average) in batches
 of 32, each padded to its longest sentence, as both libraries batch (sorted by length). The contenders
 run in the same shuffled rounds (:mod:`benchmarks.harness`), so that all see the same machine state:
 
