@@ -225,6 +225,26 @@ def test_numba_asked_for_but_missing_raises(choose, monkeypatch):
         host_norm._compiled.cache_clear()
 
 
+def test_a_bad_choice_stops_a_backend_being_built(choose, monkeypatch):
+    """Checked when a backend is built, before anything is computed; numba missing too."""
+    from tp_gpu.backends import _build_backend
+
+    choose("numpy")
+    monkeypatch.setenv(host_norm.ENV_VAR, "fast")
+    with pytest.raises(ConfigError, match="got 'fast'"):
+        _build_backend("numpy", None)
+    monkeypatch.setenv(host_norm.ENV_VAR, "numba")
+    monkeypatch.setitem(sys.modules, "numba", None)
+    host_norm._compiled.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match="Numba does not import"):
+            _build_backend("simulated", 2)
+        monkeypatch.setenv(host_norm.ENV_VAR, "NumPy ")  # case and spaces as the user typed them
+        assert isinstance(_build_backend("numpy", None), tp_gpu.backends.NumpyBackend)
+    finally:
+        host_norm._compiled.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_layers_agree_on_both_paths(choose, rng, dtype):
     """LayerNorm and RMSNorm layers, forward and backward, on the compiled loops and on the ufuncs:

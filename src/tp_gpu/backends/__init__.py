@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 from ..config import BACKEND_NAMES, normalize_devices
 from ..errors import ConfigError
 from ..host_memory import retain_freed_host_memory
+from . import host_norm
 from .base import Backend, as_array, from_dlpack, host_array, is_cupy_array, is_dlpack_array
 from .numpy_backend import CPU, NumpyBackend
 from .simulated import SimArray, SimulatedBackend
@@ -80,6 +81,7 @@ def get_backend(name: Optional[str] = None, devices: Any = None) -> Backend:
 
 def _build_backend(name: str, devices: Any) -> Backend:
     retain_freed_host_memory()  # every backend computes on the host too (see tp_gpu.host_memory)
+    host_norm.check_choice()  # a bad TP_GPU_HOST_KERNELS stops here, before anything is computed
     if name == "numpy":
         return NumpyBackend(devices)
     if name == "simulated":

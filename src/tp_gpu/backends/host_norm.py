@@ -45,6 +45,7 @@ from ..errors import ConfigError
 __all__ = [
     "CHOICES",
     "ENV_VAR",
+    "check_choice",
     "host_kernels",
     "reread_choice",
     "serves",
@@ -58,6 +59,7 @@ __all__ = [
 #: it imports.
 ENV_VAR = "TP_GPU_HOST_KERNELS"
 CHOICES = ("", "numba", "numpy")
+_NO_NUMBA = f"{ENV_VAR}=numba, but Numba does not import; pip install 'tp_gpu[host]'"
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: The floating-point freedoms the loops are compiled with: reassociation (vectorised sums) and
 #: fused multiply-adds; not ``nnan`` / ``ninf``, so NaN and infinity behave as in NumPy.
@@ -87,6 +89,14 @@ def reread_choice() -> str:
     global _chosen
     _chosen = _choose()
     return host_kernels()
+
+
+def check_choice() -> None:
+    """Raise the :class:`~tp_gpu.errors.ConfigError` that the first host normalisation would raise
+    for ``$TP_GPU_HOST_KERNELS`` (a value not in :data:`CHOICES`, or ``numba`` without Numba), now:
+    called when a backend is built, so that a bad value stops a run before it computes anything."""
+    if _read_choice() == "numba" and _compiled() is None:
+        raise ConfigError(_NO_NUMBA)
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> Tuple[np.ndarray, ...]:
@@ -147,15 +157,21 @@ def _kernels() -> Any:
 
 def _choose() -> Optional[SimpleNamespace]:
     """The loops ``$TP_GPU_HOST_KERNELS`` asks for, checked."""
-    choice = os.environ.get(ENV_VAR, "").strip().lower()
-    if choice not in CHOICES:
-        raise ConfigError(f"{ENV_VAR} must be one of {CHOICES[1:]} or unset, got {choice!r}")
+    choice = _read_choice()
     if choice == "numpy":
         return None
     kernels = _compiled()
     if kernels is None and choice == "numba":
-        raise ConfigError(f"{ENV_VAR}=numba, but Numba does not import; pip install 'tp_gpu[host]'")
+        raise ConfigError(_NO_NUMBA)
     return kernels
+
+
+def _read_choice() -> str:
+    """``$TP_GPU_HOST_KERNELS``, lower case, or a ConfigError naming a value not in :data:`CHOICES`."""
+    choice = os.environ.get(ENV_VAR, "").strip().lower()
+    if choice not in CHOICES:
+        raise ConfigError(f"{ENV_VAR} must be one of {CHOICES[1:]} or unset, got {choice!r}")
+    return choice
 
 
 @functools.cache
