@@ -13,8 +13,8 @@ anything is timed.
 
 Reported: the median time of one pass over the corpus, its spread (quartiles, min, max), sentences
 per second, the time relative to sentence-transformers and to p = 1, the peak host memory that
-tracemalloc sees during one pass of tp_gpu, and the machine. Speed targets: p = 1 within 1.3x of
-sentence-transformers' time, p = 4 within 1.3x of p = 1's. The command line, the machine record and
+tracemalloc sees during one pass of tp_gpu, and the machine. Speed targets: p = 1 at most 0.9x
+sentence-transformers' time (issue 24), p = 4 within 1.3x of p = 1's. The command line, the machine record and
 the files (JSON, Markdown and a PNG named ``<cpu>-encode-t<threads>-<date>``, in
 ``benchmarks/results/local/`` unless ``--out`` says otherwise) come from :mod:`benchmarks.skeleton`.
 
@@ -57,7 +57,9 @@ from benchmarks.skeleton import option, positive_int  # noqa: E402
 from tp_gpu.backends import get_backend  # noqa: E402
 
 BATCH_SIZE = 32
-TARGET = 1.3
+#: Targets: p = 1's time over sentence-transformers' (issue 24), and p = 4's over p = 1's.
+ST_TARGET = 0.9
+P4_TARGET = 1.3
 ST, P1, P4 = "sentence-transformers", "tp_gpu p=1", "tp_gpu p=4"
 MAX_DIFF = 2e-5
 
@@ -213,16 +215,16 @@ def _ratios(times: dict[str, list[float]], name: str, base: str, key: str) -> di
 
 
 def target_rows(records: list[Record]) -> list[Record]:
-    """p = 1 within 1.3x of sentence-transformers' time, and p = 4 within 1.3x of p = 1's."""
+    """p = 1 at most 0.9x sentence-transformers' time, and p = 4 within 1.3x of p = 1's."""
     rows = []
     for r in records:
         s = summary(r)
         if P1 in s:
-            name = f"p=1 time <= {TARGET}x sentence-transformers"
-            rows.append(target(name, r, r["label"], {P1: s[P1]["time_vs_st"]}, TARGET))
+            name = f"p=1 time <= {ST_TARGET}x sentence-transformers"
+            rows.append(target(name, r, r["label"], {P1: s[P1]["time_vs_st"]}, ST_TARGET))
         if P4 in s and P1 in s:
             rows.append(
-                target(f"p=4 time <= {TARGET}x p=1", r, r["label"], {P4: s[P4]["time_vs_p1"]}, TARGET)
+                target(f"p=4 time <= {P4_TARGET}x p=1", r, r["label"], {P4: s[P4]["time_vs_p1"]}, P4_TARGET)
             )
     return rows
 
@@ -280,9 +282,9 @@ def plot(records: list[Record], stem: Path) -> list[Path]:
     load = "load average {:.1f} to {:.1f}".format(*r["load_1min"])
     title = f"all-MiniLM-L6-v2 encode, batch {r['batch_size']}, float32\n{r['cpu']}, {threads}, {load}"
     ax.set_title(title, fontsize=9)
-    label = f"sentence-transformers / {TARGET}"
+    label = f"sentence-transformers / {ST_TARGET}"
     ax.axhline(
-        stats[ST]["sentences_per_s"] / TARGET, color="#d62728", linestyle="--", linewidth=1, label=label
+        stats[ST]["sentences_per_s"] / ST_TARGET, color="#d62728", linestyle="--", linewidth=1, label=label
     )
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -297,7 +297,7 @@ def test_the_encode_benchmark_times_its_contenders_on_the_skeleton(tmp_path, mon
     assert all(len(side["times_s"]) == 3 for side in record["sides"].values())
     assert record["agreement"]["tp_gpu p=4"] == pytest.approx(1e-6)
     assert [t["target"] for t in data["targets"]] == [
-        "p=1 time <= 1.3x sentence-transformers",
+        "p=1 time <= 0.9x sentence-transformers",
         "p=4 time <= 1.3x p=1",
     ]
     markdown = path.with_suffix(".md").read_text()
