@@ -58,15 +58,21 @@ def as_rows(x: Any) -> Any:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (..., n) -> (N, n)
 
 
-def matmul(x: Any, w: Any) -> Any:
-    """``x @ w`` over every leading axis of ``x``: (..., a) @ (a, b) -> (..., b), as one 2-D GEMM."""
-    y = product(as_rows(x), w)  # (N, a) @ (a, b) -> (N, b), a new array
+def matmul(x: Any, w: Any, out: Any = None) -> Any:
+    """``x @ w`` over every leading axis of ``x``: (..., a) @ (a, b) -> (..., b), as one 2-D GEMM; written
+    into ``out`` ``(N, b)`` when given (a host buffer of ``x``'s dtype,
+    :func:`~tp_gpu.reused_buffers.gemm_output`), else into a new array."""
+    if out is None:
+        y = product(as_rows(x), w)  # (N, a) @ (a, b) -> (N, b), a new array
+    else:
+        y = np.matmul(as_rows(x), w, out=out)  # (N, a) @ (a, b) -> (N, b), into out
     return y.reshape(*x.shape[:-1], w.shape[-1])  # (N, b) -> (..., b), a view of it
 
 
-def matmul_bias(x: Any, w: Any, b: Any) -> Any:
-    """``x @ w + b``, the bias added in place into the new product: (..., a) @ (a, b) + (b,) -> (..., b)."""
-    y = matmul(x, w)
+def matmul_bias(x: Any, w: Any, b: Any, out: Any = None) -> Any:
+    """``x @ w + b``, the bias added in place into the product (a new array, or ``out`` as in
+    :func:`matmul`): (..., a) @ (a, b) + (b,) -> (..., b)."""
+    y = matmul(x, w, out)
     y += b
     return y
 

@@ -41,6 +41,7 @@ from ..regions import (
     replicate,
     split,
 )
+from ..reused_buffers import ReusedBuffers
 from ..tensor import Tensor
 from .base import ParallelModule, check_seed
 from .gemm import as_rows, bias_grad, matmul, weight_grad
@@ -93,6 +94,10 @@ class _ParallelLinear(ParallelModule, DenseLoading):
         self.pad_to_multiple_of = None if pad is None else check_positive_int(pad, "pad_to_multiple_of")
         fingerprint = {"n_in": self.n_in, "n_out": self.n_out, "seed": self.seed, "unit": self.unit}
         self._join_group(**fingerprint, pad=pad, bias=self.has_bias)
+        #: Where a product of at least 32 MiB on the host is written, kept between calls and reused
+        #: while nothing holds the last output (:mod:`tp_gpu.reused_buffers`): freshly mapped memory
+        #: would fault on every page, every step. ``.clear()`` frees it; ``None`` allocates each call.
+        self.output_buffers: Optional[ReusedBuffers] = ReusedBuffers()
 
     def _add_bias(self, layout: Optional[BlockLayout] = None, axis: Optional[int] = None) -> None:
         """Register the zero bias ``b`` ``(n_out,)`` (split as ``layout`` says, or whole), or with
@@ -220,7 +225,7 @@ class ColumnParallelLinear(_ParallelLinear):
         """
         x = self._check_features(x, self.n_in, "ColumnParallelLinear input")
         x = replicate(x, self.group, self.dtype, "ColumnParallelLinear input")  # (..., n_in) on every device
-        y = ColumnLinear.apply(x, self.weight, self.bias)  # device d: (..., n_d)
+        y = ColumnLinear.apply(x, self.weight, self.bias, self.output_buffers)  # device d: (..., n_d)
         return gather_from_region(y, self.group) if self.config.gather_output else y
 
 
@@ -310,7 +315,7 @@ class RowParallelLinear(_ParallelLinear):
         x = split(
             x, self.group, self.layout, self.dtype, -1, "RowParallelLinear input"
         )  # device d: (.., n_in_d)
-        partial = RowLinear.apply(x, self.weight, self.bias)  # device d: X_d A_d (+ b once), (..., n_out)
+        partial = RowLinear.apply(x, self.weight, self.bias, self.output_buffers)  # d: X_d A_d (+ b once)
         if self.config.sequence_parallel:
             return reduce_scatter_to_sequence_parallel_region(partial, self.group)  # (..., S_d, n_out)
         return reduce_from_region(partial, self.group)  # (..., n_out) on the output device

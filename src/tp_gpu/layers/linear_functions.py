@@ -29,6 +29,7 @@ from .. import collectives
 from ..autograd import Context, Function
 from ..parameter import ShardedParameter
 from ..placements import Partial, Replicated, Split
+from ..reused_buffers import ReusedBuffers, gemm_output
 from ..tensor import Tensor, new_tensor
 from .gemm import (
     accumulate_weight_grad,
@@ -85,10 +86,14 @@ class ColumnLinear(Function):
 
     @staticmethod
     def forward(
-        ctx: _LinearContext, x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]
+        ctx: _LinearContext,
+        x: Tensor,
+        weight: ShardedParameter,
+        bias: Optional[ShardedParameter],
+        outputs: Optional[ReusedBuffers] = None,
     ) -> Tensor:
         backend = weight.backend
-        blocks = _products(x, weight, bias)  # device d: (..., n_d)
+        blocks = _products(x, weight, bias, outputs)  # device d: (..., n_d)
         if ctx.needs_input_grad:
             ctx.save_for_backward(x)
             ctx.weight, ctx.bias = weight, bias
@@ -108,7 +113,7 @@ class ColumnLinear(Function):
         grad_x = new_tensor(dx, Partial(tuple(dx)), x.shape, grad.dtype, backend, grad.comm) if dx else None
         grad_w = _grad_of(weight, dw) if dw else None
         grad_b = _grad_of(bias, db) if db and bias is not None else None
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None  # dX, dA, db; outputs
 
 
 class RowLinear(Function):
@@ -118,14 +123,19 @@ class RowLinear(Function):
 
     @staticmethod
     def forward(
-        ctx: _LinearContext, x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]
+        ctx: _LinearContext,
+        x: Tensor,
+        weight: ShardedParameter,
+        bias: Optional[ShardedParameter],
+        outputs: Optional[ReusedBuffers] = None,
     ) -> Tensor:
         backend = weight.backend
         assert backend is not None
         partials = {}
         for d, w in weight.blocks.items():
             with backend.device(d):
-                partials[d] = matmul(x.blocks[d], w)  # (..., n_in_d) @ (n_in_d, n_out) -> (..., n_out)
+                out = gemm_output(outputs, backend, d, x.blocks[d], w)
+                partials[d] = matmul(x.blocks[d], w, out)  # (..., n_in_d) @ (n_in_d, n_out) -> (..., n_out)
         if bias is not None and weight.comm.rank == 0:
             first = bias.block_devices[0] if bias.block_devices[0] in partials else next(iter(partials))
             b = collectives.to_device(backend, bias.blocks[bias.block_devices[0]], first, bias.dtype)
@@ -163,7 +173,7 @@ class RowLinear(Function):
                 db = bias_grad(g)  # (..., n_out) -> (n_out,)
             grad_b = _grad_of(bias, {device: collectives.to_device(backend, db, device, bias.dtype)})
         grad_x = new_tensor(dx, x.placement, x.shape, grad.dtype, backend, grad.comm) if dx else None
-        return grad_x, (_grad_of(weight, dw) if dw else None), grad_b
+        return grad_x, (_grad_of(weight, dw) if dw else None), grad_b, None  # dX, dA, db; outputs
 
 
 class ReplicatedLinearFunction(Function):
@@ -200,16 +210,23 @@ class ReplicatedLinearFunction(Function):
         return part(dx, x), part(dw, weight), (part(db, bias) if bias is not None else None)
 
 
-def _products(x: Tensor, weight: ShardedParameter, bias: Optional[ShardedParameter]) -> dict:
-    """``{d: X_d A_d + b_d}`` over the devices of ``weight``'s blocks (``b_d`` left out without a bias)."""
+def _products(
+    x: Tensor,
+    weight: ShardedParameter,
+    bias: Optional[ShardedParameter],
+    outputs: Optional[ReusedBuffers] = None,
+) -> dict:
+    """``{d: X_d A_d + b_d}`` over the devices of ``weight``'s blocks (``b_d`` left out without a bias),
+    each large host product written into a buffer kept in ``outputs`` while nothing holds it."""
     backend = weight.backend
     blocks = {}
     for d, w in weight.blocks.items():
         with backend.device(d):
+            out = gemm_output(outputs, backend, d, x.blocks[d], w)
             if bias is None:
-                blocks[d] = matmul(x.blocks[d], w)  # (..., n_in) @ (n_in, n_d) -> (..., n_d)
+                blocks[d] = matmul(x.blocks[d], w, out)  # (..., n_in) @ (n_in, n_d) -> (..., n_d)
             else:
-                blocks[d] = matmul_bias(x.blocks[d], w, bias.blocks[d])  # ... + (n_d,)
+                blocks[d] = matmul_bias(x.blocks[d], w, bias.blocks[d], out)  # ... + (n_d,)
     return blocks
 
 

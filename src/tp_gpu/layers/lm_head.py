@@ -21,6 +21,7 @@ from ..module import Module
 from ..parameter import ShardedParameter
 from ..placements import Partial, Split
 from ..regions import replicate
+from ..reused_buffers import ReusedBuffers, gemm_output
 from ..tensor import Tensor, new_tensor
 from .embedding import ParallelEmbedding
 from .gemm import matmul, weight_grad
@@ -41,13 +42,16 @@ class TiedLogits(Function):
     ctx_class = _TiedContext
 
     @staticmethod
-    def forward(ctx: _TiedContext, x: Tensor, weight: ShardedParameter) -> Tensor:
+    def forward(
+        ctx: _TiedContext, x: Tensor, weight: ShardedParameter, outputs: Optional[ReusedBuffers] = None
+    ) -> Tensor:
         backend, layout = weight.backend, weight.layout
         assert backend is not None and layout is not None
         blocks = {}
         for d, table in weight.blocks.items():
             with backend.device(d):
-                blocks[d] = matmul(x.blocks[d], table.T)  # (..., H) @ (H, V_d) -> (..., V_d)
+                out = gemm_output(outputs, backend, d, x.blocks[d], table.T)
+                blocks[d] = matmul(x.blocks[d], table.T, out)  # (..., H) @ (H, V_d) -> (..., V_d)
         if ctx.needs_input_grad:
             ctx.save_for_backward(x)
             ctx.weight = weight
@@ -55,7 +59,7 @@ class TiedLogits(Function):
         return new_tensor(blocks, Split(x.ndim - 1, layout), shape, weight.dtype, backend, weight.comm)
 
     @staticmethod
-    def backward(ctx: _TiedContext, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    def backward(ctx: _TiedContext, grad: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor], None]:
         (x,) = ctx.saved_tensors
         weight = ctx.weight
         backend = weight.backend
@@ -73,7 +77,7 @@ class TiedLogits(Function):
         grad_w = (
             new_tensor(dw, weight.placement, weight.shape, weight.dtype, backend, weight.comm) if dw else None
         )
-        return grad_x, grad_w
+        return grad_x, grad_w, None  # dX, dE; outputs
 
 
 class TiedLMHead(Module):
@@ -100,6 +104,9 @@ class TiedLMHead(Module):
         # The same ShardedParameter: one tensor, gradients summed. ParallelEmbedding registers
         # ``weight`` through ``_add_parameter`` and does not declare it, hence the cast.
         self.weight: ShardedParameter = cast(Any, embedding).weight
+        #: Where logits of at least 32 MiB on the host are written, kept between calls and reused
+        #: while nothing holds the last ones (:mod:`tp_gpu.reused_buffers`). ``None`` allocates.
+        self.output_buffers: Optional[ReusedBuffers] = ReusedBuffers()
 
     def forward(self, x: Any) -> Tensor:
         """Logits ``(..., V)`` as a ShardedTensor split like the embedding's table, for ``x`` ``(..., H)``."""
@@ -108,4 +115,4 @@ class TiedLMHead(Module):
         if not shape or shape[-1] != hidden:
             raise ShapeError(f"TiedLMHead input must have shape (..., {hidden}), got {shape}")
         x = replicate(x, self.group, self.dtype, "TiedLMHead input")  # (..., H) on every device
-        return TiedLogits.apply(x, self.weight)  # device d: (..., V_d)
+        return TiedLogits.apply(x, self.weight, self.output_buffers)  # device d: (..., V_d)

@@ -24,7 +24,6 @@ step allocates (and page-faults) no fresh logits-sized array.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -36,6 +35,7 @@ from ..autograd import Context, Function
 from ..collectives import Blocks
 from ..device_checks import DeferredCheck, raise_pending, reading_checks
 from ..placements import Dense
+from ..reused_buffers import ReusedBuffers
 from ..tensor import Tensor, new_tensor
 from .gemm import as_rows
 
@@ -70,46 +70,21 @@ class CrossEntropyOptions:
         return float(vocab) if self.class_weight is None else float(self.class_weight.sum())
 
 
-class LogitsWorkspace:
+class LogitsWorkspace(ReusedBuffers):
     """One logits-sized buffer per device, reused by the kept-logits loss from one call to the next.
 
     Only a recorded call uses it (outside the tape the array lives during the call only).
-    :meth:`take` gives device ``d`` its buffer of ``shape`` in ``dtype`` (the accumulator dtype:
-    float32 for float16 logits): the kept one when its shape, dtype and device match and nothing
+    :meth:`take` gives device ``d`` its buffer of the logits' shape in the accumulator dtype
+    (float32 for float16 logits): the kept one when its shape, dtype and device match and nothing
     else holds it, a new kept one when they do not match, and a fresh one, not kept, while the
-    kept one is still in use. "In use" is read from the buffer's reference count: an earlier
-    loss still alive on the tape (two forwards before one backward), or its ``dZ`` (which is
-    written into the buffer) still held, as a leaf's ``.grad`` or any view, keeps it busy, so a
-    live graph never shares its buffer. Holding it costs one logits-sized array per device
-    between steps; :meth:`clear` drops them. Copies (``copy.deepcopy``, pickling) start empty.
+    kept one is still in use (:class:`~tp_gpu.reused_buffers.ReusedBuffers`). An earlier loss still
+    alive on the tape (two forwards before one backward), or its ``dZ`` (which is written into the
+    buffer) still held, as a leaf's ``.grad`` or any view, keeps it busy, so a live graph never
+    shares its buffer. Holding it costs one logits-sized array per device between steps;
+    :meth:`clear` drops them. Copies (``copy.deepcopy``, pickling) start empty.
     """
 
-    __slots__ = ("buffers",)
-
-    def __init__(self) -> None:
-        self.buffers: Dict[Hashable, Any] = {}  # device -> (..., V_d) buffer
-
-    def take(self, backend: Any, device: Hashable, like: Any, dtype: Any) -> Any:
-        """A writable ``like.shape`` buffer in ``dtype`` on ``device`` (call it under that device)."""
-        shape, buffers = tuple(like.shape), self.buffers
-        kept = buffers.get(device)
-        if kept is not None and tuple(kept.shape) == shape and kept.dtype == dtype:
-            if backend.device_of(kept) == backend.device_of(like):
-                if sys.getrefcount(kept) <= 3:  # only the dict's, ``kept``'s and the argument's
-                    return kept
-                return backend.xp.empty(shape, dtype=dtype)  # a live graph holds it: a fresh one
-        buffers[device] = backend.xp.empty(shape, dtype=dtype)  # new, or shape/dtype/device changed
-        return buffers[device]
-
-    def clear(self) -> None:
-        """Drop every kept buffer (the next call allocates again)."""
-        self.buffers = {}
-
-    def __deepcopy__(self, memo: Dict[int, Any]) -> LogitsWorkspace:
-        return LogitsWorkspace()
-
-    def __reduce__(self) -> Tuple[Any, Tuple[()]]:
-        return (LogitsWorkspace, ())
+    __slots__ = ()
 
 
 class ShardState:
@@ -192,7 +167,7 @@ class CrossEntropy(Function):
                     and ctx.needs_input_grad
                     and not (options.inplace and block.dtype == acc)
                 ):
-                    out = workspace.take(backend, d, block, acc)  # kept for backward: the kept buffer
+                    out = workspace.take(backend, d, block.shape, acc)  # kept for backward: the kept buffer
                 shards[d] = prepare_shard(xp, layout, acc, options.inplace, block, targets[d], d, w, out)
         row_max = collectives.all_reduce_max(backend, {d: s.row_max for d, s in shards.items()}, comm)
         for d, s in shards.items():
