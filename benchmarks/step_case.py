@@ -10,7 +10,9 @@ head (gather_output=False: the logits stay split on the vocabulary) -> VocabPara
   :class:`~benchmarks.phases.PhaseBorder` marks on the values between the layers (exact borders: the
   engine completes each layer's input gradient before the layer below starts);
 * **dense**: the same computation in plain NumPy, in place (``y = x @ W; y += b``; the loss's
-  max, shift, exp and softmax gradient in the logits' own buffer), with the kernels the library uses
+  max, shift, exp and softmax gradient in the logits' own buffer, which is kept between steps as
+  the default loss keeps its workspace: a new logits array each step would be fresh memory, every
+  page of it a page fault), with the kernels the library uses
   for what NumPy has no one call for: ``backend.scatter_add_rows`` for the table gradient and
   :func:`tp_gpu.optim.adam_update` for Adam (so that TP/dense measures the library's overhead);
 * **torch**: ``F.embedding -> addmm -> gelu -> addmm -> addmm -> F.cross_entropy``, autograd and
@@ -193,6 +195,7 @@ class DenseStep(Side):
         self.v = {k: np.zeros_like(v) for k, v in weights.items()}
         self.t = 0
         self.g: dict[str, np.ndarray] = {}
+        self.logits: np.ndarray | None = None  # (N, vocab), reused while N is the same
         self.backend = get_backend("numpy")
         self.act = get_activation(MLP_ACTIVATION)
 
@@ -207,7 +210,10 @@ class DenseStep(Side):
         y = a @ w["fc2.weight"]  # (N, hidden) @ (hidden, dim)
         y += w["fc2.bias"]
         lap("mlp fwd")
-        z = y @ w["head.weight"]  # (N, dim) @ (dim, vocab): the logits
+        shape = (y.shape[0], w["head.weight"].shape[1])
+        if self.logits is None or self.logits.shape != shape or self.logits.dtype != y.dtype:
+            self.logits = np.empty(shape, y.dtype)
+        z = np.matmul(y, w["head.weight"], out=self.logits)  # (N, dim) @ (dim, vocab): the logits
         z += w["head.bias"]
         lap("head fwd")
         loss, s = dense_loss(z, targets)

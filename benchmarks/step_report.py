@@ -36,7 +36,8 @@ TORCH_EMBEDDING = ("torch index_add_", "torch embedding backward")
 
 
 def tp_sides(record: Record) -> list[str]:
-    return [name for name in record["sides"] if name.startswith("tp p=")]
+    """The tp_gpu sides: each worker count (``inplace=True``) and the default, kept-logits loss."""
+    return [name for name in record["sides"] if name.startswith("tp ")]
 
 
 def _over(r: Record, sides: list[str], base: str, phase: str | None = None) -> dict[str, float]:
