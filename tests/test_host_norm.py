@@ -204,9 +204,8 @@ def test_what_the_compiled_loops_take(choose):
 def test_bad_choice_raises_naming_it_and_keeps_the_earlier_one(choose, monkeypatch):
     choose("numpy")
     monkeypatch.setenv(host_norm.ENV_VAR, "numbaa")
-    with pytest.raises(
-        ConfigError, match=r"TP_GPU_HOST_KERNELS must be one of \('numba', 'numpy'\).*'numbaa'"
-    ):
+    expected = r"TP_GPU_HOST_KERNELS='numbaa' is not a choice; expected one of \('numba', 'numpy'\)"
+    with pytest.raises(ConfigError, match=expected):
         host_norm.reread_choice()
     assert host_norm.host_kernels() == "numpy"
 
@@ -231,7 +230,7 @@ def test_a_bad_choice_stops_a_backend_being_built(choose, monkeypatch):
 
     choose("numpy")
     monkeypatch.setenv(host_norm.ENV_VAR, "fast")
-    with pytest.raises(ConfigError, match="got 'fast'"):
+    with pytest.raises(ConfigError, match="TP_GPU_HOST_KERNELS='fast' is not a choice"):
         _build_backend("numpy", None)
     monkeypatch.setenv(host_norm.ENV_VAR, "numba")
     monkeypatch.setitem(sys.modules, "numba", None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
@@ -16,6 +17,7 @@ __all__ = [
     "BACKEND_NAMES",
     "COMM_NAMES",
     "check_positive_int",
+    "env_choice",
     "normalize_devices",
 ]
 
@@ -27,6 +29,17 @@ BACKEND_NAMES: Tuple[str, ...] = ("numpy", "cupy", "simulated")
 
 #: Communicator names accepted by ``TensorParallelConfig.comm``.
 COMM_NAMES: Tuple[str, ...] = ("local", "mpi", "nccl")
+
+
+def env_choice(name: str, choices: Sequence[str]) -> str:
+    """The environment variable ``name`` stripped and in lower case (``""`` when unset), or a
+    ConfigError naming the value as set and ``choices`` (their first, ``""``, means unset)."""
+    choice = os.environ.get(name, "").strip().lower()
+    if choice not in choices:
+        raise ConfigError(
+            f"{name}={os.environ[name]!r} is not a choice; expected one of {tuple(choices[1:])} (or unset)"
+        )
+    return choice
 
 
 def check_positive_int(value, name: str) -> int:

@@ -30,7 +30,7 @@ import os
 import platform
 from typing import Optional
 
-from .errors import ConfigError
+from .config import env_choice
 
 __all__ = [
     "CHOICES",
@@ -78,11 +78,7 @@ def retain_freed_host_memory() -> str:
 
 
 def _pin_thresholds() -> str:
-    choice = os.environ.get(ENV_VAR, "").strip().lower()
-    if choice not in CHOICES:
-        raise ConfigError(
-            f"{ENV_VAR}={os.environ[ENV_VAR]!r} is not a choice; expected one of {CHOICES[1:]} (or unset)"
-        )
+    choice = env_choice(ENV_VAR, CHOICES)
     if choice == "system":
         return f"left to the system ({ENV_VAR}=system)"
     user_set = [name for name in _GLIBC_VARIABLES if name in os.environ]

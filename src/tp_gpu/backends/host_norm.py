@@ -34,12 +34,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from types import SimpleNamespace
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from ..config import env_choice
 from ..errors import ConfigError
 
 __all__ = [
@@ -95,7 +95,7 @@ def check_choice() -> None:
     """Raise the :class:`~tp_gpu.errors.ConfigError` that the first host normalisation would raise
     for ``$TP_GPU_HOST_KERNELS`` (a value not in :data:`CHOICES`, or ``numba`` without Numba), now:
     called when a backend is built, so that a bad value stops a run before it computes anything."""
-    if _read_choice() == "numba" and _compiled() is None:
+    if env_choice(ENV_VAR, CHOICES) == "numba" and _compiled() is None:
         raise ConfigError(_NO_NUMBA)
 
 
@@ -157,21 +157,13 @@ def _kernels() -> Any:
 
 def _choose() -> Optional[SimpleNamespace]:
     """The loops ``$TP_GPU_HOST_KERNELS`` asks for, checked."""
-    choice = _read_choice()
+    choice = env_choice(ENV_VAR, CHOICES)
     if choice == "numpy":
         return None
     kernels = _compiled()
     if kernels is None and choice == "numba":
         raise ConfigError(_NO_NUMBA)
     return kernels
-
-
-def _read_choice() -> str:
-    """``$TP_GPU_HOST_KERNELS``, lower case, or a ConfigError naming a value not in :data:`CHOICES`."""
-    choice = os.environ.get(ENV_VAR, "").strip().lower()
-    if choice not in CHOICES:
-        raise ConfigError(f"{ENV_VAR} must be one of {CHOICES[1:]} or unset, got {choice!r}")
-    return choice
 
 
 @functools.cache
